@@ -1,0 +1,221 @@
+//! Safetensors weights of one checkpoint component, single-file or sharded, fp32 or fp16 on
+//! disk, loadable as any float dtype. Every lookup is checked against the expected shape before
+//! any data is converted, and failures name the file, the key and what was expected.
+
+use crate::error::{ModelError, Result};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Weight file base names used by diffusers (`diffusion_pytorch_model`) and transformers (`model`).
+const BASE_NAMES: [&str; 2] = ["diffusion_pytorch_model", "model"];
+
+/// The memory-mapped safetensors files of one component.
+pub struct Weights {
+    files: Vec<(PathBuf, MmapedSafetensors)>,
+    /// Tensor name → index into `files`.
+    index: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights")
+            .field(
+                "files",
+                &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+            )
+            .field("tensors", &self.index.len())
+            .finish()
+    }
+}
+
+/// Which stored precision to prefer when a component ships both (`*.fp16.safetensors` variants).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// The default (usually fp32) files, falling back to the fp16 variant.
+    Default,
+    /// The fp16 variant files, falling back to the default ones.
+    Fp16,
+}
+
+impl Weights {
+    /// Finds and maps the weight files in `dir`: `<base>[.fp16].safetensors` or a sharded
+    /// `<base>[.fp16].safetensors.index.json` whose `weight_map` names the shards.
+    pub fn open_dir(dir: &Path, variant: Variant) -> Result<Self> {
+        let suffixes: &[&str] = match variant {
+            Variant::Default => &["", ".fp16"],
+            Variant::Fp16 => &[".fp16", ""],
+        };
+        for suffix in suffixes {
+            for base in BASE_NAMES {
+                let single = dir.join(format!("{base}{suffix}.safetensors"));
+                if single.is_file() {
+                    return Self::open_files(vec![single]);
+                }
+                let index = dir.join(format!("{base}{suffix}.safetensors.index.json"));
+                if index.is_file() {
+                    return Self::open_index(&index);
+                }
+            }
+        }
+        Err(ModelError::Checkpoint {
+            path: dir.to_path_buf(),
+            message: "no weights found (expected diffusion_pytorch_model.safetensors, \
+                      model.safetensors, an .fp16 variant, or a sharded *.safetensors.index.json)"
+                .into(),
+        })
+    }
+
+    /// Maps the shards listed by a `*.safetensors.index.json`.
+    pub fn open_index(index: &Path) -> Result<Self> {
+        #[derive(serde::Deserialize)]
+        struct Index {
+            weight_map: HashMap<String, String>,
+        }
+        let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io {
+            path: index.to_path_buf(),
+            source,
+        })?;
+        let parsed: Index = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: index.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut shards: Vec<&String> = parsed.weight_map.values().collect();
+        shards.sort();
+        shards.dedup();
+        let weights = Self::open_files(shards.iter().map(|s| dir.join(s)).collect())?;
+        for (key, shard) in &parsed.weight_map {
+            let file = dir.join(shard);
+            match weights.index.get(key) {
+                Some(&i) if weights.files[i].0 == file => {}
+                _ => {
+                    return Err(ModelError::Checkpoint {
+                        path: index.to_path_buf(),
+                        message: format!("weight_map puts `{key}` in {shard}, which lacks it"),
+                    })
+                }
+            }
+        }
+        Ok(weights)
+    }
+
+    /// Maps the given safetensors files (validating each header).
+    pub fn open_files(paths: Vec<PathBuf>) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for path in paths {
+            // SAFETY: the checkpoint files are mapped read-only and treated as immutable for the
+            // life of the process, as a deployment mounts them (read-only volume).
+            let st =
+                unsafe { MmapedSafetensors::new(&path) }.map_err(|e| ModelError::Checkpoint {
+                    path: path.clone(),
+                    message: format!("cannot read safetensors file: {e}"),
+                })?;
+            for (name, _) in st.tensors() {
+                index.insert(name, files.len());
+            }
+            files.push((path, st));
+        }
+        Ok(Self { files, index })
+    }
+
+    /// Names of all stored tensors, sorted.
+    pub fn keys(&self) -> Vec<&str> {
+        let mut k: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        k.sort_unstable();
+        k
+    }
+
+    /// The file paths, for messages.
+    pub fn paths(&self) -> Vec<&Path> {
+        self.files.iter().map(|(p, _)| p.as_path()).collect()
+    }
+
+    /// Stored shape and dtype of `key`, if present.
+    pub fn info(&self, key: &str) -> Option<(Vec<usize>, safetensors::Dtype)> {
+        let &i = self.index.get(key)?;
+        let view = self.files[i].1.get(key).ok()?;
+        Some((view.shape().to_vec(), view.dtype()))
+    }
+
+    fn files_display(&self) -> String {
+        self.files
+            .iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Loads `key` as `dtype` on `device`, checking its stored shape against `expected` first.
+    pub fn load(
+        &self,
+        key: &str,
+        expected: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let Some(&i) = self.index.get(key) else {
+            return Err(ModelError::MissingTensor {
+                files: self.files_display(),
+                key: key.to_string(),
+                expected: expected.to_vec(),
+            });
+        };
+        let (path, st) = &self.files[i];
+        let view = st.get(key).map_err(ModelError::from)?;
+        if view.shape() != expected {
+            return Err(ModelError::ShapeMismatch {
+                file: path.clone(),
+                key: key.to_string(),
+                expected: expected.to_vec(),
+                actual: view.shape().to_vec(),
+            });
+        }
+        Ok(st.load(key, device)?.to_dtype(dtype)?)
+    }
+
+    /// Loads `key` as stored (no shape check), converted to `dtype`.
+    pub fn load_unchecked(&self, key: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let Some(&i) = self.index.get(key) else {
+            return Err(ModelError::MissingTensor {
+                files: self.files_display(),
+                key: key.to_string(),
+                expected: vec![],
+            });
+        };
+        Ok(self.files[i].1.load(key, device)?.to_dtype(dtype)?)
+    }
+
+    /// A candle `VarBuilder` over these weights; lookups go through [`Weights::load`], so a
+    /// model constructor's errors name the file, key and expected shape.
+    pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+}
+
+impl SimpleBackend for Weights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.load(name, s.dims(), dtype, dev)
+            .map_err(ModelError::into_candle)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load_unchecked(name, dtype, dev)
+            .map_err(ModelError::into_candle)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+}

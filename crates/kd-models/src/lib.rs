@@ -1,0 +1,9 @@
+//! Kandinsky model code: typed configs, diffusers-format checkpoint loading, the models, the
+//! schedulers and the pipelines, on candle. Pure and synchronous: no tokio, no gRPC.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+
+pub use checkpoint::{CheckpointDir, ComponentDir, ModelFamily, Variant, Weights};
+pub use error::{ModelError, Result};

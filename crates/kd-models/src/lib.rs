@@ -7,3 +7,5 @@ pub mod error;
 
 pub use checkpoint::{CheckpointDir, ComponentDir, ModelFamily, Variant, Weights};
 pub use error::{ModelError, Result};
+pub mod noise;
+pub mod parity;

@@ -92,7 +92,7 @@ fn check_positive(path: &Path, field: &str, value: usize) -> Result<()> {
 }
 
 fn check_divisible(path: &Path, what: &str, value: usize, by: usize) -> Result<()> {
-    if by == 0 || value % by != 0 {
+    if by == 0 || !value.is_multiple_of(by) {
         return Err(ModelError::Config {
             path: path.to_path_buf(),
             message: format!("{what}: {value} is not divisible by {by}"),

@@ -1,0 +1,53 @@
+# kandinsky-serve — the commands a developer and CI use.
+#   make demo    run the whole system on the bundled small model and generate one image
+#   make test    the full test suite (what CI runs)
+
+CARGO ?= cargo
+PYTHON_REF ?= tools/reference/.venv/bin/python
+
+.PHONY: setup build test lint fmt fixtures bench demo clean
+
+## setup: install what a fresh machine lacks (idempotent; needs root for apt-get)
+setup:
+	@command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)"; exit 1; }
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+	  || { echo "could not install redis-server (tests that need Redis will fail)"; exit 1; }; }
+	@$(CARGO) fetch --locked >/dev/null
+
+## build: compile every crate and binary
+build:
+	$(CARGO) build --workspace --all-targets --locked
+
+## test: run the whole test suite
+test:
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  $(CARGO) nextest run --workspace --locked --no-tests=fail && $(CARGO) test --workspace --locked --doc; \
+	else \
+	  $(CARGO) test --workspace --locked; \
+	fi
+
+## lint: formatting and clippy with warnings as errors
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## fixtures: regenerate the diffusers reference fixtures (needs Python; never run by CI)
+fixtures: $(PYTHON_REF)
+	$(PYTHON_REF) tools/reference/gen_prior.py
+	$(PYTHON_REF) tools/reference/gen_decoder.py
+
+$(PYTHON_REF):
+	python3 -m venv tools/reference/.venv
+	tools/reference/.venv/bin/pip install -q -r tools/reference/requirements.txt
+
+## bench: speed and memory benchmarks (release build)
+bench:
+	$(CARGO) bench -p kd-models
+
+clean:
+	$(CARGO) clean

@@ -1,1 +1,17 @@
-//! placeholder
+//! What every kandinsky-serve service shares: command-line conventions, the one error→status
+//! mapping, admission control, health, metrics, deadlines and graceful shutdown.
+#![forbid(unsafe_code)]
+
+pub mod admission;
+pub mod config;
+pub mod deadline;
+pub mod error;
+pub mod metrics;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use admission::{Admission, Permit};
+pub use error::ServiceError;
+pub use metrics::Metrics;
+pub use shutdown::Shutdown;

@@ -1,0 +1,110 @@
+//! Command-line conventions shared by every service: every flag `--long` with an environment
+//! variable twin; the doc comment is the `--help` text.
+
+use crate::telemetry::LogFormat;
+use candle_core::{DType, Device};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Flags every service binary takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// gRPC listen address (service API, grpc.health.v1, reflection).
+    #[arg(long, env = "KD_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// HTTP listen address for Prometheus `/metrics`.
+    #[arg(long, env = "KD_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+    /// OTLP/gRPC collector endpoint for traces (e.g. http://otel-collector:4317); off when unset.
+    #[arg(long, env = "KD_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Log output format.
+    #[arg(long, env = "KD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Requests allowed to wait for an execution slot; beyond this, RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "KD_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+    /// Seconds between health turning NOT_SERVING on SIGTERM and the server closing its listener.
+    #[arg(long, env = "KD_DRAIN_DELAY_SECS", default_value_t = 0.0)]
+    pub drain_delay_secs: f64,
+}
+
+/// Flags of the model-serving stages.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StageArgs {
+    /// Diffusers checkpoint folder (the prior folder for text-encoder and prior, the decoder
+    /// folder for denoiser and movq).
+    #[arg(long, env = "KD_MODEL_DIR")]
+    pub model_dir: PathBuf,
+    /// Compute device: auto, cpu or cuda:N.
+    #[arg(long, env = "KD_DEVICE", default_value = "auto", value_parser = parse_device_spec)]
+    pub device: DeviceSpec,
+    /// Compute dtype: f32, f16 or bf16.
+    #[arg(long, env = "KD_DTYPE", default_value = "f32", value_parser = parse_dtype)]
+    pub dtype: DType,
+    /// Redis URL of the embedding cache (e.g. redis://redis:6379); in-process LRU when unset.
+    #[arg(long, env = "KD_REDIS_URL")]
+    pub redis_url: Option<String>,
+}
+
+/// A requested compute device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The first CUDA device if this build and machine have one, else the CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// CUDA device N.
+    Cuda(usize),
+}
+
+/// Parses `auto`, `cpu` or `cuda:N`.
+pub fn parse_device_spec(s: &str) -> Result<DeviceSpec, String> {
+    match s {
+        "auto" => Ok(DeviceSpec::Auto),
+        "cpu" => Ok(DeviceSpec::Cpu),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceSpec::Cuda)
+            .ok_or_else(|| format!("unknown device `{s}` (allowed: auto, cpu, cuda:N)")),
+    }
+}
+
+/// Parses `f32`, `f16` or `bf16`.
+pub fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        _ => Err(format!("unknown dtype `{s}` (allowed: f32, f16, bf16)")),
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device; `cuda:N` fails with a clear message when this build has no CUDA.
+    pub fn open(self) -> Result<Device, String> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Auto => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+            Self::Cuda(n) => Device::new_cuda(n).map_err(|e| format!("cannot open cuda:{n}: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_and_dtype_parsing() {
+        assert_eq!(parse_device_spec("auto"), Ok(DeviceSpec::Auto));
+        assert_eq!(parse_device_spec("cpu"), Ok(DeviceSpec::Cpu));
+        assert_eq!(parse_device_spec("cuda:1"), Ok(DeviceSpec::Cuda(1)));
+        let e = parse_device_spec("gpu").unwrap_err();
+        assert!(e.contains("allowed: auto, cpu, cuda:N"), "{e}");
+        assert_eq!(parse_dtype("f16"), Ok(DType::F16));
+        assert!(parse_dtype("f64").unwrap_err().contains("allowed: f32, f16, bf16"));
+        assert_eq!(DeviceSpec::Cpu.open().unwrap().is_cpu(), true);
+    }
+}

@@ -1,0 +1,141 @@
+//! The service error type and its mapping to gRPC status — the only place that mapping lives.
+
+use kd_models::ModelError;
+use kd_proto::WireTensorError;
+use tonic::{Code, Status};
+
+/// Why a service call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Bad input: names the field and the allowed values.
+    #[error("invalid `{field}`: {message}")]
+    InvalidArgument { field: String, message: String },
+    /// The admission queue is full.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    /// A dependency (stage, model) is not available.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The request's deadline passed.
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(String),
+    /// The caller went away or cancelled.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+    /// Missing or wrong credentials.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// A bug or an unexpected model failure.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    /// Bad input in `field`.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidArgument { field: field.into(), message: message.into() }
+    }
+
+    /// A malformed wire tensor in `field`.
+    pub fn tensor(field: impl Into<String>, e: WireTensorError) -> Self {
+        Self::invalid(field, e.to_string())
+    }
+
+    /// Which reason label this error has in the `kd_failures_total` metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument { .. } => "invalid_argument",
+            Self::Overloaded(_) => "overloaded",
+            Self::Unavailable(_) => "unavailable",
+            Self::DeadlineExceeded(_) => "deadline_exceeded",
+            Self::Cancelled(_) => "cancelled",
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<ModelError> for ServiceError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::InvalidInput { field, message } => Self::invalid(field, message),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Self {
+        let code = match &e {
+            ServiceError::InvalidArgument { .. } => Code::InvalidArgument,
+            ServiceError::Overloaded(_) => Code::ResourceExhausted,
+            ServiceError::Unavailable(_) => Code::Unavailable,
+            ServiceError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            ServiceError::Cancelled(_) => Code::Cancelled,
+            ServiceError::Unauthenticated(_) => Code::Unauthenticated,
+            ServiceError::Internal(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+impl From<Status> for ServiceError {
+    /// A status from a downstream stage, kept as the same class of error.
+    fn from(s: Status) -> Self {
+        let msg = s.message().to_string();
+        match s.code() {
+            Code::InvalidArgument => {
+                // Downstream messages already read "invalid `field`: ..."; keep them whole.
+                Self::InvalidArgument { field: String::new(), message: msg }
+            }
+            Code::ResourceExhausted => Self::Overloaded(msg),
+            Code::Unavailable => Self::Unavailable(msg),
+            Code::DeadlineExceeded => Self::DeadlineExceeded(msg),
+            Code::Cancelled => Self::Cancelled(msg),
+            Code::Unauthenticated => Self::Unauthenticated(msg),
+            _ => Self::Internal(format!("{:?}: {msg}", s.code())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_maps_to_its_code_and_keeps_the_message() {
+        let cases = [
+            (ServiceError::invalid("width", "must be 64..=2048, got 0"), Code::InvalidArgument),
+            (ServiceError::Overloaded("queue full (64)".into()), Code::ResourceExhausted),
+            (ServiceError::Unavailable("stage prior is down".into()), Code::Unavailable),
+            (ServiceError::DeadlineExceeded("after step 3".into()), Code::DeadlineExceeded),
+            (ServiceError::Cancelled("client left".into()), Code::Cancelled),
+            (ServiceError::Unauthenticated("no key".into()), Code::Unauthenticated),
+            (ServiceError::Internal("bug".into()), Code::Internal),
+        ];
+        for (err, code) in cases {
+            let msg = err.to_string();
+            let status = Status::from(err);
+            assert_eq!(status.code(), code);
+            assert_eq!(status.message(), msg);
+        }
+        let s = Status::from(ServiceError::invalid("width", "must be 64..=2048, got 0"));
+        assert_eq!(s.message(), "invalid `width`: must be 64..=2048, got 0");
+    }
+
+    #[test]
+    fn model_input_errors_become_invalid_argument() {
+        let e: ServiceError = ModelError::invalid("strength", "must be in (0, 1], got 2").into();
+        assert_eq!(Status::from(e).code(), Code::InvalidArgument);
+    }
+
+    #[test]
+    fn downstream_status_round_trips_its_class() {
+        let e: ServiceError = Status::invalid_argument("invalid `latents`: wrong shape").into();
+        let s = Status::from(e);
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("invalid `latents`: wrong shape"), "{}", s.message());
+        let e: ServiceError = Status::resource_exhausted("full").into();
+        assert_eq!(Status::from(e).code(), Code::ResourceExhausted);
+    }
+}

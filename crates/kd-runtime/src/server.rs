@@ -1,0 +1,73 @@
+//! The gRPC server every service runs: its own API plus `grpc.health.v1` and server reflection,
+//! with graceful shutdown that flips health to NOT_SERVING before draining.
+
+use crate::shutdown::Shutdown;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tonic::transport::server::Router;
+use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+/// Publishes one service's readiness on `grpc.health.v1` (under its name and under "").
+#[derive(Clone, Debug)]
+pub struct Readiness {
+    reporter: HealthReporter,
+    service: &'static str,
+}
+
+impl Readiness {
+    /// The fully qualified gRPC service name (e.g. `kandinsky.v1.Prior`).
+    pub fn service(&self) -> &'static str {
+        self.service
+    }
+
+    /// Marks the service SERVING (after weights are loaded and warmed).
+    pub async fn serving(&self) {
+        self.set(ServingStatus::Serving).await;
+    }
+
+    /// Marks the service NOT_SERVING.
+    pub async fn not_serving(&self) {
+        self.set(ServingStatus::NotServing).await;
+    }
+
+    async fn set(&self, status: ServingStatus) {
+        self.reporter.set_service_status(self.service, status).await;
+        self.reporter.set_service_status("", status).await;
+    }
+}
+
+/// A server builder with health (NOT_SERVING until [`Readiness::serving`]) and reflection.
+pub async fn base_router(service: &'static str) -> (Router, Readiness) {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let readiness = Readiness { reporter, service };
+    readiness.not_serving().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kd_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("descriptor sets are valid");
+    let router = Server::builder().add_service(health).add_service(reflection);
+    (router, readiness)
+}
+
+/// Serves `router` on `listener` until `shutdown`; then flips health to NOT_SERVING, waits
+/// `drain_delay` (so load balancers stop routing here), stops accepting and drains in-flight calls.
+pub async fn serve(
+    router: Router,
+    listener: TcpListener,
+    readiness: Readiness,
+    shutdown: Shutdown,
+    drain_delay: Duration,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    router
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.wait().await;
+            readiness.not_serving().await;
+            tracing::info!(service = readiness.service(), "draining");
+            tokio::time::sleep(drain_delay).await;
+        })
+        .await
+}

@@ -7,7 +7,7 @@ pub mod tokenizer;
 pub mod vision;
 
 pub use encoder::Activation;
-pub use image_processor::ClipImageProcessor;
+pub use image_processor::{convert_to_rgb, decode_image, ClipImageProcessor};
 pub use text::{ClipTextModelWithProjection, ClipTextOutput};
 pub use tokenizer::{ClipTokenizer, TokenizedBatch};
 pub use vision::{ClipVisionModelWithProjection, ClipVisionOutput};

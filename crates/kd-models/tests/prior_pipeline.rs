@@ -293,3 +293,29 @@ fn bad_input_gives_clear_errors() {
     let e = err_of(s.generate(&base, &mut empty));
     assert!(e.contains("noise"), "{e}");
 }
+
+#[test]
+fn f16_stack_runs_close_to_the_f32_reference() {
+    let dir = CheckpointDir::open(fixtures_dir().join("tiny/kandinsky-2-2-prior")).unwrap();
+    let s16 = PriorStack::load(&dir, DType::F16, &Device::Cpu).unwrap();
+    for name in ["horse_s5", "horse_neg_s2"] {
+        let (refs, json) = case(name);
+        let req = PriorRequest {
+            prompts: strings(&json["prompt"]).unwrap(),
+            negative_prompts: strings(&json["negative_prompt"]),
+            options: options(&json),
+            latents: Some(get(&refs, "latents").clone()),
+        };
+        let mut noise = replay(&refs);
+        let out = s16.generate(&req, &mut noise).unwrap();
+        assert_eq!(out.image_embeds.dtype(), DType::F32);
+        for (key, got) in [
+            ("image_embeds", &out.image_embeds),
+            ("negative_image_embeds", &out.negative_image_embeds),
+        ] {
+            let e = rel_l2(got, get(&refs, key)).unwrap();
+            eprintln!("f16 {name}.{key}: rel L2 {e:e}");
+            assert_close(&format!("f16 {name}.{key}"), got, get(&refs, key), 1e-2);
+        }
+    }
+}

@@ -66,6 +66,16 @@ fn tokenizer_from_vocab_and_merges_matches_reference() {
     check_tokenizer(&tok);
 }
 
+#[test]
+fn tokenizer_dir_without_tokenizer_json_uses_vocab_and_merges() {
+    // The hub layout: only the slow files.
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["vocab.json", "merges.txt"] {
+        std::fs::copy(ckpt().join("tokenizer").join(f), tmp.path().join(f)).unwrap();
+    }
+    check_tokenizer(&ClipTokenizer::from_dir(tmp.path(), 77).unwrap());
+}
+
 fn text_encoder(dtype: DType) -> ClipTextModelWithProjection {
     let comp = CheckpointDir::open(ckpt())
         .unwrap()

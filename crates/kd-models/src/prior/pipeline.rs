@@ -565,7 +565,7 @@ impl PriorStack {
         };
         let embeds = repeat_interleave(&embeds, o.num_images_per_prompt)?;
         let k = embeds.dim(0)?;
-        if rows % k != 0 || rows < k {
+        if k == 0 || !rows.is_multiple_of(k) || rows < k {
             return Err(ModelError::invalid(
                 "image",
                 format!("{k} image embeddings cannot be tiled to {rows} latent rows"),

@@ -2,6 +2,7 @@
 //! schedulers and the pipelines, on candle. Pure and synchronous: no tokio, no gRPC.
 
 pub mod checkpoint;
+pub mod clip;
 pub mod config;
 pub mod error;
 
@@ -9,3 +10,4 @@ pub use checkpoint::{CheckpointDir, ComponentDir, ModelFamily, Variant, Weights}
 pub use error::{ModelError, Result};
 pub mod noise;
 pub mod parity;
+pub mod prior;

@@ -1,0 +1,182 @@
+//! The pre-LayerNorm transformer encoder shared by both CLIP towers (transformers
+//! `CLIPEncoderLayer`: `x += attn(LN1(x)); x += fc2(act(fc1(LN2(x))))`).
+//!
+//! Written here rather than reused from candle-transformers because its `clip::text_model`
+//! activation enum only knows `quick_gelu` and its `stable_diffusion::clip` causal mask only
+//! broadcasts for batch 1 (spec §8). Softmax runs in f32.
+
+use crate::error::{ModelError, Result};
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{layer_norm, linear, LayerNorm, LayerNormConfig, Linear, VarBuilder};
+
+/// The MLP activation named by `hidden_act`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact (erf) GELU, `"gelu"`.
+    Gelu,
+    /// `x · σ(1.702 x)`, `"quick_gelu"`.
+    QuickGelu,
+}
+
+impl Activation {
+    /// Parses a transformers `hidden_act` value.
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "gelu" => Ok(Self::Gelu),
+            "quick_gelu" => Ok(Self::QuickGelu),
+            other => Err(ModelError::invalid(
+                "hidden_act",
+                format!("{other:?} is not supported (supported: gelu, quick_gelu)"),
+            )),
+        }
+    }
+
+    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Gelu => x.gelu_erf(),
+            Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+        }
+    }
+}
+
+/// Encoder hyper-parameters common to the text and vision towers.
+#[derive(Debug, Clone, Copy)]
+pub struct EncoderConfig {
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Number of attention heads.
+    pub num_heads: usize,
+    /// Number of layers.
+    pub num_layers: usize,
+    /// LayerNorm epsilon.
+    pub layer_norm_eps: f64,
+    /// MLP activation.
+    pub activation: Activation,
+}
+
+/// LayerNorm with transformers' eps.
+pub(crate) fn ln(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
+    layer_norm(
+        size,
+        LayerNormConfig {
+            eps,
+            ..Default::default()
+        },
+        vb,
+    )
+}
+
+#[derive(Debug, Clone)]
+struct SelfAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+impl SelfAttention {
+    fn new(cfg: &EncoderConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            q_proj: linear(h, h, vb.pp("q_proj"))?,
+            k_proj: linear(h, h, vb.pp("k_proj"))?,
+            v_proj: linear(h, h, vb.pp("v_proj"))?,
+            out_proj: linear(h, h, vb.pp("out_proj"))?,
+            num_heads: cfg.num_heads,
+            head_dim: h / cfg.num_heads,
+        })
+    }
+
+    /// `mask`: additive f32 bias broadcastable to (B, heads, L, L).
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let (b, l, c) = x.dims3()?;
+        let heads = |t: Tensor| {
+            t.reshape((b, l, self.num_heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let q = heads((self.q_proj.forward(x)? * scale)?)?;
+        let k = heads(self.k_proj.forward(x)?)?;
+        let v = heads(self.v_proj.forward(x)?)?;
+        let mut scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, c))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    self_attn: SelfAttention,
+    layer_norm1: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    layer_norm2: LayerNorm,
+    activation: Activation,
+}
+
+impl EncoderLayer {
+    fn new(cfg: &EncoderConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            self_attn: SelfAttention::new(cfg, vb.pp("self_attn"))?,
+            layer_norm1: ln(h, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            fc1: linear(h, i, vb.pp("mlp.fc1"))?,
+            fc2: linear(i, h, vb.pp("mlp.fc2"))?,
+            layer_norm2: ln(h, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
+            activation: cfg.activation,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward(&self.layer_norm1.forward(x)?, mask)?;
+        let x = (x + h)?;
+        let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
+        let h = self.fc2.forward(&self.activation.apply(&h)?)?;
+        x + h
+    }
+}
+
+/// A stack of CLIP encoder layers (`encoder.layers.{i}`).
+#[derive(Debug, Clone)]
+pub struct ClipEncoder {
+    layers: Vec<EncoderLayer>,
+}
+
+impl ClipEncoder {
+    /// Loads `layers.{0..n}` under `vb` (which points at `…encoder`).
+    pub fn new(cfg: &EncoderConfig, vb: VarBuilder) -> Result<Self> {
+        let layers = (0..cfg.num_layers)
+            .map(|i| EncoderLayer::new(cfg, vb.pp(format!("layers.{i}"))))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { layers })
+    }
+
+    /// Runs every layer; `mask` is an additive f32 bias broadcastable to (B, heads, L, L).
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let mut x = x.clone();
+        for layer in &self.layers {
+            x = layer.forward(&x, mask)?;
+        }
+        Ok(x)
+    }
+}
+
+/// Additive causal mask (1, 1, L, L): 0 on and below the diagonal, −inf above. Broadcasts over
+/// any batch size.
+pub fn causal_mask(len: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let data: Vec<f32> = (0..len)
+        .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(data, (1, 1, len, len), device)?)
+}

@@ -9,9 +9,11 @@ pub mod error;
 pub mod metrics;
 pub mod server;
 pub mod shutdown;
+pub mod stage;
 pub mod telemetry;
 
 pub use admission::{Admission, Permit};
 pub use error::ServiceError;
 pub use metrics::Metrics;
 pub use shutdown::Shutdown;
+pub use stage::{blocking, Stage};

@@ -52,7 +52,11 @@ impl Admission {
             .acquire_owned()
             .await
             .map_err(|_| ServiceError::Unavailable("shutting down".into()))?;
-        Ok(Permit { _place: place, _slot: slot, queued: start.elapsed() })
+        Ok(Permit {
+            _place: place,
+            _slot: slot,
+            queued: start.elapsed(),
+        })
     }
 
     /// Requests admitted and not yet finished (running + waiting).

@@ -33,7 +33,10 @@ pub enum ServiceError {
 impl ServiceError {
     /// Bad input in `field`.
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::InvalidArgument { field: field.into(), message: message.into() }
+        Self::InvalidArgument {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 
     /// A malformed wire tensor in `field`.
@@ -86,7 +89,10 @@ impl From<Status> for ServiceError {
         match s.code() {
             Code::InvalidArgument => {
                 // Downstream messages already read "invalid `field`: ..."; keep them whole.
-                Self::InvalidArgument { field: String::new(), message: msg }
+                Self::InvalidArgument {
+                    field: String::new(),
+                    message: msg,
+                }
             }
             Code::ResourceExhausted => Self::Overloaded(msg),
             Code::Unavailable => Self::Unavailable(msg),
@@ -105,12 +111,30 @@ mod tests {
     #[test]
     fn each_error_maps_to_its_code_and_keeps_the_message() {
         let cases = [
-            (ServiceError::invalid("width", "must be 64..=2048, got 0"), Code::InvalidArgument),
-            (ServiceError::Overloaded("queue full (64)".into()), Code::ResourceExhausted),
-            (ServiceError::Unavailable("stage prior is down".into()), Code::Unavailable),
-            (ServiceError::DeadlineExceeded("after step 3".into()), Code::DeadlineExceeded),
-            (ServiceError::Cancelled("client left".into()), Code::Cancelled),
-            (ServiceError::Unauthenticated("no key".into()), Code::Unauthenticated),
+            (
+                ServiceError::invalid("width", "must be 64..=2048, got 0"),
+                Code::InvalidArgument,
+            ),
+            (
+                ServiceError::Overloaded("queue full (64)".into()),
+                Code::ResourceExhausted,
+            ),
+            (
+                ServiceError::Unavailable("stage prior is down".into()),
+                Code::Unavailable,
+            ),
+            (
+                ServiceError::DeadlineExceeded("after step 3".into()),
+                Code::DeadlineExceeded,
+            ),
+            (
+                ServiceError::Cancelled("client left".into()),
+                Code::Cancelled,
+            ),
+            (
+                ServiceError::Unauthenticated("no key".into()),
+                Code::Unauthenticated,
+            ),
             (ServiceError::Internal("bug".into()), Code::Internal),
         ];
         for (err, code) in cases {
@@ -134,7 +158,11 @@ mod tests {
         let e: ServiceError = Status::invalid_argument("invalid `latents`: wrong shape").into();
         let s = Status::from(e);
         assert_eq!(s.code(), Code::InvalidArgument);
-        assert!(s.message().contains("invalid `latents`: wrong shape"), "{}", s.message());
+        assert!(
+            s.message().contains("invalid `latents`: wrong shape"),
+            "{}",
+            s.message()
+        );
         let e: ServiceError = Status::resource_exhausted("full").into();
         assert_eq!(Status::from(e).code(), Code::ResourceExhausted);
     }

@@ -27,7 +27,9 @@ pub struct Metrics {
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metrics").field("stage", &self.stage).finish()
+        f.debug_struct("Metrics")
+            .field("stage", &self.stage)
+            .finish()
     }
 }
 
@@ -49,7 +51,10 @@ impl Metrics {
             )
             .expect("valid"),
             failures: IntCounterVec::new(
-                Opts::new("kd_failures_total", "Failed requests, by method and reason."),
+                Opts::new(
+                    "kd_failures_total",
+                    "Failed requests, by method and reason.",
+                ),
                 &["stage", "method", "reason"],
             )
             .expect("valid"),
@@ -77,17 +82,26 @@ impl Metrics {
                 &["stage"],
             ),
             cache: IntCounterVec::new(
-                Opts::new("kd_cache_requests_total", "Embedding cache look-ups by result (hit, miss, error)."),
+                Opts::new(
+                    "kd_cache_requests_total",
+                    "Embedding cache look-ups by result (hit, miss, error).",
+                ),
                 &["stage", "result"],
             )
             .expect("valid"),
             model_load: GaugeVec::new(
-                Opts::new("kd_model_load_seconds", "Time taken to load and warm the model."),
+                Opts::new(
+                    "kd_model_load_seconds",
+                    "Time taken to load and warm the model.",
+                ),
                 &["stage"],
             )
             .expect("valid"),
             steps: IntCounterVec::new(
-                Opts::new("kd_denoise_steps_total", "Sampling steps executed (rate = steps/s)."),
+                Opts::new(
+                    "kd_denoise_steps_total",
+                    "Sampling steps executed (rate = steps/s).",
+                ),
                 &["stage"],
             )
             .expect("valid"),
@@ -131,17 +145,23 @@ impl Metrics {
 
     /// Records a failure with its reason.
     pub fn failure(&self, method: &str, err: &ServiceError) {
-        self.failures.with_label_values(&[self.stage, method, err.reason()]).inc();
+        self.failures
+            .with_label_values(&[self.stage, method, err.reason()])
+            .inc();
     }
 
     /// Records time spent waiting in the admission queue.
     pub fn queue_wait(&self, d: Duration) {
-        self.queue_wait.with_label_values(&[self.stage]).observe(d.as_secs_f64());
+        self.queue_wait
+            .with_label_values(&[self.stage])
+            .observe(d.as_secs_f64());
     }
 
     /// Records the rows of one model call.
     pub fn batch(&self, rows: usize) {
-        self.batch_size.with_label_values(&[self.stage]).observe(rows as f64);
+        self.batch_size
+            .with_label_values(&[self.stage])
+            .observe(rows as f64);
     }
 
     /// Records a cache look-up result: `hit`, `miss` or `error`.
@@ -170,14 +190,21 @@ impl Metrics {
     }
 
     /// Serves `/metrics` on `listener` until `shutdown`.
-    pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: Shutdown,
+    ) -> std::io::Result<()> {
         let app = axum::Router::new().route(
             "/metrics",
             axum::routing::get(move || {
                 let m = self.clone();
                 async move {
                     (
-                        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
                         m.render(),
                     )
                 }
@@ -223,7 +250,8 @@ impl Drop for RequestGuard {
     /// A request dropped without `finish` (the client went away) counts as cancelled.
     fn drop(&mut self) {
         if !self.finished {
-            self.metrics.failure(self.method, &ServiceError::Cancelled(String::new()));
+            self.metrics
+                .failure(self.method, &ServiceError::Cancelled(String::new()));
             self.record();
         }
     }

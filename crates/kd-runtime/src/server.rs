@@ -48,7 +48,9 @@ pub async fn base_router(service: &'static str) -> (Router, Readiness) {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("descriptor sets are valid");
-    let router = Server::builder().add_service(health).add_service(reflection);
+    let router = Server::builder()
+        .add_service(health)
+        .add_service(reflection);
     (router, readiness)
 }
 

@@ -31,7 +31,11 @@ impl<M> Clone for Stage<M> {
 impl<M: Send + Sync + 'static> Stage<M> {
     /// A stage with no model yet.
     pub fn new(admission: Admission, metrics: Metrics) -> Self {
-        Self { model: Arc::new(OnceLock::new()), admission, metrics }
+        Self {
+            model: Arc::new(OnceLock::new()),
+            admission,
+            metrics,
+        }
     }
 
     /// Installs the loaded model (first call wins).
@@ -89,13 +93,26 @@ mod tests {
     #[tokio::test]
     async fn unavailable_until_loaded_then_runs() {
         let stage: Stage<u32> = Stage::new(Admission::new(1, 0), Metrics::new("test"));
-        let err = stage.unary("Call", |m| async move { Ok(*m) }).await.unwrap_err();
+        let err = stage
+            .unary("Call", |m| async move { Ok(*m) })
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable);
         assert!(err.message().contains("test model is not loaded yet"));
         stage.set_model(Arc::new(7));
-        let ok = stage.unary("Call", |m| async move { blocking(move || Ok(*m + 1)).await }).await;
+        let ok = stage
+            .unary(
+                "Call",
+                |m| async move { blocking(move || Ok(*m + 1)).await },
+            )
+            .await;
         assert_eq!(ok.unwrap().into_inner(), 8);
         let text = stage.metrics.render();
-        assert!(text.contains("kd_failures_total{method=\"Call\",reason=\"unavailable\",stage=\"test\"} 1"), "{text}");
+        assert!(
+            text.contains(
+                "kd_failures_total{method=\"Call\",reason=\"unavailable\",stage=\"test\"} 1"
+            ),
+            "{text}"
+        );
     }
 }

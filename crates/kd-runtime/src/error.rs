@@ -5,7 +5,7 @@ use kd_proto::WireTensorError;
 use tonic::{Code, Status};
 
 /// Why a service call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ServiceError {
     /// Bad input: names the field and the allowed values.
     #[error("invalid `{field}`: {message}")]
@@ -25,6 +25,9 @@ pub enum ServiceError {
     /// Missing or wrong credentials.
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
+    /// The deployment does not serve this feature.
+    #[error("unimplemented: {0}")]
+    Unimplemented(String),
     /// A bug or an unexpected model failure.
     #[error("internal: {0}")]
     Internal(String),
@@ -53,6 +56,7 @@ impl ServiceError {
             Self::DeadlineExceeded(_) => "deadline_exceeded",
             Self::Cancelled(_) => "cancelled",
             Self::Unauthenticated(_) => "unauthenticated",
+            Self::Unimplemented(_) => "unimplemented",
             Self::Internal(_) => "internal",
         }
     }
@@ -76,6 +80,7 @@ impl From<ServiceError> for Status {
             ServiceError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ServiceError::Cancelled(_) => Code::Cancelled,
             ServiceError::Unauthenticated(_) => Code::Unauthenticated,
+            ServiceError::Unimplemented(_) => Code::Unimplemented,
             ServiceError::Internal(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
@@ -99,6 +104,7 @@ impl From<Status> for ServiceError {
             Code::DeadlineExceeded => Self::DeadlineExceeded(msg),
             Code::Cancelled => Self::Cancelled(msg),
             Code::Unauthenticated => Self::Unauthenticated(msg),
+            Code::Unimplemented => Self::Unimplemented(msg),
             _ => Self::Internal(format!("{:?}: {msg}", s.code())),
         }
     }
@@ -134,6 +140,10 @@ mod tests {
             (
                 ServiceError::Unauthenticated("no key".into()),
                 Code::Unauthenticated,
+            ),
+            (
+                ServiceError::Unimplemented("outpaint".into()),
+                Code::Unimplemented,
             ),
             (ServiceError::Internal("bug".into()), Code::Internal),
         ];

@@ -16,4 +16,4 @@ pub use admission::{Admission, Permit};
 pub use error::ServiceError;
 pub use metrics::Metrics;
 pub use shutdown::Shutdown;
-pub use stage::{blocking, Stage};
+pub use stage::{blocking, Admitted, Stage};

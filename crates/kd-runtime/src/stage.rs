@@ -75,6 +75,47 @@ impl<M: Send + Sync + 'static> Stage<M> {
     }
 }
 
+/// A streaming call that passed admission: keep it alive for the life of the stream and call
+/// [`Admitted::finish`] with the outcome.
+pub struct Admitted<M> {
+    /// The loaded model.
+    pub model: Arc<M>,
+    guard: crate::metrics::RequestGuard,
+    _permit: crate::admission::Permit,
+}
+
+impl<M> Admitted<M> {
+    /// Records the outcome and frees the admission place.
+    pub fn finish<T>(self, result: &Result<T, ServiceError>) {
+        self.guard.finish(result);
+    }
+}
+
+impl<M: Send + Sync + 'static> Stage<M> {
+    /// Admits a streaming call (counted, queued, or rejected at once with RESOURCE_EXHAUSTED).
+    pub async fn admit(&self, method: &'static str) -> Result<Admitted<M>, Status> {
+        let guard = self.metrics.start(method);
+        let admitted = async {
+            let model = self.model()?;
+            let permit = self.admission.admit().await?;
+            self.metrics.queue_wait(permit.queued);
+            Ok::<_, ServiceError>((model, permit))
+        }
+        .await;
+        match admitted {
+            Ok((model, permit)) => Ok(Admitted {
+                model,
+                guard,
+                _permit: permit,
+            }),
+            Err(e) => {
+                guard.finish::<()>(&Err(e.clone()));
+                Err(Status::from(e))
+            }
+        }
+    }
+}
+
 /// Runs synchronous model code on the blocking pool.
 pub async fn blocking<T, F>(f: F) -> Result<T, ServiceError>
 where

@@ -1,0 +1,263 @@
+//! The gateway: the public `kandinsky.v1.Gateway` API. Validates requests, resolves seeds,
+//! orchestrates the stage services and streams progress. Holds no model.
+
+pub mod auth;
+pub mod pipeline;
+pub mod validate;
+
+use auth::ApiKeys;
+use kd_proto::v1::{self, gateway_server::GatewayServer, GenerateEvent};
+use kd_runtime::config::CommonArgs;
+use kd_runtime::{deadline, server, Admission, Metrics, ServiceError, Shutdown, Stage};
+use pipeline::{Ctx, Stages};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+use validate::Limits;
+
+/// Gateway configuration.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "kd-gateway", about = "kandinsky-serve public gRPC API")]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Text-encoder stage address(es), comma-separated.
+    #[arg(
+        long,
+        env = "KD_TEXT_ENCODER_URL",
+        default_value = "http://127.0.0.1:50052",
+        value_delimiter = ','
+    )]
+    pub text_encoder_url: Vec<String>,
+    /// Prior stage address(es), comma-separated.
+    #[arg(
+        long,
+        env = "KD_PRIOR_URL",
+        default_value = "http://127.0.0.1:50053",
+        value_delimiter = ','
+    )]
+    pub prior_url: Vec<String>,
+    /// Denoiser stage address(es), comma-separated.
+    #[arg(
+        long,
+        env = "KD_DENOISER_URL",
+        default_value = "http://127.0.0.1:50054",
+        value_delimiter = ','
+    )]
+    pub denoiser_url: Vec<String>,
+    /// MoVQ stage address(es), comma-separated.
+    #[arg(
+        long,
+        env = "KD_MOVQ_URL",
+        default_value = "http://127.0.0.1:50055",
+        value_delimiter = ','
+    )]
+    pub movq_url: Vec<String>,
+    /// File with one accepted API key per line; authentication is off when unset.
+    #[arg(long, env = "KD_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Requests generating at once (the rest wait in the admission queue).
+    #[arg(long, env = "KD_MAX_CONCURRENCY", default_value_t = 4)]
+    pub max_concurrency: usize,
+    /// Most images per request.
+    #[arg(long, env = "KD_MAX_IMAGES", default_value_t = 4)]
+    pub max_images: u32,
+}
+
+fn channel(urls: &[String], stage: &str) -> anyhow::Result<Channel> {
+    let endpoints = urls
+        .iter()
+        .map(|u| {
+            Endpoint::from_shared(u.clone())
+                .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
+                .map_err(|e| anyhow::anyhow!("--{stage}-url `{u}`: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(
+        !endpoints.is_empty(),
+        "--{stage}-url: at least one address is required"
+    );
+    Ok(Channel::balance_list(endpoints.into_iter()))
+}
+
+/// The gateway service.
+#[derive(Clone)]
+pub struct Gateway {
+    stage: Stage<Stages>,
+    limits: Limits,
+}
+
+type EventStream = Pin<Box<dyn futures::Stream<Item = Result<GenerateEvent, Status>> + Send>>;
+
+impl Gateway {
+    fn plan(&self, req: &v1::GenerateRequest) -> Result<validate::Plan, Status> {
+        validate::validate(req, &self.limits, rand::random::<u64>).map_err(Status::from)
+    }
+}
+
+#[tonic::async_trait]
+impl v1::gateway_server::Gateway for Gateway {
+    async fn generate(
+        &self,
+        request: Request<v1::GenerateRequest>,
+    ) -> Result<Response<v1::GenerateResponse>, Status> {
+        let deadline = deadline::deadline_of(request.metadata());
+        let plan = self.plan(request.get_ref())?;
+        self.stage
+            .unary("Generate", |stages| async move {
+                let ctx = Ctx {
+                    deadline,
+                    events: None,
+                };
+                let images =
+                    with_deadline(deadline, pipeline::generate(&stages, &plan, &ctx)).await?;
+                Ok(v1::GenerateResponse {
+                    images,
+                    model: "kandinsky-2-2".into(),
+                })
+            })
+            .await
+    }
+
+    type GenerateStreamStream = EventStream;
+
+    async fn generate_stream(
+        &self,
+        request: Request<v1::GenerateRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let deadline = deadline::deadline_of(request.metadata());
+        let plan = self.plan(request.get_ref())?;
+        let admitted = self.stage.admit("GenerateStream").await?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let ctx = Ctx {
+                deadline,
+                events: Some(tx.clone()),
+            };
+            let _ = tx
+                .send(Ok(GenerateEvent {
+                    event: Some(v1::generate_event::Event::Progress(v1::Progress {
+                        stage: v1::Stage::Queued as i32,
+                        step: 0,
+                        total_steps: 0,
+                    })),
+                }))
+                .await;
+            let result = tokio::select! {
+                r = with_deadline(deadline, pipeline::generate(&admitted.model, &plan, &ctx)) => r,
+                _ = tx.closed() => Err(ServiceError::Cancelled("the client went away".into())),
+            };
+            match &result {
+                Ok(images) => {
+                    for img in images.clone() {
+                        let _ = tx
+                            .send(Ok(GenerateEvent {
+                                event: Some(v1::generate_event::Event::Image(img)),
+                            }))
+                            .await;
+                    }
+                    let _ = tx
+                        .send(Ok(GenerateEvent {
+                            event: Some(v1::generate_event::Event::Done(v1::Done {
+                                model: "kandinsky-2-2".into(),
+                            })),
+                        }))
+                        .await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "stream failed");
+                    let _ = tx.send(Err(Status::from(e.clone()))).await;
+                }
+            }
+            admitted.finish(&result);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_models(
+        &self,
+        _r: Request<v1::ListModelsRequest>,
+    ) -> Result<Response<v1::ListModelsResponse>, Status> {
+        Ok(Response::new(v1::ListModelsResponse {
+            models: vec![v1::ModelDescription {
+                name: "kandinsky-2-2".into(),
+                family: v1::ModelFamily::Kandinsky22 as i32,
+                is_default: true,
+            }],
+        }))
+    }
+}
+
+/// Runs `fut` until the deadline (DEADLINE_EXCEEDED after it).
+async fn with_deadline<T>(
+    deadline: Option<std::time::Instant>,
+    fut: impl std::future::Future<Output = Result<T, ServiceError>>,
+) -> Result<T, ServiceError> {
+    match deadline {
+        None => fut.await,
+        Some(d) => tokio::time::timeout_at(d.into(), fut).await.map_err(|_| {
+            ServiceError::DeadlineExceeded("the request did not finish within its deadline".into())
+        })?,
+    }
+}
+
+/// Binds the configured addresses and serves until `shutdown`.
+pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let grpc = TcpListener::bind(config.common.listen).await?;
+    let metrics = TcpListener::bind(config.common.metrics_listen).await?;
+    run_with_listeners(config, grpc, metrics, shutdown).await
+}
+
+/// Serves on the given listeners until `shutdown` (tests bind port 0).
+pub async fn run_with_listeners(
+    config: Config,
+    grpc: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let keys = match &config.api_keys_file {
+        Some(p) => ApiKeys::from_file(p)
+            .map_err(|e| anyhow::anyhow!("--api-keys-file {}: {e}", p.display()))?,
+        None => ApiKeys::default(),
+    };
+    let stages = Stages {
+        text_encoder: v1::text_encoder_client::TextEncoderClient::new(channel(
+            &config.text_encoder_url,
+            "text-encoder",
+        )?),
+        prior: v1::prior_client::PriorClient::new(channel(&config.prior_url, "prior")?),
+        denoiser: v1::denoiser_client::DenoiserClient::new(channel(
+            &config.denoiser_url,
+            "denoiser",
+        )?),
+        movq: v1::movq_client::MovqClient::new(channel(&config.movq_url, "movq")?),
+    };
+    let metrics = Metrics::new("gateway");
+    let stage = Stage::new(
+        Admission::new(config.max_concurrency, config.common.max_queue),
+        metrics.clone(),
+    );
+    stage.set_model(std::sync::Arc::new(stages));
+    let gateway = Gateway {
+        stage,
+        limits: Limits {
+            max_images: config.max_images,
+            ..Limits::default()
+        },
+    };
+    let (router, readiness) = server::base_router("kandinsky.v1.Gateway").await;
+    let router = router.add_service(GatewayServer::with_interceptor(gateway, move |r| {
+        keys.check(r)
+    }));
+    readiness.serving().await;
+    let metrics_task = tokio::spawn(metrics.serve(metrics_listener, shutdown.clone()));
+    let drain = Duration::from_secs_f64(config.common.drain_delay_secs.max(0.0));
+    server::serve(router, grpc, readiness, shutdown, drain).await?;
+    metrics_task.await??;
+    Ok(())
+}

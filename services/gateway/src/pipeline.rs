@@ -1,0 +1,453 @@
+//! Orchestration of one validated request across the stages:
+//! text encoder → prior → denoiser (streamed progress) → movq.
+//!
+//! Every outgoing call carries the remaining deadline; a stage that cannot be reached becomes
+//! UNAVAILABLE naming the stage. Progress goes to an optional event sink (the streaming call).
+
+use crate::validate::{FusionInput, Plan, Task};
+use kd_proto::v1::{
+    self, denoise_event, denoiser_client::DenoiserClient, interpolate_item,
+    movq_client::MovqClient, prior_client::PriorClient, text_encoder_client::TextEncoderClient,
+    GenerateEvent,
+};
+use kd_runtime::ServiceError;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+/// Clients of the four stages (each channel balances across the stage's addresses).
+#[derive(Clone, Debug)]
+pub struct Stages {
+    pub text_encoder: TextEncoderClient<Channel>,
+    pub prior: PriorClient<Channel>,
+    pub denoiser: DenoiserClient<Channel>,
+    pub movq: MovqClient<Channel>,
+}
+
+/// Where progress events go (the streaming call), if anywhere.
+pub type Events = Option<mpsc::Sender<Result<GenerateEvent, Status>>>;
+
+/// One request's context: deadline and event sink.
+pub struct Ctx {
+    pub deadline: Option<Instant>,
+    pub events: Events,
+}
+
+impl Ctx {
+    /// A request to a stage carrying the remaining deadline.
+    fn request<T>(&self, msg: T) -> Result<Request<T>, ServiceError> {
+        let mut r = Request::new(msg);
+        if let Some(d) = self.deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ServiceError::DeadlineExceeded(
+                    "the request's deadline passed".into(),
+                ));
+            }
+            r.set_timeout(left);
+        }
+        Ok(r)
+    }
+
+    async fn emit(&self, event: v1::generate_event::Event) -> Result<(), ServiceError> {
+        if let Some(tx) = &self.events {
+            tx.send(Ok(GenerateEvent { event: Some(event) }))
+                .await
+                .map_err(|_| ServiceError::Cancelled("the client went away".into()))?;
+        }
+        Ok(())
+    }
+
+    async fn progress(&self, stage: v1::Stage, step: u32, total: u32) -> Result<(), ServiceError> {
+        self.emit(v1::generate_event::Event::Progress(v1::Progress {
+            stage: stage as i32,
+            step,
+            total_steps: total,
+        }))
+        .await
+    }
+}
+
+/// Maps a stage's status: transport failures become UNAVAILABLE naming the stage.
+fn stage_err(stage: &'static str) -> impl Fn(Status) -> ServiceError {
+    move |s: Status| match ServiceError::from(s) {
+        ServiceError::Unavailable(m) => {
+            ServiceError::Unavailable(format!("stage {stage} is unavailable: {m}"))
+        }
+        ServiceError::Internal(m) => ServiceError::Internal(format!("stage {stage}: {m}")),
+        other => other,
+    }
+}
+
+fn missing(stage: &'static str, field: &str) -> ServiceError {
+    ServiceError::Internal(format!("stage {stage} returned no `{field}`"))
+}
+
+/// Repeats every row of a (B, ...) wire tensor `n` times (row-major, like `repeat_interleave`).
+fn repeat_rows(t: &v1::Tensor, n: usize) -> Result<v1::Tensor, ServiceError> {
+    if n == 1 {
+        return Ok(t.clone());
+    }
+    let (dims, _) = kd_proto::tensor::validate(t, &Default::default())
+        .map_err(|e| ServiceError::Internal(format!("stage tensor: {e}")))?;
+    let rows = *dims
+        .first()
+        .ok_or_else(|| ServiceError::Internal("stage tensor has no rows".into()))?;
+    let row_bytes = t.data.len().checked_div(rows).unwrap_or(0);
+    let mut data = Vec::with_capacity(t.data.len() * n);
+    for r in 0..rows {
+        let row = &t.data[r * row_bytes..(r + 1) * row_bytes];
+        for _ in 0..n {
+            data.extend_from_slice(row);
+        }
+    }
+    let mut shape = t.shape.clone();
+    shape[0] = (rows * n) as i64;
+    Ok(v1::Tensor {
+        shape,
+        dtype: t.dtype,
+        data: data.into(),
+    })
+}
+
+/// Repeats each row of all three conditioning tensors.
+fn repeat_conditioning(
+    c: &v1::TextEmbeddings,
+    n: usize,
+) -> Result<v1::TextEmbeddings, ServiceError> {
+    let rep = |t: &Option<v1::Tensor>| t.as_ref().map(|t| repeat_rows(t, n)).transpose();
+    Ok(v1::TextEmbeddings {
+        text_embeds: rep(&c.text_embeds)?,
+        hidden_states: rep(&c.hidden_states)?,
+        attention_mask: rep(&c.attention_mask)?,
+    })
+}
+
+/// Selects row `i` of every conditioning tensor.
+fn conditioning_row(c: &v1::TextEmbeddings, i: usize) -> Result<v1::TextEmbeddings, ServiceError> {
+    let row = |t: &Option<v1::Tensor>| -> Result<Option<v1::Tensor>, ServiceError> {
+        let Some(t) = t else { return Ok(None) };
+        let rows = t.shape.first().copied().unwrap_or(0) as usize;
+        if i >= rows {
+            return Err(ServiceError::Internal(format!(
+                "stage text_encoder returned {rows} rows, wanted row {i}"
+            )));
+        }
+        let row_bytes = t.data.len() / rows;
+        let mut shape = t.shape.clone();
+        shape[0] = 1;
+        Ok(Some(v1::Tensor {
+            shape,
+            dtype: t.dtype,
+            data: t.data.slice(i * row_bytes..(i + 1) * row_bytes),
+        }))
+    };
+    Ok(v1::TextEmbeddings {
+        text_embeds: row(&c.text_embeds)?,
+        hidden_states: row(&c.hidden_states)?,
+        attention_mask: row(&c.attention_mask)?,
+    })
+}
+
+/// Runs the whole request; returns one encoded image per seed, in order.
+pub async fn generate(
+    stages: &Stages,
+    plan: &Plan,
+    ctx: &Ctx,
+) -> Result<Vec<v1::GeneratedImage>, ServiceError> {
+    let n = plan.seeds.len();
+    let mut st = stages.clone();
+
+    // 1. Text: [prompt, negative-or-empty] (and the fusion texts).
+    ctx.progress(v1::Stage::TextEncoder, 0, 0).await?;
+    let uncond_text = plan.negative_prompt.clone().unwrap_or_default();
+    let mut prompts = vec![plan.prompt.clone(), uncond_text];
+    if let Task::Fusion { items } = &plan.task {
+        for (it, _) in items {
+            if let FusionInput::Text(t) = it {
+                prompts.push(t.clone());
+            }
+        }
+    }
+    let enc = st
+        .text_encoder
+        .encode(ctx.request(v1::EncodeTextRequest { prompts })?)
+        .await
+        .map_err(stage_err("text_encoder"))?
+        .into_inner();
+    let text = enc
+        .prior_conditioning
+        .ok_or_else(|| missing("text_encoder", "prior_conditioning"))?;
+    let cond = conditioning_row(&text, 0)?;
+    let uncond = conditioning_row(&text, 1)?;
+
+    // 2. Prior: image embeddings (n rows) and negative image embeddings.
+    ctx.progress(v1::Stage::Prior, 0, plan.prior_steps).await?;
+    let sample = |conditioning: v1::TextEmbeddings,
+                  unconditional: v1::TextEmbeddings,
+                  seeds: Vec<u64>| v1::PriorSampleRequest {
+        conditioning: Some(conditioning),
+        unconditional: Some(unconditional),
+        num_inference_steps: plan.prior_steps,
+        guidance_scale: plan.prior_guidance,
+        seeds,
+        ..Default::default()
+    };
+    let image_embeds = match &plan.task {
+        Task::Variation { image } => {
+            let e = st
+                .prior
+                .encode_images(ctx.request(v1::EncodeImagesRequest {
+                    images: vec![image.clone()],
+                    ..Default::default()
+                })?)
+                .await
+                .map_err(stage_err("prior"))?
+                .into_inner()
+                .image_embeds
+                .ok_or_else(|| missing("prior", "image_embeds"))?;
+            repeat_rows(&e, n)?
+        }
+        Task::Fusion { items } => {
+            let mut text_row = 2;
+            let mut proto_items = Vec::with_capacity(items.len());
+            for (it, w) in items {
+                let item = match it {
+                    FusionInput::Text(_) => {
+                        let c = conditioning_row(&text, text_row)?;
+                        text_row += 1;
+                        interpolate_item::Item::Text(c)
+                    }
+                    FusionInput::Image(b) => interpolate_item::Item::Image(b.clone()),
+                };
+                proto_items.push(v1::InterpolateItem {
+                    item: Some(item),
+                    weight: *w,
+                });
+            }
+            // One fusion per image seed, so each image depends only on its own seed.
+            let mut rows = Vec::with_capacity(n);
+            for &seed in &plan.seeds {
+                let r = st
+                    .prior
+                    .interpolate(ctx.request(v1::InterpolateRequest {
+                        items: proto_items.clone(),
+                        unconditional: Some(uncond.clone()),
+                        num_inference_steps: plan.prior_steps,
+                        guidance_scale: plan.prior_guidance,
+                        seed,
+                        options: None,
+                    })?)
+                    .await
+                    .map_err(stage_err("prior"))?
+                    .into_inner()
+                    .image_embeds
+                    .ok_or_else(|| missing("prior", "image_embeds"))?;
+                rows.push(r);
+            }
+            concat_rows(&rows)?
+        }
+        _ => st
+            .prior
+            .sample(ctx.request(sample(
+                repeat_conditioning(&cond, n)?,
+                uncond.clone(),
+                plan.seeds.clone(),
+            ))?)
+            .await
+            .map_err(stage_err("prior"))?
+            .into_inner()
+            .image_embeds
+            .ok_or_else(|| missing("prior", "image_embeds"))?,
+    };
+    let negative_image_embeds = match &plan.negative_prompt {
+        // As diffusers: the negative prompt is sampled through the prior too (cond = uncond).
+        Some(_) => st
+            .prior
+            .sample(ctx.request(sample(
+                repeat_conditioning(&uncond, n)?,
+                uncond.clone(),
+                plan.seeds.clone(),
+            ))?)
+            .await
+            .map_err(stage_err("prior"))?
+            .into_inner()
+            .image_embeds
+            .ok_or_else(|| missing("prior", "image_embeds"))?,
+        None => st
+            .prior
+            .zero_image_embedding(ctx.request(v1::ZeroImageEmbeddingRequest {})?)
+            .await
+            .map_err(stage_err("prior"))?
+            .into_inner()
+            .image_embeds
+            .ok_or_else(|| missing("prior", "image_embeds"))?,
+    };
+    ctx.progress(v1::Stage::Prior, plan.prior_steps, plan.prior_steps)
+        .await?;
+
+    // 3. Init image / mask for image-to-image and inpaint.
+    let (image_latents, strength, mask) = match &plan.task {
+        Task::ImageToImage { image, strength } => (
+            Some(encode_image(&mut st, ctx, image, plan).await?),
+            *strength,
+            None,
+        ),
+        Task::Inpaint { image, mask } => {
+            let latents = encode_image(&mut st, ctx, image, plan).await?;
+            (Some(latents), 0.0, Some(mask_tensor(mask)?))
+        }
+        Task::Outpaint { .. } => {
+            return Err(ServiceError::Unimplemented(
+                "outpaint is not served by this deployment yet".into(),
+            ))
+        }
+        _ => (None, 0.0, None),
+    };
+
+    // 4. Denoise, streaming progress.
+    ctx.progress(v1::Stage::Denoiser, 0, plan.decoder_steps)
+        .await?;
+    let mut stream = st
+        .denoiser
+        .denoise(ctx.request(v1::DenoiseRequest {
+            conditioning: Some(v1::DecoderConditioning {
+                image_embeds: Some(image_embeds),
+                ..Default::default()
+            }),
+            negative_conditioning: Some(v1::DecoderConditioning {
+                image_embeds: Some(negative_image_embeds),
+                ..Default::default()
+            }),
+            height: plan.height,
+            width: plan.width,
+            num_inference_steps: plan.decoder_steps,
+            guidance_scale: plan.decoder_guidance,
+            scheduler: plan.scheduler as i32,
+            seeds: plan.seeds.clone(),
+            image_latents,
+            strength,
+            mask,
+            preview_every: plan.preview_every,
+            ..Default::default()
+        })?)
+        .await
+        .map_err(stage_err("denoiser"))?
+        .into_inner();
+    let mut latents = None;
+    while let Some(ev) = stream.message().await.map_err(stage_err("denoiser"))? {
+        match ev.event {
+            Some(denoise_event::Event::Progress(p)) => {
+                ctx.progress(v1::Stage::Denoiser, p.step, p.total_steps)
+                    .await?;
+                if let Some(preview) = p.preview_latents {
+                    if ctx.events.is_some() {
+                        let images =
+                            decode(&mut st, ctx, preview, v1::ImageFormat::Jpeg, 60).await?;
+                        ctx.emit(v1::generate_event::Event::Preview(v1::Preview {
+                            images,
+                            step: p.step,
+                        }))
+                        .await?;
+                    }
+                }
+            }
+            Some(denoise_event::Event::Result(r)) => latents = r.latents,
+            None => {}
+        }
+    }
+    let latents = latents.ok_or_else(|| missing("denoiser", "result.latents"))?;
+
+    // 5. Decode.
+    ctx.progress(v1::Stage::Movq, 0, 0).await?;
+    let images = decode(&mut st, ctx, latents, plan.format, plan.quality).await?;
+    if images.len() != n {
+        return Err(ServiceError::Internal(format!(
+            "stage movq returned {} images for {n}",
+            images.len()
+        )));
+    }
+    Ok(images
+        .into_iter()
+        .zip(&plan.seeds)
+        .enumerate()
+        .map(|(i, (image, &seed))| v1::GeneratedImage {
+            image: Some(image),
+            seed,
+            index: i as u32,
+        })
+        .collect())
+}
+
+fn concat_rows(parts: &[v1::Tensor]) -> Result<v1::Tensor, ServiceError> {
+    let first = parts
+        .first()
+        .ok_or_else(|| ServiceError::Internal("no rows".into()))?;
+    let mut shape = first.shape.clone();
+    let mut data = Vec::new();
+    let mut rows = 0;
+    for p in parts {
+        if p.shape[1..] != first.shape[1..] || p.dtype != first.dtype {
+            return Err(ServiceError::Internal(
+                "stage prior returned inconsistent embeddings".into(),
+            ));
+        }
+        rows += p.shape[0];
+        data.extend_from_slice(&p.data);
+    }
+    shape[0] = rows;
+    Ok(v1::Tensor {
+        shape,
+        dtype: first.dtype,
+        data: data.into(),
+    })
+}
+
+async fn encode_image(
+    st: &mut Stages,
+    ctx: &Ctx,
+    image: &[u8],
+    plan: &Plan,
+) -> Result<v1::Tensor, ServiceError> {
+    st.movq
+        .encode(ctx.request(v1::EncodeRequest {
+            images: vec![image.to_vec()],
+            width: plan.width,
+            height: plan.height,
+            ..Default::default()
+        })?)
+        .await
+        .map_err(stage_err("movq"))?
+        .into_inner()
+        .latents
+        .ok_or_else(|| missing("movq", "latents"))
+}
+
+/// The inpaint mask as a wire tensor for the denoiser.
+fn mask_tensor(_mask: &[u8]) -> Result<v1::Tensor, ServiceError> {
+    Err(ServiceError::Unimplemented(
+        "inpaint is not served by this deployment yet".into(),
+    ))
+}
+
+async fn decode(
+    st: &mut Stages,
+    ctx: &Ctx,
+    latents: v1::Tensor,
+    format: v1::ImageFormat,
+    quality: u32,
+) -> Result<Vec<v1::Image>, ServiceError> {
+    Ok(st
+        .movq
+        .decode(ctx.request(v1::DecodeRequest {
+            latents: Some(latents),
+            format: format as i32,
+            quality,
+            ..Default::default()
+        })?)
+        .await
+        .map_err(stage_err("movq"))?
+        .into_inner()
+        .images)
+}

@@ -1,0 +1,199 @@
+//! `kd generate`: every generation option as a flag, a progress bar, images written to disk.
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use kd_proto::v1::{
+    self, gateway_client::GatewayClient, generate_event::Event, generate_request::Task,
+};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Flags of `kd generate`.
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// The prompt.
+    pub prompt: String,
+    /// Output file; with several images `-o out.png` writes out-0.png, out-1.png, …
+    #[arg(short, long, default_value = "out.png")]
+    pub output: PathBuf,
+    /// Gateway address.
+    #[arg(long, env = "KD_GATEWAY_URL", default_value = "http://127.0.0.1:50051")]
+    pub gateway: String,
+    /// API key (sent as `authorization: Bearer <key>`).
+    #[arg(long, env = "KD_API_KEY")]
+    pub api_key: Option<String>,
+    /// Negative prompt.
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Width in pixels (multiple of 64).
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Height in pixels (multiple of 64).
+    #[arg(long)]
+    pub height: Option<u32>,
+    /// Number of images.
+    #[arg(short = 'n', long)]
+    pub num_images: Option<u32>,
+    /// Seeds, one per image (comma-separated); random when unset.
+    #[arg(long, value_delimiter = ',')]
+    pub seed: Vec<u64>,
+    /// Prior steps.
+    #[arg(long)]
+    pub prior_steps: Option<u32>,
+    /// Prior guidance scale.
+    #[arg(long)]
+    pub prior_guidance: Option<f32>,
+    /// Decoder steps.
+    #[arg(long)]
+    pub steps: Option<u32>,
+    /// Decoder guidance scale.
+    #[arg(long)]
+    pub guidance: Option<f32>,
+    /// Decoder scheduler: default, ddpm, ddim, dpmpp.
+    #[arg(long, default_value = "default")]
+    pub scheduler: String,
+    /// Image-to-image: the init image file.
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// Image-to-image strength in (0, 1].
+    #[arg(long)]
+    pub strength: Option<f32>,
+    /// Inpaint: mask file (white = repaint); needs --init-image.
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    /// Variation of this image (the prompt is ignored).
+    #[arg(long)]
+    pub variation: Option<PathBuf>,
+    /// Output format: png, jpeg, webp.
+    #[arg(long, default_value = "png")]
+    pub format: String,
+    /// JPEG/WebP quality 1..=100.
+    #[arg(long, default_value_t = 0)]
+    pub quality: u32,
+    /// Deadline in seconds.
+    #[arg(long, default_value_t = 600.0)]
+    pub timeout: f64,
+}
+
+fn scheduler(s: &str) -> anyhow::Result<v1::Scheduler> {
+    Ok(match s {
+        "default" => v1::Scheduler::Unspecified,
+        "ddpm" => v1::Scheduler::Ddpm,
+        "ddim" => v1::Scheduler::Ddim,
+        "dpmpp" => v1::Scheduler::DpmSolverPp,
+        _ => anyhow::bail!("--scheduler {s}: allowed default, ddpm, ddim, dpmpp"),
+    })
+}
+
+fn format(s: &str) -> anyhow::Result<(v1::ImageFormat, &'static str)> {
+    Ok(match s {
+        "png" => (v1::ImageFormat::Png, "png"),
+        "jpeg" | "jpg" => (v1::ImageFormat::Jpeg, "jpg"),
+        "webp" => (v1::ImageFormat::Webp, "webp"),
+        _ => anyhow::bail!("--format {s}: allowed png, jpeg, webp"),
+    })
+}
+
+fn read(p: &PathBuf) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+}
+
+/// Builds the request from the flags.
+pub fn request(a: &GenerateArgs) -> anyhow::Result<v1::GenerateRequest> {
+    let task = match (&a.init_image, &a.mask, &a.variation) {
+        (Some(img), Some(mask), None) => Some(Task::Inpaint(v1::Inpaint {
+            image: read(img)?,
+            mask: read(mask)?,
+        })),
+        (Some(img), None, None) => Some(Task::ImageToImage(v1::ImageToImage {
+            image: read(img)?,
+            strength: a.strength,
+        })),
+        (None, None, Some(img)) => Some(Task::Variation(v1::Variation { image: read(img)? })),
+        (None, None, None) => Some(Task::TextToImage(v1::TextToImage {})),
+        _ => anyhow::bail!("use --init-image [--mask] or --variation, not both"),
+    };
+    Ok(v1::GenerateRequest {
+        prompt: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone(),
+        task,
+        width: a.width,
+        height: a.height,
+        num_images: a.num_images,
+        seeds: a.seed.clone(),
+        prior: Some(v1::PriorParams {
+            num_inference_steps: a.prior_steps,
+            guidance_scale: a.prior_guidance,
+        }),
+        decoder: Some(v1::DecoderParams {
+            num_inference_steps: a.steps,
+            guidance_scale: a.guidance,
+            scheduler: scheduler(&a.scheduler)? as i32,
+        }),
+        output: Some(v1::OutputOptions {
+            format: format(&a.format)?.0 as i32,
+            quality: a.quality,
+        }),
+        ..Default::default()
+    })
+}
+
+fn output_path(base: &std::path::Path, index: u32, total: usize, ext: &str) -> PathBuf {
+    if total <= 1 {
+        return base.to_path_buf();
+    }
+    let stem = base.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
+    let ext = base.extension().and_then(|s| s.to_str()).unwrap_or(ext);
+    base.with_file_name(format!("{stem}-{index}.{ext}"))
+}
+
+/// Runs `kd generate`.
+pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    let req = request(&a)?;
+    let total = req.num_images.unwrap_or(1).max(1) as usize;
+    let ext = format(&a.format)?.1;
+    let mut client = GatewayClient::connect(a.gateway.clone())
+        .await
+        .with_context(|| format!("connecting to the gateway at {}", a.gateway))?;
+    let mut request = tonic::Request::new(req);
+    request.set_timeout(Duration::from_secs_f64(a.timeout));
+    if let Some(k) = &a.api_key {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {k}").parse()?);
+    }
+    let mut stream = client.generate_stream(request).await?.into_inner();
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("valid template"),
+    );
+    let mut written = 0;
+    while let Some(ev) = stream.message().await? {
+        match ev.event {
+            Some(Event::Progress(p)) => {
+                let stage = v1::Stage::try_from(p.stage)
+                    .map(|s| s.as_str_name())
+                    .unwrap_or("?");
+                bar.set_message(stage.trim_start_matches("STAGE_").to_lowercase());
+                bar.set_length(p.total_steps as u64);
+                bar.set_position(p.step as u64);
+            }
+            Some(Event::Image(img)) => {
+                let path = output_path(&a.output, img.index, total, ext);
+                let data = img.image.map(|i| i.data).unwrap_or_default();
+                std::fs::write(&path, data)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                bar.println(format!("wrote {} (seed {})", path.display(), img.seed));
+                written += 1;
+            }
+            Some(Event::Preview(_)) | Some(Event::Done(_)) | None => {}
+        }
+    }
+    bar.finish_and_clear();
+    anyhow::ensure!(
+        written == total,
+        "expected {total} images, received {written}"
+    );
+    Ok(())
+}

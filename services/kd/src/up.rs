@@ -1,0 +1,166 @@
+//! `kd up`: the whole stack as child processes on loopback ports, for development and demos.
+
+use anyhow::Context;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+
+/// Flags of `kd up`.
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// The prior checkpoint folder (text encoder + prior).
+    #[arg(
+        long,
+        env = "KD_PRIOR_DIR",
+        default_value = "tests/fixtures/tiny/kandinsky-2-2-prior"
+    )]
+    pub prior_dir: PathBuf,
+    /// The decoder checkpoint folder (UNet + MoVQ).
+    #[arg(
+        long,
+        env = "KD_DECODER_DIR",
+        default_value = "tests/fixtures/deep/kandinsky-2-2-decoder"
+    )]
+    pub decoder_dir: PathBuf,
+    /// Gateway listen address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// Compute device for every stage.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Folder holding the service binaries (default: next to `kd`).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Seconds to wait for every stage to report SERVING.
+    #[arg(long, default_value_t = 300)]
+    pub ready_timeout: u64,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn spawn(bin_dir: &Path, name: &str, args: &[String]) -> anyhow::Result<Child> {
+    let path = bin_dir.join(name);
+    Command::new(&path)
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| {
+            format!(
+                "starting {} (build it with `cargo build --bins`)",
+                path.display()
+            )
+        })
+}
+
+/// Waits until `service` at `addr` reports SERVING.
+pub async fn wait_serving(addr: &str, service: &str, timeout: Duration) -> anyhow::Result<()> {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    let start = Instant::now();
+    loop {
+        if let Ok(ch) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await
+        {
+            let mut h = HealthClient::new(ch);
+            if let Ok(r) = h
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+            {
+                if r.into_inner().status() == ServingStatus::Serving {
+                    return Ok(());
+                }
+            }
+        }
+        anyhow::ensure!(
+            start.elapsed() < timeout,
+            "{service} at {addr} not SERVING after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `kd up` until Ctrl-C or SIGTERM.
+pub async fn run(a: UpArgs) -> anyhow::Result<()> {
+    let bin_dir = match a.bin_dir.clone() {
+        Some(d) => d,
+        None => std::env::current_exe()?
+            .parent()
+            .context("kd has no parent folder")?
+            .to_path_buf(),
+    };
+    let stages = [
+        ("kd-text-encoder", "kandinsky.v1.TextEncoder", &a.prior_dir),
+        ("kd-prior", "kandinsky.v1.Prior", &a.prior_dir),
+        ("kd-denoiser", "kandinsky.v1.Denoiser", &a.decoder_dir),
+        ("kd-movq", "kandinsky.v1.Movq", &a.decoder_dir),
+    ];
+    let mut children = Vec::new();
+    let mut urls = Vec::new();
+    let mut waits = Vec::new();
+    for (bin, service, dir) in stages {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let args = vec![
+            "--listen".into(),
+            addr.clone(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", free_port()?),
+            "--model-dir".into(),
+            dir.display().to_string(),
+            "--device".into(),
+            a.device.clone(),
+        ];
+        children.push(spawn(&bin_dir, bin, &args)?);
+        urls.push(format!("http://{addr}"));
+        waits.push((addr, service));
+    }
+    let gw_args = vec![
+        "--listen".into(),
+        a.listen.clone(),
+        "--metrics-listen".into(),
+        format!("127.0.0.1:{}", free_port()?),
+        "--text-encoder-url".into(),
+        urls[0].clone(),
+        "--prior-url".into(),
+        urls[1].clone(),
+        "--denoiser-url".into(),
+        urls[2].clone(),
+        "--movq-url".into(),
+        urls[3].clone(),
+    ];
+    children.push(spawn(&bin_dir, "kd-gateway", &gw_args)?);
+    waits.push((a.listen.clone(), "kandinsky.v1.Gateway"));
+    let timeout = Duration::from_secs(a.ready_timeout);
+    for (addr, service) in &waits {
+        wait_serving(addr, service, timeout).await?;
+    }
+    println!("kandinsky-serve is up: gateway at http://{}", a.listen);
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    println!("stopping");
+    // Ask each child to drain (SIGTERM), then wait; kill_on_drop is the backstop.
+    for c in &children {
+        if let Some(pid) = c.id() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+    for mut c in children {
+        let _ = tokio::time::timeout(Duration::from_secs(30), c.wait()).await;
+    }
+    Ok(())
+}

@@ -57,23 +57,24 @@ PROFILES = {
     "gpu": dict(gpu_stages={"prior", "denoiser", "movq"},
                 gpu_selector={"nvidia.com/gpu.present": "true"},
                 redis="chart", auth_secret="created", models="pvc", hpa_off=set(),
-                service_monitor=False, gateway_service_type="ClusterIP"),
+                service_monitor=False, network_policy=False, gateway_service_type="ClusterIP"),
     # ci/cpu-values.yaml: nobody gets a GPU.
     "cpu": dict(gpu_stages=set(), gpu_selector={}, redis="chart", auth_secret="created",
-                models="pvc", hpa_off=set(), service_monitor=False,
+                models="pvc", hpa_off=set(), service_monitor=False, network_policy=False,
                 gateway_service_type="ClusterIP"),
     # defaults + ServiceMonitor (chart-check also drops a test dashboard into dashboards/).
     "monitoring": dict(gpu_stages={"prior", "denoiser", "movq"},
                        gpu_selector={"nvidia.com/gpu.present": "true"}, redis="chart",
                        auth_secret="created", models="pvc", hpa_off=set(),
-                       service_monitor=True,
+                       service_monitor=True, network_policy=False,
                        gateway_service_type="ClusterIP"),
     # ci/variants-values.yaml: external Redis from a Secret, existing API-key Secret, hostPath
-    # models, gateway without HPA behind a LoadBalancer, a different GPU node label.
+    # models, gateway without HPA behind a LoadBalancer, a different GPU node label,
+    # NetworkPolicies.
     "variants": dict(gpu_stages={"prior", "denoiser", "movq"},
                      gpu_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
                      redis="external-secret", auth_secret="existing", models="hostPath",
-                     hpa_off={"gateway"}, service_monitor=False,
+                     hpa_off={"gateway"}, service_monitor=False, network_policy=True,
                      gateway_service_type="LoadBalancer"),
 }
 
@@ -341,6 +342,29 @@ def main():
                     gp.get("targetPort") in ("grpc", ports.get("grpc")), str(gp))
         c.check(f"{key}: a Service exposes the metrics port (for the ServiceMonitor)", len(metric_svcs) == 1,
                 str([s["metadata"]["name"] for s in metric_svcs]))
+
+    # --- network policies ------------------------------------------------------------------------
+    nps = by_kind.get("NetworkPolicy", [])
+    if prof["network_policy"] and "gateway" in deployments:
+        gw_labels = deployments["gateway"]["spec"]["template"]["metadata"]["labels"]
+        for key, dep in deployments.items():
+            labels = dep["spec"]["template"]["metadata"]["labels"]
+            mine = [n for n in nps if subset(n["spec"]["podSelector"].get("matchLabels"), labels)]
+            grpc_rules = [r for n in mine for r in n["spec"].get("ingress", [])
+                          if any(p.get("port") in ("grpc", 50051) for p in r.get("ports", []))]
+            if key == "gateway":
+                c.check("gateway: a NetworkPolicy admits its gRPC port", len(grpc_rules) >= 1)
+            else:
+                ok = bool(grpc_rules) and all(
+                    r.get("from") and all(subset((p.get("podSelector") or {}).get("matchLabels"), gw_labels)
+                                          and (p.get("podSelector") or {}).get("matchLabels", {}).get(
+                                              "app.kubernetes.io/component") == "gateway"
+                                          and "namespaceSelector" not in p and "ipBlock" not in p
+                                          for p in r["from"])
+                    for r in grpc_rules)
+                c.check(f"{key}: NetworkPolicy admits gRPC from the gateway only", ok, str(grpc_rules))
+    else:
+        c.check("no NetworkPolicy unless enabled", not nps)
 
     # --- gateway wiring --------------------------------------------------------------------
     gw = deployments.get("gateway")

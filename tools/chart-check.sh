@@ -279,6 +279,27 @@ expect_fail "assertions [cpu] reject the default render (GPUs requested)" \
 expect_fail "assertions [gpu] reject a text-encoder placed on a GPU" \
   "textEncoder: no GPU toleration" negative_assertions gpu "$OUT/neg-te-gpu.yaml"
 
+# The longest release name Helm allows (53 characters) must still give valid object names.
+LONG_RELEASE=kandinsky-serve-production-europe-west4-blue-green-ab
+long_names() {
+  "$HELM" template "$LONG_RELEASE" "$CHART" --namespace "$NAMESPACE" --kube-version "${KUBE_VERSIONS[-1]}" \
+    --set metrics.serviceMonitor.enabled=true --set networkPolicy.enabled=true >"$OUT/long-release.yaml" \
+    || return 1
+  "$VENV/bin/python" - "$OUT/long-release.yaml" <<'PY'
+import re, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+bad = [(d["kind"], d["metadata"]["name"]) for d in docs
+       if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", d["metadata"]["name"])]
+names = sorted({d["metadata"]["name"] for d in docs})
+print(f"{len(docs)} objects, longest name {max(map(len, names))} characters")
+for kind, name in bad:
+    print(f"invalid name ({len(name)} characters): {kind}/{name}")
+dup = {(d["kind"], d["metadata"]["name"]) for d in docs}
+sys.exit(1 if bad or len(dup) != len(docs) else 0)
+PY
+}
+check "object names stay valid and distinct with a ${#LONG_RELEASE}-character release name" long_names
+
 # NOTES.txt (helm template skips it): render it through tpl in a copy of the chart and check it
 # tells how to reach and call the gateway.
 NOTES_CHART="$OUT/chart-notes/kandinsky"

@@ -153,6 +153,10 @@ def main():
     c.check("every object carries the standard app.kubernetes.io/* and helm.sh/chart labels",
             not missing, "; ".join(missing))
 
+    bad_names = [f'{d["kind"]}/{d["metadata"]["name"]}' for d in docs
+                 if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", d["metadata"]["name"])]
+    c.check("every object name is a DNS-1035 label of at most 63 characters", not bad_names, str(bad_names))
+
     services = by_kind.get("Service", [])
     redis_svc = named("Service", f"{opts.fullname}-redis")
 

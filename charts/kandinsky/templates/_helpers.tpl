@@ -86,7 +86,7 @@ movq:
 {{- define "kandinsky.stageFullname" -}}
 {{- $root := index . 0 }}
 {{- $meta := get (include "kandinsky.stageMeta" $root | fromYaml) (index . 1) }}
-{{- printf "%s-%s" (include "kandinsky.fullname" $root | trunc 50 | trimSuffix "-") $meta.component }}
+{{- printf "%s-%s" (include "kandinsky.fullname" $root | trunc 47 | trimSuffix "-") $meta.component }}
 {{- end }}
 
 {{/* Call with (list $ "prior"). */}}

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod movq;
 
 pub use checkpoint::{CheckpointDir, ComponentDir, ModelFamily, Variant, Weights};
 pub use error::{ModelError, Result};

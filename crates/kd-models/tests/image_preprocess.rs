@@ -61,7 +61,7 @@ fn bicubic_reducing_gap_matches_pillow() {
         };
         let (w, h) = size.split_once('x').unwrap();
         let (w, h): (usize, usize) = (w.parse().unwrap(), h.parse().unwrap());
-        let out = resample::resize(&src, w, h, Filter::Bicubic, Some(1.0));
+        let out = resample::resize(&src, w, h, Filter::Bicubic, Some(1.0)).unwrap();
         assert_eq!((out.w, out.h, out.c), (w, h, 3));
         assert_bytes_eq(k, &out.data, &u8s(t));
         n += 1;
@@ -80,7 +80,7 @@ fn lanczos_mask_resize_matches_pillow() {
         };
         let (w, h) = size.split_once('x').unwrap();
         let (w, h): (usize, usize) = (w.parse().unwrap(), h.parse().unwrap());
-        let out = resample::resize(&src, w, h, Filter::Lanczos, None);
+        let out = resample::resize(&src, w, h, Filter::Lanczos, None).unwrap();
         assert_bytes_eq(k, &out.data, &u8s(t));
         n += 1;
     }
@@ -88,10 +88,12 @@ fn lanczos_mask_resize_matches_pillow() {
     let rgb = pixels(get(&r, "src_rgb_u8"));
     assert_bytes_eq(
         "rgb_to_L",
-        &resample::rgb_to_luma(&rgb).data,
+        &resample::rgb_to_luma(&rgb).unwrap().data,
         &u8s(get(&r, "rgb_to_L_61x45")),
     );
-    let out = resample::rgb_to_luma(&resample::resize(&rgb, 32, 24, Filter::Lanczos, None));
+    let out =
+        resample::rgb_to_luma(&resample::resize(&rgb, 32, 24, Filter::Lanczos, None).unwrap())
+            .unwrap();
     assert_bytes_eq(
         "lanczos_rgb_to_L_32x24",
         &out.data,
@@ -172,5 +174,30 @@ fn fixture_pngs_encode_to_pipeline_latents() {
         rel_l2(&keep_lat, want).unwrap(),
         0.0,
         "keep mask at latent size"
+    );
+}
+
+#[test]
+fn resize_rejects_bad_buffers_and_sizes() {
+    let p = Pixels {
+        w: 4,
+        h: 4,
+        c: 3,
+        data: vec![0; 47],
+    };
+    let e = resample::resize(&p, 2, 2, Filter::Bicubic, Some(1.0)).unwrap_err();
+    assert!(e.to_string().contains("47 bytes"), "{e}");
+    let p = Pixels {
+        w: 4,
+        h: 4,
+        c: 3,
+        data: vec![0; 48],
+    };
+    let e = resample::resize(&p, 0, 2, Filter::Lanczos, None).unwrap_err();
+    assert!(e.to_string().contains("at least 1"), "{e}");
+    // Identity size is a copy (Pillow returns `self.copy()`).
+    assert_eq!(
+        resample::resize(&p, 4, 4, Filter::Bicubic, Some(1.0)).unwrap(),
+        p
     );
 }

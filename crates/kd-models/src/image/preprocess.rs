@@ -100,7 +100,7 @@ pub fn preprocess_img2img(
             ),
         ));
     }
-    let p = resize(&rgb_pixels(image), w, h, Filter::Bicubic, Some(1.0));
+    let p = resize(&rgb_pixels(image), w, h, Filter::Bicubic, Some(1.0))?;
     to_nchw(&p, |v| 2.0 * (v as f32 / 255.0) - 1.0)
 }
 
@@ -151,7 +151,7 @@ pub fn preprocess_inpaint(
         height,
         Filter::Bicubic,
         Some(1.0),
-    );
+    )?;
     let image_t = to_nchw(&img, |v| v as f32 / 127.5 - 1.0)?;
     let gray = match mask {
         MaskImage::Luma(m) => {
@@ -161,7 +161,7 @@ pub fn preprocess_inpaint(
                 c: 1,
                 data: m.as_raw().clone(),
             };
-            resize(&p, width, height, Filter::Lanczos, None)
+            resize(&p, width, height, Filter::Lanczos, None)?
         }
         MaskImage::Rgb(m) => rgb_to_luma(&resize(
             &rgb_pixels(m),
@@ -169,7 +169,7 @@ pub fn preprocess_inpaint(
             height,
             Filter::Lanczos,
             None,
-        )),
+        )?)?,
     };
     let gray = GrayImage::from_raw(width as u32, height as u32, gray.data)
         .ok_or_else(|| ModelError::invalid("mask_image", "internal: bad buffer size"))?;

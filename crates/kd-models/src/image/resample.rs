@@ -7,6 +7,8 @@
 //! integer box-average that `reducing_gap` applies first, with its reciprocal-multiply rounding
 //! and partial edge blocks), so that the bytes match Pillow 13.
 
+use crate::error::{ModelError, Result};
+
 /// The resampling filters used by the pipelines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Filter {
@@ -223,16 +225,37 @@ fn reduce(src: &Pixels, fx: usize, fy: usize) -> Pixels {
 }
 
 /// Pillow `Image.resize((out_w, out_h), filter, reducing_gap=reducing_gap)`.
-/// Both output sides must be positive.
+/// Source and target sides must be positive and `data` must hold `w·h·c` bytes.
 pub fn resize(
     src: &Pixels,
     out_w: usize,
     out_h: usize,
     filter: Filter,
     reducing_gap: Option<f64>,
-) -> Pixels {
+) -> Result<Pixels> {
+    if src.data.len() != src.w * src.h * src.c || src.c == 0 {
+        return Err(ModelError::invalid(
+            "image",
+            format!(
+                "pixel buffer holds {} bytes, expected {}×{}×{}",
+                src.data.len(),
+                src.w,
+                src.h,
+                src.c
+            ),
+        ));
+    }
+    if src.w == 0 || src.h == 0 || out_w == 0 || out_h == 0 {
+        return Err(ModelError::invalid(
+            "image",
+            format!(
+                "cannot resize {}×{} to {out_w}×{out_h}: sides must be at least 1",
+                src.w, src.h
+            ),
+        ));
+    }
     if (src.w, src.h) == (out_w, out_h) {
-        return src.clone();
+        return Ok(src.clone());
     }
     let mut img = std::borrow::Cow::Borrowed(src);
     let mut b = [0.0f32, 0.0, src.w as f32, src.h as f32];
@@ -249,12 +272,27 @@ pub fn resize(
             ];
         }
     }
-    resample(&img, out_w, out_h, filter, b)
+    Ok(resample(&img, out_w, out_h, filter, b))
 }
 
 /// Pillow `convert("L")` of an RGB image: `(19595 R + 38470 G + 7471 B + 0x8000) >> 16`.
-pub fn rgb_to_luma(src: &Pixels) -> Pixels {
-    assert_eq!(src.c, 3, "rgb_to_luma needs 3 channels");
+/// A one-channel image is returned unchanged.
+pub fn rgb_to_luma(src: &Pixels) -> Result<Pixels> {
+    if src.c == 1 {
+        return Ok(src.clone());
+    }
+    if src.c != 3 || src.data.len() != src.w * src.h * 3 {
+        return Err(ModelError::invalid(
+            "image",
+            format!(
+                "expected an RGB buffer of {}×{}×3 bytes, got {} channels / {} bytes",
+                src.w,
+                src.h,
+                src.c,
+                src.data.len()
+            ),
+        ));
+    }
     let data = src
         .data
         .chunks_exact(3)
@@ -262,10 +300,10 @@ pub fn rgb_to_luma(src: &Pixels) -> Pixels {
             ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8
         })
         .collect();
-    Pixels {
+    Ok(Pixels {
         w: src.w,
         h: src.h,
         c: 1,
         data,
-    }
+    })
 }

@@ -22,12 +22,26 @@ fn status_kib(key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// User + system CPU seconds of this process (less sensitive than wall time to a shared machine).
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<&str> = s
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
 fn child(side: usize, chunk: usize, reps: usize) {
     let ckpt = CheckpointDir::open(fixtures_dir().join("deep/kandinsky-2-2-decoder")).unwrap();
     let movq = VqModel::load(
         &ckpt.component("movq").unwrap(),
         MovqOptions {
             attention_chunk: chunk,
+            ..Default::default()
         },
         DType::F32,
         &Device::Cpu,
@@ -41,6 +55,7 @@ fn child(side: usize, chunk: usize, reps: usize) {
     let z = Tensor::from_vec(v, (1, 4, side, side), &Device::Cpu).unwrap();
     let base = status_kib("VmRSS:");
     let mut times = Vec::new();
+    let cpu0 = cpu_seconds();
     for _ in 0..reps {
         let t = Instant::now();
         let img = movq.decode(&z).unwrap();
@@ -49,9 +64,10 @@ fn child(side: usize, chunk: usize, reps: usize) {
     }
     let best = times.iter().cloned().fold(f64::INFINITY, f64::min);
     let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let cpu = (cpu_seconds() - cpu0) / reps as f64;
     let peak = status_kib("VmHWM:");
     println!(
-        "RESULT latent={side}x{side} image={}x{} chunk={chunk} reps={reps} best_s={best:.3} mean_s={mean:.3} rss_before_decode_mib={:.0} peak_rss_mib={:.0}",
+        "RESULT latent={side}x{side} image={}x{} chunk={chunk} reps={reps} best_s={best:.3} mean_s={mean:.3} cpu_s_per_decode={cpu:.2} rss_before_decode_mib={:.0} peak_rss_mib={:.0}",
         side * 8,
         side * 8,
         base as f64 / 1024.0,

@@ -89,7 +89,11 @@ fn deep_encode_matches_diffusers() {
 #[test]
 fn chunked_attention_matches_unchunked() {
     for size in ["tiny", "deep"] {
-        let (mut movq, r) = load(size, DType::F32, MovqOptions { attention_chunk: 0 });
+        let opts = MovqOptions {
+            attention_chunk: 0,
+            ..Default::default()
+        };
+        let (mut movq, r) = load(size, DType::F32, opts);
         let z = get(&r, "latents");
         let full = movq.decode(z).unwrap();
         let full_enc = movq.encode(get(&r, "image")).unwrap();
@@ -120,5 +124,33 @@ fn f16_decode_close_to_f32_reference() {
             get(&r, "ns_decoded"),
             1e-2,
         );
+    }
+}
+
+#[test]
+fn banded_conv_matches_unbanded() {
+    for size in ["tiny", "deep"] {
+        let whole = MovqOptions {
+            conv_band_pixels: 0,
+            ..Default::default()
+        };
+        let (movq, r) = load(size, DType::F32, whole);
+        let z = get(&r, "ns_latents");
+        let full = movq.decode(z).unwrap();
+        let full_enc = movq.encode(get(&r, "image")).unwrap();
+        // 1 row per band on the widest maps, ragged bands elsewhere.
+        for band in [1, 200] {
+            let opts = MovqOptions {
+                conv_band_pixels: band,
+                ..Default::default()
+            };
+            let (banded, _) = load(size, DType::F32, opts);
+            let d = banded.decode(z).unwrap();
+            let err = rel_l2(&d, &full).unwrap();
+            eprintln!("{size} conv band {band}: decode rel L2 {err:.3e}");
+            assert_close(&format!("{size} decode band {band}"), &d, &full, 1e-5);
+            let e = banded.encode(get(&r, "image")).unwrap();
+            assert_close(&format!("{size} encode band {band}"), &e, &full_enc, 1e-5);
+        }
     }
 }

@@ -5,10 +5,11 @@
 
 use super::attention::AttentionBlock;
 use super::encoder::MidBlock;
-use super::layers::{conv3x3, ResnetBlock, SpatialNorm, Upsample};
+use super::layers::{conv3x3, Conv3x3, ResnetBlock, SpatialNorm, Upsample};
+use super::MovqOptions;
 use crate::config::VqModelConfig;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// An up block: `layers_per_block + 1` resnets (each followed by an attention for
 /// `AttnUpDecoderBlock2D`) and an optional upsampler.
@@ -37,27 +38,29 @@ impl UpBlock {
 /// The MoVQ decoder: latents (B, latent_channels, h, w) → image (B, out, h·sf, w·sf).
 #[derive(Debug, Clone)]
 pub struct Decoder {
-    conv_in: Conv2d,
+    conv_in: Conv3x3,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: SpatialNorm,
-    conv_out: Conv2d,
+    conv_out: Conv3x3,
 }
 
 impl Decoder {
     /// Builds the decoder from the `VQModel` config (weights under `decoder.`).
-    pub fn new(cfg: &VqModelConfig, chunk: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &VqModelConfig, opts: &MovqOptions, vb: VarBuilder) -> Result<Self> {
+        let (chunk, band) = (opts.attention_chunk, opts.conv_band_pixels);
         let ch = &cfg.block_out_channels;
         let groups = cfg.norm_num_groups;
         let zc = Some(cfg.latent_channels);
         let last = ch[ch.len() - 1];
-        let conv_in = conv3x3(cfg.latent_channels, last, vb.pp("conv_in"))?;
+        let conv_in = conv3x3(cfg.latent_channels, last, band, vb.pp("conv_in"))?;
         let mid_block = MidBlock::new(
             last,
             groups,
             zc,
             cfg.mid_block_add_attention,
             chunk,
+            band,
             vb.pp("mid_block"),
         )?;
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
@@ -77,6 +80,7 @@ impl Decoder {
                     cout,
                     groups,
                     zc,
+                    band,
                     vbb.pp(format!("resnets.{j}")),
                 )?);
                 if with_attn {
@@ -90,7 +94,7 @@ impl Decoder {
                 }
             }
             let upsampler = if i + 1 < ch.len() {
-                Some(Upsample::new(cout, vbb.pp("upsamplers.0"))?)
+                Some(Upsample::new(cout, band, vbb.pp("upsamplers.0"))?)
             } else {
                 None
             };
@@ -105,7 +109,7 @@ impl Decoder {
             mid_block,
             up_blocks,
             conv_norm_out: SpatialNorm::new(ch[0], cfg.latent_channels, vb.pp("conv_norm_out"))?,
-            conv_out: conv3x3(ch[0], cfg.out_channels, vb.pp("conv_out"))?,
+            conv_out: conv3x3(ch[0], cfg.out_channels, band, vb.pp("conv_out"))?,
         })
     }
 

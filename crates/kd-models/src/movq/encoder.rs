@@ -3,10 +3,11 @@
 //! (`models/unets/unet_2d_blocks.py`). Group norms use `norm_num_groups` and eps 1e-6.
 
 use super::attention::AttentionBlock;
-use super::layers::{conv3x3, Downsample, ResnetBlock, MOVQ_EPS};
+use super::layers::{conv3x3, Conv3x3, Downsample, ResnetBlock, MOVQ_EPS};
+use super::MovqOptions;
 use crate::config::VqModelConfig;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{group_norm, GroupNorm, VarBuilder};
 
 /// A down block: resnets (each followed by an attention for `AttnDownEncoderBlock2D`) and an
 /// optional downsampler.
@@ -47,6 +48,7 @@ impl MidBlock {
         zq_channels: Option<usize>,
         add_attention: bool,
         chunk: usize,
+        band: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
         let resnets = (0..2)
@@ -56,6 +58,7 @@ impl MidBlock {
                     channels,
                     groups,
                     zq_channels,
+                    band,
                     vb.pp(format!("resnets.{i}")),
                 )
             })
@@ -90,19 +93,20 @@ impl MidBlock {
 /// The MoVQ encoder: image (B, in, H, W) → (B, latent_channels, H/sf, W/sf), before `quant_conv`.
 #[derive(Debug, Clone)]
 pub struct Encoder {
-    conv_in: Conv2d,
+    conv_in: Conv3x3,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv3x3,
 }
 
 impl Encoder {
     /// Builds the encoder from the `VQModel` config (weights under `encoder.`).
-    pub fn new(cfg: &VqModelConfig, chunk: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &VqModelConfig, opts: &MovqOptions, vb: VarBuilder) -> Result<Self> {
+        let (chunk, band) = (opts.attention_chunk, opts.conv_band_pixels);
         let ch = &cfg.block_out_channels;
         let groups = cfg.norm_num_groups;
-        let conv_in = conv3x3(cfg.in_channels, ch[0], vb.pp("conv_in"))?;
+        let conv_in = conv3x3(cfg.in_channels, ch[0], band, vb.pp("conv_in"))?;
         let mut down_blocks = Vec::with_capacity(ch.len());
         let mut cout = ch[0];
         for (i, kind) in cfg.down_block_types.iter().enumerate() {
@@ -119,6 +123,7 @@ impl Encoder {
                     cout,
                     groups,
                     None,
+                    band,
                     vbb.pp(format!("resnets.{j}")),
                 )?);
                 if with_attn {
@@ -149,6 +154,7 @@ impl Encoder {
             None,
             cfg.mid_block_add_attention,
             chunk,
+            band,
             vb.pp("mid_block"),
         )?;
         Ok(Self {
@@ -156,7 +162,7 @@ impl Encoder {
             down_blocks,
             mid_block,
             conv_norm_out: group_norm(groups, last, MOVQ_EPS, vb.pp("conv_norm_out"))?,
-            conv_out: conv3x3(last, cfg.latent_channels, vb.pp("conv_out"))?,
+            conv_out: conv3x3(last, cfg.latent_channels, band, vb.pp("conv_out"))?,
         })
     }
 

@@ -13,13 +13,48 @@ pub const MOVQ_EPS: f64 = 1e-6;
 /// SpatialNorm always uses 32 groups, whatever `norm_num_groups` says.
 pub const SPATIAL_NORM_GROUPS: usize = 32;
 
-/// A 3×3 convolution with padding 1.
-pub fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
+/// A 3×3 convolution with padding 1, run in bands of output rows on large inputs so that the
+/// im2col buffer of backends that materialise it whole (CUDA, Metal) stays bounded.
+#[derive(Debug, Clone)]
+pub struct Conv3x3 {
+    conv: Conv2d,
+    band_pixels: usize,
+}
+
+/// Loads a 3×3, padding-1 convolution; `band_pixels` is the largest output area computed in
+/// one call (0 = no banding).
+pub fn conv3x3(cin: usize, cout: usize, band_pixels: usize, vb: VarBuilder) -> Result<Conv3x3> {
     let cfg = Conv2dConfig {
         padding: 1,
         ..Default::default()
     };
-    conv2d(cin, cout, 3, cfg, vb)
+    Ok(Conv3x3 {
+        conv: conv2d(cin, cout, 3, cfg, vb)?,
+        band_pixels,
+    })
+}
+
+impl Module for Conv3x3 {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        if self.band_pixels == 0 || h * w <= self.band_pixels || h < 2 {
+            return self.conv.forward(x);
+        }
+        let rows = (self.band_pixels / w).max(1);
+        let mut bands = Vec::with_capacity(h.div_ceil(rows));
+        let mut r0 = 0;
+        while r0 < h {
+            let r = rows.min(h - r0);
+            // One halo row on each side; the conv's own zero padding is only kept at the image
+            // border, the rows computed for the halo are dropped.
+            let lo = r0.saturating_sub(1);
+            let hi = (r0 + r + 1).min(h);
+            let out = self.conv.forward(&x.narrow(2, lo, hi - lo)?)?;
+            bands.push(out.narrow(2, r0 - lo, r)?);
+            r0 += r;
+        }
+        Tensor::cat(&bands, 2)
+    }
 }
 
 /// A 1×1 convolution.
@@ -52,18 +87,33 @@ impl SpatialNorm {
     }
 
     /// Normalises `f` conditioned on the latents `zq`.
+    ///
+    /// `conv_y`/`conv_b` are 1×1 convolutions, which commute with nearest upsampling, so they run
+    /// at the latent resolution; when `f` is an integer multiple of the latent size the result
+    /// is broadcast over each s×s block instead of materialising the upsampled maps.
     pub fn forward(&self, f: &Tensor, zq: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = f.dims4()?;
+        let (b, c, h, w) = f.dims4()?;
         let (_, _, zh, zw) = zq.dims4()?;
-        let zq = if (zh, zw) == (h, w) {
-            zq.clone()
-        } else {
-            zq.upsample_nearest2d(h, w)?
-        };
         let norm_f = self.norm_layer.forward(f)?;
+        let y = self.conv_y.forward(zq)?;
+        let bias = self.conv_b.forward(zq)?;
+        if (zh, zw) == (h, w) {
+            return norm_f.mul(&y)?.add(&bias);
+        }
+        if h % zh == 0 && w % zw == 0 {
+            let (sh, sw) = (h / zh, w / zw);
+            let blocks = norm_f.reshape((b, c, zh, sh, zw, sw))?;
+            let y = y.reshape((b, c, zh, 1, zw, 1))?;
+            let bias = bias.reshape((b, c, zh, 1, zw, 1))?;
+            return blocks
+                .broadcast_mul(&y)?
+                .broadcast_add(&bias)?
+                .reshape((b, c, h, w));
+        }
+        // F.interpolate(mode="nearest") for a non-integer ratio.
         norm_f
-            .mul(&self.conv_y.forward(&zq)?)?
-            .add(&self.conv_b.forward(&zq)?)
+            .mul(&y.upsample_nearest2d(h, w)?)?
+            .add(&bias.upsample_nearest2d(h, w)?)
     }
 }
 
@@ -107,9 +157,9 @@ impl Norm {
 #[derive(Debug, Clone)]
 pub struct ResnetBlock {
     norm1: Norm,
-    conv1: Conv2d,
+    conv1: Conv3x3,
     norm2: Norm,
-    conv2: Conv2d,
+    conv2: Conv3x3,
     conv_shortcut: Option<Conv2d>,
 }
 
@@ -120,6 +170,7 @@ impl ResnetBlock {
         cout: usize,
         groups: usize,
         zq_channels: Option<usize>,
+        band_pixels: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
         let conv_shortcut = if cin != cout {
@@ -129,9 +180,9 @@ impl ResnetBlock {
         };
         Ok(Self {
             norm1: Norm::new(cin, groups, zq_channels, vb.pp("norm1"))?,
-            conv1: conv3x3(cin, cout, vb.pp("conv1"))?,
+            conv1: conv3x3(cin, cout, band_pixels, vb.pp("conv1"))?,
             norm2: Norm::new(cout, groups, zq_channels, vb.pp("norm2"))?,
-            conv2: conv3x3(cout, cout, vb.pp("conv2"))?,
+            conv2: conv3x3(cout, cout, band_pixels, vb.pp("conv2"))?,
             conv_shortcut,
         })
     }
@@ -178,14 +229,14 @@ impl Downsample {
 /// `Upsample2D(use_conv=True)`: nearest ×2, then a 3×3 conv.
 #[derive(Debug, Clone)]
 pub struct Upsample {
-    conv: Conv2d,
+    conv: Conv3x3,
 }
 
 impl Upsample {
     /// Loads `conv` (at `upsamplers.0`).
-    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(channels: usize, band_pixels: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            conv: conv3x3(channels, channels, vb.pp("conv"))?,
+            conv: conv3x3(channels, channels, band_pixels, vb.pp("conv"))?,
         })
     }
 

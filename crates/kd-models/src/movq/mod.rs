@@ -16,7 +16,7 @@ mod layers;
 pub use attention::AttentionBlock;
 pub use decoder::Decoder;
 pub use encoder::Encoder;
-pub use layers::{ResnetBlock, SpatialNorm};
+pub use layers::{Conv3x3, ResnetBlock, SpatialNorm};
 
 use crate::checkpoint::{ComponentDir, Variant};
 use crate::config::VqModelConfig;
@@ -30,12 +30,17 @@ pub struct MovqOptions {
     /// Queries per attention chunk (0 = all tokens at once). Peak score memory is
     /// `chunk × tokens × 4` bytes: 1024 × 16384 × 4 = 64 MiB for a 1024×1024 image.
     pub attention_chunk: usize,
+    /// Largest output area (pixels) of one 3×3 convolution call; larger feature maps are
+    /// convolved in bands of rows (0 = never). Bounds the im2col buffer of the CUDA/Metal
+    /// backends (`band × 9·C_in × 4` bytes); candle's CPU conv is already tiled.
+    pub conv_band_pixels: usize,
 }
 
 impl Default for MovqOptions {
     fn default() -> Self {
         Self {
             attention_chunk: 1024,
+            conv_band_pixels: 1 << 16,
         }
     }
 }
@@ -66,14 +71,13 @@ impl VqModel {
                 ),
             ));
         }
-        let chunk = opts.attention_chunk;
         let lc = cfg.latent_channels;
         let ed = cfg.embed_dim();
         Ok(Self {
-            encoder: Encoder::new(cfg, chunk, vb.pp("encoder"))?,
+            encoder: Encoder::new(cfg, &opts, vb.pp("encoder"))?,
             quant_conv: layers::conv1x1(lc, ed, vb.pp("quant_conv"))?,
             post_quant_conv: layers::conv1x1(ed, lc, vb.pp("post_quant_conv"))?,
-            decoder: Decoder::new(cfg, chunk, vb.pp("decoder"))?,
+            decoder: Decoder::new(cfg, &opts, vb.pp("decoder"))?,
             cfg: cfg.clone(),
             dtype: vb.dtype(),
             device: vb.device().clone(),

@@ -5,6 +5,8 @@ pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod error;
+pub mod image;
+pub mod movq;
 
 pub use checkpoint::{CheckpointDir, ComponentDir, ModelFamily, Variant, Weights};
 pub use error::{ModelError, Result};

@@ -1,0 +1,209 @@
+//! MoVQ (`VQModel` in diffusers, `models/autoencoders/vq_model.py`), the Kandinsky 2.2 image
+//! autoencoder (<https://arxiv.org/abs/2209.09002>), as the V22 pipelines use it:
+//!
+//! * [`VqModel::encode`] = `quant_conv(encoder(x))`: continuous latents, not quantised, not scaled;
+//! * [`VqModel::decode`] = `decode(z, force_not_quantize=True)`: `decoder(post_quant_conv(z), zq=z)`,
+//!   the codebook is never used.
+//!
+//! Attention over H·W tokens is computed in chunks of [`MovqOptions::attention_chunk`] queries, so
+//! a 128×128 latent (16384 tokens) never materialises a 16384² score matrix.
+
+mod attention;
+mod decoder;
+mod encoder;
+mod layers;
+
+pub use attention::AttentionBlock;
+pub use decoder::Decoder;
+pub use encoder::Encoder;
+pub use layers::{Conv3x3, ResnetBlock, SpatialNorm};
+
+use crate::checkpoint::{ComponentDir, Variant};
+use crate::config::VqModelConfig;
+use crate::error::{ModelError, Result};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Conv2d, VarBuilder};
+
+/// Run-time settings of the MoVQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MovqOptions {
+    /// Queries per attention chunk (0 = all tokens at once). Peak score memory is
+    /// `chunk × tokens × 4` bytes: 1024 × 16384 × 4 = 64 MiB for a 1024×1024 image.
+    pub attention_chunk: usize,
+    /// Largest output area (pixels) of one 3×3 convolution call; larger feature maps are
+    /// convolved in bands of rows (0 = never). Bounds the im2col buffer of the CUDA/Metal
+    /// backends (`band × 9·C_in × 4` bytes); candle's CPU conv is already tiled.
+    pub conv_band_pixels: usize,
+}
+
+impl Default for MovqOptions {
+    fn default() -> Self {
+        Self {
+            attention_chunk: 1024,
+            conv_band_pixels: 1 << 16,
+        }
+    }
+}
+
+/// The MoVQ autoencoder (encoder, `quant_conv`, `post_quant_conv`, spatial-norm decoder).
+#[derive(Debug, Clone)]
+pub struct VqModel {
+    encoder: Encoder,
+    quant_conv: Conv2d,
+    post_quant_conv: Conv2d,
+    decoder: Decoder,
+    cfg: VqModelConfig,
+    dtype: DType,
+    device: Device,
+}
+
+impl VqModel {
+    /// Builds the model from a validated config; `vb` holds the diffusers keys (`encoder.*`,
+    /// `quant_conv.*`, `post_quant_conv.*`, `decoder.*`; `quantize.*` is not read).
+    pub fn new(cfg: &VqModelConfig, opts: MovqOptions, vb: VarBuilder) -> Result<Self> {
+        if cfg.embed_dim() != cfg.latent_channels {
+            return Err(ModelError::invalid(
+                "vq_embed_dim",
+                format!(
+                    "must equal latent_channels ({}) for the spatial-norm decoder, got {}",
+                    cfg.latent_channels,
+                    cfg.embed_dim()
+                ),
+            ));
+        }
+        let lc = cfg.latent_channels;
+        let ed = cfg.embed_dim();
+        Ok(Self {
+            encoder: Encoder::new(cfg, &opts, vb.pp("encoder"))?,
+            quant_conv: layers::conv1x1(lc, ed, vb.pp("quant_conv"))?,
+            post_quant_conv: layers::conv1x1(ed, lc, vb.pp("post_quant_conv"))?,
+            decoder: Decoder::new(cfg, &opts, vb.pp("decoder"))?,
+            cfg: cfg.clone(),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// Loads the `movq` component of a checkpoint folder in `dtype` on `device`.
+    pub fn load(
+        component: &ComponentDir,
+        opts: MovqOptions,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let cfg = component.vq_config()?;
+        let vb = component
+            .weights(Variant::Default)?
+            .var_builder(dtype, device);
+        Self::new(&cfg, opts, vb)
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &VqModelConfig {
+        &self.cfg
+    }
+
+    /// Pixels per latent along each side: 2^(levels − 1) (8 for the hub MoVQ).
+    pub fn scale_factor(&self) -> usize {
+        self.cfg.scale_factor()
+    }
+
+    /// The weights' dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Changes the number of queries per attention chunk (0 = unchunked) in every attention.
+    pub fn set_attention_chunk(&mut self, chunk: usize) {
+        for a in self.encoder.attentions_mut() {
+            a.set_chunk(chunk);
+        }
+        for a in self.decoder.attentions_mut() {
+            a.set_chunk(chunk);
+        }
+    }
+
+    /// The encoder (for layer-by-layer checks).
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+
+    /// The decoder (for layer-by-layer checks).
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    /// `post_quant_conv(latents)`.
+    pub fn post_quant_conv(&self, latents: &Tensor) -> Result<Tensor> {
+        Ok(self.post_quant_conv.forward(latents)?)
+    }
+
+    /// Encodes images (B, in_channels, H, W) in [-1, 1] into latents (B, latent_channels,
+    /// H/sf, W/sf) = `quant_conv(encoder(x))`. H and W must be positive multiples of the scale
+    /// factor. Returns the model's dtype.
+    pub fn encode(&self, image: &Tensor) -> Result<Tensor> {
+        let (_, c, h, w) = dims4("image", image)?;
+        let sf = self.scale_factor();
+        if c != self.cfg.in_channels {
+            return Err(ModelError::invalid(
+                "image",
+                format!(
+                    "expected {} channels (B, {}, H, W), got shape {:?}",
+                    self.cfg.in_channels,
+                    self.cfg.in_channels,
+                    image.dims()
+                ),
+            ));
+        }
+        if h == 0 || w == 0 || !h.is_multiple_of(sf) || !w.is_multiple_of(sf) {
+            return Err(ModelError::invalid(
+                "image",
+                format!(
+                    "height and width must be positive multiples of {sf} (the MoVQ scale factor), got {h}×{w}"
+                ),
+            ));
+        }
+        let x = image.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let h = self.encoder.forward(&x)?;
+        Ok(self.quant_conv.forward(&h)?)
+    }
+
+    /// Decodes latents (B, vq_embed_dim, h, w) into images (B, out_channels, h·sf, w·sf), raw
+    /// (about [-1, 1], unclamped), as `decode(latents, force_not_quantize=True)`. Returns the
+    /// model's dtype.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let (_, c, h, w) = dims4("latents", latents)?;
+        let ed = self.cfg.embed_dim();
+        if c != ed {
+            return Err(ModelError::invalid(
+                "latents",
+                format!(
+                    "expected {ed} channels (B, {ed}, h, w), got shape {:?}",
+                    latents.dims()
+                ),
+            ));
+        }
+        if h == 0 || w == 0 {
+            return Err(ModelError::invalid(
+                "latents",
+                format!("latent height and width must be at least 1, got {h}×{w}"),
+            ));
+        }
+        let z = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let x = self.post_quant_conv.forward(&z)?;
+        Ok(self.decoder.forward(&x, &z)?)
+    }
+}
+
+fn dims4(field: &'static str, t: &Tensor) -> Result<(usize, usize, usize, usize)> {
+    match *t.dims() {
+        [b, c, h, w] if b > 0 => Ok((b, c, h, w)),
+        _ => Err(ModelError::invalid(
+            field,
+            format!(
+                "expected a 4-D tensor (B ≥ 1, C, H, W), got shape {:?}",
+                t.dims()
+            ),
+        )),
+    }
+}

@@ -5,7 +5,7 @@
 CARGO ?= cargo
 PYTHON_REF ?= tools/reference/.venv/bin/python
 
-.PHONY: setup build test lint fmt fixtures bench demo clean
+.PHONY: setup build test lint fmt fixtures bench demo chart-check clean
 
 ## setup: install what a fresh machine lacks (idempotent; needs root for apt-get)
 setup:
@@ -48,6 +48,10 @@ $(PYTHON_REF):
 ## bench: speed and memory benchmarks (release build)
 bench:
 	$(CARGO) bench -p kd-models
+
+## chart-check: lint, render, schema-validate and assert the Helm chart (PyPI needed the first time)
+chart-check:
+	bash tools/chart-check.sh
 
 clean:
 	$(CARGO) clean

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod config;
 pub mod deadline;
 pub mod error;
+pub mod info;
 pub mod metrics;
 pub mod server;
 pub mod shutdown;

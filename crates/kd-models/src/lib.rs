@@ -9,3 +9,4 @@ pub use checkpoint::{CheckpointDir, ComponentDir, ModelFamily, Variant, Weights}
 pub use error::{ModelError, Result};
 pub mod noise;
 pub mod parity;
+pub mod unet;

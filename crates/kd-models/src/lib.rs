@@ -9,4 +9,5 @@ pub use checkpoint::{CheckpointDir, ComponentDir, ModelFamily, Variant, Weights}
 pub use error::{ModelError, Result};
 pub mod noise;
 pub mod parity;
+pub mod schedulers;
 pub mod unet;

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod decoder;
 pub mod error;
 
 pub use checkpoint::{CheckpointDir, ComponentDir, ModelFamily, Variant, Weights};

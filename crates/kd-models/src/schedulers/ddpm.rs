@@ -39,7 +39,7 @@ pub struct DdpmScheduler {
 pub(crate) enum Prediction {
     Epsilon,
     Sample,
-    VelocityV,
+    Velocity,
 }
 
 impl Prediction {
@@ -47,7 +47,7 @@ impl Prediction {
         match s {
             "epsilon" => Ok(Self::Epsilon),
             "sample" => Ok(Self::Sample),
-            "v_prediction" => Ok(Self::VelocityV),
+            "v_prediction" => Ok(Self::Velocity),
             other => Err(unsupported(
                 "prediction_type",
                 other,
@@ -62,7 +62,7 @@ impl Prediction {
         Ok(match self {
             Self::Epsilon => ((sample - (out * sb)?)? / sa)?,
             Self::Sample => out.clone(),
-            Self::VelocityV => ((sample * sa)? - (out * sb)?)?,
+            Self::Velocity => ((sample * sa)? - (out * sb)?)?,
         })
     }
 
@@ -72,7 +72,7 @@ impl Prediction {
         Ok(match self {
             Self::Epsilon => out.clone(),
             Self::Sample => ((sample - (out * sa)?)? / sb)?,
-            Self::VelocityV => ((out * sa)? + (sample * sb)?)?,
+            Self::Velocity => ((out * sa)? + (sample * sb)?)?,
         })
     }
 }

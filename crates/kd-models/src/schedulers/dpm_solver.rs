@@ -238,7 +238,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let x0 = match self.prediction {
             Prediction::Epsilon => ((&sample - (&out * s_s0)?)? / a_s0)?,
             Prediction::Sample => out.clone(),
-            Prediction::VelocityV => ((&sample * a_s0)? - (&out * s_s0)?)?,
+            Prediction::Velocity => ((&sample * a_s0)? - (&out * s_s0)?)?,
         };
         self.model_outputs.remove(0);
         self.model_outputs.push(Some(x0.clone()));

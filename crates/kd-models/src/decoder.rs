@@ -140,7 +140,15 @@ fn per_image(
     if dims.len() != rest.len() + 1 || dims[1..] != *rest || (dims[0] != 1 && dims[0] != b) {
         return Err(ModelError::invalid(
             field,
-            format!("shape {dims:?}; expected (1 or {b}, {})", join(rest)),
+            format!(
+                "shape {dims:?}; expected ({}, {})",
+                if b == 1 {
+                    "1".to_string()
+                } else {
+                    format!("1 or {b}")
+                },
+                join(rest)
+            ),
         ));
     }
     let x = x.to_dtype(DType::F32)?;

@@ -18,14 +18,14 @@ fn json(path: PathBuf) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn load_checkpoint(rel: &str) -> (UNet2DConditionModel, usize) {
+fn load_checkpoint(rel: &str, dtype: DType) -> (UNet2DConditionModel, usize) {
     let dir = CheckpointDir::open(fixtures_dir().join("../..").join(rel)).unwrap();
     let unet = dir.component("unet").unwrap();
     let cfg = unet.unet_config().unwrap();
     let vb = unet
         .weights(Variant::Default)
         .unwrap()
-        .var_builder(DType::F32, &Device::Cpu);
+        .var_builder(dtype, &Device::Cpu);
     let sf = dir
         .component("movq")
         .unwrap()
@@ -46,11 +46,15 @@ fn inpaint_mask(inp: &HashMap<String, Tensor>) -> Tensor {
 }
 
 fn run_case(size: &str, name: &str) {
+    run_case_dtype(size, name, DType::F32, 1e-3);
+}
+
+fn run_case_dtype(size: &str, name: &str, dtype: DType, tol: f64) {
     let dir = fixtures_dir().join(size).join("reference/decoder");
     let meta = json(dir.join(format!("{name}.json")));
     let r = load_reference(dir.join(format!("{name}.safetensors"))).unwrap();
     let inp = inputs();
-    let (unet, sf) = load_checkpoint(meta["checkpoint"].as_str().unwrap());
+    let (unet, sf) = load_checkpoint(meta["checkpoint"].as_str().unwrap(), dtype);
     let cfg: SchedulerConfig = serde_json::from_value(meta["scheduler_config"].clone()).unwrap();
     let mut scheduler = schedulers::from_config(&cfg, 0.0).unwrap();
     let mut noise = match r.get("noise") {
@@ -104,8 +108,8 @@ fn run_case(size: &str, name: &str) {
     );
     assert_eq!(noise.remaining(), 0, "{name}: unused recorded noise draws");
     let err = rel_l2(&latents, get(&r, "final_latents")).unwrap();
-    eprintln!("{size}/{name}: final latents rel L2 {err:e}");
-    assert_close(name, &latents, get(&r, "final_latents"), 1e-3);
+    eprintln!("{size}/{name} {dtype:?}: final latents rel L2 {err:e}");
+    assert_close(name, &latents, get(&r, "final_latents"), tol);
 }
 
 macro_rules! cases {
@@ -159,4 +163,11 @@ fn inpaint_mask_preparation_is_exact() {
             "{input}"
         );
     }
+}
+
+/// The whole loop with f16 UNet weights, against the f32 reference.
+#[test]
+fn f16_text2img_and_deep() {
+    run_case_dtype("tiny", "pipeline_text2img_ddpm_2", DType::F16, 1e-2);
+    run_case_dtype("deep", "pipeline_text2img_ddpm_3", DType::F16, 1e-2);
 }

@@ -141,6 +141,17 @@ fn deep_decoder_f16() {
 }
 
 #[test]
+fn tiny_inpaint_f16() {
+    check(
+        "tiny",
+        "kandinsky-2-2-decoder-inpaint",
+        "unet_inpaint_forward",
+        DType::F16,
+        1e-2,
+    );
+}
+
+#[test]
 fn controlnet_f16() {
     check(
         "tiny",

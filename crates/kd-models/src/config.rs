@@ -1033,6 +1033,28 @@ pub struct DdimSchedulerConfig {
     pub rescale_betas_zero_snr: bool,
 }
 
+/// A float that diffusers may have written as `"-inf"`, `"inf"` or `"nan"` (its `-Infinity`
+/// token is not JSON, so saved copies spell it as a string).
+fn f64_or_name<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum F {
+        Num(f64),
+        Name(String),
+    }
+    match F::deserialize(d)? {
+        F::Num(v) => Ok(v),
+        F::Name(s) => match s.to_ascii_lowercase().as_str() {
+            "-inf" | "-infinity" => Ok(f64::NEG_INFINITY),
+            "inf" | "infinity" => Ok(f64::INFINITY),
+            "nan" => Ok(f64::NAN),
+            _ => Err(serde::de::Error::custom(format!(
+                "expected a number, got {s:?}"
+            ))),
+        },
+    }
+}
+
 /// `DPMSolverMultistepScheduler` config.
 #[derive(Debug, Clone, Deserialize)]
 pub struct DpmSolverMultistepSchedulerConfig {
@@ -1069,7 +1091,7 @@ pub struct DpmSolverMultistepSchedulerConfig {
     pub use_lu_lambdas: bool,
     #[serde(default = "d_zero")]
     pub final_sigmas_type: String,
-    #[serde(default = "d_neg_inf")]
+    #[serde(default = "d_neg_inf", deserialize_with = "f64_or_name")]
     pub lambda_min_clipped: f64,
     pub variance_type: Option<String>,
     #[serde(default = "d_linspace")]

@@ -4,12 +4,15 @@
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+pub mod decoder;
 pub mod error;
 pub mod image;
 pub mod movq;
-
-pub use checkpoint::{CheckpointDir, ComponentDir, ModelFamily, Variant, Weights};
-pub use error::{ModelError, Result};
 pub mod noise;
 pub mod parity;
 pub mod prior;
+pub mod schedulers;
+pub mod unet;
+
+pub use checkpoint::{CheckpointDir, ComponentDir, ModelFamily, Variant, Weights};
+pub use error::{ModelError, Result};

@@ -24,7 +24,13 @@ pub fn device_name(device: &Device) -> String {
 }
 
 /// What a stage reports about its loaded component.
-pub fn model_info(family: ModelFamily, component: &str, revision: &str, dtype: DType, device: &Device) -> v1::ModelInfo {
+pub fn model_info(
+    family: ModelFamily,
+    component: &str,
+    revision: &str,
+    dtype: DType,
+    device: &Device,
+) -> v1::ModelInfo {
     v1::ModelInfo {
         family: match family {
             ModelFamily::Kandinsky21 => v1::ModelFamily::Kandinsky21,

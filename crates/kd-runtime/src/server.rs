@@ -9,6 +9,33 @@ use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+/// The two sockets a service listens on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC (service API, health, reflection).
+    pub grpc: TcpListener,
+    /// HTTP `/metrics`.
+    pub metrics: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses of `--listen` and `--metrics-listen`.
+    pub async fn bind(common: &crate::config::CommonArgs) -> std::io::Result<Self> {
+        Ok(Self {
+            grpc: TcpListener::bind(common.listen).await?,
+            metrics: TcpListener::bind(common.metrics_listen).await?,
+        })
+    }
+
+    /// Both on 127.0.0.1 with OS-chosen ports (tests).
+    pub async fn loopback() -> std::io::Result<Self> {
+        Ok(Self {
+            grpc: TcpListener::bind("127.0.0.1:0").await?,
+            metrics: TcpListener::bind("127.0.0.1:0").await?,
+        })
+    }
+}
+
 /// Publishes one service's readiness on `grpc.health.v1` (under its name and under "").
 #[derive(Clone, Debug)]
 pub struct Readiness {
@@ -72,4 +99,58 @@ pub async fn serve(
             tokio::time::sleep(drain_delay).await;
         })
         .await
+}
+
+/// Runs a model stage: serves `router` at once (health NOT_SERVING), loads the model with `load`
+/// on the blocking pool (load + warm-up time in `kd_model_load_seconds`), installs it in `stage`
+/// and flips health to SERVING. A model that fails to load triggers shutdown and is returned as
+/// the error, so the process exits and the orchestrator sees it. Also serves `/metrics`.
+pub async fn run_stage<M, F>(
+    router: Router,
+    listeners: Listeners,
+    readiness: Readiness,
+    stage: crate::Stage<M>,
+    shutdown: Shutdown,
+    drain_delay: Duration,
+    load: F,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    M: Send + Sync + 'static,
+    F: FnOnce() -> Result<M, crate::ServiceError> + Send + 'static,
+{
+    let Listeners { grpc, metrics } = listeners;
+    let metrics_task = tokio::spawn(stage.metrics.clone().serve(metrics, shutdown.clone()));
+    let loading = {
+        let (stage, readiness, shutdown) = (stage.clone(), readiness.clone(), shutdown.clone());
+        async move {
+            let start = std::time::Instant::now();
+            match crate::blocking(load).await {
+                Ok(model) => {
+                    stage.metrics.model_loaded(start.elapsed());
+                    stage.set_model(std::sync::Arc::new(model));
+                    readiness.serving().await;
+                    tracing::info!(
+                        stage = stage.metrics.stage(),
+                        seconds = start.elapsed().as_secs_f64(),
+                        "model loaded and warmed up"
+                    );
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::error!(stage = stage.metrics.stage(), error = %e, "model failed to load");
+                    shutdown.trigger();
+                    Err(e)
+                }
+            }
+        }
+    };
+    let (served, loaded) = tokio::join!(
+        serve(router, grpc, readiness, shutdown.clone(), drain_delay),
+        loading
+    );
+    shutdown.trigger();
+    served?;
+    loaded?;
+    metrics_task.await??;
+    Ok(())
 }

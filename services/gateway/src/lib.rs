@@ -8,12 +8,12 @@ pub mod validate;
 use auth::ApiKeys;
 use kd_proto::v1::{self, gateway_server::GatewayServer, GenerateEvent};
 use kd_runtime::config::CommonArgs;
-use kd_runtime::{deadline, server, Admission, Metrics, ServiceError, Shutdown, Stage};
+use kd_runtime::server::{self, Listeners};
+use kd_runtime::{deadline, Admission, Metrics, ServiceError, Shutdown, Stage};
 use pipeline::{Ctx, Stages};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -208,18 +208,20 @@ async fn with_deadline<T>(
 
 /// Binds the configured addresses and serves until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
-    let grpc = TcpListener::bind(config.common.listen).await?;
-    let metrics = TcpListener::bind(config.common.metrics_listen).await?;
-    run_with_listeners(config, grpc, metrics, shutdown).await
+    let listeners = Listeners::bind(&config.common).await?;
+    run_with_listeners(config, listeners, shutdown).await
 }
 
 /// Serves on the given listeners until `shutdown` (tests bind port 0).
 pub async fn run_with_listeners(
     config: Config,
-    grpc: TcpListener,
-    metrics_listener: TcpListener,
+    listeners: Listeners,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    let Listeners {
+        grpc,
+        metrics: metrics_listener,
+    } = listeners;
     let keys = match &config.api_keys_file {
         Some(p) => ApiKeys::from_file(p)
             .map_err(|e| anyhow::anyhow!("--api-keys-file {}: {e}", p.display()))?,

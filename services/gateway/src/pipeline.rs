@@ -289,14 +289,17 @@ pub async fn generate(
 
     // 3. Init image / mask for image-to-image and inpaint.
     let (image_latents, strength, mask) = match &plan.task {
-        Task::ImageToImage { image, strength } => (
-            Some(encode_image(&mut st, ctx, image, plan).await?),
-            *strength,
-            None,
-        ),
+        Task::ImageToImage { image, strength } => {
+            let (latents, _) = encode_image(&mut st, ctx, image, None, plan).await?;
+            (Some(latents), *strength, None)
+        }
         Task::Inpaint { image, mask } => {
-            let latents = encode_image(&mut st, ctx, image, plan).await?;
-            (Some(latents), 0.0, Some(mask_tensor(mask)?))
+            let (latents, mask) = encode_image(&mut st, ctx, image, Some(mask), plan).await?;
+            (
+                Some(latents),
+                0.0,
+                Some(mask.ok_or_else(|| missing("movq", "mask"))?),
+            )
         }
         Task::Outpaint { .. } => {
             return Err(ServiceError::Unimplemented(
@@ -404,31 +407,27 @@ fn concat_rows(parts: &[v1::Tensor]) -> Result<v1::Tensor, ServiceError> {
     })
 }
 
+/// MoVQ latents of the init image and, for inpaint, the pre-processed repaint mask.
 async fn encode_image(
     st: &mut Stages,
     ctx: &Ctx,
     image: &[u8],
+    mask: Option<&[u8]>,
     plan: &Plan,
-) -> Result<v1::Tensor, ServiceError> {
-    st.movq
+) -> Result<(v1::Tensor, Option<v1::Tensor>), ServiceError> {
+    let r = st
+        .movq
         .encode(ctx.request(v1::EncodeRequest {
             images: vec![image.to_vec()],
+            masks: mask.map(|m| vec![m.to_vec()]).unwrap_or_default(),
             width: plan.width,
             height: plan.height,
             ..Default::default()
         })?)
         .await
         .map_err(stage_err("movq"))?
-        .into_inner()
-        .latents
-        .ok_or_else(|| missing("movq", "latents"))
-}
-
-/// The inpaint mask as a wire tensor for the denoiser.
-fn mask_tensor(_mask: &[u8]) -> Result<v1::Tensor, ServiceError> {
-    Err(ServiceError::Unimplemented(
-        "inpaint is not served by this deployment yet".into(),
-    ))
+        .into_inner();
+    Ok((r.latents.ok_or_else(|| missing("movq", "latents"))?, r.mask))
 }
 
 async fn decode(

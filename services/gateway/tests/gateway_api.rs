@@ -17,9 +17,8 @@ async fn dead_url() -> String {
 }
 
 async fn start(api_keys: Option<&str>) -> (SocketAddr, Shutdown, Option<tempfile::NamedTempFile>) {
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = grpc.local_addr().unwrap();
+    let listeners = kd_runtime::server::Listeners::loopback().await.unwrap();
+    let addr = listeners.grpc.local_addr().unwrap();
     let keys_file = api_keys.map(|k| {
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), format!("# keys\n{k}\n")).unwrap();
@@ -41,7 +40,7 @@ async fn start(api_keys: Option<&str>) -> (SocketAddr, Shutdown, Option<tempfile
     }
     let config = <Config as clap::Parser>::parse_from(args);
     let shutdown = Shutdown::new();
-    tokio::spawn(run_with_listeners(config, grpc, metrics, shutdown.clone()));
+    tokio::spawn(run_with_listeners(config, listeners, shutdown.clone()));
     (addr, shutdown, keys_file)
 }
 

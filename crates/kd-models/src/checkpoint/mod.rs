@@ -280,7 +280,10 @@ impl ComponentDir {
             }
         };
         let mut entries: Vec<_> = std::fs::read_dir(&self.path)
-            .map_err(|source| ModelError::Io { path: self.path.clone(), source })?
+            .map_err(|source| ModelError::Io {
+                path: self.path.clone(),
+                source,
+            })?
             .filter_map(|e| e.ok())
             .collect();
         entries.sort_by_key(|e| e.file_name());
@@ -289,7 +292,10 @@ impl ComponentDir {
             let name = name.to_string_lossy();
             if name.ends_with(".json") || name.ends_with(".txt") {
                 feed(name.as_bytes());
-                feed(&std::fs::read(e.path()).map_err(|source| ModelError::Io { path: e.path(), source })?);
+                feed(&std::fs::read(e.path()).map_err(|source| ModelError::Io {
+                    path: e.path(),
+                    source,
+                })?);
             } else if name.ends_with(".safetensors") || name.ends_with(".bin") {
                 feed(name.as_bytes());
                 feed(&e.metadata().map(|m| m.len()).unwrap_or(0).to_le_bytes());

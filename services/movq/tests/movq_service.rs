@@ -1,0 +1,413 @@
+//! The MoVQ stage over real gRPC on loopback, on the deep fixture checkpoint: health, decode and
+//! encode parity with diffusers, image outputs, bad input, metrics.
+
+use candle_core::{Device, Tensor};
+use kd_models::parity::{assert_close, fixtures_dir, get, load_reference};
+use kd_movq::{run_with_listeners, Config};
+use kd_proto::v1::{self, movq_client::MovqClient};
+use kd_runtime::server::Listeners;
+use kd_runtime::Shutdown;
+use std::net::SocketAddr;
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+struct Server {
+    addr: SocketAddr,
+    metrics: SocketAddr,
+    shutdown: Shutdown,
+}
+
+async fn start(model: &str) -> Server {
+    let listeners = Listeners::loopback().await.unwrap();
+    let addr = listeners.grpc.local_addr().unwrap();
+    let metrics = listeners.metrics.local_addr().unwrap();
+    let dir = fixtures_dir().join(model);
+    let config = <Config as clap::Parser>::parse_from([
+        "kd-movq",
+        "--model-dir",
+        dir.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    let shutdown = Shutdown::new();
+    tokio::spawn(run_with_listeners(config, listeners, shutdown.clone()));
+    Server {
+        addr,
+        metrics,
+        shutdown,
+    }
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    for _ in 0..200 {
+        if let Ok(c) = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            return c;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("server did not start");
+}
+
+async fn wait_serving(ch: Channel) {
+    let mut h = HealthClient::new(ch);
+    let mut watch = h
+        .watch(HealthCheckRequest {
+            service: "kandinsky.v1.Movq".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = vec![];
+    while let Some(r) = watch.message().await.unwrap() {
+        seen.push(r.status());
+        if r.status() == ServingStatus::Serving {
+            break;
+        }
+    }
+    assert_eq!(seen.last(), Some(&ServingStatus::Serving), "{seen:?}");
+}
+
+fn wire(t: &Tensor) -> v1::Tensor {
+    kd_proto::to_wire(t).unwrap()
+}
+
+fn tensor(t: &v1::Tensor) -> Tensor {
+    kd_proto::from_wire(t, &Device::Cpu, &Default::default()).unwrap()
+}
+
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn decode_and_encode_match_diffusers_over_grpc() {
+    let srv = start("deep/kandinsky-2-2-decoder").await;
+    let ch = channel(srv.addr).await;
+    wait_serving(ch.clone()).await;
+    let mut c = MovqClient::new(ch);
+    let refs =
+        load_reference(fixtures_dir().join("deep/reference/decoder/movq.safetensors")).unwrap();
+
+    // Decode: pixels within 1e-4 of diffusers' pipeline output, PNG pixels equal to its u8 output.
+    for (latents, nhwc, u8key) in [
+        ("latents", None, "decoded_u8"),
+        ("ns_latents", Some("ns_decoded_nhwc01"), "ns_decoded_u8"),
+    ] {
+        let resp = c
+            .decode(v1::DecodeRequest {
+                latents: Some(wire(get(&refs, latents))),
+                return_pixels: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(k) = nhwc {
+            assert_close(
+                k,
+                &tensor(resp.pixels.as_ref().unwrap()),
+                get(&refs, k),
+                1e-4,
+            );
+        }
+        let expected = get(&refs, u8key)
+            .flatten_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::U32)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        let img = &resp.images[0];
+        assert_eq!(img.format, v1::ImageFormat::Png as i32);
+        let png = image::load_from_memory(&img.data).unwrap().to_rgb8();
+        assert_eq!((png.width(), png.height()), (img.width, img.height));
+        let got: Vec<u32> = png.into_raw().into_iter().map(u32::from).collect();
+        assert_eq!(
+            got, expected,
+            "{u8key}: decoded PNG pixels differ from diffusers"
+        );
+        assert_eq!(resp.model.unwrap().component, "movq");
+    }
+
+    // Encode raw pixels: latents within 1e-4.
+    let resp = c
+        .encode(v1::EncodeRequest {
+            pixels: Some(wire(get(&refs, "image"))),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_close(
+        "latents",
+        &tensor(resp.latents.as_ref().unwrap()),
+        get(&refs, "latents"),
+        1e-4,
+    );
+    assert!(resp.mask.is_none());
+
+    // JPEG and WebP outputs decode to images of the right size.
+    for format in [v1::ImageFormat::Jpeg, v1::ImageFormat::Webp] {
+        let resp = c
+            .decode(v1::DecodeRequest {
+                latents: Some(wire(get(&refs, "latents"))),
+                format: format as i32,
+                quality: 80,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let img = image::load_from_memory(&resp.images[0].data).unwrap();
+        assert_eq!((img.width(), img.height()), (64, 64), "{format:?}");
+    }
+
+    let text = scrape(srv.metrics).await;
+    assert!(
+        text.contains("kd_requests_total{method=\"Decode\",stage=\"movq\"} 4"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kd_model_load_seconds{stage=\"movq\"}"),
+        "{text}"
+    );
+    srv.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn encoded_images_and_masks_are_preprocessed_as_diffusers() {
+    let srv = start("tiny/kandinsky-2-2-decoder").await;
+    let ch = channel(srv.addr).await;
+    wait_serving(ch.clone()).await;
+    let mut c = MovqClient::new(ch);
+    let dir = fixtures_dir().join("tiny/reference/decoder");
+    let refs = load_reference(dir.join("pipeline_inputs.safetensors")).unwrap();
+    let image = std::fs::read(dir.join("init_image.png")).unwrap();
+    let mask = std::fs::read(dir.join("inpaint_mask.png")).unwrap();
+
+    let resp = c
+        .encode(v1::EncodeRequest {
+            images: vec![image.clone()],
+            width: 64,
+            height: 64,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_close(
+        "img2img latents",
+        &tensor(resp.latents.as_ref().unwrap()),
+        get(&refs, "img2img_image_latents"),
+        1e-4,
+    );
+
+    let resp = c
+        .encode(v1::EncodeRequest {
+            images: vec![image],
+            masks: vec![mask],
+            width: 64,
+            height: 64,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_close(
+        "inpaint latents",
+        &tensor(resp.latents.as_ref().unwrap()),
+        get(&refs, "inpaint_image_latents"),
+        1e-4,
+    );
+    let m = tensor(resp.mask.as_ref().unwrap());
+    assert_eq!(m.dims(), &[1, 1, 64, 64]);
+    // The repaint mask is the inverse of diffusers' keep-mask, nearest-resized to the latent grid.
+    let repaint: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(repaint.iter().all(|v| *v == 0.0 || *v == 1.0));
+    let keep_latent = get(&refs, "inpaint_mask_latent_nearest")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let (h, w) = (32, 32);
+    for i in 0..h {
+        for j in 0..w {
+            assert_eq!(
+                1.0 - repaint[(i * 2) * 64 + j * 2],
+                keep_latent[i * w + j],
+                "latent ({i},{j})"
+            );
+        }
+    }
+    srv.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn bad_inputs_are_invalid_argument_naming_the_field() {
+    let srv = start("tiny/kandinsky-2-2-decoder").await;
+    let ch = channel(srv.addr).await;
+    wait_serving(ch.clone()).await;
+    let mut c = MovqClient::new(ch);
+    let z = |shape: &[usize]| {
+        Some(wire(
+            &Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        ))
+    };
+    let decode_cases = [
+        ("latents", v1::DecodeRequest::default()),
+        (
+            "latents",
+            v1::DecodeRequest {
+                latents: z(&[1, 3, 8, 8]),
+                ..Default::default()
+            },
+        ),
+        (
+            "latents",
+            v1::DecodeRequest {
+                latents: z(&[1, 4, 0, 8]),
+                ..Default::default()
+            },
+        ),
+        (
+            "latents",
+            v1::DecodeRequest {
+                latents: z(&[4, 8, 8]),
+                ..Default::default()
+            },
+        ),
+        (
+            "latents",
+            v1::DecodeRequest {
+                latents: Some(v1::Tensor {
+                    shape: vec![1, 4, 8, 8],
+                    dtype: 1,
+                    data: vec![0; 7].into(),
+                }),
+                ..Default::default()
+            },
+        ),
+        (
+            "format",
+            v1::DecodeRequest {
+                latents: z(&[1, 4, 8, 8]),
+                format: 7,
+                ..Default::default()
+            },
+        ),
+        (
+            "quality",
+            v1::DecodeRequest {
+                latents: z(&[1, 4, 8, 8]),
+                format: v1::ImageFormat::Jpeg as i32,
+                quality: 101,
+                ..Default::default()
+            },
+        ),
+    ];
+    for (field, req) in decode_cases {
+        let e = c.decode(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(
+            e.message().contains(&format!("invalid `{field}`")),
+            "{field}: {}",
+            e.message()
+        );
+    }
+    let png = std::fs::read(fixtures_dir().join("tiny/reference/decoder/init_image.png")).unwrap();
+    let encode_cases = [
+        ("images", v1::EncodeRequest::default()),
+        (
+            "image",
+            v1::EncodeRequest {
+                images: vec![b"not an image".to_vec()],
+                width: 64,
+                height: 64,
+                ..Default::default()
+            },
+        ),
+        (
+            "image",
+            v1::EncodeRequest {
+                images: vec![png[..png.len() / 2].to_vec()],
+                width: 64,
+                height: 64,
+                ..Default::default()
+            },
+        ),
+        (
+            "width",
+            v1::EncodeRequest {
+                images: vec![png.clone()],
+                width: 100,
+                height: 64,
+                ..Default::default()
+            },
+        ),
+        (
+            "masks",
+            v1::EncodeRequest {
+                images: vec![png.clone()],
+                masks: vec![png.clone(), png.clone()],
+                width: 64,
+                height: 64,
+                ..Default::default()
+            },
+        ),
+        (
+            "pixels",
+            v1::EncodeRequest {
+                pixels: z(&[1, 4, 64, 64]),
+                ..Default::default()
+            },
+        ),
+    ];
+    for (field, req) in encode_cases {
+        let e = c.encode(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(
+            e.message().contains(&format!("invalid `{field}`")),
+            "{field}: {}",
+            e.message()
+        );
+    }
+    srv.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn a_missing_checkpoint_makes_the_service_exit_with_the_reason() {
+    let listeners = Listeners::loopback().await.unwrap();
+    let config = <Config as clap::Parser>::parse_from([
+        "kd-movq",
+        "--model-dir",
+        "/nonexistent/kandinsky",
+        "--device",
+        "cpu",
+    ]);
+    let err = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        run_with_listeners(config, listeners, Shutdown::new()),
+    )
+    .await
+    .expect("the service exits")
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("/nonexistent/kandinsky/model_index.json"),
+        "{err}"
+    );
+}

@@ -49,6 +49,10 @@ $(PYTHON_REF):
 bench:
 	$(CARGO) bench -p kd-models
 
+## demo: build, start the stack on the bundled small model, generate demo.png, stop
+demo:
+	bash tools/demo.sh
+
 ## chart-check: lint, render, schema-validate and assert the Helm chart (PyPI needed the first time)
 chart-check:
 	bash tools/chart-check.sh

@@ -8,6 +8,7 @@ use crate::metrics::Metrics;
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use tonic::{Response, Status};
+use tracing::Instrument;
 
 /// A stage's shared state: its model (once loaded), admission and metrics.
 pub struct Stage<M> {
@@ -60,9 +61,15 @@ impl<M: Send + Sync + 'static> Stage<M> {
         let guard = self.metrics.start(method);
         let result = async {
             let model = self.model()?;
-            let permit = self.admission.admit().await?;
+            let permit = self
+                .admission
+                .admit()
+                .instrument(tracing::info_span!("queue"))
+                .await?;
             self.metrics.queue_wait(permit.queued);
-            let out = f(model).await;
+            let out = f(model)
+                .instrument(tracing::info_span!("compute", method))
+                .await;
             drop(permit);
             out
         }
@@ -97,7 +104,11 @@ impl<M: Send + Sync + 'static> Stage<M> {
         let guard = self.metrics.start(method);
         let admitted = async {
             let model = self.model()?;
-            let permit = self.admission.admit().await?;
+            let permit = self
+                .admission
+                .admit()
+                .instrument(tracing::info_span!("queue"))
+                .await?;
             self.metrics.queue_wait(permit.queued);
             Ok::<_, ServiceError>((model, permit))
         }

@@ -134,48 +134,52 @@ impl v1::gateway_server::Gateway for Gateway {
         let plan = self.plan(request.get_ref())?;
         let admitted = self.stage.admit("GenerateStream").await?;
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
-            let ctx = Ctx {
-                deadline,
-                events: Some(tx.clone()),
-            };
-            let _ = tx
-                .send(Ok(GenerateEvent {
-                    event: Some(v1::generate_event::Event::Progress(v1::Progress {
-                        stage: v1::Stage::Queued as i32,
-                        step: 0,
-                        total_steps: 0,
-                    })),
-                }))
-                .await;
-            let result = tokio::select! {
-                r = with_deadline(deadline, pipeline::generate(&admitted.model, &plan, &ctx)) => r,
-                _ = tx.closed() => Err(ServiceError::Cancelled("the client went away".into())),
-            };
-            match &result {
-                Ok(images) => {
-                    for img in images.clone() {
+        let span = tracing::Span::current();
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let ctx = Ctx {
+                    deadline,
+                    events: Some(tx.clone()),
+                };
+                let _ = tx
+                    .send(Ok(GenerateEvent {
+                        event: Some(v1::generate_event::Event::Progress(v1::Progress {
+                            stage: v1::Stage::Queued as i32,
+                            step: 0,
+                            total_steps: 0,
+                        })),
+                    }))
+                    .await;
+                let result = tokio::select! {
+                    r = with_deadline(deadline, pipeline::generate(&admitted.model, &plan, &ctx)) => r,
+                    _ = tx.closed() => Err(ServiceError::Cancelled("the client went away".into())),
+                };
+                match &result {
+                    Ok(images) => {
+                        for img in images.clone() {
+                            let _ = tx
+                                .send(Ok(GenerateEvent {
+                                    event: Some(v1::generate_event::Event::Image(img)),
+                                }))
+                                .await;
+                        }
                         let _ = tx
                             .send(Ok(GenerateEvent {
-                                event: Some(v1::generate_event::Event::Image(img)),
+                                event: Some(v1::generate_event::Event::Done(v1::Done {
+                                    model: "kandinsky-2-2".into(),
+                                })),
                             }))
                             .await;
                     }
-                    let _ = tx
-                        .send(Ok(GenerateEvent {
-                            event: Some(v1::generate_event::Event::Done(v1::Done {
-                                model: "kandinsky-2-2".into(),
-                            })),
-                        }))
-                        .await;
+                    Err(e) => {
+                        tracing::warn!(error = %e, "stream failed");
+                        let _ = tx.send(Err(Status::from(e.clone()))).await;
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "stream failed");
-                    let _ = tx.send(Err(Status::from(e.clone()))).await;
-                }
-            }
-            admitted.finish(&result);
-        });
+                admitted.finish(&result);
+            },
+            span,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

@@ -47,6 +47,7 @@ impl Ctx {
             }
             r.set_timeout(left);
         }
+        kd_runtime::telemetry::inject(&mut r);
         Ok(r)
     }
 

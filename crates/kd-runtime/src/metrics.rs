@@ -290,3 +290,52 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod dashboard_tests {
+    use super::*;
+
+    /// Every `kd_*` series the Grafana dashboard queries is one the services export.
+    #[test]
+    fn dashboard_queries_only_exported_metrics() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../charts/kandinsky/dashboards/kandinsky-serve.json"
+        );
+        let text = std::fs::read_to_string(path).expect("dashboard JSON");
+        let m = Metrics::new("denoiser");
+        m.start("Denoise")
+            .finish::<()>(&Err(ServiceError::Overloaded(String::new())));
+        m.queue_wait(Duration::from_millis(1));
+        m.batch(1);
+        m.cache("hit");
+        m.steps(1);
+        m.model_loaded(Duration::from_secs(1));
+        let exported = m.render();
+        let mut queried = 0;
+        let bytes = text.as_bytes();
+        let mut i = 0;
+        while let Some(pos) = text[i..].find("kd_") {
+            let start = i + pos;
+            let end = start
+                + bytes[start..]
+                    .iter()
+                    .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
+                    .count();
+            let name = &text[start..end];
+            assert!(
+                exported
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{name}{{"))
+                        || l.starts_with(&format!("{name} "))),
+                "the dashboard queries `{name}`, which no service exports"
+            );
+            queried += 1;
+            i = end;
+        }
+        assert!(
+            queried >= 10,
+            "the dashboard should query the kd_ metrics ({queried} found)"
+        );
+    }
+}

@@ -10,6 +10,7 @@ pub mod image;
 pub mod movq;
 pub mod noise;
 pub mod parity;
+pub mod pipeline;
 pub mod prior;
 pub mod schedulers;
 pub mod unet;

@@ -1,0 +1,162 @@
+//! The whole Kandinsky 2.2 text-to-image pipeline in one process: prompt → CLIP text
+//! conditioning → prior image embeddings → decoder latents → MoVQ pixels.
+//!
+//! The services run exactly these steps across processes (text-encoder, prior, denoiser, movq
+//! behind the gateway), with the same per-image seeds, so an image generated through the services
+//! equals the one generated here byte for byte (the end-to-end tests check it). Each stage draws
+//! its noise from its own [`SeededNoise`] over the image seeds, so an image depends only on its
+//! own seed.
+
+use crate::checkpoint::{CheckpointDir, Variant};
+use crate::clip::ClipTextEncoder;
+use crate::config::SchedulerConfig;
+use crate::decoder::{run_decoder, DecoderMode, DecoderParams};
+use crate::error::{ModelError, Result};
+use crate::movq::{MovqOptions, VqModel};
+use crate::noise::SeededNoise;
+use crate::prior::{ImagePrior, SampleParams};
+use crate::schedulers;
+use crate::unet::UNet2DConditionModel;
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+
+/// One text-to-image request.
+#[derive(Debug, Clone)]
+pub struct Text2ImageRequest {
+    /// The prompt.
+    pub prompt: String,
+    /// Negative prompt; `None` uses the zero-image negative embedding (diffusers' default).
+    pub negative_prompt: Option<String>,
+    /// Output size in pixels.
+    pub height: usize,
+    /// Output size in pixels.
+    pub width: usize,
+    /// One seed per image.
+    pub seeds: Vec<u64>,
+    /// Prior steps and guidance.
+    pub prior: SampleParams,
+    /// Decoder steps.
+    pub decoder_steps: usize,
+    /// Decoder guidance (CFG iff > 1).
+    pub decoder_guidance: f64,
+}
+
+/// What the pipeline produced.
+#[derive(Debug, Clone)]
+pub struct Text2ImageOutput {
+    /// Prior output (n, D).
+    pub image_embeds: Tensor,
+    /// Final decoder latents (n, 4, h, w).
+    pub latents: Tensor,
+    /// Post-processed images.
+    pub images: Vec<RgbImage>,
+}
+
+/// Every component of text-to-image, loaded from the prior and decoder checkpoint folders.
+pub struct Text2Image {
+    text: ClipTextEncoder,
+    prior: ImagePrior,
+    unet: UNet2DConditionModel,
+    scheduler: SchedulerConfig,
+    movq: VqModel,
+}
+
+impl Text2Image {
+    /// Loads `kandinsky-2-2-prior` (text encoder, prior, vision tower) and
+    /// `kandinsky-2-2-decoder` (UNet, scheduler, MoVQ).
+    pub fn load(
+        prior_dir: &CheckpointDir,
+        decoder_dir: &CheckpointDir,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let text = ClipTextEncoder::load(prior_dir, dtype, device)?;
+        let prior = ImagePrior::load(prior_dir, dtype, device)?;
+        let unet_dir = decoder_dir.component("unet")?;
+        let unet = UNet2DConditionModel::new(
+            &unet_dir.unet_config()?,
+            unet_dir
+                .weights(Variant::Default)?
+                .var_builder(dtype, device),
+        )?;
+        let scheduler = decoder_dir.component("scheduler")?.scheduler_config()?;
+        let movq = VqModel::load(
+            &decoder_dir.component("movq")?,
+            MovqOptions::default(),
+            dtype,
+            device,
+        )?;
+        Ok(Self {
+            text,
+            prior,
+            unet,
+            scheduler,
+            movq,
+        })
+    }
+
+    /// Runs the pipeline.
+    pub fn generate(&self, req: &Text2ImageRequest) -> Result<Text2ImageOutput> {
+        let n = req.seeds.len();
+        if n == 0 {
+            return Err(ModelError::invalid(
+                "seeds",
+                "give one seed per image (at least one)",
+            ));
+        }
+        let uncond_prompt = req.negative_prompt.clone().unwrap_or_default();
+        let text = self
+            .text
+            .encode(&[req.prompt.as_str(), uncond_prompt.as_str()])?;
+        let (cond, uncond) = (text.row(0)?, text.row(1)?);
+        let image_embeds = self.prior.sample(
+            &cond.repeat_interleave(n)?,
+            Some(&uncond),
+            &req.prior,
+            None,
+            &mut SeededNoise::new(&req.seeds),
+        )?;
+        let negative_image_embeds = match &req.negative_prompt {
+            // As diffusers: the negative prompt is sampled through the prior (cond = uncond).
+            Some(_) => self.prior.sample(
+                &uncond.repeat_interleave(n)?,
+                Some(&uncond),
+                &req.prior,
+                None,
+                &mut SeededNoise::new(&req.seeds),
+            )?,
+            None => self.prior.zero_image_embed()?.repeat((n, 1))?,
+        };
+        let mut scheduler = schedulers::from_config(&self.scheduler, 0.0)?;
+        let params = DecoderParams {
+            image_embeds: &image_embeds,
+            negative_image_embeds: &negative_image_embeds,
+            height: req.height,
+            width: req.width,
+            movq_scale_factor: self.movq.scale_factor(),
+            num_inference_steps: req.decoder_steps,
+            guidance_scale: req.decoder_guidance,
+            num_images_per_prompt: 1,
+            latents: None,
+            mode: DecoderMode::Text2Img,
+        };
+        let latents = run_decoder(
+            &self.unet,
+            scheduler.as_mut(),
+            &params,
+            &mut SeededNoise::new(&req.seeds),
+            &mut |_| true,
+        )?
+        .into_latents()?;
+        let pixels = self
+            .movq
+            .decode(&latents.to_dtype(self.movq.dtype())?)?
+            .to_dtype(DType::F32)?;
+        let images = crate::image::postprocess(&pixels)?;
+        Ok(Text2ImageOutput {
+            image_embeds,
+            latents,
+            images,
+        })
+    }
+}

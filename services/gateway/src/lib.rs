@@ -2,10 +2,12 @@
 //! orchestrates the stage services and streams progress. Holds no model.
 
 pub mod auth;
+pub mod balance;
 pub mod pipeline;
 pub mod validate;
 
 use auth::ApiKeys;
+use balance::Pool;
 use kd_proto::v1::{self, gateway_server::GatewayServer, GenerateEvent};
 use kd_runtime::config::CommonArgs;
 use kd_runtime::server::{self, Listeners};
@@ -16,7 +18,6 @@ use std::pin::Pin;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use validate::Limits;
 
@@ -67,22 +68,9 @@ pub struct Config {
     /// Most images per request.
     #[arg(long, env = "KD_MAX_IMAGES", default_value_t = 4)]
     pub max_images: u32,
-}
-
-fn channel(urls: &[String], stage: &str) -> anyhow::Result<Channel> {
-    let endpoints = urls
-        .iter()
-        .map(|u| {
-            Endpoint::from_shared(u.clone())
-                .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
-                .map_err(|e| anyhow::anyhow!("--{stage}-url `{u}`: {e}"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    anyhow::ensure!(
-        !endpoints.is_empty(),
-        "--{stage}-url: at least one address is required"
-    );
-    Ok(Channel::balance_list(endpoints.into_iter()))
+    /// Seconds between DNS re-resolutions of the stage addresses (replicas come and go).
+    #[arg(long, env = "KD_RESOLVE_INTERVAL_SECS", default_value_t = 15.0)]
+    pub resolve_interval_secs: f64,
 }
 
 /// The gateway service.
@@ -231,17 +219,12 @@ pub async fn run_with_listeners(
             .map_err(|e| anyhow::anyhow!("--api-keys-file {}: {e}", p.display()))?,
         None => ApiKeys::default(),
     };
+    let refresh = Duration::from_secs_f64(config.resolve_interval_secs.max(0.1));
     let stages = Stages {
-        text_encoder: v1::text_encoder_client::TextEncoderClient::new(channel(
-            &config.text_encoder_url,
-            "text-encoder",
-        )?),
-        prior: v1::prior_client::PriorClient::new(channel(&config.prior_url, "prior")?),
-        denoiser: v1::denoiser_client::DenoiserClient::new(channel(
-            &config.denoiser_url,
-            "denoiser",
-        )?),
-        movq: v1::movq_client::MovqClient::new(channel(&config.movq_url, "movq")?),
+        text_encoder: Pool::new(&config.text_encoder_url, "text_encoder", refresh).await?,
+        prior: Pool::new(&config.prior_url, "prior", refresh).await?,
+        denoiser: Pool::new(&config.denoiser_url, "denoiser", refresh).await?,
+        movq: Pool::new(&config.movq_url, "movq", refresh).await?,
     };
     let metrics = Metrics::new("gateway");
     let stage = Stage::new(

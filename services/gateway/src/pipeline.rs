@@ -4,6 +4,7 @@
 //! Every outgoing call carries the remaining deadline; a stage that cannot be reached becomes
 //! UNAVAILABLE naming the stage. Progress goes to an optional event sink (the streaming call).
 
+use crate::balance::Pool;
 use crate::validate::{FusionInput, Plan, Task};
 use kd_proto::v1::{
     self, denoise_event, denoiser_client::DenoiserClient, interpolate_item,
@@ -16,13 +17,13 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
-/// Clients of the four stages (each channel balances across the stage's addresses).
+/// The replica pools of the four stages.
 #[derive(Clone, Debug)]
 pub struct Stages {
-    pub text_encoder: TextEncoderClient<Channel>,
-    pub prior: PriorClient<Channel>,
-    pub denoiser: DenoiserClient<Channel>,
-    pub movq: MovqClient<Channel>,
+    pub text_encoder: Pool,
+    pub prior: Pool,
+    pub denoiser: Pool,
+    pub movq: Pool,
 }
 
 /// Where progress events go (the streaming call), if anywhere.
@@ -68,6 +69,27 @@ impl Ctx {
         }))
         .await
     }
+}
+
+/// One stage call on a replica of `pool` (retried once on another replica when UNAVAILABLE),
+/// carrying the remaining deadline and the trace context.
+async fn call<M, R, F, Fut>(pool: &Pool, ctx: &Ctx, msg: M, f: F) -> Result<R, ServiceError>
+where
+    M: Clone,
+    F: Fn(Channel, Request<M>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
+{
+    pool.call(|ch| {
+        let fut = ctx.request(msg.clone()).map(|r| f(ch, r));
+        async move {
+            match fut {
+                Ok(fut) => fut.await.map(tonic::Response::into_inner),
+                Err(e) => Err(Status::from(e)),
+            }
+        }
+    })
+    .await
+    .map_err(stage_err(pool.stage()))
 }
 
 /// Maps a stage's status: transport failures become UNAVAILABLE naming the stage.
@@ -158,7 +180,7 @@ pub async fn generate(
     ctx: &Ctx,
 ) -> Result<Vec<v1::GeneratedImage>, ServiceError> {
     let n = plan.seeds.len();
-    let mut st = stages.clone();
+    let st = stages;
 
     // 1. Text: [prompt, negative-or-empty] (and the fusion texts).
     ctx.progress(v1::Stage::TextEncoder, 0, 0).await?;
@@ -171,12 +193,13 @@ pub async fn generate(
             }
         }
     }
-    let enc = st
-        .text_encoder
-        .encode(ctx.request(v1::EncodeTextRequest { prompts })?)
-        .await
-        .map_err(stage_err("text_encoder"))?
-        .into_inner();
+    let enc = call(
+        &st.text_encoder,
+        ctx,
+        v1::EncodeTextRequest { prompts },
+        |ch, r| async move { TextEncoderClient::new(ch).encode(r).await },
+    )
+    .await?;
     let text = enc
         .prior_conditioning
         .ok_or_else(|| missing("text_encoder", "prior_conditioning"))?;
@@ -197,17 +220,18 @@ pub async fn generate(
     };
     let image_embeds = match &plan.task {
         Task::Variation { image } => {
-            let e = st
-                .prior
-                .encode_images(ctx.request(v1::EncodeImagesRequest {
+            let e = call(
+                &st.prior,
+                ctx,
+                v1::EncodeImagesRequest {
                     images: vec![image.clone()],
                     ..Default::default()
-                })?)
-                .await
-                .map_err(stage_err("prior"))?
-                .into_inner()
-                .image_embeds
-                .ok_or_else(|| missing("prior", "image_embeds"))?;
+                },
+                |ch, r| async move { PriorClient::new(ch).encode_images(r).await },
+            )
+            .await?
+            .image_embeds
+            .ok_or_else(|| missing("prior", "image_embeds"))?;
             repeat_rows(&e, n)?
         }
         Task::Fusion { items } => {
@@ -230,60 +254,64 @@ pub async fn generate(
             // One fusion per image seed, so each image depends only on its own seed.
             let mut rows = Vec::with_capacity(n);
             for &seed in &plan.seeds {
-                let r = st
-                    .prior
-                    .interpolate(ctx.request(v1::InterpolateRequest {
+                let r = call(
+                    &st.prior,
+                    ctx,
+                    v1::InterpolateRequest {
                         items: proto_items.clone(),
                         unconditional: Some(uncond.clone()),
                         num_inference_steps: plan.prior_steps,
                         guidance_scale: plan.prior_guidance,
                         seed,
                         options: None,
-                    })?)
-                    .await
-                    .map_err(stage_err("prior"))?
-                    .into_inner()
-                    .image_embeds
-                    .ok_or_else(|| missing("prior", "image_embeds"))?;
+                    },
+                    |ch, r| async move { PriorClient::new(ch).interpolate(r).await },
+                )
+                .await?
+                .image_embeds
+                .ok_or_else(|| missing("prior", "image_embeds"))?;
                 rows.push(r);
             }
             concat_rows(&rows)?
         }
-        _ => st
-            .prior
-            .sample(ctx.request(sample(
+        _ => call(
+            &st.prior,
+            ctx,
+            sample(
                 repeat_conditioning(&cond, n)?,
                 uncond.clone(),
                 plan.seeds.clone(),
-            ))?)
-            .await
-            .map_err(stage_err("prior"))?
-            .into_inner()
-            .image_embeds
-            .ok_or_else(|| missing("prior", "image_embeds"))?,
+            ),
+            |ch, r| async move { PriorClient::new(ch).sample(r).await },
+        )
+        .await?
+        .image_embeds
+        .ok_or_else(|| missing("prior", "image_embeds"))?,
     };
     let negative_image_embeds = match &plan.negative_prompt {
         // As diffusers: the negative prompt is sampled through the prior too (cond = uncond).
-        Some(_) => st
-            .prior
-            .sample(ctx.request(sample(
+        Some(_) => call(
+            &st.prior,
+            ctx,
+            sample(
                 repeat_conditioning(&uncond, n)?,
                 uncond.clone(),
                 plan.seeds.clone(),
-            ))?)
-            .await
-            .map_err(stage_err("prior"))?
-            .into_inner()
-            .image_embeds
-            .ok_or_else(|| missing("prior", "image_embeds"))?,
-        None => st
-            .prior
-            .zero_image_embedding(ctx.request(v1::ZeroImageEmbeddingRequest {})?)
-            .await
-            .map_err(stage_err("prior"))?
-            .into_inner()
-            .image_embeds
-            .ok_or_else(|| missing("prior", "image_embeds"))?,
+            ),
+            |ch, r| async move { PriorClient::new(ch).sample(r).await },
+        )
+        .await?
+        .image_embeds
+        .ok_or_else(|| missing("prior", "image_embeds"))?,
+        None => call(
+            &st.prior,
+            ctx,
+            v1::ZeroImageEmbeddingRequest {},
+            |ch, r| async move { PriorClient::new(ch).zero_image_embedding(r).await },
+        )
+        .await?
+        .image_embeds
+        .ok_or_else(|| missing("prior", "image_embeds"))?,
     };
     ctx.progress(v1::Stage::Prior, plan.prior_steps, plan.prior_steps)
         .await?;
@@ -291,11 +319,11 @@ pub async fn generate(
     // 3. Init image / mask for image-to-image and inpaint.
     let (image_latents, strength, mask) = match &plan.task {
         Task::ImageToImage { image, strength } => {
-            let (latents, _) = encode_image(&mut st, ctx, image, None, plan).await?;
+            let (latents, _) = encode_image(st, ctx, image, None, plan).await?;
             (Some(latents), *strength, None)
         }
         Task::Inpaint { image, mask } => {
-            let (latents, mask) = encode_image(&mut st, ctx, image, Some(mask), plan).await?;
+            let (latents, mask) = encode_image(st, ctx, image, Some(mask), plan).await?;
             (
                 Some(latents),
                 0.0,
@@ -313,9 +341,10 @@ pub async fn generate(
     // 4. Denoise, streaming progress.
     ctx.progress(v1::Stage::Denoiser, 0, plan.decoder_steps)
         .await?;
-    let mut stream = st
-        .denoiser
-        .denoise(ctx.request(v1::DenoiseRequest {
+    let mut stream = call(
+        &st.denoiser,
+        ctx,
+        v1::DenoiseRequest {
             conditioning: Some(v1::DecoderConditioning {
                 image_embeds: Some(image_embeds),
                 ..Default::default()
@@ -335,10 +364,10 @@ pub async fn generate(
             mask,
             preview_every: plan.preview_every,
             ..Default::default()
-        })?)
-        .await
-        .map_err(stage_err("denoiser"))?
-        .into_inner();
+        },
+        |ch, r| async move { DenoiserClient::new(ch).denoise(r).await },
+    )
+    .await?;
     let mut latents = None;
     while let Some(ev) = stream.message().await.map_err(stage_err("denoiser"))? {
         match ev.event {
@@ -347,8 +376,7 @@ pub async fn generate(
                     .await?;
                 if let Some(preview) = p.preview_latents {
                     if ctx.events.is_some() {
-                        let images =
-                            decode(&mut st, ctx, preview, v1::ImageFormat::Jpeg, 60).await?;
+                        let images = decode(st, ctx, preview, v1::ImageFormat::Jpeg, 60).await?;
                         ctx.emit(v1::generate_event::Event::Preview(v1::Preview {
                             images,
                             step: p.step,
@@ -365,7 +393,7 @@ pub async fn generate(
 
     // 5. Decode.
     ctx.progress(v1::Stage::Movq, 0, 0).await?;
-    let images = decode(&mut st, ctx, latents, plan.format, plan.quality).await?;
+    let images = decode(st, ctx, latents, plan.format, plan.quality).await?;
     if images.len() != n {
         return Err(ServiceError::Internal(format!(
             "stage movq returned {} images for {n}",
@@ -410,44 +438,46 @@ fn concat_rows(parts: &[v1::Tensor]) -> Result<v1::Tensor, ServiceError> {
 
 /// MoVQ latents of the init image and, for inpaint, the pre-processed repaint mask.
 async fn encode_image(
-    st: &mut Stages,
+    st: &Stages,
     ctx: &Ctx,
     image: &[u8],
     mask: Option<&[u8]>,
     plan: &Plan,
 ) -> Result<(v1::Tensor, Option<v1::Tensor>), ServiceError> {
-    let r = st
-        .movq
-        .encode(ctx.request(v1::EncodeRequest {
+    let r = call(
+        &st.movq,
+        ctx,
+        v1::EncodeRequest {
             images: vec![image.to_vec()],
             masks: mask.map(|m| vec![m.to_vec()]).unwrap_or_default(),
             width: plan.width,
             height: plan.height,
             ..Default::default()
-        })?)
-        .await
-        .map_err(stage_err("movq"))?
-        .into_inner();
+        },
+        |ch, r| async move { MovqClient::new(ch).encode(r).await },
+    )
+    .await?;
     Ok((r.latents.ok_or_else(|| missing("movq", "latents"))?, r.mask))
 }
 
 async fn decode(
-    st: &mut Stages,
+    st: &Stages,
     ctx: &Ctx,
     latents: v1::Tensor,
     format: v1::ImageFormat,
     quality: u32,
 ) -> Result<Vec<v1::Image>, ServiceError> {
-    Ok(st
-        .movq
-        .decode(ctx.request(v1::DecodeRequest {
+    Ok(call(
+        &st.movq,
+        ctx,
+        v1::DecodeRequest {
             latents: Some(latents),
             format: format as i32,
             quality,
             ..Default::default()
-        })?)
-        .await
-        .map_err(stage_err("movq"))?
-        .into_inner()
-        .images)
+        },
+        |ch, r| async move { MovqClient::new(ch).decode(r).await },
+    )
+    .await?
+    .images)
 }

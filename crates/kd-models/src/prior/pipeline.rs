@@ -2,23 +2,25 @@
 //! `KandinskyV22PriorPipeline.__call__` / `.interpolate` and `KandinskyV22PriorEmb2EmbPipeline`):
 //! prompts → CLIP image embeddings (+ negative image embeddings) for the decoder.
 //!
-//! A [`PriorStack`] holds the loaded components and is immutable after loading (all methods take
-//! `&self`), so a service can share one across threads; the only lazily filled state is the
-//! zero-image negative embedding, computed once in a `OnceLock`. All randomness comes from the
-//! caller's [`NoiseSource`], drawn in diffusers' order (see `tools/reference/PRIOR.md` §3.1).
+//! A [`PriorStack`] composes the two halves a deployment may load separately — the prompt encoder
+//! ([`ClipTextEncoder`]) and the sampler with the vision tower ([`ImagePrior`]) — and is immutable
+//! after loading (all methods take `&self`), so a service can share one across threads. All
+//! randomness comes from the caller's [`NoiseSource`], drawn in diffusers' order (see
+//! `tools/reference/PRIOR.md` §3.1).
 
+use super::fusion;
+use super::image_prior::{ImagePrior, SampleParams};
 use super::transformer::PriorTransformer;
 use super::unclip::UnClipScheduler;
-use crate::checkpoint::{CheckpointDir, Variant};
-use crate::clip::{
-    ClipImageProcessor, ClipTextModelWithProjection, ClipTokenizer, ClipVisionModelWithProjection,
-};
-use crate::config::SchedulerConfig;
+use crate::checkpoint::CheckpointDir;
+use crate::clip::text_encoder::repeat_interleave;
+use crate::clip::{ClipImageProcessor, ClipTextEncoder, ClipTokenizer};
 use crate::error::{ModelError, Result};
 use crate::noise::NoiseSource;
 use candle_core::{DType, Device, Tensor};
 use image::DynamicImage;
-use std::sync::OnceLock;
+
+pub use crate::clip::TextConditioning;
 
 /// Sampling options shared by every prior entry point.
 #[derive(Debug, Clone)]
@@ -29,6 +31,16 @@ pub struct PriorOptions {
     pub num_inference_steps: usize,
     /// Classifier-free guidance scale; CFG is on iff > 1.
     pub guidance_scale: f32,
+}
+
+impl PriorOptions {
+    /// The per-sample part of the options.
+    pub fn sample_params(&self) -> SampleParams {
+        SampleParams {
+            num_inference_steps: self.num_inference_steps,
+            guidance_scale: self.guidance_scale,
+        }
+    }
 }
 
 impl Default for PriorOptions {
@@ -115,188 +127,81 @@ pub struct Emb2EmbRequest {
     pub options: PriorOptions,
 }
 
-/// Text conditioning of the prior: CLIP `text_embeds`, `last_hidden_state` and the token mask.
-#[derive(Debug, Clone)]
-pub struct TextConditioning {
-    /// (B, D)
-    pub text_embeds: Tensor,
-    /// (B, 77, D)
-    pub hidden_states: Tensor,
-    /// (B, 77) u32 0/1
-    pub mask: Tensor,
-}
-
-impl TextConditioning {
-    fn repeat_interleave(&self, n: usize) -> Result<Self> {
-        Ok(Self {
-            text_embeds: repeat_interleave(&self.text_embeds, n)?,
-            hidden_states: repeat_interleave(&self.hidden_states, n)?,
-            mask: repeat_interleave(&self.mask, n)?,
-        })
-    }
-
-    fn cat(a: &Self, b: &Self) -> Result<Self> {
-        Ok(Self {
-            text_embeds: Tensor::cat(&[&a.text_embeds, &b.text_embeds], 0)?,
-            hidden_states: Tensor::cat(&[&a.hidden_states, &b.hidden_states], 0)?,
-            mask: Tensor::cat(&[&a.mask, &b.mask], 0)?,
-        })
-    }
-}
-
-/// `x.repeat_interleave(n, dim=0)`.
-fn repeat_interleave(x: &Tensor, n: usize) -> Result<Tensor> {
-    if n == 1 {
-        return Ok(x.clone());
-    }
-    let mut dims = x.dims().to_vec();
-    let b = dims[0];
-    let mut expanded = vec![b, n];
-    expanded.extend_from_slice(&dims[1..]);
-    let y = x.unsqueeze(1)?.broadcast_as(expanded)?.contiguous()?;
-    dims[0] = b * n;
-    Ok(y.reshape(dims)?)
-}
-
-/// The loaded prior stack: tokenizer, CLIP text and vision towers, image processor, prior and
-/// scheduler.
+/// The loaded prior stack: the prompt encoder ([`ClipTextEncoder`]) and the sampler with the
+/// vision tower ([`ImagePrior`]), composed into diffusers' prompt-level pipelines.
 #[derive(Debug)]
 pub struct PriorStack {
-    tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModelWithProjection,
-    image_encoder: ClipVisionModelWithProjection,
-    image_processor: ClipImageProcessor,
-    prior: PriorTransformer,
-    scheduler: UnClipScheduler,
-    device: Device,
-    zero_image_embed: OnceLock<Tensor>,
-}
-
-/// One denoising run's conditioning and start point.
-struct Sampling<'a> {
-    cond: &'a TextConditioning,
-    latents: Tensor,
-    timesteps: &'a [usize],
-    guidance: Option<f32>,
+    text: ClipTextEncoder,
+    image_prior: ImagePrior,
 }
 
 impl PriorStack {
     /// Loads every component of a `kandinsky-2-2-prior` folder in `dtype` on `device`.
     pub fn load(dir: &CheckpointDir, dtype: DType, device: &Device) -> Result<Self> {
-        let vb = |name: &str| -> Result<_> {
-            Ok(dir
-                .component(name)?
-                .weights(Variant::Default)?
-                .var_builder(dtype, device))
-        };
-        let tok_dir = dir.component("tokenizer")?;
-        let max_len = tok_dir.tokenizer_config()?.model_max_length;
-        let tokenizer = ClipTokenizer::from_dir(dir.root().join("tokenizer"), max_len)?;
-        let text_encoder = ClipTextModelWithProjection::new(
-            &dir.component("text_encoder")?.clip_text_config()?,
-            vb("text_encoder")?,
-        )?;
-        let image_encoder = ClipVisionModelWithProjection::new(
-            &dir.component("image_encoder")?.clip_vision_config()?,
-            vb("image_encoder")?,
-        )?;
-        let image_processor =
-            ClipImageProcessor::new(&dir.component("image_processor")?.image_processor_config()?);
-        let prior = PriorTransformer::new(&dir.component("prior")?.prior_config()?, vb("prior")?)?;
-        let scheduler = match dir.component("scheduler")?.scheduler_config()? {
-            SchedulerConfig::UnClip(c) => UnClipScheduler::new(&c)?,
-            other => {
-                return Err(ModelError::Unsupported {
-                    path: dir.root().join("scheduler/scheduler_config.json"),
-                    field: "_class_name".into(),
-                    value: format!("{other:?}").split('(').next().unwrap_or("?").into(),
-                    supported: "UnCLIPScheduler".into(),
-                })
-            }
-        };
-        Ok(Self {
-            tokenizer,
-            text_encoder,
-            image_encoder,
-            image_processor,
-            prior,
-            scheduler,
-            device: device.clone(),
-            zero_image_embed: OnceLock::new(),
-        })
+        Ok(Self::from_parts(
+            ClipTextEncoder::load(dir, dtype, device)?,
+            ImagePrior::load(dir, dtype, device)?,
+        ))
+    }
+
+    /// Composes a loaded prompt encoder and sampler.
+    pub fn from_parts(text: ClipTextEncoder, image_prior: ImagePrior) -> Self {
+        Self { text, image_prior }
+    }
+
+    /// The prompt encoder.
+    pub fn text_encoder(&self) -> &ClipTextEncoder {
+        &self.text
+    }
+
+    /// The sampler and vision tower.
+    pub fn image_prior(&self) -> &ImagePrior {
+        &self.image_prior
     }
 
     /// Width D of the CLIP image embeddings.
     pub fn embedding_dim(&self) -> usize {
-        self.prior.embedding_dim()
+        self.image_prior.embedding_dim()
     }
 
     /// The prior transformer.
     pub fn prior(&self) -> &PriorTransformer {
-        &self.prior
+        self.image_prior.prior()
     }
 
     /// The UnCLIP scheduler.
     pub fn scheduler(&self) -> &UnClipScheduler {
-        &self.scheduler
+        self.image_prior.scheduler()
     }
 
     /// The CLIP tokenizer.
     pub fn tokenizer(&self) -> &ClipTokenizer {
-        &self.tokenizer
+        self.text.tokenizer()
     }
 
     /// The CLIP image processor.
     pub fn image_processor(&self) -> &ClipImageProcessor {
-        &self.image_processor
+        self.image_prior.image_processor()
     }
 
     /// Tokenises and encodes prompts (no attention mask for the text tower, as diffusers).
     pub fn encode_text<S: AsRef<str>>(&self, prompts: &[S]) -> Result<TextConditioning> {
-        let tokens = self.tokenizer.encode(prompts)?;
-        let out = self
-            .text_encoder
-            .forward(&tokens.ids_tensor(&self.device)?)?;
-        Ok(TextConditioning {
-            text_embeds: out.text_embeds.to_dtype(DType::F32)?,
-            hidden_states: out.last_hidden_state.to_dtype(DType::F32)?,
-            mask: tokens.mask_tensor(&self.device)?,
-        })
+        self.text.encode(prompts)
     }
 
     /// CLIP image embeddings (k, D) of preprocessed `pixel_values` (k, 3, 224, 224).
     pub fn encode_pixels(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        Ok(self
-            .image_encoder
-            .forward(&pixel_values.to_device(&self.device)?)?
-            .image_embeds
-            .to_dtype(DType::F32)?)
+        self.image_prior.encode_pixels(pixel_values)
     }
 
     /// CLIP image embeddings (k, D) of images (preprocessed as `CLIPImageProcessor`).
     pub fn encode_images(&self, images: &[DynamicImage]) -> Result<Tensor> {
-        if images.is_empty() {
-            return Err(ModelError::invalid(
-                "images",
-                "must hold at least one image",
-            ));
-        }
-        let px = images
-            .iter()
-            .map(|img| self.image_processor.preprocess(img, &self.device))
-            .collect::<Result<Vec<_>>>()?;
-        self.encode_pixels(&Tensor::cat(&px, 0)?)
+        self.image_prior.encode_images(images)
     }
 
     /// The zero-image embedding (1, D) — the vision tower on raw zeros — computed once.
     pub fn zero_image_embed(&self) -> Result<Tensor> {
-        if let Some(z) = self.zero_image_embed.get() {
-            return Ok(z.clone());
-        }
-        let (c, h, w) = self.image_encoder.input_shape();
-        let zeros = Tensor::zeros((1, c, h, w), DType::F32, &self.device)?;
-        let z = self.encode_pixels(&zeros)?;
-        Ok(self.zero_image_embed.get_or_init(|| z).clone())
+        self.image_prior.zero_image_embed()
     }
 
     fn zero_embeds(&self, rows: usize) -> Result<Tensor> {
@@ -319,13 +224,14 @@ impl PriorStack {
         Ok(())
     }
 
-    /// Prompt list with appended negatives and the conditioning (CFG: `[uncond; cond]`).
+    /// The conditioning of the prompts with appended negatives, and (under CFG only) the
+    /// unconditional rows: `""` per prompt, or the negatives twice.
     fn conditioning(
         &self,
         prompts: &[String],
         negative_prompts: Option<&[String]>,
         o: &PriorOptions,
-    ) -> Result<(usize, TextConditioning)> {
+    ) -> Result<(TextConditioning, Option<TextConditioning>)> {
         Self::check_options(o)?;
         if prompts.is_empty() {
             return Err(ModelError::invalid(
@@ -353,54 +259,12 @@ impl PriorStack {
         };
         let n = o.num_images_per_prompt;
         let cond = self.encode_text(&all)?.repeat_interleave(n)?;
-        let cond = if o.guidance_scale > 1.0 {
-            let u = self.encode_text(&uncond)?.repeat_interleave(n)?;
-            TextConditioning::cat(&u, &cond)?
+        let uncond = if o.guidance_scale > 1.0 {
+            Some(self.encode_text(&uncond)?.repeat_interleave(n)?)
         } else {
-            cond
+            None
         };
-        Ok((all.len() * n, cond))
-    }
-
-    fn check_latents(&self, latents: &Tensor, rows: usize) -> Result<Tensor> {
-        let d = self.embedding_dim();
-        if latents.dims() != [rows, d] {
-            return Err(ModelError::invalid(
-                "latents",
-                format!("shape {:?}, expected ({rows}, {d})", latents.dims()),
-            ));
-        }
-        Ok(latents.to_dtype(DType::F32)?.to_device(&self.device)?)
-    }
-
-    /// The denoising loop; returns the post-processed latents (B_lat, D).
-    fn denoise(&self, s: Sampling<'_>, noise: &mut dyn NoiseSource) -> Result<Tensor> {
-        let mut latents = s.latents;
-        for (i, &t) in s.timesteps.iter().enumerate() {
-            let input = match s.guidance {
-                Some(_) => Tensor::cat(&[&latents, &latents], 0)?,
-                None => latents.clone(),
-            };
-            let pred = self.prior.forward(
-                &input,
-                &[t as f32],
-                &s.cond.text_embeds,
-                &s.cond.hidden_states,
-                Some(&s.cond.mask),
-            )?;
-            let pred = match s.guidance {
-                Some(g) => {
-                    let b = latents.dim(0)?;
-                    let u = pred.narrow(0, 0, b)?;
-                    let c = pred.narrow(0, b, b)?;
-                    (&u + ((c - &u)? * g as f64)?)?
-                }
-                None => pred,
-            };
-            let prev = s.timesteps.get(i + 1).copied();
-            latents = self.scheduler.step(&pred, t, &latents, prev, noise)?;
-        }
-        self.prior.post_process_latents(&latents)
+        Ok((cond, uncond))
     }
 
     fn split_output(&self, embeds: Tensor, has_negative: bool) -> Result<PriorOutput> {
@@ -422,19 +286,12 @@ impl PriorStack {
     /// Text → image embeddings (`KandinskyV22PriorPipeline.__call__`).
     pub fn generate(&self, req: &PriorRequest, noise: &mut dyn NoiseSource) -> Result<PriorOutput> {
         let o = &req.options;
-        let (rows, cond) = self.conditioning(&req.prompts, req.negative_prompts.as_deref(), o)?;
-        let timesteps = self.scheduler.timesteps(o.num_inference_steps)?;
-        let latents = match &req.latents {
-            Some(l) => self.check_latents(l, rows)?,
-            None => noise.randn(&[rows, self.embedding_dim()], &self.device)?,
-        };
-        let embeds = self.denoise(
-            Sampling {
-                cond: &cond,
-                latents,
-                timesteps: &timesteps,
-                guidance: (o.guidance_scale > 1.0).then_some(o.guidance_scale),
-            },
+        let (cond, uncond) = self.conditioning(&req.prompts, req.negative_prompts.as_deref(), o)?;
+        let embeds = self.image_prior.sample(
+            &cond,
+            uncond.as_ref(),
+            &o.sample_params(),
+            req.latents.as_ref(),
             noise,
         )?;
         self.split_output(embeds, req.negative_prompts.is_some())
@@ -449,28 +306,7 @@ impl PriorStack {
         opts: &FusionOptions,
         noise: &mut dyn NoiseSource,
     ) -> Result<PriorOutput> {
-        if items.is_empty() {
-            return Err(ModelError::invalid(
-                "items",
-                "must hold at least one text or image",
-            ));
-        }
-        if items.len() != weights.len() {
-            return Err(ModelError::invalid(
-                "weights",
-                format!(
-                    "{} weights for {} items; give exactly one weight per item",
-                    weights.len(),
-                    items.len()
-                ),
-            ));
-        }
-        if let Some((i, w)) = weights.iter().enumerate().find(|(_, w)| !w.is_finite()) {
-            return Err(ModelError::invalid(
-                "weights",
-                format!("weights[{i}] = {w}; every weight must be a finite number"),
-            ));
-        }
+        fusion::check_weights(items.len(), weights)?;
         Self::check_options(&opts.options)?;
         let n = opts.options.num_images_per_prompt;
         let call = |prompt: &str, noise: &mut dyn NoiseSource| {
@@ -484,9 +320,9 @@ impl PriorStack {
                 noise,
             )
         };
-        let mut sum: Option<Tensor> = None;
-        for (item, &w) in items.iter().zip(weights) {
-            let emb = match item {
+        let mut embeds = Vec::with_capacity(items.len());
+        for item in items {
+            embeds.push(match item {
                 FusionItem::Text(p) => call(p, noise)?.image_embeds,
                 FusionItem::Image(img) => self
                     .encode_images(std::slice::from_ref(img))?
@@ -501,14 +337,9 @@ impl PriorStack {
                     }
                     e.repeat((n, 1))?
                 }
-            };
-            let emb = (emb * w as f64)?;
-            sum = Some(match sum {
-                None => emb,
-                Some(s) => (s + emb)?,
             });
         }
-        let image_embeds = sum.expect("at least one item");
+        let image_embeds = fusion::weighted_sum(&embeds, weights)?;
         let out_zero = call(&opts.negative_prompt, noise)?;
         let negative_image_embeds = if opts.negative_prompt.is_empty() {
             out_zero.negative_image_embeds
@@ -529,26 +360,11 @@ impl PriorStack {
         noise: &mut dyn NoiseSource,
     ) -> Result<PriorOutput> {
         let o = &req.options;
-        if !(req.strength > 0.0 && req.strength <= 1.0) {
-            return Err(ModelError::invalid(
-                "strength",
-                format!("{}, allowed (0, 1]", req.strength),
-            ));
-        }
-        let n_steps = o.num_inference_steps;
-        let all_timesteps = self.scheduler.timesteps(n_steps)?;
-        let init = ((n_steps as f64 * req.strength) as usize).min(n_steps);
-        if init == 0 {
-            return Err(ModelError::invalid(
-                "strength",
-                format!(
-                    "{} runs int({n_steps}·{}) = 0 of {n_steps} steps; raise strength or num_inference_steps",
-                    req.strength, req.strength
-                ),
-            ));
-        }
-        let timesteps = &all_timesteps[n_steps - init..];
-        let (rows, cond) = self.conditioning(&req.prompts, req.negative_prompts.as_deref(), o)?;
+        // Fail on strength/steps before any model work.
+        self.image_prior
+            .emb2emb_timesteps(o.num_inference_steps, req.strength)?;
+        let (cond, uncond) = self.conditioning(&req.prompts, req.negative_prompts.as_deref(), o)?;
+        let rows = cond.rows()?;
         let d = self.embedding_dim();
         let embeds = match &req.image {
             Emb2EmbImage::Embeds(e) => {
@@ -558,7 +374,8 @@ impl PriorStack {
                         format!("embedding shape {:?}, expected (k ≥ 1, {d})", e.dims()),
                     ));
                 }
-                e.to_dtype(DType::F32)?.to_device(&self.device)?
+                e.to_dtype(DType::F32)?
+                    .to_device(self.image_prior.device())?
             }
             Emb2EmbImage::Images(imgs) => self.encode_images(imgs)?,
             Emb2EmbImage::PixelValues(px) => self.encode_pixels(px)?,
@@ -572,17 +389,12 @@ impl PriorStack {
             ));
         }
         let init_latents = embeds.repeat((rows / k, 1))?;
-        let z = noise.randn(&[rows, d], &self.device)?;
-        let latents = self
-            .scheduler
-            .add_noise(&init_latents, &z, &vec![timesteps[0]; rows])?;
-        let out = self.denoise(
-            Sampling {
-                cond: &cond,
-                latents,
-                timesteps,
-                guidance: (o.guidance_scale > 1.0).then_some(o.guidance_scale),
-            },
+        let out = self.image_prior.emb2emb(
+            &cond,
+            uncond.as_ref(),
+            &init_latents,
+            req.strength,
+            &o.sample_params(),
             noise,
         )?;
         self.split_output(out, req.negative_prompts.is_some())

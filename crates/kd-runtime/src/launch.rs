@@ -87,6 +87,13 @@ impl<M: Send + Sync + 'static> Launch<M> {
             shutdown,
             drain_delay,
         } = self;
+        tracing::info!(
+            stage = stage.metrics.stage(),
+            service = readiness.service(),
+            grpc = %grpc.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+            metrics = %metrics.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+            "listening (NOT_SERVING until the model is loaded and warmed)"
+        );
         let metrics_task = tokio::spawn(stage.metrics.clone().serve(metrics, shutdown.clone()));
         let server_task = tokio::spawn(serve(
             router,

@@ -4,6 +4,7 @@
 //! embeddings are taken as they are. The result is `Σ wᵢ·embᵢ` (1, D), weights not normalised.
 
 use crate::model::PriorModel;
+use crate::watchdog::{GuardedNoise, Watchdog};
 use crate::wire::{conditioning, sample_params, tensor, to_wire_f32};
 use kd_models::clip::decode_image;
 use kd_models::noise::SeededNoise;
@@ -12,6 +13,7 @@ use kd_proto::v1;
 use kd_proto::v1::interpolate_item::Item;
 use kd_runtime::model_info::check_requested_dtype;
 use kd_runtime::{blocking, Metrics, ServiceError, Stage};
+use std::time::Instant;
 use tonic::{Response, Status};
 
 fn item(m: &PriorModel, i: usize, it: &v1::InterpolateItem) -> Result<FusionInput, ServiceError> {
@@ -56,7 +58,9 @@ pub fn compute(
     req: &v1::InterpolateRequest,
     max_batch: usize,
     metrics: &Metrics,
+    watchdog: &Watchdog,
 ) -> Result<v1::PriorSampleResponse, ServiceError> {
+    watchdog.check()?;
     check_requested_dtype(req.options.as_ref(), m.dtype)?;
     if req.items.is_empty() || req.items.len() > max_batch {
         return Err(ServiceError::invalid(
@@ -84,10 +88,11 @@ pub fn compute(
         .iter()
         .filter(|i| matches!(i, FusionInput::Text(_)))
         .count();
-    let mut noise = SeededNoise::new(&[req.seed]);
+    let mut noise = GuardedNoise::new(SeededNoise::new(&[req.seed]), watchdog);
     let embeds = m
         .prior
-        .fuse(&items, &weights, uncond.as_ref(), &params, None, &mut noise)?;
+        .fuse(&items, &weights, uncond.as_ref(), &params, None, &mut noise)
+        .map_err(|e| noise.explain(e))?;
     metrics.batch(items.len());
     metrics.steps((texts * params.num_inference_steps) as u64);
     Ok(v1::PriorSampleResponse {
@@ -96,16 +101,19 @@ pub fn compute(
     })
 }
 
-/// The RPC: decoding, checks, sampling and the vision tower run on the blocking pool.
+/// The RPC: decoding, checks, sampling and the vision tower run on the blocking pool; sampling
+/// stops between steps when the caller leaves or its `deadline` passes.
 pub async fn handle(
     stage: &Stage<PriorModel>,
     req: v1::InterpolateRequest,
     max_batch: usize,
+    deadline: Option<Instant>,
 ) -> Result<Response<v1::PriorSampleResponse>, Status> {
     let metrics = stage.metrics.clone();
     stage
         .unary("Interpolate", |m| async move {
-            blocking(move || compute(&m, &req, max_batch, &metrics)).await
+            let (watchdog, _cancel_on_drop) = Watchdog::new(deadline);
+            blocking(move || compute(&m, &req, max_batch, &metrics, &watchdog)).await
         })
         .await
 }

@@ -5,7 +5,8 @@
 //!
 //! Requests enter in [`service`]; each RPC has its own module ([`sample`], [`encode_images`],
 //! [`zero_embedding`], [`interpolate`], [`info`]); [`wire`] decodes and checks request tensors;
-//! the numbers are computed by [`kd_models::prior::ImagePrior`].
+//! [`watchdog`] stops sampling between steps when the caller leaves or its deadline passes; the
+//! numbers are computed by [`kd_models::prior::ImagePrior`].
 #![forbid(unsafe_code)]
 
 pub mod encode_images;
@@ -14,6 +15,7 @@ pub mod interpolate;
 pub mod model;
 pub mod sample;
 pub mod service;
+pub mod watchdog;
 pub mod wire;
 pub mod zero_embedding;
 

@@ -2,11 +2,13 @@
 //! seeded per row; optionally from explicit initial latents, or Emb2Emb from init embeddings.
 
 use crate::model::PriorModel;
+use crate::watchdog::{GuardedNoise, Watchdog};
 use crate::wire::{conditioning, optional_tensor, sample_params, to_wire_f32};
 use kd_models::noise::SeededNoise;
 use kd_proto::v1;
 use kd_runtime::model_info::check_requested_dtype;
 use kd_runtime::{blocking, Metrics, ServiceError, Stage};
+use std::time::Instant;
 use tonic::{Response, Status};
 
 /// Validates and runs one request; returns the response.
@@ -15,7 +17,9 @@ pub fn compute(
     req: &v1::PriorSampleRequest,
     max_batch: usize,
     metrics: &Metrics,
+    watchdog: &Watchdog,
 ) -> Result<v1::PriorSampleResponse, ServiceError> {
+    watchdog.check()?;
     check_requested_dtype(req.options.as_ref(), m.dtype)?;
     let params = sample_params(req.num_inference_steps, req.guidance_scale)?;
     let cond_wire = req.conditioning.as_ref().ok_or_else(|| {
@@ -49,7 +53,7 @@ pub fn compute(
     };
     let latents = optional_tensor("latents", req.latents.as_ref())?;
     let init = optional_tensor("init_image_embeds", req.init_image_embeds.as_ref())?;
-    let mut noise = SeededNoise::new(&req.seeds);
+    let mut noise = GuardedNoise::new(SeededNoise::new(&req.seeds), watchdog);
     let (embeds, steps) = match init {
         Some(init) => {
             if latents.is_some() {
@@ -78,13 +82,16 @@ pub fn compute(
                     ),
                 ));
             }
-            let e = m.prior.sample(
-                &cond,
-                uncond.as_ref(),
-                &params,
-                latents.as_ref(),
-                &mut noise,
-            )?;
+            let e = m
+                .prior
+                .sample(
+                    &cond,
+                    uncond.as_ref(),
+                    &params,
+                    latents.as_ref(),
+                    &mut noise,
+                )
+                .map_err(|e| noise.explain(e))?;
             (e, params.num_inference_steps)
         }
     };
@@ -96,16 +103,19 @@ pub fn compute(
     })
 }
 
-/// The RPC: decoding, checks and sampling all run on the blocking pool.
+/// The RPC: decoding, checks and sampling all run on the blocking pool; sampling stops between
+/// steps when the caller leaves or its `deadline` passes.
 pub async fn handle(
     stage: &Stage<PriorModel>,
     req: v1::PriorSampleRequest,
     max_batch: usize,
+    deadline: Option<Instant>,
 ) -> Result<Response<v1::PriorSampleResponse>, Status> {
     let metrics = stage.metrics.clone();
     stage
         .unary("Sample", |m| async move {
-            blocking(move || compute(&m, &req, max_batch, &metrics)).await
+            let (watchdog, _cancel_on_drop) = Watchdog::new(deadline);
+            blocking(move || compute(&m, &req, max_batch, &metrics, &watchdog)).await
         })
         .await
 }

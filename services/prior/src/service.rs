@@ -4,6 +4,7 @@ use crate::model::PriorModel;
 use crate::{encode_images, info, interpolate, sample, zero_embedding, MAX_MESSAGE_BYTES};
 use kd_proto::v1;
 use kd_proto::v1::prior_server::{Prior, PriorServer};
+use kd_runtime::deadline::deadline_of;
 use kd_runtime::Stage;
 use tonic::{Request, Response, Status};
 
@@ -37,7 +38,8 @@ impl Prior for PriorService {
         &self,
         request: Request<v1::PriorSampleRequest>,
     ) -> Result<Response<v1::PriorSampleResponse>, Status> {
-        sample::handle(&self.stage, request.into_inner(), self.max_batch).await
+        let deadline = deadline_of(request.metadata());
+        sample::handle(&self.stage, request.into_inner(), self.max_batch, deadline).await
     }
 
     async fn encode_images(
@@ -58,7 +60,8 @@ impl Prior for PriorService {
         &self,
         request: Request<v1::InterpolateRequest>,
     ) -> Result<Response<v1::PriorSampleResponse>, Status> {
-        interpolate::handle(&self.stage, request.into_inner(), self.max_batch).await
+        let deadline = deadline_of(request.metadata());
+        interpolate::handle(&self.stage, request.into_inner(), self.max_batch, deadline).await
     }
 
     async fn info(

@@ -5,6 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use clap::Parser;
 use common::*;
 use kd_models::clip::{decode_image, TextConditioning};
 use kd_models::noise::SeededNoise;
@@ -598,4 +599,52 @@ async fn shutdown_lets_an_in_flight_request_finish() {
         .expect("then the server exits")
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_passed_deadline_stops_sampling_between_steps() {
+    // In process: the watchdog stops a 1000-step sample (~5 s here) soon after its deadline.
+    let config = kd_prior::Config::try_parse_from([
+        "kd-prior",
+        "--model-dir",
+        model_dir().to_str().unwrap(),
+        "--device",
+        "cpu",
+    ])
+    .unwrap();
+    let model = kd_prior::PriorModel::load_and_warm(&config.stage).unwrap();
+    let (cond, uncond) = horse();
+    let req = sample_req(&cond, Some(&uncond), 1000, &[5]);
+    let metrics = kd_runtime::Metrics::new("prior");
+    let start = std::time::Instant::now();
+    let (watchdog, _guard) =
+        kd_prior::watchdog::Watchdog::new(Some(start + Duration::from_millis(200)));
+    let err = kd_prior::sample::compute(&model, &req, 64, &metrics, &watchdog).unwrap_err();
+    assert!(
+        matches!(err, kd_runtime::ServiceError::DeadlineExceeded(_)),
+        "{err}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // Over gRPC: the caller's grpc-timeout ends the call early instead of after 1000 steps.
+    let server = Server::start(&[]).await;
+    let mut client = server.client().await;
+    let mut request = tonic::Request::new(sample_req(&cond, Some(&uncond), 1000, &[5]));
+    request.set_timeout(Duration::from_millis(300));
+    let start = std::time::Instant::now();
+    let err = client.sample(request).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    server.stop().await;
 }

@@ -8,8 +8,10 @@ use kd_models::movq::{MovqOptions, VqModel};
 use kd_models::CheckpointDir;
 use kd_proto::v1::{self, movq_server::MovqServer};
 use kd_runtime::config::{CommonArgs, StageArgs};
+use kd_runtime::launch::Launch;
+use kd_runtime::model_info::model_info;
 use kd_runtime::server::{self, Listeners};
-use kd_runtime::{blocking, info, Admission, Metrics, ServiceError, Shutdown, Stage};
+use kd_runtime::{blocking, Admission, Metrics, ServiceError, Shutdown, Stage};
 use std::time::Duration;
 use tonic::{Request, Response, Status};
 
@@ -58,13 +60,7 @@ impl Movq {
             ..MovqOptions::default()
         };
         let vq = VqModel::load(&component, opts, config.stage.dtype, &device)?;
-        let info = info::model_info(
-            dir.family(),
-            "movq",
-            &component.revision()?,
-            config.stage.dtype,
-            &device,
-        );
+        let info = model_info(&dir, "movq", &["movq"], config.stage.dtype, &device)?;
         Ok(Self {
             vq,
             info,
@@ -138,19 +134,22 @@ pub async fn run_with_listeners(
         stage: stage.clone(),
     }));
     let drain = Duration::from_secs_f64(config.common.drain_delay_secs.max(0.0));
-    server::run_stage(
-        router,
-        listeners,
-        readiness,
+    let Listeners { grpc, metrics } = listeners;
+    let launch = Launch {
         stage,
+        router,
+        readiness,
+        grpc,
+        metrics,
         shutdown,
-        drain,
-        move || {
+        drain_delay: drain,
+    };
+    launch
+        .run(std::future::ready(()), move || {
             let m = Movq::load(&config)?;
             decode::warm_up(&m)?;
             Ok(m)
-        },
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!(e))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
 }

@@ -268,42 +268,6 @@ impl ComponentDir {
         read_json(&self.file("tokenizer_config.json"))
     }
 
-    /// A short, stable identifier of this component's weights: a 64-bit FNV-1a hash of its
-    /// config file and the names and sizes of its weight files, as 16 hex digits. Part of cache
-    /// keys, so a changed checkpoint never serves stale cached outputs.
-    pub fn revision(&self) -> Result<String> {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut feed = |bytes: &[u8]| {
-            for b in bytes {
-                h ^= u64::from(*b);
-                h = h.wrapping_mul(0x0000_0100_0000_01b3);
-            }
-        };
-        let mut entries: Vec<_> = std::fs::read_dir(&self.path)
-            .map_err(|source| ModelError::Io {
-                path: self.path.clone(),
-                source,
-            })?
-            .filter_map(|e| e.ok())
-            .collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            if name.ends_with(".json") || name.ends_with(".txt") {
-                feed(name.as_bytes());
-                feed(&std::fs::read(e.path()).map_err(|source| ModelError::Io {
-                    path: e.path(),
-                    source,
-                })?);
-            } else if name.ends_with(".safetensors") || name.ends_with(".bin") {
-                feed(name.as_bytes());
-                feed(&e.metadata().map(|m| m.len()).unwrap_or(0).to_le_bytes());
-            }
-        }
-        Ok(format!("{h:016x}"))
-    }
-
     /// The component's safetensors weights (preferring `variant` where both are stored).
     pub fn weights(&self, variant: Variant) -> Result<Weights> {
         Weights::open_dir(&self.path, variant)

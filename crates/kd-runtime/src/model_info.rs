@@ -1,0 +1,167 @@
+//! The [`v1::ModelInfo`] a stage reports: family, component, compute dtype, device and a
+//! revision that identifies the weights (part of the gateway's cache keys).
+
+use crate::error::ServiceError;
+use candle_core::{DType, Device, DeviceLocation};
+use kd_models::{CheckpointDir, ModelFamily};
+use kd_proto::v1;
+use std::path::Path;
+
+/// Config files up to this size are hashed byte for byte; larger files (weights, vocabularies)
+/// by name and size.
+const HASH_BYTES_LIMIT: u64 = 1 << 20;
+
+/// FNV-1a, 64 bit: stable across builds and platforms (unlike `DefaultHasher`).
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        // Field separator, so ("ab","c") and ("a","bc") differ.
+        self.0 ^= 0xff;
+        self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> ServiceError {
+    ServiceError::Internal(format!("{}: {e}", path.display()))
+}
+
+/// A short (12 hex digit) hash of the listed components' files: the bytes of every small JSON
+/// config (`config.json`, `scheduler_config.json`, ...) and the name and size of every other file
+/// (the safetensors weights, tokenizer files). Cheap: weights are never read.
+pub fn revision(dir: &CheckpointDir, components: &[&str]) -> Result<String, ServiceError> {
+    let mut h = Fnv::new();
+    for &name in components {
+        let folder = dir.root().join(name);
+        h.write(name.as_bytes());
+        let mut entries: Vec<_> = std::fs::read_dir(&folder)
+            .map_err(|e| io_err(&folder, e))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        entries.sort();
+        for path in entries {
+            let file = path.file_name().unwrap_or_default().to_string_lossy();
+            let len = std::fs::metadata(&path)
+                .map_err(|e| io_err(&path, e))?
+                .len();
+            h.write(file.as_bytes());
+            if file.ends_with(".json") && len <= HASH_BYTES_LIMIT {
+                h.write(&std::fs::read(&path).map_err(|e| io_err(&path, e))?);
+            } else {
+                h.write(&len.to_le_bytes());
+            }
+        }
+    }
+    Ok(format!("{:016x}", h.0)[..12].to_string())
+}
+
+/// The wire name of a device: `cpu`, `cuda:N` or `metal:N`.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        DeviceLocation::Cpu => "cpu".into(),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// The wire dtype of a compute dtype (unspecified for dtypes the wire lacks).
+pub fn wire_dtype(dtype: DType) -> v1::DType {
+    match dtype {
+        DType::F32 => v1::DType::DtypeF32,
+        DType::F16 => v1::DType::DtypeF16,
+        DType::BF16 => v1::DType::DtypeBf16,
+        DType::I64 => v1::DType::DtypeI64,
+        _ => v1::DType::DtypeUnspecified,
+    }
+}
+
+/// The wire family of a checkpoint family.
+pub fn wire_family(family: ModelFamily) -> v1::ModelFamily {
+    match family {
+        ModelFamily::Kandinsky22 => v1::ModelFamily::Kandinsky22,
+        ModelFamily::Kandinsky21 => v1::ModelFamily::Kandinsky21,
+    }
+}
+
+/// The [`v1::ModelInfo`] of `component` loaded from `dir`, its revision covering `files_of`.
+pub fn model_info(
+    dir: &CheckpointDir,
+    component: &str,
+    files_of: &[&str],
+    dtype: DType,
+    device: &Device,
+) -> Result<v1::ModelInfo, ServiceError> {
+    Ok(v1::ModelInfo {
+        family: wire_family(dir.family()) as i32,
+        revision: revision(dir, files_of)?,
+        component: component.into(),
+        dtype: wire_dtype(dtype) as i32,
+        device: device_name(device),
+    })
+}
+
+/// Checks a request's `options.dtype` against the dtype this replica computes in: unspecified or
+/// equal is accepted (one replica serves one dtype; route other dtypes to other replicas).
+pub fn check_requested_dtype(
+    options: Option<&v1::StageOptions>,
+    loaded: DType,
+) -> Result<(), ServiceError> {
+    let Some(o) = options else { return Ok(()) };
+    let want = wire_dtype(loaded);
+    match v1::DType::try_from(o.dtype) {
+        Ok(v1::DType::DtypeUnspecified) => Ok(()),
+        Ok(d) if d == want => Ok(()),
+        _ => Err(ServiceError::invalid(
+            "options.dtype",
+            format!(
+                "{} is not served here; this replica computes in {} (allowed: DTYPE_UNSPECIFIED or {})",
+                v1::DType::try_from(o.dtype)
+                    .map(|d| d.as_str_name().to_string())
+                    .unwrap_or_else(|_| o.dtype.to_string()),
+                want.as_str_name(),
+                want.as_str_name()
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kd_models::parity::fixtures_dir;
+
+    #[test]
+    fn revision_is_stable_and_depends_on_the_components() {
+        let dir = CheckpointDir::open(fixtures_dir().join("tiny/kandinsky-2-2-prior")).unwrap();
+        let a = revision(&dir, &["text_encoder", "tokenizer"]).unwrap();
+        assert_eq!(a, revision(&dir, &["text_encoder", "tokenizer"]).unwrap());
+        assert_eq!(a.len(), 12);
+        assert_ne!(a, revision(&dir, &["prior"]).unwrap());
+        let info = model_info(&dir, "prior", &["prior"], DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(info.family, v1::ModelFamily::Kandinsky22 as i32);
+        assert_eq!(info.dtype, v1::DType::DtypeF32 as i32);
+        assert_eq!(info.device, "cpu");
+    }
+
+    #[test]
+    fn requested_dtype_must_match_the_loaded_one() {
+        let f16 = v1::StageOptions {
+            dtype: v1::DType::DtypeF16 as i32,
+        };
+        let e = check_requested_dtype(Some(&f16), DType::F32).unwrap_err();
+        assert!(e.to_string().contains("options.dtype"), "{e}");
+        assert!(e.to_string().contains("DTYPE_F32"), "{e}");
+        check_requested_dtype(Some(&v1::StageOptions::default()), DType::F32).unwrap();
+        check_requested_dtype(None, DType::F32).unwrap();
+    }
+}

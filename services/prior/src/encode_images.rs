@@ -1,0 +1,82 @@
+//! `EncodeImages`: CLIP vision embeddings of encoded images (PNG/JPEG/WebP, preprocessed as
+//! `CLIPImageProcessor`) or of ready `pixel_values`.
+
+use crate::model::PriorModel;
+use crate::wire::{tensor, to_wire_f32};
+use kd_models::clip::decode_image;
+use kd_proto::v1;
+use kd_runtime::model_info::check_requested_dtype;
+use kd_runtime::{blocking, Metrics, ServiceError, Stage};
+use tonic::{Response, Status};
+
+/// Validates and runs one request; returns the response.
+pub fn compute(
+    m: &PriorModel,
+    req: &v1::EncodeImagesRequest,
+    max_batch: usize,
+    metrics: &Metrics,
+) -> Result<v1::EncodeImagesResponse, ServiceError> {
+    check_requested_dtype(req.options.as_ref(), m.dtype)?;
+    let embeds = match (req.images.is_empty(), &req.pixel_values) {
+        (false, Some(_)) => {
+            return Err(ServiceError::invalid(
+                "pixel_values",
+                "give either images or pixel_values, not both",
+            ))
+        }
+        (true, None) => {
+            return Err(ServiceError::invalid(
+                "images",
+                format!("give 1..={max_batch} encoded images (PNG, JPEG, WebP) or pixel_values (B, 3, 224, 224)"),
+            ))
+        }
+        (false, None) => {
+            if req.images.len() > max_batch {
+                return Err(ServiceError::invalid(
+                    "images",
+                    format!("{} images, allowed 1..={max_batch}", req.images.len()),
+                ));
+            }
+            let images = req
+                .images
+                .iter()
+                .enumerate()
+                .map(|(i, bytes)| {
+                    decode_image(bytes)
+                        .map_err(|e| ServiceError::invalid(format!("images[{i}]"), e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            m.prior.encode_images(&images)?
+        }
+        (true, Some(px)) => {
+            let px = tensor("pixel_values", Some(px))?;
+            let rows = px.dims().first().copied().unwrap_or(0);
+            if rows > max_batch {
+                return Err(ServiceError::invalid(
+                    "pixel_values",
+                    format!("{rows} images, allowed 1..={max_batch}"),
+                ));
+            }
+            m.prior.encode_pixels(&px)?
+        }
+    };
+    metrics.batch(embeds.dims()[0]);
+    Ok(v1::EncodeImagesResponse {
+        image_embeds: Some(to_wire_f32(&embeds)?),
+        model: Some(m.info.clone()),
+    })
+}
+
+/// The RPC: decoding and the vision tower run on the blocking pool.
+pub async fn handle(
+    stage: &Stage<PriorModel>,
+    req: v1::EncodeImagesRequest,
+    max_batch: usize,
+) -> Result<Response<v1::EncodeImagesResponse>, Status> {
+    let metrics = stage.metrics.clone();
+    stage
+        .unary("EncodeImages", |m| async move {
+            blocking(move || compute(&m, &req, max_batch, &metrics)).await
+        })
+        .await
+}

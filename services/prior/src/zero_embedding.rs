@@ -1,0 +1,26 @@
+//! `ZeroImageEmbedding`: the decoder's default negative image embedding — the vision tower on an
+//! all-zeros `pixel_values` — computed once at load and cached.
+
+use crate::model::PriorModel;
+use crate::wire::to_wire_f32;
+use kd_proto::v1;
+use kd_runtime::{blocking, Stage};
+use tonic::{Response, Status};
+
+/// Returns the cached (1, D) zero-image embedding.
+pub async fn handle(
+    stage: &Stage<PriorModel>,
+    _req: v1::ZeroImageEmbeddingRequest,
+) -> Result<Response<v1::ZeroImageEmbeddingResponse>, Status> {
+    stage
+        .unary("ZeroImageEmbedding", |m| async move {
+            blocking(move || {
+                Ok(v1::ZeroImageEmbeddingResponse {
+                    image_embeds: Some(to_wire_f32(&m.prior.zero_image_embed()?)?),
+                    model: Some(m.info.clone()),
+                })
+            })
+            .await
+        })
+        .await
+}

@@ -1,0 +1,86 @@
+//! `Encode`: prompts → CLIP text conditioning for the prior, plus the token ids.
+//!
+//! Prompts longer than 77 tokens are truncated, as diffusers' tokenizer call does; only the
+//! character length is bounded ([`MAX_PROMPT_CHARS`]), to bound tokenisation work.
+
+use crate::model::TextModel;
+use crate::MAX_PROMPT_CHARS;
+use candle_core::{Device, Tensor};
+use kd_models::clip::TokenizedBatch;
+use kd_proto::{to_wire, v1};
+use kd_runtime::{blocking, ServiceError, Stage};
+use tonic::{Response, Status};
+
+/// Checks the prompt list: 1..=`max_batch` prompts of at most [`MAX_PROMPT_CHARS`] characters.
+pub fn validate(prompts: &[String], max_batch: usize) -> Result<(), ServiceError> {
+    if prompts.is_empty() || prompts.len() > max_batch {
+        return Err(ServiceError::invalid(
+            "prompts",
+            format!(
+                "{} prompts, allowed 1..={max_batch} per call (the empty string is the unconditional prompt)",
+                prompts.len()
+            ),
+        ));
+    }
+    if let Some((i, p)) = prompts
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.chars().count() > MAX_PROMPT_CHARS)
+    {
+        return Err(ServiceError::invalid(
+            "prompts",
+            format!(
+                "prompts[{i}] has {} characters, allowed at most {MAX_PROMPT_CHARS} (CLIP keeps only the first 77 tokens)",
+                p.chars().count()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A (B, L) i64 tensor of token rows.
+fn rows_i64(rows: &[Vec<u32>]) -> Result<Tensor, ServiceError> {
+    let l = rows.first().map_or(0, Vec::len);
+    let flat: Vec<i64> = rows.iter().flatten().map(|&v| i64::from(v)).collect();
+    Tensor::from_vec(flat, (rows.len(), l), &Device::Cpu)
+        .map_err(|e| ServiceError::Internal(e.to_string()))
+}
+
+fn wire(t: &Tensor) -> Result<v1::Tensor, ServiceError> {
+    to_wire(t).map_err(|e| ServiceError::Internal(format!("encoding a response tensor: {e}")))
+}
+
+/// Runs the tokenizer and text tower; every output tensor is encoded for the wire.
+pub fn compute(
+    model: &TextModel,
+    prompts: &[String],
+) -> Result<v1::EncodeTextResponse, ServiceError> {
+    let tokens: TokenizedBatch = model.encoder.tokenize(prompts)?;
+    let cond = model.encoder.encode_tokens(&tokens)?;
+    Ok(v1::EncodeTextResponse {
+        prior_conditioning: Some(v1::TextEmbeddings {
+            text_embeds: Some(wire(&cond.text_embeds)?),
+            hidden_states: Some(wire(&cond.hidden_states)?),
+            attention_mask: Some(wire(&rows_i64(&tokens.attention_mask)?)?),
+        }),
+        decoder_conditioning: None,
+        input_ids: Some(wire(&rows_i64(&tokens.input_ids)?)?),
+        model: Some(model.info.clone()),
+    })
+}
+
+/// The RPC: validate, then tokenise and encode on the blocking pool.
+pub async fn handle(
+    stage: &Stage<TextModel>,
+    req: v1::EncodeTextRequest,
+    max_batch: usize,
+) -> Result<Response<v1::EncodeTextResponse>, Status> {
+    let metrics = stage.metrics.clone();
+    stage
+        .unary("Encode", |m| async move {
+            validate(&req.prompts, max_batch)?;
+            metrics.batch(req.prompts.len());
+            blocking(move || compute(&m, &req.prompts)).await
+        })
+        .await
+}

@@ -85,6 +85,15 @@ fn internal(e: candle_core::Error) -> ServiceError {
     ServiceError::Internal(e.to_string())
 }
 
+/// "1" for one row, "1 or B" otherwise.
+fn one_or(b: usize) -> String {
+    if b > 1 {
+        format!("1 or {b}")
+    } else {
+        "1".into()
+    }
+}
+
 fn shape_str(dims: &[String]) -> String {
     format!("({})", dims.join(", "))
 }
@@ -135,11 +144,7 @@ fn check_rows(
     let dims = x.dims();
     let rows_ok = dims.first().is_some_and(|&r| r == b || (one_ok && r == 1));
     if dims.len() != rest.len() + 1 || !rows_ok || dims[1..] != *rest {
-        let rows = if one_ok && b > 1 {
-            format!("1 or {b}")
-        } else {
-            b.to_string()
-        };
+        let rows = if one_ok { one_or(b) } else { b.to_string() };
         let mut want = vec![rows];
         want.extend(rest.iter().map(|d| d.to_string()));
         return Err(invalid(
@@ -263,7 +268,9 @@ pub fn plan(
                 "options.dtype",
                 format!(
                     "{}; this denoiser computes in {} (allowed: DTYPE_UNSPECIFIED or {})",
-                    opts.dtype,
+                    v1::DType::try_from(opts.dtype)
+                        .map(|d| d.as_str_name().to_string())
+                        .unwrap_or_else(|_| opts.dtype.to_string()),
                     want.as_str_name(),
                     want.as_str_name()
                 ),
@@ -291,7 +298,7 @@ pub fn plan(
         None if guidance_scale > 1.0 => {
             return Err(invalid(
                 "negative_conditioning.image_embeds",
-                format!("required when guidance_scale > 1: (1 or {b}, {d})"),
+                format!("required when guidance_scale > 1: ({}, {d})", one_or(b)),
             ))
         }
         None => image_embeds.clone(),
@@ -334,7 +341,10 @@ pub fn plan(
             let image_latents = image_latents.ok_or_else(|| {
                 invalid(
                     "image_latents",
-                    format!("required with a mask: the init image's MoVQ latents (1 or {b}, 4, {lh}, {lw})"),
+                    format!(
+                        "required with a mask: the init image's MoVQ latents ({}, 4, {lh}, {lw})",
+                        one_or(b)
+                    ),
                 )
             })?;
             if strength != 0.0 {
@@ -348,11 +358,7 @@ pub fn plan(
             let pixel = md.len() == 4 && md[2] == height && md[3] == width;
             let latent = md.len() == 4 && md[2] == lh && md[3] == lw;
             if !(pixel || latent) || md[1] != 1 || !(md[0] == 1 || md[0] == b) {
-                let rows = if b > 1 {
-                    format!("1 or {b}")
-                } else {
-                    "1".into()
-                };
+                let rows = one_or(b);
                 return Err(invalid(
                     "mask",
                     format!("shape {md:?}; expected ({rows}, 1, {height}, {width}) at pixel resolution (or ({rows}, 1, {lh}, {lw}) at latent resolution)"),

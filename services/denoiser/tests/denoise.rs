@@ -312,3 +312,26 @@ async fn info_returns_the_model() {
     assert_eq!(info.dtype, v1::DType::DtypeF32 as i32);
     assert_eq!(info.revision.len(), 16);
 }
+
+#[tokio::test]
+async fn controlnet_hint_runs_end_to_end() {
+    let inp = load_reference(fixtures().join("tiny/reference/decoder/pipeline_inputs.safetensors"))
+        .unwrap();
+    let server = start(&fixtures().join("tiny/kandinsky-2-2-controlnet-depth")).await;
+    let mut c = client(server.addr).await;
+    let mut req = request(1, 2, vec![8]);
+    // Without the hint a ControlNet UNet cannot run.
+    let Err(err) = c.denoise(req.clone()).await else {
+        panic!("accepted without a hint")
+    };
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("invalid `hint`"),
+        "{}",
+        err.message()
+    );
+    req.hint = Some(wire(get(&inp, "controlnet_hint")));
+    let (progress, latents) = collect(&mut c, req).await.unwrap();
+    assert_eq!(progress.len(), 2);
+    assert_eq!(latents.shape, vec![1, 4, 8, 8]);
+}

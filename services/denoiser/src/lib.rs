@@ -320,7 +320,14 @@ pub async fn run_with_listeners(
         },
     };
     let (router, readiness) = server::base_router(SERVICE_NAME).await;
-    let router = router.add_service(DenoiserServer::new(denoiser));
+    // Requests carry pixel-resolution masks and hints and responses carry latents: allow
+    // messages as large as the wire tensor limit (tonic's default is 4 MiB).
+    let max_message = TensorLimits::default().max_bytes * 2;
+    let router = router.add_service(
+        DenoiserServer::new(denoiser)
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+    );
     let metrics_task = tokio::spawn(metrics.clone().serve(metrics_listener, shutdown.clone()));
 
     let model_dir = config.stage.model_dir.clone();
@@ -328,12 +335,9 @@ pub async fn run_with_listeners(
     let loader = async move {
         let start = Instant::now();
         let dir = model_dir.clone();
-        let model = blocking(move || {
-            DecoderModel::load(&dir, &device, dtype)
-                .map_err(|e| ServiceError::Internal(format!("{e:#}")))
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("loading {}: {e}", model_dir.display()))?;
+        let model = tokio::task::spawn_blocking(move || DecoderModel::load(&dir, &device, dtype))
+            .await?
+            .map_err(|e| anyhow::anyhow!("loading {}: {e:#}", model_dir.display()))?;
         metrics.model_loaded(start.elapsed());
         let model = Arc::new(model);
         let warm = model.clone();

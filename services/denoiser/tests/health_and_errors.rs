@@ -309,3 +309,19 @@ async fn inpaint_checkpoint_rejects_bad_masks_and_requires_one() {
         eprintln!("{}", err.message());
     }
 }
+
+#[tokio::test]
+async fn messages_beyond_tonic_default_4_mib_are_accepted() {
+    let server = start(&tiny()).await;
+    let mut c = client(server.addr).await;
+    // A 1×1×1100×1100 f32 mask (4.8 MB) reaches validation instead of the transport limit.
+    let mut req = request(1, 2, vec![1]);
+    req.image_latents = Some(t(&[1, 4, 32, 32], 0.0));
+    req.mask = Some(t(&[1, 1, 1100, 1100], 1.0));
+    assert!(req.mask.as_ref().unwrap().data.len() > 4 << 20);
+    let Err(err) = c.denoise(req).await else {
+        panic!("accepted")
+    };
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("in_channels 4"), "{}", err.message());
+}

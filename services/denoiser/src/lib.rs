@@ -102,35 +102,49 @@ impl v1::denoiser_server::Denoiser for Denoiser {
         };
         let (tx, rx) = mpsc::channel(16);
         let metrics = self.stage.metrics.clone();
-        tokio::spawn(async move {
-            let model = admitted.model.clone();
-            let worker_tx = tx.clone();
-            let result = if deadline::expired(deadline) {
-                Err(deadline_error(0, plan.steps))
-            } else {
-                blocking(move || denoise(&model, plan, &worker_tx, deadline, &metrics)).await
-            };
-            let result = result.and_then(|latents| {
-                Ok(DenoiseEvent {
-                    event: Some(denoise_event::Event::Result(v1::DenoiseResult {
-                        latents: Some(
-                            to_wire(&latents).map_err(|e| ServiceError::Internal(e.to_string()))?,
-                        ),
-                        model: Some(admitted.model.info.clone()),
-                    })),
-                })
-            });
-            match &result {
-                Ok(ev) => {
-                    let _ = tx.send(Ok(ev.clone())).await;
+        let span = tracing::info_span!(
+            "denoise",
+            rows = plan.seeds.len(),
+            steps = plan.steps,
+            height = plan.height,
+            width = plan.width,
+            guidance = plan.guidance_scale,
+        );
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let started = Instant::now();
+                let model = admitted.model.clone();
+                let worker_tx = tx.clone();
+                let result = if deadline::expired(deadline) {
+                    Err(deadline_error(0, plan.steps))
+                } else {
+                    blocking(move || denoise(&model, plan, &worker_tx, deadline, &metrics)).await
+                };
+                let result = result.and_then(|latents| {
+                    Ok(DenoiseEvent {
+                        event: Some(denoise_event::Event::Result(v1::DenoiseResult {
+                            latents: Some(
+                                to_wire(&latents)
+                                    .map_err(|e| ServiceError::Internal(e.to_string()))?,
+                            ),
+                            model: Some(admitted.model.info.clone()),
+                        })),
+                    })
+                });
+                match &result {
+                    Ok(ev) => {
+                        tracing::info!(seconds = started.elapsed().as_secs_f64(), "denoised");
+                        let _ = tx.send(Ok(ev.clone())).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(stage = "denoiser", method = METHOD, error = %e, "request failed");
+                        let _ = tx.send(Err(Status::from(e.clone()))).await;
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(stage = "denoiser", method = METHOD, error = %e, "request failed");
-                    let _ = tx.send(Err(Status::from(e.clone()))).await;
-                }
-            }
-            admitted.finish(&result);
-        });
+                admitted.finish(&result);
+            },
+            span,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

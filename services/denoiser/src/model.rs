@@ -1,0 +1,193 @@
+//! The loaded decoder: UNet, the checkpoint's scheduler config, the MoVQ scale factor, and the
+//! per-request scheduler construction (diffusers' `XScheduler.from_config(checkpoint_config)`).
+
+use candle_core::{DType, Device, Tensor};
+use kd_models::config::SchedulerConfig;
+use kd_models::decoder::{latent_side, run_decoder, DecoderMode, DecoderParams};
+use kd_models::noise::SeededNoise;
+use kd_models::schedulers::{self, Scheduler};
+use kd_models::unet::UNet2DConditionModel;
+use kd_models::{CheckpointDir, ModelFamily, Variant};
+use kd_proto::v1;
+use kd_runtime::ServiceError;
+use std::path::Path;
+
+/// Everything a request needs from the checkpoint; immutable and shared by all requests.
+pub struct DecoderModel {
+    /// The decoder UNet (4-channel text2img/img2img, 9-channel inpaint, or ControlNet).
+    pub unet: UNet2DConditionModel,
+    /// The checkpoint's `scheduler/scheduler_config.json` as a JSON object.
+    pub scheduler_json: serde_json::Map<String, serde_json::Value>,
+    /// The checkpoint's own scheduler class name.
+    pub scheduler_class: String,
+    /// MoVQ scale factor 2^(levels−1) (8 for Kandinsky 2.2, 2 for the tiny fixture).
+    pub movq_scale_factor: usize,
+    /// The UNet config's `in_channels`.
+    pub in_channels: usize,
+    /// Compute device.
+    pub device: Device,
+    /// Compute dtype of the UNet weights.
+    pub dtype: DType,
+    /// What `Info` returns.
+    pub info: v1::ModelInfo,
+}
+
+impl std::fmt::Debug for DecoderModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecoderModel")
+            .field("scheduler_class", &self.scheduler_class)
+            .field("movq_scale_factor", &self.movq_scale_factor)
+            .field("in_channels", &self.in_channels)
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+/// The scheduler class a request's `scheduler` enum names (`None` = the checkpoint's own).
+pub fn scheduler_class(s: v1::Scheduler) -> Option<&'static str> {
+    match s {
+        v1::Scheduler::Unspecified => None,
+        v1::Scheduler::Ddpm => Some("DDPMScheduler"),
+        v1::Scheduler::Ddim => Some("DDIMScheduler"),
+        v1::Scheduler::DpmSolverPp => Some("DPMSolverMultistepScheduler"),
+    }
+}
+
+impl DecoderModel {
+    /// Loads the decoder folder's UNet, scheduler config and MoVQ scale factor.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+        let ckpt = CheckpointDir::open(dir)?;
+        let unet_dir = ckpt.component("unet")?;
+        let cfg = unet_dir.unet_config()?;
+        let variant = if dtype == DType::F32 {
+            Variant::Default
+        } else {
+            Variant::Fp16
+        };
+        let vb = unet_dir.weights(variant)?.var_builder(dtype, device);
+        let unet = UNet2DConditionModel::new(&cfg, vb)?;
+        let sched_dir = ckpt.component("scheduler")?;
+        // Validates it as the checkpoint's own scheduler.
+        sched_dir.scheduler_config()?;
+        let path = sched_dir.path.join("scheduler_config.json");
+        let scheduler_json: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(&path)?)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let scheduler_class = scheduler_json
+            .get("_class_name")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let movq_scale_factor = ckpt.component("movq")?.vq_config()?.scale_factor();
+        let family = ckpt.family();
+        anyhow::ensure!(
+            family == ModelFamily::Kandinsky22,
+            "{}: this denoiser serves Kandinsky 2.2 decoder folders; this is a 2.1 one",
+            dir.display()
+        );
+        let info = kd_runtime::model_info::model_info(
+            &ckpt,
+            "unet",
+            &["unet", "scheduler", "movq"],
+            dtype,
+            device,
+        )?;
+        Ok(Self {
+            unet,
+            scheduler_json,
+            scheduler_class,
+            movq_scale_factor,
+            in_channels: cfg.in_channels,
+            device: device.clone(),
+            dtype,
+            info,
+        })
+    }
+
+    /// The scheduler config for a request: the checkpoint's JSON with `_class_name` replaced
+    /// (keys of the other class are ignored, missing keys take this class's defaults), as
+    /// diffusers' `XScheduler.from_config(checkpoint_config)` builds it.
+    pub fn scheduler_config(&self, choice: v1::Scheduler) -> Result<SchedulerConfig, ServiceError> {
+        let mut json = self.scheduler_json.clone();
+        if let Some(class) = scheduler_class(choice) {
+            json.insert("_class_name".into(), class.into());
+        }
+        let cfg: SchedulerConfig = serde_json::from_value(serde_json::Value::Object(json))
+            .map_err(|e| {
+                ServiceError::invalid(
+                    "scheduler",
+                    format!(
+                        "{choice:?} cannot be built from this checkpoint's scheduler config: {e}"
+                    ),
+                )
+            })?;
+        if matches!(cfg, SchedulerConfig::UnClip(_)) {
+            return Err(ServiceError::invalid(
+                "scheduler",
+                "the checkpoint's scheduler is UnCLIPScheduler (a prior scheduler); allowed: SCHEDULER_DDPM, SCHEDULER_DDIM, SCHEDULER_DPM_SOLVER_PP",
+            ));
+        }
+        Ok(cfg)
+    }
+
+    /// A fresh scheduler for one request (DDIM with eta 0).
+    pub fn scheduler(&self, choice: v1::Scheduler) -> Result<Box<dyn Scheduler>, ServiceError> {
+        let cfg = self.scheduler_config(choice)?;
+        schedulers::from_config(&cfg, 0.0)
+            .map_err(|e| ServiceError::invalid("scheduler", format!("{choice:?}: {e}")))
+    }
+
+    /// Whether this is an inpainting (9-channel) UNet.
+    pub fn is_inpaint(&self) -> bool {
+        self.unet.sample_channels() == 9
+    }
+
+    /// One denoising step at the smallest size (64×64 pixels), CFG on, in this UNet's mode.
+    pub fn warm_up(&self) -> Result<(), ServiceError> {
+        let dev = &self.device;
+        let d = self.unet.embed_dim();
+        let (h, w) = (64, 64);
+        let lh = latent_side(h, self.movq_scale_factor);
+        let lw = latent_side(w, self.movq_scale_factor);
+        let embeds = Tensor::zeros((1, d), DType::F32, dev).map_err(internal)?;
+        let image_latents = Tensor::zeros((1, 4, lh, lw), DType::F32, dev).map_err(internal)?;
+        let mask = Tensor::ones((1, 1, lh, lw), DType::F32, dev).map_err(internal)?;
+        let hint = Tensor::zeros((1, 3, 8 * lh, 8 * lw), DType::F32, dev).map_err(internal)?;
+        let mode = if self.is_inpaint() {
+            DecoderMode::Inpaint {
+                image_latents: &image_latents,
+                mask: &mask,
+            }
+        } else if self.unet.takes_hint() {
+            DecoderMode::Controlnet { hint: &hint }
+        } else {
+            DecoderMode::Text2Img
+        };
+        let params = DecoderParams {
+            image_embeds: &embeds,
+            negative_image_embeds: &embeds,
+            height: h,
+            width: w,
+            movq_scale_factor: self.movq_scale_factor,
+            num_inference_steps: 1,
+            guidance_scale: 4.0,
+            num_images_per_prompt: 1,
+            latents: None,
+            mode,
+        };
+        let mut scheduler = self.scheduler(v1::Scheduler::Unspecified)?;
+        let mut noise = SeededNoise::new(&[0]);
+        run_decoder(
+            &self.unet,
+            scheduler.as_mut(),
+            &params,
+            &mut noise,
+            &mut |_| true,
+        )?;
+        Ok(())
+    }
+}
+
+pub(crate) fn internal(e: candle_core::Error) -> ServiceError {
+    ServiceError::Internal(e.to_string())
+}

@@ -26,6 +26,19 @@ pub struct Stages {
     pub movq: Pool,
 }
 
+/// Largest message to or from a stage: text conditionings and full-resolution latents, masks
+/// and previews exceed tonic's 4 MiB default.
+const MAX_MESSAGE: usize = 512 << 20;
+
+/// Applies [`MAX_MESSAGE`] to a generated client.
+macro_rules! limits {
+    ($client:expr) => {
+        $client
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    };
+}
+
 /// Where progress events go (the streaming call), if anywhere.
 pub type Events = Option<mpsc::Sender<Result<GenerateEvent, Status>>>;
 
@@ -197,7 +210,7 @@ pub async fn generate(
         &st.text_encoder,
         ctx,
         v1::EncodeTextRequest { prompts },
-        |ch, r| async move { TextEncoderClient::new(ch).encode(r).await },
+        |ch, r| async move { limits!(TextEncoderClient::new(ch)).encode(r).await },
     )
     .await?;
     let text = enc
@@ -227,7 +240,7 @@ pub async fn generate(
                     images: vec![image.clone()],
                     ..Default::default()
                 },
-                |ch, r| async move { PriorClient::new(ch).encode_images(r).await },
+                |ch, r| async move { limits!(PriorClient::new(ch)).encode_images(r).await },
             )
             .await?
             .image_embeds
@@ -265,7 +278,7 @@ pub async fn generate(
                         seed,
                         options: None,
                     },
-                    |ch, r| async move { PriorClient::new(ch).interpolate(r).await },
+                    |ch, r| async move { limits!(PriorClient::new(ch)).interpolate(r).await },
                 )
                 .await?
                 .image_embeds
@@ -282,7 +295,7 @@ pub async fn generate(
                 uncond.clone(),
                 plan.seeds.clone(),
             ),
-            |ch, r| async move { PriorClient::new(ch).sample(r).await },
+            |ch, r| async move { limits!(PriorClient::new(ch)).sample(r).await },
         )
         .await?
         .image_embeds
@@ -298,7 +311,7 @@ pub async fn generate(
                 uncond.clone(),
                 plan.seeds.clone(),
             ),
-            |ch, r| async move { PriorClient::new(ch).sample(r).await },
+            |ch, r| async move { limits!(PriorClient::new(ch)).sample(r).await },
         )
         .await?
         .image_embeds
@@ -307,7 +320,7 @@ pub async fn generate(
             &st.prior,
             ctx,
             v1::ZeroImageEmbeddingRequest {},
-            |ch, r| async move { PriorClient::new(ch).zero_image_embedding(r).await },
+            |ch, r| async move { limits!(PriorClient::new(ch)).zero_image_embedding(r).await },
         )
         .await?
         .image_embeds
@@ -365,7 +378,7 @@ pub async fn generate(
             preview_every: plan.preview_every,
             ..Default::default()
         },
-        |ch, r| async move { DenoiserClient::new(ch).denoise(r).await },
+        |ch, r| async move { limits!(DenoiserClient::new(ch)).denoise(r).await },
     )
     .await?;
     let mut latents = None;
@@ -454,7 +467,7 @@ async fn encode_image(
             height: plan.height,
             ..Default::default()
         },
-        |ch, r| async move { MovqClient::new(ch).encode(r).await },
+        |ch, r| async move { limits!(MovqClient::new(ch)).encode(r).await },
     )
     .await?;
     Ok((r.latents.ok_or_else(|| missing("movq", "latents"))?, r.mask))
@@ -476,7 +489,7 @@ async fn decode(
             quality,
             ..Default::default()
         },
-        |ch, r| async move { MovqClient::new(ch).decode(r).await },
+        |ch, r| async move { limits!(MovqClient::new(ch)).decode(r).await },
     )
     .await?
     .images)

@@ -130,9 +130,15 @@ pub async fn run_with_listeners(
         Metrics::new("movq"),
     );
     let (router, readiness) = server::base_router("kandinsky.v1.Movq").await;
-    let router = router.add_service(MovqServer::new(MovqService {
-        stage: stage.clone(),
-    }));
+    // Latents, pixels and encoded images of large outputs exceed tonic's 4 MiB default.
+    let max_message = kd_proto::TensorLimits::default().max_bytes * 2;
+    let router = router.add_service(
+        MovqServer::new(MovqService {
+            stage: stage.clone(),
+        })
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message),
+    );
     let drain = Duration::from_secs_f64(config.common.drain_delay_secs.max(0.0));
     let Listeners { grpc, metrics } = listeners;
     let launch = Launch {

@@ -7,8 +7,9 @@ use tonic::{Code, Status};
 /// Why a service call failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ServiceError {
-    /// Bad input: names the field and the allowed values.
-    #[error("invalid `{field}`: {message}")]
+    /// Bad input: names the field and the allowed values (an empty field means `message` is
+    /// already complete, as when relaying a downstream stage's error).
+    #[error("{}", invalid_message(.field, .message))]
     InvalidArgument { field: String, message: String },
     /// The admission queue is full.
     #[error("overloaded: {0}")]
@@ -31,6 +32,14 @@ pub enum ServiceError {
     /// A bug or an unexpected model failure.
     #[error("internal: {0}")]
     Internal(String),
+}
+
+fn invalid_message(field: &str, message: &str) -> String {
+    if field.is_empty() {
+        message.to_string()
+    } else {
+        format!("invalid `{field}`: {message}")
+    }
 }
 
 impl ServiceError {

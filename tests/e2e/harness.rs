@@ -1,0 +1,263 @@
+//! Starts the whole system in one test process: the four stage services and the gateway, each a
+//! real gRPC server on its own loopback port (bound to port 0), talking over real connections.
+
+use kd_proto::v1::gateway_client::GatewayClient;
+use kd_runtime::server::Listeners;
+use kd_runtime::Shutdown;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+/// The bundled fixture model: the tiny prior and the deep (real 4-level) decoder.
+pub fn prior_dir() -> PathBuf {
+    kd_models::parity::fixtures_dir().join("tiny/kandinsky-2-2-prior")
+}
+
+/// The bundled decoder folder.
+pub fn decoder_dir() -> PathBuf {
+    kd_models::parity::fixtures_dir().join("deep/kandinsky-2-2-decoder")
+}
+
+fn args(bin: &str, model_dir: Option<&PathBuf>, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![bin.to_string()];
+    if let Some(d) = model_dir {
+        a.extend([
+            "--model-dir".into(),
+            d.display().to_string(),
+            "--device".into(),
+            "cpu".into(),
+        ]);
+    }
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// A running stage: its gRPC address and its own shutdown signal.
+pub struct Running {
+    /// gRPC address.
+    pub addr: SocketAddr,
+    /// `/metrics` address.
+    pub metrics: SocketAddr,
+    /// Stops this service.
+    pub shutdown: Shutdown,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+    }
+}
+
+/// Starts the MoVQ stage on `listeners`.
+pub async fn start_movq(listeners: Listeners) -> Running {
+    let (addr, metrics) = (
+        listeners.grpc.local_addr().unwrap(),
+        listeners.metrics.local_addr().unwrap(),
+    );
+    let config =
+        <kd_movq::Config as clap::Parser>::parse_from(args("kd-movq", Some(&decoder_dir()), &[]));
+    let shutdown = Shutdown::new();
+    tokio::spawn(kd_movq::run_with_listeners(
+        config,
+        listeners,
+        shutdown.clone(),
+    ));
+    Running {
+        addr,
+        metrics,
+        shutdown,
+    }
+}
+
+/// The five services of one deployment.
+pub struct Stack {
+    pub text_encoder: Running,
+    pub prior: Running,
+    pub denoiser: Running,
+    pub movq: Running,
+    pub gateway: Running,
+}
+
+impl Stack {
+    /// Starts every stage, then the gateway with `gateway_args`, and waits until all are SERVING.
+    pub async fn start(gateway_args: &[&str]) -> Self {
+        let text_encoder = {
+            let l = Listeners::loopback().await.unwrap();
+            let (addr, metrics) = (
+                l.grpc.local_addr().unwrap(),
+                l.metrics.local_addr().unwrap(),
+            );
+            let config = <kd_text_encoder::Config as clap::Parser>::parse_from(args(
+                "kd-text-encoder",
+                Some(&prior_dir()),
+                &[],
+            ));
+            let shutdown = Shutdown::new();
+            tokio::spawn(kd_text_encoder::run_with_listeners(
+                config,
+                l.grpc,
+                l.metrics,
+                shutdown.clone(),
+            ));
+            Running {
+                addr,
+                metrics,
+                shutdown,
+            }
+        };
+        let prior = {
+            let l = Listeners::loopback().await.unwrap();
+            let (addr, metrics) = (
+                l.grpc.local_addr().unwrap(),
+                l.metrics.local_addr().unwrap(),
+            );
+            let config = <kd_prior::Config as clap::Parser>::parse_from(args(
+                "kd-prior",
+                Some(&prior_dir()),
+                &[],
+            ));
+            let shutdown = Shutdown::new();
+            tokio::spawn(kd_prior::run_with_listeners(
+                config,
+                l.grpc,
+                l.metrics,
+                shutdown.clone(),
+            ));
+            Running {
+                addr,
+                metrics,
+                shutdown,
+            }
+        };
+        let denoiser = {
+            let l = Listeners::loopback().await.unwrap();
+            let (addr, metrics) = (
+                l.grpc.local_addr().unwrap(),
+                l.metrics.local_addr().unwrap(),
+            );
+            let config = <kd_denoiser::Config as clap::Parser>::parse_from(args(
+                "kd-denoiser",
+                Some(&decoder_dir()),
+                &[],
+            ));
+            let shutdown = Shutdown::new();
+            tokio::spawn(kd_denoiser::run_with_listeners(
+                config,
+                l.grpc,
+                l.metrics,
+                shutdown.clone(),
+            ));
+            Running {
+                addr,
+                metrics,
+                shutdown,
+            }
+        };
+        let movq = start_movq(Listeners::loopback().await.unwrap()).await;
+        let gateway =
+            Self::start_gateway(&text_encoder, &prior, &denoiser, movq.addr, gateway_args).await;
+        let stack = Self {
+            text_encoder,
+            prior,
+            denoiser,
+            movq,
+            gateway,
+        };
+        for (r, service) in [
+            (&stack.text_encoder, "kandinsky.v1.TextEncoder"),
+            (&stack.prior, "kandinsky.v1.Prior"),
+            (&stack.denoiser, "kandinsky.v1.Denoiser"),
+            (&stack.movq, "kandinsky.v1.Movq"),
+            (&stack.gateway, "kandinsky.v1.Gateway"),
+        ] {
+            wait_serving(r.addr, service).await;
+        }
+        stack
+    }
+
+    /// Starts a gateway over the given stages.
+    pub async fn start_gateway(
+        te: &Running,
+        prior: &Running,
+        denoiser: &Running,
+        movq: SocketAddr,
+        extra: &[&str],
+    ) -> Running {
+        let l = Listeners::loopback().await.unwrap();
+        let (addr, metrics) = (
+            l.grpc.local_addr().unwrap(),
+            l.metrics.local_addr().unwrap(),
+        );
+        let urls = [
+            format!("--text-encoder-url=http://{}", te.addr),
+            format!("--prior-url=http://{}", prior.addr),
+            format!("--denoiser-url=http://{}", denoiser.addr),
+            format!("--movq-url=http://{movq}"),
+        ];
+        let mut a: Vec<&str> = urls.iter().map(String::as_str).collect();
+        a.extend_from_slice(extra);
+        let config = <kd_gateway::Config as clap::Parser>::parse_from(args("kd-gateway", None, &a));
+        let shutdown = Shutdown::new();
+        tokio::spawn(kd_gateway::run_with_listeners(config, l, shutdown.clone()));
+        Running {
+            addr,
+            metrics,
+            shutdown,
+        }
+    }
+
+    /// A client of the gateway.
+    pub async fn client(&self) -> GatewayClient<Channel> {
+        let ch = Channel::from_shared(format!("http://{}", self.gateway.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        GatewayClient::new(ch).max_decoding_message_size(64 << 20)
+    }
+}
+
+/// Waits until `service` at `addr` reports SERVING (at most 120 s).
+pub async fn wait_serving(addr: SocketAddr, service: &str) {
+    let start = Instant::now();
+    loop {
+        let ch = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        let req = HealthCheckRequest {
+            service: service.into(),
+        };
+        if let Ok(r) = HealthClient::new(ch).check(req).await {
+            if r.into_inner().status() == ServingStatus::Serving {
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{service} at {addr} is not SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// One scraped Prometheus series value (0 when absent).
+pub async fn metric(addr: SocketAddr, series: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|v| v.strip_prefix(' '))
+                .map(|v| v.parse().unwrap())
+        })
+        .unwrap_or(0.0)
+}

@@ -85,6 +85,11 @@ pub struct Stack {
 impl Stack {
     /// Starts every stage, then the gateway with `gateway_args`, and waits until all are SERVING.
     pub async fn start(gateway_args: &[&str]) -> Self {
+        Self::start_with(&[], gateway_args).await
+    }
+
+    /// As [`Stack::start`], with extra flags for the text encoder.
+    pub async fn start_with(text_encoder_args: &[&str], gateway_args: &[&str]) -> Self {
         let text_encoder = {
             let l = Listeners::loopback().await.unwrap();
             let (addr, metrics) = (
@@ -94,7 +99,7 @@ impl Stack {
             let config = <kd_text_encoder::Config as clap::Parser>::parse_from(args(
                 "kd-text-encoder",
                 Some(&prior_dir()),
-                &[],
+                text_encoder_args,
             ));
             let shutdown = Shutdown::new();
             tokio::spawn(kd_text_encoder::run_with_listeners(

@@ -205,7 +205,8 @@ async fn a_deadline_shorter_than_the_work_stops_the_denoiser() {
     // The deadline travels as `grpc-timeout` (what `set_timeout` sends), without a client-side
     // timer racing the server's answer.
     let mut r = tonic::Request::new(req);
-    r.metadata_mut().insert("grpc-timeout", "3S".parse().unwrap());
+    r.metadata_mut()
+        .insert("grpc-timeout", "3S".parse().unwrap());
     let err = c.generate(r).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     // The denoiser stops within a step or so: its step counter stops growing and nothing is in flight.

@@ -8,8 +8,11 @@ use crate::MAX_PROMPT_CHARS;
 use candle_core::{Device, Tensor};
 use kd_models::clip::TokenizedBatch;
 use kd_proto::{to_wire, v1};
+use kd_runtime::cache::{CacheKey, EmbeddingCache};
 use kd_runtime::{blocking, ServiceError, Stage};
+use prost::Message;
 use tonic::{Response, Status};
+use tracing::Instrument;
 
 /// Checks the prompt list: 1..=`max_batch` prompts of at most [`MAX_PROMPT_CHARS`] characters.
 pub fn validate(prompts: &[String], max_batch: usize) -> Result<(), ServiceError> {
@@ -69,9 +72,17 @@ pub fn compute(
     })
 }
 
-/// The RPC: validate, then tokenise and encode on the blocking pool.
+/// The cache key of a prompt list: the weights' revision and every prompt.
+fn cache_key(model: &TextModel, prompts: &[String]) -> CacheKey {
+    let fields: Vec<&[u8]> = prompts.iter().map(|p| p.as_bytes()).collect();
+    CacheKey::new(&model.info.revision, "text_encoder", &fields)
+}
+
+/// The RPC: validate; answer from the cache when the same prompts were encoded before (the
+/// encoder is deterministic); else tokenise and encode on the blocking pool and cache the result.
 pub async fn handle(
     stage: &Stage<TextModel>,
+    cache: &EmbeddingCache,
     req: v1::EncodeTextRequest,
     max_batch: usize,
 ) -> Result<Response<v1::EncodeTextResponse>, Status> {
@@ -79,8 +90,22 @@ pub async fn handle(
     stage
         .unary("Encode", |m| async move {
             validate(&req.prompts, max_batch)?;
+            let key = cache_key(&m, &req.prompts);
+            let cached = async { cache.get(&key).await }
+                .instrument(tracing::info_span!("cache.get"))
+                .await;
+            if let Some(resp) =
+                cached.and_then(|bytes| v1::EncodeTextResponse::decode(bytes.as_slice()).ok())
+            {
+                return Ok(resp);
+            }
             metrics.batch(req.prompts.len());
-            blocking(move || compute(&m, &req.prompts)).await
+            let resp = blocking(move || compute(&m, &req.prompts)).await?;
+            cache
+                .put(&key, &resp.encode_to_vec())
+                .instrument(tracing::info_span!("cache.put"))
+                .await;
+            Ok(resp)
         })
         .await
 }

@@ -1,0 +1,103 @@
+//! The embedding cache in the running system: Redis started by the test on a free port.
+
+use kd_e2e::{metric, Stack};
+use kd_proto::v1;
+use kd_testkit::RedisServer;
+use std::net::SocketAddr;
+
+fn request(prompt: &str) -> v1::GenerateRequest {
+    v1::GenerateRequest {
+        prompt: prompt.into(),
+        width: Some(64),
+        height: Some(64),
+        seeds: vec![1],
+        prior: Some(v1::PriorParams {
+            num_inference_steps: Some(2),
+            guidance_scale: None,
+        }),
+        decoder: Some(v1::DecoderParams {
+            num_inference_steps: Some(2),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn cache(addr: SocketAddr, result: &str) -> f64 {
+    metric(
+        addr,
+        &format!("kd_cache_requests_total{{result=\"{result}\",stage=\"text_encoder\"}}"),
+    )
+    .await
+}
+
+/// Text-tower runs: every uncached Encode records one batch.
+async fn encodes(addr: SocketAddr) -> f64 {
+    metric(addr, "kd_batch_size_count{stage=\"text_encoder\"}").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn repeated_prompts_skip_the_text_encoder_and_redis_outages_are_survived() {
+    let mut redis = RedisServer::start();
+    let url = format!("--redis-url={}", redis.url());
+    let stack = Stack::start_with(&[&url], &[]).await;
+    let te = stack.text_encoder.metrics;
+    let mut c = stack.client().await;
+
+    let first = c.generate(request("a red cat")).await.unwrap().into_inner();
+    assert_eq!(
+        (
+            cache(te, "miss").await,
+            cache(te, "hit").await,
+            encodes(te).await
+        ),
+        (1.0, 0.0, 1.0)
+    );
+    let second = c.generate(request("a red cat")).await.unwrap().into_inner();
+    assert_eq!(
+        (cache(te, "hit").await, encodes(te).await),
+        (1.0, 1.0),
+        "the second request skipped the text tower"
+    );
+    assert_eq!(
+        first.images[0].image, second.images[0].image,
+        "a cached encoding gives the same image"
+    );
+
+    // Redis goes away: requests still succeed, uncached, and the errors are counted.
+    redis.kill();
+    c.generate(request("a blue dog")).await.unwrap();
+    c.generate(request("a blue dog")).await.unwrap();
+    assert!(cache(te, "error").await >= 1.0);
+    assert_eq!(
+        encodes(te).await,
+        3.0,
+        "without Redis both requests ran the text tower"
+    );
+
+    // Redis returns (empty): the cache reconnects and serves hits again.
+    redis.restart();
+    let start = std::time::Instant::now();
+    loop {
+        c.generate(request("a green bird")).await.unwrap();
+        let hits = cache(te, "hit").await;
+        c.generate(request("a green bird")).await.unwrap();
+        if cache(te, "hit").await > hits {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "no cache hit after Redis came back"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_redis_an_in_process_cache_serves() {
+    let stack = Stack::start(&[]).await;
+    let te = stack.text_encoder.metrics;
+    let mut c = stack.client().await;
+    c.generate(request("an owl")).await.unwrap();
+    c.generate(request("an owl")).await.unwrap();
+    assert_eq!((cache(te, "hit").await, encodes(te).await), (1.0, 1.0));
+}

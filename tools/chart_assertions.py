@@ -4,7 +4,7 @@
     chart_assertions.py --profile gpu|cpu|monitoring|variants --fullname NAME manifest.yaml
 
 Each assertion prints one PASS/FAIL line; the exit status is 1 when any failed. The contract
-the chart must honour is SERVICES.md (binaries, flags, ports, gRPC health service names): it is
+the chart must honour is services/README.md (binaries, flags, ports, gRPC health service names): it is
 restated in STAGES / FLAGS below so that a chart change that drifts from it fails here.
 Needs PyYAML (a dependency of kubernetes-validate, so the chart-check venv has it).
 """
@@ -18,7 +18,7 @@ import sys
 
 import yaml
 
-# values key -> facts from SERVICES.md and DESIGN.md.
+# values key -> facts from services/README.md and DESIGN.md.
 STAGES = {
     "gateway": dict(component="gateway", binary="kd-gateway", health="kandinsky.v1.Gateway",
                     model=None, redis=True, gpu_default=False),
@@ -180,7 +180,7 @@ def main():
         c.check(f"{key}: runs {st['binary']}", ctr.get("command") == [st["binary"]], str(ctr.get("command")))
         flags, order = parse_args(ctr.get("args", []))
         unknown = sorted(set(order) - FLAGS[st["binary"]])
-        c.check(f"{key}: passes only flags {st['binary']} accepts (SERVICES.md)", not unknown, str(unknown))
+        c.check(f"{key}: passes only flags {st['binary']} accepts (services/README.md)", not unknown, str(unknown))
         dup = sorted({f for f in order if order.count(f) > 1})
         c.check(f"{key}: passes no flag twice", not dup, str(dup))
         ports = {p["name"]: p["containerPort"] for p in ctr.get("ports", [])}

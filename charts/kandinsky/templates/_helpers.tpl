@@ -43,7 +43,7 @@ app.kubernetes.io/part-of: kandinsky-serve
 {{/*
 The stages, in pipeline order, keyed by their values key. For each: component (resource name
 suffix and app.kubernetes.io/component), binary, gRPC health service name, which checkpoint
-folder it loads ("" = none), and whether it takes --redis-url (see SERVICES.md).
+folder it loads ("" = none), and whether it takes --redis-url (see services/README.md).
 */}}
 {{- define "kandinsky.stageKeys" -}}
 ["gateway", "textEncoder", "prior", "denoiser", "movq"]

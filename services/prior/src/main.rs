@@ -7,7 +7,7 @@ use kd_runtime::Shutdown;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    kd_runtime::telemetry::init(config.common.log_format);
+    let _telemetry = kd_runtime::telemetry::init_tracing(&config.common, "kd-prior");
     let shutdown = Shutdown::new();
     tokio::spawn(shutdown.clone().trigger_on_signals());
     kd_prior::run(config, shutdown).await?;

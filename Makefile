@@ -48,6 +48,7 @@ $(PYTHON_REF):
 ## bench: speed and memory benchmarks (release build)
 bench:
 	$(CARGO) bench -p kd-models
+	$(CARGO) bench -p kd-e2e --bench e2e_latency
 
 ## demo: build, start the stack on the bundled small model, generate demo.png, stop
 demo:

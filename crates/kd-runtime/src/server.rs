@@ -75,7 +75,9 @@ pub async fn base_router(service: &'static str) -> (Router, Readiness) {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("descriptor sets are valid");
+    // Every request runs in a span whose parent is the caller's `traceparent`.
     let router = Server::builder()
+        .trace_fn(crate::telemetry::server_span)
         .add_service(health)
         .add_service(reflection);
     (router, readiness)

@@ -94,7 +94,7 @@ impl v1::gateway_server::Gateway for Gateway {
         &self,
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<v1::GenerateResponse>, Status> {
-        let deadline = deadline::deadline_of(request.metadata());
+        let deadline = work_deadline(request.metadata());
         let plan = self.plan(request.get_ref())?;
         self.stage
             .unary("Generate", |stages| async move {
@@ -118,7 +118,7 @@ impl v1::gateway_server::Gateway for Gateway {
         &self,
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let deadline = deadline::deadline_of(request.metadata());
+        let deadline = work_deadline(request.metadata());
         let plan = self.plan(request.get_ref())?;
         let admitted = self.stage.admit("GenerateStream").await?;
         let (tx, rx) = mpsc::channel(16);
@@ -183,6 +183,15 @@ impl v1::gateway_server::Gateway for Gateway {
             }],
         }))
     }
+}
+
+/// Time kept back from the caller's deadline, so the gateway's DEADLINE_EXCEEDED (and the stop
+/// of the stages' work) reaches the caller before its own transport timer fires.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(250);
+
+/// The instant the gateway's work must end: the caller's deadline less [`DEADLINE_MARGIN`].
+fn work_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Instant> {
+    deadline::deadline_of(metadata).map(|d| d.checked_sub(DEADLINE_MARGIN).unwrap_or(d))
 }
 
 /// Runs `fut` until the deadline (DEADLINE_EXCEEDED after it).

@@ -1,0 +1,116 @@
+//! One request is one trace: an in-test OTLP/gRPC receiver collects the spans that the gateway
+//! and the four stages export for one Generate call. (Its own test binary: the trace exporter is
+//! process-global.)
+
+use kd_e2e::Stack;
+use kd_proto::v1;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Clone, Default)]
+struct Receiver(Arc<Mutex<Vec<Span>>>);
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.0.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+#[derive(clap::Parser)]
+struct Args {
+    #[command(flatten)]
+    common: kd_runtime::config::CommonArgs,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_request_is_one_trace_across_gateway_and_stages() {
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver.clone()))
+            .serve_with_incoming(incoming),
+    );
+    let args = <Args as clap::Parser>::parse_from(["kd-e2e", "--otlp-endpoint", &endpoint]);
+    let telemetry = kd_runtime::telemetry::init_tracing(&args.common, "kd-e2e");
+
+    let stack = Stack::start(&[]).await;
+    let mut c = stack.client().await;
+    let req = v1::GenerateRequest {
+        prompt: "a red cat".into(),
+        width: Some(64),
+        height: Some(64),
+        seeds: vec![3],
+        prior: Some(v1::PriorParams {
+            num_inference_steps: Some(2),
+            guidance_scale: None,
+        }),
+        decoder: Some(v1::DecoderParams {
+            num_inference_steps: Some(2),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    c.generate(req).await.unwrap();
+    drop(stack);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::task::spawn_blocking(move || drop(telemetry))
+        .await
+        .unwrap(); // flushes the exporter
+
+    let spans = receiver.0.lock().unwrap().clone();
+    let server_span = |path: &str| {
+        spans.iter().find(|s| s.name == path).unwrap_or_else(|| {
+            let names: Vec<_> = spans.iter().map(|s| s.name.as_str()).collect();
+            panic!("no span `{path}` among {names:?}")
+        })
+    };
+    let root = server_span("/kandinsky.v1.Gateway/Generate");
+    assert!(
+        root.parent_span_id.is_empty(),
+        "the gateway's span is the root of the trace"
+    );
+    let in_trace: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.trace_id == root.trace_id)
+        .collect();
+    let ids: Vec<&Vec<u8>> = in_trace.iter().map(|s| &s.span_id).collect();
+    for path in [
+        "/kandinsky.v1.TextEncoder/Encode",
+        "/kandinsky.v1.Prior/Sample",
+        "/kandinsky.v1.Prior/ZeroImageEmbedding",
+        "/kandinsky.v1.Denoiser/Denoise",
+        "/kandinsky.v1.Movq/Decode",
+    ] {
+        let s = server_span(path);
+        assert_eq!(
+            s.trace_id, root.trace_id,
+            "{path} is in the request's trace"
+        );
+        assert!(
+            ids.contains(&&s.parent_span_id),
+            "{path}'s parent is a span of the gateway's request"
+        );
+    }
+}

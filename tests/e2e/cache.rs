@@ -93,11 +93,38 @@ async fn repeated_prompts_skip_the_text_encoder_and_redis_outages_are_survived()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn without_redis_an_in_process_cache_serves() {
+async fn without_redis_an_in_process_cache_serves_and_prior_samples_are_reused_only_for_the_same_seed(
+) {
     let stack = Stack::start(&[]).await;
-    let te = stack.text_encoder.metrics;
+    let (te, prior) = (stack.text_encoder.metrics, stack.prior.metrics);
+    let prior_cache = |result: &'static str| async move {
+        metric(
+            prior,
+            &format!("kd_cache_requests_total{{result=\"{result}\",stage=\"prior\"}}"),
+        )
+        .await
+    };
     let mut c = stack.client().await;
-    c.generate(request("an owl")).await.unwrap();
-    c.generate(request("an owl")).await.unwrap();
+    let a = c.generate(request("an owl")).await.unwrap().into_inner();
+    let b = c.generate(request("an owl")).await.unwrap().into_inner();
     assert_eq!((cache(te, "hit").await, encodes(te).await), (1.0, 1.0));
+    assert_eq!(
+        (prior_cache("miss").await, prior_cache("hit").await),
+        (1.0, 1.0),
+        "same prompt and seed: the prior sample is reused"
+    );
+    assert_eq!(a.images[0].image, b.images[0].image);
+    let mut other_seed = request("an owl");
+    other_seed.seeds = vec![2];
+    c.generate(other_seed).await.unwrap();
+    assert_eq!(
+        (prior_cache("miss").await, prior_cache("hit").await),
+        (2.0, 1.0),
+        "another seed is sampled anew"
+    );
+    assert_eq!(
+        cache(te, "hit").await,
+        2.0,
+        "the text encoding is reused whatever the seed"
+    );
 }

@@ -6,8 +6,10 @@ use crate::watchdog::{GuardedNoise, Watchdog};
 use crate::wire::{conditioning, optional_tensor, sample_params, to_wire_f32};
 use kd_models::noise::SeededNoise;
 use kd_proto::v1;
+use kd_runtime::cache::{CacheKey, EmbeddingCache};
 use kd_runtime::model_info::check_requested_dtype;
 use kd_runtime::{blocking, Metrics, ServiceError, Stage};
+use prost::Message;
 use std::time::Instant;
 use tonic::{Response, Status};
 
@@ -105,8 +107,12 @@ pub fn compute(
 
 /// The RPC: decoding, checks and sampling all run on the blocking pool; sampling stops between
 /// steps when the caller leaves or its `deadline` passes.
+///
+/// A prior output is a sample, so it is cached only under a key that holds the whole request —
+/// conditioning, seeds, steps, guidance, latents, strength — and the weights' revision.
 pub async fn handle(
     stage: &Stage<PriorModel>,
+    cache: &EmbeddingCache,
     req: v1::PriorSampleRequest,
     max_batch: usize,
     deadline: Option<Instant>,
@@ -114,8 +120,18 @@ pub async fn handle(
     let metrics = stage.metrics.clone();
     stage
         .unary("Sample", |m| async move {
+            let key = CacheKey::new(&m.info.revision, "prior", &[&req.encode_to_vec()]);
+            if let Some(resp) = cache
+                .get(&key)
+                .await
+                .and_then(|b| v1::PriorSampleResponse::decode(b.as_slice()).ok())
+            {
+                return Ok(resp);
+            }
             let (watchdog, _cancel_on_drop) = Watchdog::new(deadline);
-            blocking(move || compute(&m, &req, max_batch, &metrics, &watchdog)).await
+            let resp = blocking(move || compute(&m, &req, max_batch, &metrics, &watchdog)).await?;
+            cache.put(&key, &resp.encode_to_vec()).await;
+            Ok(resp)
         })
         .await
 }

@@ -4,8 +4,10 @@ use crate::model::PriorModel;
 use crate::{encode_images, info, interpolate, sample, zero_embedding, MAX_MESSAGE_BYTES};
 use kd_proto::v1;
 use kd_proto::v1::prior_server::{Prior, PriorServer};
+use kd_runtime::cache::EmbeddingCache;
 use kd_runtime::deadline::deadline_of;
 use kd_runtime::Stage;
+use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 /// The fully qualified service name (also its health service name).
@@ -15,13 +17,19 @@ pub const SERVICE_NAME: &str = v1::prior_server::SERVICE_NAME;
 #[derive(Clone)]
 pub struct PriorService {
     stage: Stage<PriorModel>,
+    cache: Arc<EmbeddingCache>,
     max_batch: usize,
 }
 
 impl PriorService {
-    /// A service over `stage`, accepting at most `max_batch` rows per call.
-    pub fn new(stage: Stage<PriorModel>, max_batch: usize) -> Self {
-        Self { stage, max_batch }
+    /// A service over `stage`, accepting at most `max_batch` rows per call; samples are cached in
+    /// `cache` under keys holding every input, seeds, steps and guidance included.
+    pub fn new(stage: Stage<PriorModel>, cache: Arc<EmbeddingCache>, max_batch: usize) -> Self {
+        Self {
+            stage,
+            cache,
+            max_batch,
+        }
     }
 
     /// The tonic server, with message limits sized for batches of conditioning.
@@ -39,7 +47,14 @@ impl Prior for PriorService {
         request: Request<v1::PriorSampleRequest>,
     ) -> Result<Response<v1::PriorSampleResponse>, Status> {
         let deadline = deadline_of(request.metadata());
-        sample::handle(&self.stage, request.into_inner(), self.max_batch, deadline).await
+        sample::handle(
+            &self.stage,
+            &self.cache,
+            request.into_inner(),
+            self.max_batch,
+            deadline,
+        )
+        .await
     }
 
     async fn encode_images(

@@ -7,7 +7,7 @@
 //!   `--otlp-endpoint` is set.
 
 use opentelemetry::propagation::{Extractor, Injector};
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -133,11 +133,22 @@ impl Injector for MetadataInjector<'_> {
 /// Installed on every server by [`crate::server::base_router`].
 pub fn server_span(req: &http::Request<()>) -> tracing::Span {
     let path = req.uri().path();
-    let span = tracing::info_span!("grpc.server", otel.name = %path, rpc.method = %path, otel.kind = "server");
+    let span = tracing::info_span!(
+        "grpc.server",
+        otel.name = %path,
+        rpc.method = %path,
+        otel.kind = "server",
+        trace_id = tracing::field::Empty
+    );
     let parent = opentelemetry::global::get_text_map_propagator(|p| {
         p.extract(&HeaderExtractor(req.headers()))
     });
     let _ = span.set_parent(parent);
+    // Every log line of the request carries its trace id (when tracing is on).
+    let trace_id = span.context().span().span_context().trace_id();
+    if trace_id != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", tracing::field::display(trace_id));
+    }
     span
 }
 

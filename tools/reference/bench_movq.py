@@ -1,7 +1,7 @@
 """diffusers MoVQ decode time and peak RSS on the deep fixture config, for comparison with
 `crates/kd-models/benches/movq_decode.rs`. Same latents formula, f32, CPU, 2 torch threads.
 
-    /work/venv-ref/bin/python tools/reference/bench_movq.py [--cases 64,128] [--reps 2]
+    tools/reference/.venv/bin/python tools/reference/bench_movq.py [--cases 64,128] [--reps 2]
 
 Each case runs in a child process so that its peak RSS (ru_maxrss) is its own.
 """

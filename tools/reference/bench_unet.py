@@ -1,7 +1,7 @@
 """Times one decoder UNet step (CFG batch 2) with diffusers on the deep fixture UNet at a 64x64
 latent, to compare with `cargo bench -p kd-models --bench unet_step` (candle).
 
-    /work/venv-ref/bin/python tools/reference/bench_unet.py [ITERS] [THREADS]
+    tools/reference/.venv/bin/python tools/reference/bench_unet.py [ITERS] [THREADS]
 
 Loads tests/fixtures/deep/kandinsky-2-2-decoder/unet as fp32 (and as fp16 for a second row;
 CPU fp16 in torch is usually slow), torch.set_num_threads(THREADS, default 2). Prints the

@@ -2,7 +2,7 @@
 
 Never run by CI. Called by `gen_prior.py`; can also be run on its own:
 
-    /work/venv-ref/bin/python tools/reference/build_tokenizer.py [OUT_DIR]
+    tools/reference/.venv/bin/python tools/reference/build_tokenizer.py [OUT_DIR]
 
 Source of truth: `open_clip/bpe_simple_vocab_16e6.txt.gz` from the PyPI wheel `open-clip-torch==3.3.0`
 (the BPE file OpenAI ships with CLIP; sha256 pinned below). From it this script derives, exactly like

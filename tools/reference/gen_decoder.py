@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Decoder-side parity fixtures for kandinsky-serve (UNet, MoVQ, schedulers, V22 decoder pipelines).
 
-Run:  /work/venv-ref/bin/python tools/reference/gen_decoder.py
+Run:  tools/reference/.venv/bin/python tools/reference/gen_decoder.py
 
 Never run by CI; its outputs are committed. Deterministic and idempotent: it deletes and rewrites
 exactly the directories it owns (see OWNED below) and nothing else. Everything is built from

@@ -4,7 +4,7 @@ Writes tests/fixtures/tiny/reference/decoder/image_preprocess.{safetensors,json}
 (BICUBIC with reducing_gap=1 for images, LANCZOS for masks) and the diffusers pre-processing
 functions applied to small deterministic inputs. Never run by CI:
 
-    /work/venv-ref/bin/python tools/reference/gen_image_preprocess.py
+    tools/reference/.venv/bin/python tools/reference/gen_image_preprocess.py
 """
 
 from __future__ import annotations

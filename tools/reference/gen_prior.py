@@ -2,7 +2,7 @@
 
 Never run by CI. Run from the repository root:
 
-    /work/venv-ref/bin/python tools/reference/gen_prior.py
+    tools/reference/.venv/bin/python tools/reference/gen_prior.py
 
 Deterministic and idempotent: deletes and rewrites only its own outputs
 

@@ -52,25 +52,35 @@ impl Drop for Running {
     }
 }
 
-/// Starts the MoVQ stage on `listeners`.
-pub async fn start_movq(listeners: Listeners) -> Running {
+/// Spawns a service `run(listeners, shutdown)` on `listeners`.
+pub fn spawn_on<F, Fut, E>(listeners: Listeners, run: F) -> Running
+where
+    F: FnOnce(Listeners, Shutdown) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: Send + 'static,
+{
     let (addr, metrics) = (
         listeners.grpc.local_addr().unwrap(),
         listeners.metrics.local_addr().unwrap(),
     );
-    let config =
-        <kd_movq::Config as clap::Parser>::parse_from(args("kd-movq", Some(&decoder_dir()), &[]));
     let shutdown = Shutdown::new();
-    tokio::spawn(kd_movq::run_with_listeners(
-        config,
-        listeners,
-        shutdown.clone(),
-    ));
+    tokio::spawn(run(listeners, shutdown.clone()));
     Running {
         addr,
         metrics,
         shutdown,
     }
+}
+
+/// Parses a service's flags.
+fn config<C: clap::Parser>(bin: &str, model_dir: &PathBuf, extra: &[&str]) -> C {
+    C::parse_from(args(bin, Some(model_dir), extra))
+}
+
+/// Starts the MoVQ stage on `listeners`.
+pub async fn start_movq(listeners: Listeners) -> Running {
+    let c: kd_movq::Config = config("kd-movq", &decoder_dir(), &[]);
+    spawn_on(listeners, |l, s| kd_movq::run_with_listeners(c, l, s))
 }
 
 /// The five services of one deployment.
@@ -90,78 +100,20 @@ impl Stack {
 
     /// As [`Stack::start`], with extra flags for the text encoder.
     pub async fn start_with(text_encoder_args: &[&str], gateway_args: &[&str]) -> Self {
-        let text_encoder = {
-            let l = Listeners::loopback().await.unwrap();
-            let (addr, metrics) = (
-                l.grpc.local_addr().unwrap(),
-                l.metrics.local_addr().unwrap(),
-            );
-            let config = <kd_text_encoder::Config as clap::Parser>::parse_from(args(
-                "kd-text-encoder",
-                Some(&prior_dir()),
-                text_encoder_args,
-            ));
-            let shutdown = Shutdown::new();
-            tokio::spawn(kd_text_encoder::run_with_listeners(
-                config,
-                l.grpc,
-                l.metrics,
-                shutdown.clone(),
-            ));
-            Running {
-                addr,
-                metrics,
-                shutdown,
-            }
-        };
-        let prior = {
-            let l = Listeners::loopback().await.unwrap();
-            let (addr, metrics) = (
-                l.grpc.local_addr().unwrap(),
-                l.metrics.local_addr().unwrap(),
-            );
-            let config = <kd_prior::Config as clap::Parser>::parse_from(args(
-                "kd-prior",
-                Some(&prior_dir()),
-                &[],
-            ));
-            let shutdown = Shutdown::new();
-            tokio::spawn(kd_prior::run_with_listeners(
-                config,
-                l.grpc,
-                l.metrics,
-                shutdown.clone(),
-            ));
-            Running {
-                addr,
-                metrics,
-                shutdown,
-            }
-        };
-        let denoiser = {
-            let l = Listeners::loopback().await.unwrap();
-            let (addr, metrics) = (
-                l.grpc.local_addr().unwrap(),
-                l.metrics.local_addr().unwrap(),
-            );
-            let config = <kd_denoiser::Config as clap::Parser>::parse_from(args(
-                "kd-denoiser",
-                Some(&decoder_dir()),
-                &[],
-            ));
-            let shutdown = Shutdown::new();
-            tokio::spawn(kd_denoiser::run_with_listeners(
-                config,
-                l.grpc,
-                l.metrics,
-                shutdown.clone(),
-            ));
-            Running {
-                addr,
-                metrics,
-                shutdown,
-            }
-        };
+        let loopback = || async { Listeners::loopback().await.unwrap() };
+        let te: kd_text_encoder::Config =
+            config("kd-text-encoder", &prior_dir(), text_encoder_args);
+        let text_encoder = spawn_on(loopback().await, |l, s| {
+            kd_text_encoder::run_with_listeners(te, l.grpc, l.metrics, s)
+        });
+        let pr: kd_prior::Config = config("kd-prior", &prior_dir(), &[]);
+        let prior = spawn_on(loopback().await, |l, s| {
+            kd_prior::run_with_listeners(pr, l.grpc, l.metrics, s)
+        });
+        let de: kd_denoiser::Config = config("kd-denoiser", &decoder_dir(), &[]);
+        let denoiser = spawn_on(loopback().await, |l, s| {
+            kd_denoiser::run_with_listeners(de, l.grpc, l.metrics, s)
+        });
         let movq = start_movq(Listeners::loopback().await.unwrap()).await;
         let gateway =
             Self::start_gateway(&text_encoder, &prior, &denoiser, movq.addr, gateway_args).await;
@@ -192,11 +144,6 @@ impl Stack {
         movq: SocketAddr,
         extra: &[&str],
     ) -> Running {
-        let l = Listeners::loopback().await.unwrap();
-        let (addr, metrics) = (
-            l.grpc.local_addr().unwrap(),
-            l.metrics.local_addr().unwrap(),
-        );
         let urls = [
             format!("--text-encoder-url=http://{}", te.addr),
             format!("--prior-url=http://{}", prior.addr),
@@ -205,14 +152,10 @@ impl Stack {
         ];
         let mut a: Vec<&str> = urls.iter().map(String::as_str).collect();
         a.extend_from_slice(extra);
-        let config = <kd_gateway::Config as clap::Parser>::parse_from(args("kd-gateway", None, &a));
-        let shutdown = Shutdown::new();
-        tokio::spawn(kd_gateway::run_with_listeners(config, l, shutdown.clone()));
-        Running {
-            addr,
-            metrics,
-            shutdown,
-        }
+        let c = <kd_gateway::Config as clap::Parser>::parse_from(args("kd-gateway", None, &a));
+        spawn_on(Listeners::loopback().await.unwrap(), |l, s| {
+            kd_gateway::run_with_listeners(c, l, s)
+        })
     }
 
     /// A client of the gateway.

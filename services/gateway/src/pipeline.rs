@@ -221,15 +221,24 @@ pub async fn generate(
 
     // 2. Prior: image embeddings (n rows) and negative image embeddings.
     ctx.progress(v1::Stage::Prior, 0, plan.prior_steps).await?;
-    let sample = |conditioning: v1::TextEmbeddings,
-                  unconditional: v1::TextEmbeddings,
-                  seeds: Vec<u64>| v1::PriorSampleRequest {
-        conditioning: Some(conditioning),
-        unconditional: Some(unconditional),
-        num_inference_steps: plan.prior_steps,
-        guidance_scale: plan.prior_guidance,
-        seeds,
-        ..Default::default()
+    // n prior samples of `conditioning` (one row repeated, one seed per image) under `uncond`.
+    let sample = |conditioning: &v1::TextEmbeddings| {
+        let req = repeat_conditioning(conditioning, n).map(|c| v1::PriorSampleRequest {
+            conditioning: Some(c),
+            unconditional: Some(uncond.clone()),
+            num_inference_steps: plan.prior_steps,
+            guidance_scale: plan.prior_guidance,
+            seeds: plan.seeds.clone(),
+            ..Default::default()
+        });
+        async move {
+            call(&st.prior, ctx, req?, |ch, r| async move {
+                limits!(PriorClient::new(ch)).sample(r).await
+            })
+            .await?
+            .image_embeds
+            .ok_or_else(|| missing("prior", "image_embeds"))
+        }
     };
     let image_embeds = match &plan.task {
         Task::Variation { image } => {
@@ -287,35 +296,11 @@ pub async fn generate(
             }
             concat_rows(&rows)?
         }
-        _ => call(
-            &st.prior,
-            ctx,
-            sample(
-                repeat_conditioning(&cond, n)?,
-                uncond.clone(),
-                plan.seeds.clone(),
-            ),
-            |ch, r| async move { limits!(PriorClient::new(ch)).sample(r).await },
-        )
-        .await?
-        .image_embeds
-        .ok_or_else(|| missing("prior", "image_embeds"))?,
+        _ => sample(&cond).await?,
     };
     let negative_image_embeds = match &plan.negative_prompt {
         // As diffusers: the negative prompt is sampled through the prior too (cond = uncond).
-        Some(_) => call(
-            &st.prior,
-            ctx,
-            sample(
-                repeat_conditioning(&uncond, n)?,
-                uncond.clone(),
-                plan.seeds.clone(),
-            ),
-            |ch, r| async move { limits!(PriorClient::new(ch)).sample(r).await },
-        )
-        .await?
-        .image_embeds
-        .ok_or_else(|| missing("prior", "image_embeds"))?,
+        Some(_) => sample(&uncond).await?,
         None => call(
             &st.prior,
             ctx,

@@ -144,6 +144,15 @@ impl EmbeddingCache {
         }
     }
 
+    /// The cache a stage's `--redis-url` asks for (Redis, or the in-process LRU when unset).
+    pub fn for_stage(
+        args: &crate::config::StageArgs,
+        metrics: Metrics,
+    ) -> Result<Self, crate::ServiceError> {
+        Self::from_url(args.redis_url.as_deref(), CacheOptions::default(), metrics)
+            .map_err(|e| crate::ServiceError::Unavailable(format!("--redis-url: {e}")))
+    }
+
     fn redis_ok(&self) {
         if self.outage.swap(false, Ordering::Relaxed) {
             tracing::info!(stage = self.metrics.stage(), "redis cache reachable again");

@@ -20,10 +20,10 @@ pub mod wire;
 pub mod zero_embedding;
 
 use kd_runtime::admission::Admission;
-use kd_runtime::cache::{CacheOptions, EmbeddingCache};
+use kd_runtime::cache::EmbeddingCache;
 use kd_runtime::config::{CommonArgs, StageArgs};
 use kd_runtime::launch::{bind, Launch, LaunchError};
-use kd_runtime::{Metrics, ServiceError, Shutdown, Stage};
+use kd_runtime::{Metrics, Shutdown, Stage};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,12 +88,8 @@ pub async fn run_with_listeners_gated(
         Metrics::new(STAGE),
     );
     let (router, readiness) = kd_runtime::server::base_router(service::SERVICE_NAME).await;
-    let cache = EmbeddingCache::from_url(
-        config.stage.redis_url.as_deref(),
-        CacheOptions::default(),
-        stage.metrics.clone(),
-    )
-    .map_err(|e| LaunchError::Load(ServiceError::Unavailable(format!("--redis-url: {e}"))))?;
+    let cache = EmbeddingCache::for_stage(&config.stage, stage.metrics.clone())
+        .map_err(LaunchError::Load)?;
     let router = router.add_service(
         PriorService::new(stage.clone(), Arc::new(cache), config.max_batch).into_server(),
     );

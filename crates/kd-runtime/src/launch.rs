@@ -43,13 +43,6 @@ pub enum LaunchError {
     Task(String),
 }
 
-/// Binds a listener, naming the address on failure.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, LaunchError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| LaunchError::Bind { addr, source })
-}
-
 /// Everything a stage needs to start serving.
 pub struct Launch<M> {
     /// The stage the RPC handlers share (its model is installed once loaded).

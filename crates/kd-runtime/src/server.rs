@@ -19,11 +19,18 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds the addresses of `--listen` and `--metrics-listen`.
-    pub async fn bind(common: &crate::config::CommonArgs) -> std::io::Result<Self> {
+    /// Binds the addresses of `--listen` and `--metrics-listen`; a failure names the address.
+    pub async fn bind(
+        common: &crate::config::CommonArgs,
+    ) -> Result<Self, crate::launch::LaunchError> {
+        let bind = |addr: std::net::SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| crate::launch::LaunchError::Bind { addr, source })
+        };
         Ok(Self {
-            grpc: TcpListener::bind(common.listen).await?,
-            metrics: TcpListener::bind(common.metrics_listen).await?,
+            grpc: bind(common.listen).await?,
+            metrics: bind(common.metrics_listen).await?,
         })
     }
 

@@ -301,9 +301,8 @@ pub fn denoise(
 
 /// Binds the configured addresses and serves until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
-    let grpc = TcpListener::bind(config.common.listen).await?;
-    let metrics = TcpListener::bind(config.common.metrics_listen).await?;
-    run_with_listeners(config, grpc, metrics, shutdown).await
+    let l = kd_runtime::server::Listeners::bind(&config.common).await?;
+    run_with_listeners(config, l.grpc, l.metrics, shutdown).await
 }
 
 /// Serves on the given listeners until `shutdown` (tests bind port 0). Serving starts at once

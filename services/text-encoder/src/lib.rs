@@ -13,7 +13,8 @@ pub mod service;
 use kd_runtime::admission::Admission;
 use kd_runtime::cache::EmbeddingCache;
 use kd_runtime::config::{CommonArgs, StageArgs};
-use kd_runtime::launch::{bind, Launch, LaunchError};
+use kd_runtime::launch::{Launch, LaunchError};
+use kd_runtime::server::Listeners;
 use kd_runtime::{Metrics, Shutdown, Stage};
 use std::future::Future;
 use std::sync::Arc;
@@ -53,9 +54,8 @@ pub struct Config {
 
 /// Binds the configured addresses and serves until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), LaunchError> {
-    let grpc = bind(config.common.listen).await?;
-    let metrics = bind(config.common.metrics_listen).await?;
-    run_with_listeners(config, grpc, metrics, shutdown).await
+    let l = Listeners::bind(&config.common).await?;
+    run_with_listeners(config, l.grpc, l.metrics, shutdown).await
 }
 
 /// Serves on the given listeners until `shutdown` (tests bind `127.0.0.1:0`).

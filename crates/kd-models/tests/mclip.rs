@@ -279,6 +279,37 @@ fn transformer_dimensions_must_equal_hidden_size() {
 }
 
 #[test]
+fn pad_token_id_must_match_the_tokenizer() {
+    let (_tmp, root) = edited_checkpoint(|c| c["pad_token_id"] = 3.into());
+    let err = load_err(&root);
+    let msg = err.to_string();
+    assert!(matches!(err, ModelError::Config { .. }), "{err:?}");
+    assert!(
+        msg.contains("text_encoder/config.json") && msg.contains("pad_token_id"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn huge_model_max_length_is_ignored() {
+    // transformers writes `model_max_length: 1e30` for some XLM-R folders; diffusers uses 77.
+    let (_tmp, root) = edited_checkpoint(|_| {});
+    let p = root.join("tokenizer/tokenizer_config.json");
+    let text = std::fs::read_to_string(&p).unwrap().replace(
+        "\"model_max_length\": 512",
+        "\"model_max_length\": 1000000000000000019884624838656",
+    );
+    assert!(text.contains("1000000000000000019884624838656"));
+    std::fs::write(&p, text).unwrap();
+    let dir = CheckpointDir::open(&root).unwrap();
+    let enc = MultilingualTextEncoder::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        enc.tokenize(&["a cat"]).unwrap().input_ids.dims(),
+        [1, MAX_LENGTH]
+    );
+}
+
+#[test]
 fn legacy_dim_size_names_are_accepted() {
     let want = MClipConfig::from_file(&ckpt().join("text_encoder/config.json")).unwrap();
     let (_tmp, root) = edited_checkpoint(|c| {

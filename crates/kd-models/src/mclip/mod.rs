@@ -15,7 +15,7 @@ pub use config::MClipConfig;
 pub use model::{MultilingualClip, MultilingualClipOutput};
 pub use tokenizer::{XlmrBatch, XlmrTokenizer, MAX_LENGTH};
 
-use crate::checkpoint::{CheckpointDir, Variant};
+use crate::checkpoint::{CheckpointDir, ComponentDir, Variant};
 use crate::clip::text_encoder::repeat_interleave;
 use crate::error::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
@@ -76,21 +76,33 @@ pub struct MultilingualTextEncoder {
 
 /// `model_index.json` classes accepted for `text_encoder/`.
 const TEXT_ENCODER_CLASSES: &[&str] = &["MultilingualCLIP"];
+/// `model_index.json` classes accepted for `tokenizer/`.
+const TOKENIZER_CLASSES: &[&str] = &["XLMRobertaTokenizerFast", "XLMRobertaTokenizer"];
+
+/// Errors unless `model_index.json` lists `comp` with one of `allowed` classes.
+fn expect_class(dir: &CheckpointDir, comp: &ComponentDir, allowed: &[&str]) -> Result<()> {
+    if allowed.contains(&comp.class.as_str()) {
+        return Ok(());
+    }
+    Err(ModelError::Unsupported {
+        path: dir.root().join("model_index.json"),
+        field: comp.name.clone(),
+        value: format!("{:?}", comp.class),
+        supported: allowed.join(", "),
+    })
+}
 
 impl MultilingualTextEncoder {
     /// Loads `tokenizer/` and `text_encoder/` of a Kandinsky 2.1 decoder folder in `dtype` on
     /// `device`.
     pub fn load(dir: &CheckpointDir, dtype: DType, device: &Device) -> Result<Self> {
-        let tokenizer = XlmrTokenizer::from_dir(dir.component("tokenizer")?.path)?;
+        // Not `ComponentDir::tokenizer_config`: XLM-R folders may store `model_max_length` as
+        // 1e30, and diffusers ignores it (always 77).
+        let tok = dir.component("tokenizer")?;
+        expect_class(dir, &tok, TOKENIZER_CLASSES)?;
+        let tokenizer = XlmrTokenizer::from_dir(&tok.path)?;
         let te = dir.component("text_encoder")?;
-        if !TEXT_ENCODER_CLASSES.contains(&te.class.as_str()) {
-            return Err(ModelError::Unsupported {
-                path: dir.root().join("model_index.json"),
-                field: te.name.clone(),
-                value: format!("{:?}", te.class),
-                supported: TEXT_ENCODER_CLASSES.join(", "),
-            });
-        }
+        expect_class(dir, &te, TEXT_ENCODER_CLASSES)?;
         let cfg_path = te.path.join("config.json");
         let cfg = MClipConfig::from_file(&cfg_path)?;
         if tokenizer.pad_id() != cfg.pad_token_id {

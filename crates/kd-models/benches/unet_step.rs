@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use kd_models::parity::fixtures_dir;
-use kd_models::unet::UNet2DConditionModel;
+use kd_models::unet::{UNet2DConditionModel, UNetConditioning};
 use kd_models::{CheckpointDir, Variant};
 use std::time::Instant;
 
@@ -25,7 +25,9 @@ fn bench(dtype: DType, iters: usize) -> candle_core::Result<f64> {
     let mut times = Vec::with_capacity(iters);
     for i in 0..=iters {
         let start = Instant::now();
-        let out = unet.forward(&sample, 981.0, &embeds, None).unwrap();
+        let out = unet
+            .forward(&sample, 981.0, &UNetConditioning::image(&embeds))
+            .unwrap();
         out.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
         if i > 0 {
             times.push(start.elapsed().as_secs_f64() * 1e3);
@@ -35,10 +37,15 @@ fn bench(dtype: DType, iters: usize) -> candle_core::Result<f64> {
     // Per-block breakdown of one more call (time since the previous traced output).
     let mut last = Instant::now();
     let mut parts = Vec::new();
-    unet.forward_traced(&sample, 981.0, &embeds, None, &mut |name, _| {
-        parts.push(format!("{name} {:.0}", last.elapsed().as_secs_f64() * 1e3));
-        last = Instant::now();
-    })
+    unet.forward_traced(
+        &sample,
+        981.0,
+        &UNetConditioning::image(&embeds),
+        &mut |name, _| {
+            parts.push(format!("{name} {:.0}", last.elapsed().as_secs_f64() * 1e3));
+            last = Instant::now();
+        },
+    )
     .unwrap();
     println!("  breakdown (ms): {}", parts.join(", "));
     Ok(times[times.len() / 2])

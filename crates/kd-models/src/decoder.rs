@@ -1,6 +1,17 @@
-//! The Kandinsky 2.2 decoder loop at the latent level: image embeddings → final latents (the
-//! MoVQ `decode` input), as diffusers' `KandinskyV22Pipeline`, `…Img2ImgPipeline`,
-//! `…InpaintPipeline` and `…ControlnetPipeline` run it (spec §2.5–2.8).
+//! The Kandinsky 2.2 and 2.1 decoder loops at the latent level: image embeddings (and, for 2.1,
+//! M-CLIP text conditioning) → final latents (the MoVQ `decode` input), as diffusers'
+//! `KandinskyV22Pipeline`, `…Img2ImgPipeline`, `…InpaintPipeline` and `…ControlnetPipeline`
+//! run it (spec §2.5–2.8), and as `KandinskyPipeline`, `KandinskyImg2ImgPipeline` and
+//! `KandinskyInpaintPipeline` (`pipelines/kandinsky/`, spec §9) do. [`DecoderFamily`] picks the
+//! generation explicitly; the 2.1 differences:
+//!
+//! * the UNet also gets the text conditioning, arranged like the image embeddings
+//!   (`[negative…, positive…]` under CFG, each repeat-interleaved per image); diffusers does not
+//!   pass the text attention mask to the UNet;
+//! * img2img noises the image latents (times `init_noise_sigma`) with the pipeline's own
+//!   `add_noise` (linear β 0.0001…0.02, 1000 steps) at `int(num_train_timesteps·strength) − 2`,
+//!   not with the scheduler at the first remaining timestep;
+//! * inpainting never blends the known latents back in (neither per step nor at the end).
 //!
 //! * Classifier-free guidance iff `guidance_scale > 1`, batch order `[negative…, positive…]`,
 //!   ε = u + s·(c − u); the variance channels come from the conditional half and are dropped
@@ -12,9 +23,35 @@
 
 use crate::error::{ModelError, Result};
 use crate::noise::NoiseSource;
+use crate::schedulers::betas::{alphas_cumprod, linspace_f32};
+use crate::schedulers::ddpm::add_noise_at;
 use crate::schedulers::Scheduler;
-use crate::unet::UNet2DConditionModel;
+use crate::unet::{UNet2DConditionModel, UNetConditioning};
 use candle_core::{DType, Tensor};
+
+/// The text conditioning of a Kandinsky 2.1 decoder run: the M-CLIP outputs of the prompts
+/// (B rows, one per image embedding) and of the negative prompts (1 row, shared, or B rows).
+/// The attention mask is not needed: diffusers does not pass it to the UNet.
+#[derive(Debug, Clone, Copy)]
+pub struct DecoderText21<'a> {
+    /// Projected pooled prompt embeddings (B, cross_attention_dim).
+    pub text_embeds: &'a Tensor,
+    /// Prompt hidden states (B, L, encoder_hid_dim).
+    pub hidden_states: &'a Tensor,
+    /// Projected pooled negative-prompt embeddings (1 or B, cross_attention_dim); used only with CFG.
+    pub negative_text_embeds: &'a Tensor,
+    /// Negative-prompt hidden states (1 or B, L, encoder_hid_dim); used only with CFG.
+    pub negative_hidden_states: &'a Tensor,
+}
+
+/// Which Kandinsky generation's decoder pipeline a run mirrors (must match the UNet).
+#[derive(Debug, Clone, Copy)]
+pub enum DecoderFamily<'a> {
+    /// Kandinsky 2.2 (`KandinskyV22*Pipeline`): image embeddings only.
+    Kandinsky22,
+    /// Kandinsky 2.1 (`Kandinsky*Pipeline`): image embeddings plus text conditioning.
+    Kandinsky21(DecoderText21<'a>),
+}
 
 /// What the loop does besides text-to-image.
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +104,8 @@ pub struct DecoderParams<'a> {
     pub latents: Option<&'a Tensor>,
     /// Text2img, img2img, inpaint or ControlNet.
     pub mode: DecoderMode<'a>,
+    /// Kandinsky 2.2, or 2.1 with its text conditioning.
+    pub family: DecoderFamily<'a>,
 }
 
 /// What the per-step callback sees.
@@ -153,7 +192,9 @@ fn per_image(
     }
     let x = x.to_dtype(DType::F32)?;
     let x = if dims[0] == 1 && b > 1 {
-        x.repeat((b, 1, 1, 1))?
+        let mut reps = vec![1; dims.len()];
+        reps[0] = b;
+        x.repeat(reps)?
     } else {
         x
     };
@@ -240,6 +281,8 @@ pub fn run_decoder(
     };
     let double =
         |x: Tensor| -> Result<Tensor> { Ok(if cfg { Tensor::cat(&[&x, &x], 0)? } else { x }) };
+    let text = text_conditioning(unet, p, b, cfg)?;
+    let is21 = text.is_some();
 
     // The UNet's extra inputs and the per-mode set-up.
     let inpaint_needed = matches!(p.mode, DecoderMode::Inpaint { .. });
@@ -291,8 +334,16 @@ pub fn run_decoder(
             }
             timesteps = timesteps[steps - init..].to_vec();
             let x = per_image(image_latents, b, n, "image_latents", &shape[1..])?;
-            let z = noise.randn(&shape, &dev)?;
-            scheduler.add_noise(&x, &z, timesteps[0])?
+            if is21 {
+                let x = (x * scheduler.init_noise_sigma())?;
+                let t = img2img21_timestep(scheduler.num_train_timesteps(), strength)?;
+                let z = noise.randn(&shape, &dev)?;
+                let ac = alphas_cumprod(&linspace_f32(0.0001, 0.02, IMG2IMG21_TRAIN_STEPS));
+                add_noise_at(&ac, &x, &z, t)?
+            } else {
+                let z = noise.randn(&shape, &dev)?;
+                scheduler.add_noise(&x, &z, timesteps[0])?
+            }
         }
         _ => match p.latents {
             Some(l) => {
@@ -321,6 +372,7 @@ pub fn run_decoder(
                 mask0: mask.narrow(0, 0, 1)?,
                 extra,
                 noise: latents.clone(),
+                blend: !is21,
             });
         }
         DecoderMode::Controlnet { hint: h } => {
@@ -337,9 +389,11 @@ pub fn run_decoder(
             Some(ip) => Tensor::cat(&[&x_in, &ip.extra], 1)?,
             None => x_in,
         };
-        let out = unet
-            .forward(&x_in, t as f64, &embeds, hint.as_ref())?
-            .to_dtype(DType::F32)?;
+        let mut cond = UNetConditioning::image(&embeds).with_hint(hint.as_ref());
+        if let Some((te, hs)) = &text {
+            cond = cond.with_text(te, hs);
+        }
+        let out = unet.forward(&x_in, t as f64, &cond)?.to_dtype(DType::F32)?;
         let out = if cfg {
             let (u, c) = (out.narrow(0, 0, bn)?, out.narrow(0, bn, bn)?);
             let eps_u = u.narrow(1, 0, 4)?;
@@ -356,7 +410,7 @@ pub fn run_decoder(
         };
         let step = scheduler.step(&out, t, &latents, noise)?;
         latents = step.prev_sample;
-        if let Some(ip) = &inpaint {
+        if let Some(ip) = inpaint.as_ref().filter(|ip| ip.blend) {
             let proper = match timesteps.get(i + 1) {
                 Some(&t_next) => scheduler.add_noise(
                     &ip.image0.broadcast_as(ip.noise.shape())?.contiguous()?,
@@ -378,19 +432,21 @@ pub fn run_decoder(
             return Ok(DecoderOutcome::Cancelled { steps_done: i + 1 });
         }
     }
-    if let Some(ip) = &inpaint {
+    if let Some(ip) = inpaint.as_ref().filter(|ip| ip.blend) {
         latents = ip.blend(&ip.image0, &latents)?;
     }
     Ok(DecoderOutcome::Finished(latents))
 }
 
 /// Inpainting state: the first image's latents and mask (diffusers blends with batch
-/// element 0 only), the UNet's extra channels, and the initial latents used as re-noising noise.
+/// element 0 only), the UNet's extra channels, the initial latents used as re-noising noise,
+/// and whether to blend at all (2.2 does, 2.1 does not).
 struct Inpaint {
     image0: Tensor,
     mask0: Tensor,
     extra: Tensor,
     noise: Tensor,
+    blend: bool,
 }
 
 impl Inpaint {
@@ -400,6 +456,90 @@ impl Inpaint {
         let inv = (self.mask0.neg()? + 1.0)?;
         Ok(keep.broadcast_add(&latents.broadcast_mul(&inv)?)?)
     }
+}
+
+/// Length of the β table of `KandinskyImg2ImgPipeline.add_noise`.
+const IMG2IMG21_TRAIN_STEPS: usize = 1000;
+
+/// The 2.1 img2img noising index `int(num_train_timesteps·strength) − 2`, wrapped like a
+/// negative Python index into the 1000-entry table.
+fn img2img21_timestep(num_train_timesteps: usize, strength: f64) -> Result<usize> {
+    let n = IMG2IMG21_TRAIN_STEPS as i64;
+    let t = (num_train_timesteps as f64 * strength) as i64 - 2;
+    let idx = if t < 0 { t + n } else { t };
+    if !(0..n).contains(&idx) {
+        return Err(ModelError::invalid(
+            "strength",
+            format!(
+                "{strength} with num_train_timesteps {num_train_timesteps} gives noising timestep {t}; \
+                 Kandinsky 2.1 img2img allows −{n}…{} (num_train_timesteps·strength ≤ {})",
+                n - 1,
+                n + 1
+            ),
+        ));
+    }
+    Ok(idx as usize)
+}
+
+/// The UNet's 2.1 text inputs (text_embeds, hidden_states) at batch (2·)B·n, arranged like the
+/// image embeddings; `None` for 2.2. Checks that the family matches the UNet.
+fn text_conditioning(
+    unet: &UNet2DConditionModel,
+    p: &DecoderParams,
+    b: usize,
+    cfg: bool,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let t = match (p.family, unet.text_hidden_dim()) {
+        (DecoderFamily::Kandinsky22, None) => return Ok(None),
+        (DecoderFamily::Kandinsky21(t), Some(_)) => t,
+        (DecoderFamily::Kandinsky22, Some(h)) => {
+            return Err(ModelError::invalid(
+                "family",
+                format!(
+                    "Kandinsky22, but this is a Kandinsky 2.1 UNet; expected Kandinsky21 with text_embeds (B, {}) and hidden_states (B, L, {h})",
+                    unet.embed_dim()
+                ),
+            ))
+        }
+        (DecoderFamily::Kandinsky21(_), None) => {
+            return Err(ModelError::invalid(
+                "family",
+                "Kandinsky21, but this is a Kandinsky 2.2 UNet (image embeddings only); expected Kandinsky22",
+            ))
+        }
+    };
+    let (d, h) = (unet.embed_dim(), unet.text_hidden_dim().unwrap_or_default());
+    let n = p.num_images_per_prompt;
+    let hd = t.hidden_states.dims();
+    if hd.len() != 3 || hd[0] != b || hd[1] == 0 || hd[2] != h {
+        return Err(ModelError::invalid(
+            "text_hidden_states",
+            format!("shape {hd:?}; expected ({b}, L, {h}) with L ≥ 1"),
+        ));
+    }
+    if t.text_embeds.dims() != [b, d] {
+        return Err(ModelError::invalid(
+            "text_embeds",
+            format!("shape {:?}; expected ({b}, {d})", t.text_embeds.dims()),
+        ));
+    }
+    let te = repeat_interleave(&t.text_embeds.to_dtype(DType::F32)?, n)?;
+    let hs = repeat_interleave(&t.hidden_states.to_dtype(DType::F32)?, n)?;
+    if !cfg {
+        return Ok(Some((te, hs)));
+    }
+    let neg_te = per_image(t.negative_text_embeds, b, n, "negative_text_embeds", &[d])?;
+    let neg_hs = per_image(
+        t.negative_hidden_states,
+        b,
+        n,
+        "negative_text_hidden_states",
+        &[hd[1], h],
+    )?;
+    Ok(Some((
+        Tensor::cat(&[neg_te, te], 0)?,
+        Tensor::cat(&[neg_hs, hs], 0)?,
+    )))
 }
 
 /// The inpaint keep-mask at latent resolution, as `KandinskyV22InpaintPipeline` prepares it:

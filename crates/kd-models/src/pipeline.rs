@@ -10,7 +10,7 @@
 use crate::checkpoint::{CheckpointDir, Variant};
 use crate::clip::ClipTextEncoder;
 use crate::config::SchedulerConfig;
-use crate::decoder::{run_decoder, DecoderMode, DecoderParams};
+use crate::decoder::{run_decoder, DecoderFamily, DecoderMode, DecoderParams};
 use crate::error::{ModelError, Result};
 use crate::movq::{MovqOptions, VqModel};
 use crate::noise::SeededNoise;
@@ -139,6 +139,7 @@ impl Text2Image {
             num_images_per_prompt: 1,
             latents: None,
             mode: DecoderMode::Text2Img,
+            family: DecoderFamily::Kandinsky22,
         };
         let latents = run_decoder(
             &self.unet,

@@ -4,7 +4,8 @@
 use candle_core::{DType, Device, Tensor};
 use kd_models::config::SchedulerConfig;
 use kd_models::decoder::{
-    latent_side, prepare_inpaint_mask, run_decoder, DecoderMode, DecoderOutcome, DecoderParams,
+    latent_side, prepare_inpaint_mask, run_decoder, DecoderFamily, DecoderMode, DecoderOutcome,
+    DecoderParams,
 };
 use kd_models::noise::SeededNoise;
 use kd_models::parity::fixtures_dir;
@@ -44,6 +45,7 @@ fn params<'a>(pos: &'a Tensor, neg: &'a Tensor) -> DecoderParams<'a> {
         num_images_per_prompt: 1,
         latents: None,
         mode: DecoderMode::Text2Img,
+        family: DecoderFamily::Kandinsky22,
     }
 }
 

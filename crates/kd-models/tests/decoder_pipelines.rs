@@ -4,7 +4,8 @@
 use candle_core::{DType, Device, Tensor};
 use kd_models::config::SchedulerConfig;
 use kd_models::decoder::{
-    prepare_inpaint_mask, prepare_mask, run_decoder, DecoderMode, DecoderOutcome, DecoderParams,
+    prepare_inpaint_mask, prepare_mask, run_decoder, DecoderFamily, DecoderMode, DecoderOutcome,
+    DecoderParams,
 };
 use kd_models::noise::ReplayNoise;
 use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
@@ -90,6 +91,7 @@ fn run_case_dtype(size: &str, name: &str, dtype: DType, tol: f64) {
         num_images_per_prompt: meta["num_images_per_prompt"].as_u64().unwrap() as usize,
         latents: r.get("latents"),
         mode,
+        family: DecoderFamily::Kandinsky22,
     };
     let mut seen = Vec::new();
     let out = run_decoder(&unet, scheduler.as_mut(), &params, &mut noise, &mut |p| {

@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
-use kd_models::unet::UNet2DConditionModel;
+use kd_models::unet::{UNet2DConditionModel, UNetConditioning};
 use kd_models::{CheckpointDir, ModelError, Variant};
 use std::collections::HashMap;
 
@@ -38,15 +38,12 @@ fn check(size: &str, ckpt: &str, name: &str, dtype: DType, tol: f64) {
     let sample = get(&r, "sample");
     let embeds = get(&r, "image_embeds");
     let hint = r.get("hint");
+    let cond = UNetConditioning::image(embeds).with_hint(hint);
     let mut inter = Vec::new();
     let out_a = unet
-        .forward_traced(
-            sample,
-            timestep(&r, "timestep_a"),
-            embeds,
-            hint,
-            &mut |n, t| inter.push((n.to_string(), t.clone())),
-        )
+        .forward_traced(sample, timestep(&r, "timestep_a"), &cond, &mut |n, t| {
+            inter.push((n.to_string(), t.clone()))
+        })
         .unwrap();
     for (n, t) in &inter {
         let key = match n.as_str() {
@@ -63,7 +60,7 @@ fn check(size: &str, ckpt: &str, name: &str, dtype: DType, tol: f64) {
         }
     }
     let out_b = unet
-        .forward(sample, timestep(&r, "timestep_b"), embeds, hint)
+        .forward(sample, timestep(&r, "timestep_b"), &cond)
         .unwrap();
     eprintln!(
         "{size}/{name} {dtype:?}: out_a {:e}, out_b {:e}",
@@ -175,18 +172,30 @@ fn bad_inputs_are_clear_errors() {
     let dev = Device::Cpu;
     let x = Tensor::zeros((1, 4, 8, 8), DType::F32, &dev).unwrap();
     let e = Tensor::zeros((1, 31), DType::F32, &dev).unwrap();
-    let m = invalid_message(unet.forward(&x, 1.0, &e, None).unwrap_err());
+    let m = invalid_message(
+        unet.forward(&x, 1.0, &UNetConditioning::image(&e))
+            .unwrap_err(),
+    );
     assert!(
         m.contains("image_embeds") && m.contains("expected (1, 32)"),
         "{m}"
     );
     let e = Tensor::zeros((1, 32), DType::F32, &dev).unwrap();
     let bad = Tensor::zeros((1, 4, 7, 8), DType::F32, &dev).unwrap();
-    let m = invalid_message(unet.forward(&bad, 1.0, &e, None).unwrap_err());
+    let m = invalid_message(
+        unet.forward(&bad, 1.0, &UNetConditioning::image(&e))
+            .unwrap_err(),
+    );
     assert!(m.contains("sample") && m.contains("multiples of 2"), "{m}");
     let bad = Tensor::zeros((1, 9, 8, 8), DType::F32, &dev).unwrap();
-    let m = invalid_message(unet.forward(&bad, 1.0, &e, None).unwrap_err());
+    let m = invalid_message(
+        unet.forward(&bad, 1.0, &UNetConditioning::image(&e))
+            .unwrap_err(),
+    );
     assert!(m.contains("expected (B, 4, H, W)"), "{m}");
-    let m = invalid_message(unet.forward(&x, 1.0, &e, Some(&x)).unwrap_err());
+    let m = invalid_message(
+        unet.forward(&x, 1.0, &UNetConditioning::image(&e).with_hint(Some(&x)))
+            .unwrap_err(),
+    );
     assert!(m.contains("hint"), "{m}");
 }

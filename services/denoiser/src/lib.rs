@@ -7,7 +7,7 @@ pub mod model;
 pub mod request;
 
 use candle_core::Tensor;
-use kd_models::decoder::{run_decoder, DecoderMode, DecoderOutcome, DecoderParams};
+use kd_models::decoder::{run_decoder, DecoderFamily, DecoderMode, DecoderOutcome, DecoderParams};
 use kd_models::noise::SeededNoise;
 use kd_proto::v1::{self, denoise_event, denoiser_server::DenoiserServer, DenoiseEvent};
 use kd_proto::{to_wire, TensorLimits};
@@ -230,6 +230,7 @@ pub fn denoise(
         num_images_per_prompt: 1,
         latents: plan.latents.as_ref(),
         mode,
+        family: DecoderFamily::Kandinsky22,
     };
     let mut noise = SeededNoise::new(&plan.seeds);
     let preview_every = plan.preview_every;

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use kd_models::config::SchedulerConfig;
-use kd_models::decoder::{latent_side, run_decoder, DecoderMode, DecoderParams};
+use kd_models::decoder::{latent_side, run_decoder, DecoderFamily, DecoderMode, DecoderParams};
 use kd_models::noise::SeededNoise;
 use kd_models::schedulers::{self, Scheduler};
 use kd_models::unet::UNet2DConditionModel;
@@ -174,6 +174,7 @@ impl DecoderModel {
             num_images_per_prompt: 1,
             latents: None,
             mode,
+            family: DecoderFamily::Kandinsky22,
         };
         let mut scheduler = self.scheduler(v1::Scheduler::Unspecified)?;
         let mut noise = SeededNoise::new(&[0]);

@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use kd_models::config::SchedulerConfig;
-use kd_models::decoder::{run_decoder, DecoderMode, DecoderOutcome, DecoderParams};
+use kd_models::decoder::{run_decoder, DecoderFamily, DecoderMode, DecoderOutcome, DecoderParams};
 use kd_models::noise::SeededNoise;
 use kd_models::parity::{get, load_reference, rel_l2};
 use kd_models::unet::UNet2DConditionModel;
@@ -64,6 +64,7 @@ fn in_process(dir: &std::path::Path, req: &v1::DenoiseRequest) -> Tensor {
         num_images_per_prompt: 1,
         latents: None,
         mode: DecoderMode::Text2Img,
+        family: DecoderFamily::Kandinsky22,
     };
     let mut noise = SeededNoise::new(&req.seeds);
     match run_decoder(&unet, scheduler.as_mut(), &params, &mut noise, &mut |_| {

@@ -1,7 +1,9 @@
 //! The conditioning embeddings of the Kandinsky 2.2 UNet (diffusers `models/embeddings.py`):
 //! `ImageProjection` (image embed → 32 context tokens), `ImageTimeEmbedding` (image embed added
 //! to the time embedding) and `ImageHintTimeEmbedding` (the same plus the ControlNet
-//! `input_hint_block`, which encodes a pixel-resolution hint to 4 channels at 1/8 resolution).
+//! `input_hint_block`, which encodes a pixel-resolution hint to 4 channels at 1/8 resolution);
+//! and those of the Kandinsky 2.1 UNet: `TextImageProjection` (10 image tokens ⧺ projected text
+//! hidden states) and `TextImageTimeEmbedding` (`LN(text_proj(text)) + image_proj(image)`).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{conv2d, layer_norm, linear, Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
@@ -130,5 +132,77 @@ impl ImageTimeEmbedding {
     /// The encoded hint (B, 4, H/8, W/8); `None` for a model without a hint block.
     pub fn encode_hint(&self, hint: &Tensor) -> Option<Result<Tensor>> {
         self.hint_block.as_ref().map(|b| b.forward(hint))
+    }
+}
+
+/// `TextImageProjection` (`encoder_hid_dim_type "text_image_proj"`, Kandinsky 2.1):
+/// `cat[reshape(Linear(image_embeds), (B, 10, cross)), Linear(hidden_states)]` along the tokens,
+/// without normalisation.
+#[derive(Debug, Clone)]
+pub struct TextImageProjection {
+    image_embeds: Linear,
+    text_proj: Linear,
+    num_tokens: usize,
+}
+
+impl TextImageProjection {
+    /// Number of image tokens diffusers uses (`num_image_text_embeds` default).
+    pub const NUM_TOKENS: usize = 10;
+
+    /// Loads `image_embeds` (image_dim → 10·cross_dim) and `text_proj` (text_dim → cross_dim).
+    pub fn new(
+        text_dim: usize,
+        image_dim: usize,
+        cross_dim: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let n = Self::NUM_TOKENS;
+        Ok(Self {
+            image_embeds: linear(image_dim, n * cross_dim, vb.pp("image_embeds"))?,
+            text_proj: linear(text_dim, cross_dim, vb.pp("text_proj"))?,
+            num_tokens: n,
+        })
+    }
+
+    /// (B, L, text_dim) hidden states and (B, image_dim) embeds → (B, 10 + L, cross_dim).
+    pub fn forward(&self, hidden_states: &Tensor, image_embeds: &Tensor) -> Result<Tensor> {
+        let b = hidden_states.dim(0)?;
+        let img = self.image_embeds.forward(image_embeds)?;
+        let img = img.reshape((b, self.num_tokens, ()))?;
+        let text = self.text_proj.forward(hidden_states)?;
+        Tensor::cat(&[&img, &text], 1)
+    }
+}
+
+/// `TextImageTimeEmbedding` (`addition_embed_type "text_image"`, Kandinsky 2.1):
+/// `image_proj(image_embeds) + LN(text_proj(text_embeds))`.
+#[derive(Debug, Clone)]
+pub struct TextImageTimeEmbedding {
+    text_proj: Linear,
+    text_norm: LayerNorm,
+    image_proj: Linear,
+}
+
+impl TextImageTimeEmbedding {
+    /// Loads `text_proj`, `text_norm` and `image_proj`.
+    pub fn new(
+        text_dim: usize,
+        image_dim: usize,
+        time_embed_dim: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            text_proj: linear(text_dim, time_embed_dim, vb.pp("text_proj"))?,
+            text_norm: layer_norm(time_embed_dim, 1e-5, vb.pp("text_norm"))?,
+            image_proj: linear(image_dim, time_embed_dim, vb.pp("image_proj"))?,
+        })
+    }
+
+    /// (B, text_dim) pooled text embeds and (B, image_dim) image embeds → (B, time_embed_dim).
+    pub fn forward(&self, text_embeds: &Tensor, image_embeds: &Tensor) -> Result<Tensor> {
+        let text = self
+            .text_norm
+            .forward(&self.text_proj.forward(text_embeds)?)?;
+        self.image_proj.forward(image_embeds)? + text
     }
 }

@@ -1,10 +1,14 @@
-//! The Kandinsky 2.2 decoder UNet: diffusers `UNet2DConditionModel` with
-//! `addition_embed_type "image"` (or `"image_hint"` for ControlNet-depth),
-//! `encoder_hid_dim_type "image_proj"`, scale-shift resnets with resnet-based up/down-sampling
-//! and added-KV attention.
+//! The Kandinsky 2.1/2.2 decoder UNet: diffusers `UNet2DConditionModel` with scale-shift resnets,
+//! resnet-based up/down-sampling and added-KV attention, conditioned either
+//!
+//! * (2.2) on image embeddings only: `addition_embed_type "image"` (or `"image_hint"` for
+//!   ControlNet-depth) and `encoder_hid_dim_type "image_proj"` (32 context tokens), or
+//! * (2.1) on image embeddings and M-CLIP text: `addition_embed_type "text_image"` and
+//!   `encoder_hid_dim_type "text_image_proj"` (10 image tokens ⧺ the projected text hidden
+//!   states, 87 tokens for 77 text tokens).
 //!
 //! Source: <https://github.com/huggingface/diffusers/blob/main/src/diffusers/models/unets/unet_2d_condition.py>;
-//! config: `kandinsky-community/kandinsky-2-2-decoder/unet/config.json`. The output has
+//! configs: `kandinsky-community/kandinsky-2-{1,2-decoder}/unet/config.json`. The output has
 //! `out_channels` (8) channels: ε in 0–3, the learned-variance value in 4–7.
 
 pub mod attention;
@@ -18,17 +22,81 @@ use blocks::{AttnSpec, BlockCommon, DownBlock, MidBlock, UpBlock};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
-use embeddings::{ImageProjection, ImageTimeEmbedding};
+use embeddings::{
+    ImageProjection, ImageTimeEmbedding, TextImageProjection, TextImageTimeEmbedding,
+};
 use std::path::Path;
 
-/// The Kandinsky 2.2 decoder UNet.
+/// The text conditioning of a Kandinsky 2.1 UNet (the M-CLIP text encoder's outputs).
+#[derive(Debug, Clone, Copy)]
+pub struct TextConditioning<'a> {
+    /// Projected pooled text embedding (B, cross_attention_dim) (`added_cond_kwargs["text_embeds"]`).
+    pub text_embeds: &'a Tensor,
+    /// Text encoder last hidden states (B, L, encoder_hid_dim) (`encoder_hidden_states`).
+    pub hidden_states: &'a Tensor,
+}
+
+/// Everything the UNet is conditioned on besides the sample and the timestep.
+#[derive(Debug, Clone, Copy)]
+pub struct UNetConditioning<'a> {
+    /// Image embeddings (B, embed_dim) (prior output).
+    pub image_embeds: &'a Tensor,
+    /// Text conditioning: required by a 2.1 UNet, rejected by a 2.2 one.
+    pub text: Option<TextConditioning<'a>>,
+    /// ControlNet hint (B, 3, 8H, 8W): required by a ControlNet UNet, rejected otherwise.
+    pub hint: Option<&'a Tensor>,
+}
+
+impl<'a> UNetConditioning<'a> {
+    /// Image embeddings only (Kandinsky 2.2).
+    pub fn image(image_embeds: &'a Tensor) -> Self {
+        Self {
+            image_embeds,
+            text: None,
+            hint: None,
+        }
+    }
+
+    /// Adds Kandinsky 2.1 text conditioning.
+    pub fn with_text(self, text_embeds: &'a Tensor, hidden_states: &'a Tensor) -> Self {
+        Self {
+            text: Some(TextConditioning {
+                text_embeds,
+                hidden_states,
+            }),
+            ..self
+        }
+    }
+
+    /// Adds (or clears) a ControlNet hint.
+    pub fn with_hint(self, hint: Option<&'a Tensor>) -> Self {
+        Self { hint, ..self }
+    }
+}
+
+/// The conditioning layers: `add_embedding` and `encoder_hid_proj` of one family.
+#[derive(Debug)]
+enum Conditioner {
+    /// 2.2: `image`/`image_hint` + `image_proj`.
+    Image {
+        add_embedding: ImageTimeEmbedding,
+        encoder_hid_proj: ImageProjection,
+    },
+    /// 2.1: `text_image` + `text_image_proj`; `hidden_dim` = `encoder_hid_dim`.
+    TextImage {
+        add_embedding: TextImageTimeEmbedding,
+        encoder_hid_proj: TextImageProjection,
+        hidden_dim: usize,
+    },
+}
+
+/// The Kandinsky 2.1/2.2 decoder UNet.
 #[derive(Debug)]
 pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
-    add_embedding: ImageTimeEmbedding,
-    encoder_hid_proj: ImageProjection,
+    cond: Conditioner,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
@@ -55,28 +123,42 @@ impl UNet2DConditionModel {
     /// the `VarBuilder`'s (f32 default, f16 on request).
     pub fn new(cfg: &UNet2DConditionConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate(Path::new("unet/config.json"))?;
-        let with_hint = match cfg.addition_embed_type.as_deref() {
-            Some("image") => false,
-            Some("image_hint") => true,
+        let text_image = match cfg.addition_embed_type.as_deref() {
+            Some("image") | Some("image_hint") => false,
+            Some("text_image") => true,
             other => {
                 return Err(unsupported(
                     "addition_embed_type",
                     other,
-                    "\"image\", \"image_hint\"",
+                    "\"image\", \"image_hint\", \"text_image\"",
                 ))
             }
         };
-        if cfg.encoder_hid_dim_type.as_deref() != Some("image_proj") {
+        let (want_proj, desc) = if text_image {
+            (
+                "text_image_proj",
+                "\"text_image_proj\" (with addition_embed_type \"text_image\")",
+            )
+        } else {
+            (
+                "image_proj",
+                "\"image_proj\" (with addition_embed_type \"image\"/\"image_hint\")",
+            )
+        };
+        if cfg.encoder_hid_dim_type.as_deref() != Some(want_proj) {
             return Err(unsupported(
                 "encoder_hid_dim_type",
                 &cfg.encoder_hid_dim_type,
-                "\"image_proj\"",
+                desc,
             ));
         }
-        let embed_dim = cfg.encoder_hid_dim.unwrap_or_default();
+        let hid_dim = cfg.encoder_hid_dim.unwrap_or_default();
         let ch = &cfg.block_out_channels;
         let n = ch.len();
         let temb = cfg.time_embed_dim();
+        let cross = cfg.cross_attention_dim.get(0);
+        // diffusers sizes the 2.1 image and pooled-text inputs by `cross_attention_dim`.
+        let embed_dim = if text_image { cross } else { hid_dim };
         let common = BlockCommon {
             temb_channels: temb,
             groups: cfg.groups(),
@@ -96,21 +178,28 @@ impl UNet2DConditionModel {
         )?;
         let time_proj = Timesteps::new(ch[0], cfg.flip_sin_to_cos, cfg.freq_shift);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch[0], temb)?;
-        let add_embedding =
-            ImageTimeEmbedding::new(embed_dim, temb, with_hint, vb.pp("add_embedding"))?;
         let cross_last = cfg.cross_attention_dim.get(n - 1);
-        let encoder_hid_proj = ImageProjection::new(
-            embed_dim,
-            cfg.cross_attention_dim.get(0),
-            vb.pp("encoder_hid_proj"),
-        )?;
         if (0..n).any(|i| cfg.cross_attention_dim.get(i) != cross_last) {
             return Err(unsupported(
                 "cross_attention_dim",
                 &cfg.cross_attention_dim,
-                "one value for all blocks (image_proj makes one context)",
+                "one value for all blocks (encoder_hid_proj makes one context)",
             ));
         }
+        let (vb_add, vb_hid) = (vb.pp("add_embedding"), vb.pp("encoder_hid_proj"));
+        let cond = if text_image {
+            Conditioner::TextImage {
+                add_embedding: TextImageTimeEmbedding::new(cross, cross, temb, vb_add)?,
+                encoder_hid_proj: TextImageProjection::new(hid_dim, cross, cross, vb_hid)?,
+                hidden_dim: hid_dim,
+            }
+        } else {
+            let with_hint = cfg.addition_embed_type.as_deref() == Some("image_hint");
+            Conditioner::Image {
+                add_embedding: ImageTimeEmbedding::new(embed_dim, temb, with_hint, vb_add)?,
+                encoder_hid_proj: ImageProjection::new(embed_dim, cross, vb_hid)?,
+            }
+        };
         let attn_for = |ty: &str, i: usize| -> Result<Option<AttnSpec>> {
             Ok(match ty {
                 "ResnetDownsampleBlock2D" | "ResnetUpsampleBlock2D" => None,
@@ -183,8 +272,7 @@ impl UNet2DConditionModel {
             conv_in,
             time_proj,
             time_embedding,
-            add_embedding,
-            encoder_hid_proj,
+            cond,
             down_blocks,
             mid_block,
             up_blocks,
@@ -213,14 +301,35 @@ impl UNet2DConditionModel {
         self.out_channels
     }
 
-    /// Width of the image embeddings (`encoder_hid_dim`).
+    /// Width of the image embeddings (2.2: `encoder_hid_dim`; 2.1: `cross_attention_dim`).
     pub fn embed_dim(&self) -> usize {
         self.embed_dim
     }
 
     /// Whether `forward` needs a ControlNet hint.
     pub fn takes_hint(&self) -> bool {
-        self.add_embedding.takes_hint()
+        match &self.cond {
+            Conditioner::Image { add_embedding, .. } => add_embedding.takes_hint(),
+            Conditioner::TextImage { .. } => false,
+        }
+    }
+
+    /// Whether `forward` needs [`TextConditioning`] (a Kandinsky 2.1 UNet).
+    pub fn takes_text(&self) -> bool {
+        matches!(self.cond, Conditioner::TextImage { .. })
+    }
+
+    /// Width of the text hidden states (`encoder_hid_dim`) for a 2.1 UNet; `None` for 2.2.
+    pub fn text_hidden_dim(&self) -> Option<usize> {
+        match self.cond {
+            Conditioner::TextImage { hidden_dim, .. } => Some(hidden_dim),
+            Conditioner::Image { .. } => None,
+        }
+    }
+
+    /// Width of the pooled text embeddings (`cross_attention_dim`) for a 2.1 UNet; `None` for 2.2.
+    pub fn text_embed_dim(&self) -> Option<usize> {
+        self.takes_text().then_some(self.embed_dim)
     }
 
     /// Latent sides must be multiples of this (2^(number of down-samplers)).
@@ -234,24 +343,19 @@ impl UNet2DConditionModel {
     }
 
     /// ε/variance prediction (B, 8, H, W) for `sample` (B, C, H, W) at `timestep` (the same for
-    /// the whole batch), `image_embeds` (B, embed_dim) and, for ControlNet, `hint`
-    /// (B, 3, 8H, 8W). Inputs may be of any float dtype; the output has the weights' dtype.
+    /// the whole batch) under `cond` (image embeddings (B, embed_dim); for 2.1 the text
+    /// conditioning; for ControlNet the hint (B, 3, 8H, 8W)). Inputs may be of any float dtype;
+    /// the output has the weights' dtype.
     pub fn forward(
         &self,
         sample: &Tensor,
         timestep: f64,
-        image_embeds: &Tensor,
-        hint: Option<&Tensor>,
+        cond: &UNetConditioning,
     ) -> Result<Tensor> {
-        self.forward_traced(sample, timestep, image_embeds, hint, &mut |_, _| {})
+        self.forward_traced(sample, timestep, cond, &mut |_, _| {})
     }
 
-    fn check_inputs(
-        &self,
-        sample: &Tensor,
-        image_embeds: &Tensor,
-        hint: Option<&Tensor>,
-    ) -> Result<()> {
+    fn check_inputs(&self, sample: &Tensor, cond: &UNetConditioning) -> Result<()> {
         let dims = sample.dims();
         let ok = dims.len() == 4
             && dims[1] == self.sample_channels()
@@ -270,6 +374,7 @@ impl UNet2DConditionModel {
             ));
         }
         let b = dims[0];
+        let image_embeds = cond.image_embeds;
         if image_embeds.dims() != [b, self.embed_dim] {
             return Err(ModelError::invalid(
                 "image_embeds",
@@ -280,7 +385,8 @@ impl UNet2DConditionModel {
                 ),
             ));
         }
-        match (self.takes_hint(), hint) {
+        self.check_text(b, cond.text)?;
+        match (self.takes_hint(), cond.hint) {
             (true, None) => Err(ModelError::invalid(
                 "hint",
                 "this ControlNet UNet requires a hint",
@@ -301,6 +407,47 @@ impl UNet2DConditionModel {
         }
     }
 
+    fn check_text(&self, b: usize, text: Option<TextConditioning>) -> Result<()> {
+        let hidden_dim = match (self.text_hidden_dim(), text) {
+            (None, None) => return Ok(()),
+            (None, Some(_)) => {
+                return Err(ModelError::invalid(
+                    "text",
+                    "this Kandinsky 2.2 UNet is conditioned on image embeddings only; expected no text conditioning",
+                ))
+            }
+            (Some(h), None) => {
+                return Err(ModelError::invalid(
+                    "text",
+                    format!(
+                        "missing; this Kandinsky 2.1 UNet requires text_embeds ({b}, {}) and hidden_states ({b}, L, {h})",
+                        self.embed_dim
+                    ),
+                ))
+            }
+            (Some(h), Some(_)) => h,
+        };
+        let t = text.expect("matched Some above");
+        if t.text_embeds.dims() != [b, self.embed_dim] {
+            return Err(ModelError::invalid(
+                "text_embeds",
+                format!(
+                    "shape {:?}; expected ({b}, {})",
+                    t.text_embeds.dims(),
+                    self.embed_dim
+                ),
+            ));
+        }
+        let hd = t.hidden_states.dims();
+        if hd.len() != 3 || hd[0] != b || hd[1] == 0 || hd[2] != hidden_dim {
+            return Err(ModelError::invalid(
+                "text_hidden_states",
+                format!("shape {hd:?}; expected ({b}, L, {hidden_dim}) with L ≥ 1"),
+            ));
+        }
+        Ok(())
+    }
+
     /// [`Self::forward`], calling `trace(name, tensor)` with every diffusers submodule output
     /// (`time_embedding`, `add_embedding`, `encoder_hid_proj`, `down_blocks.i`, `mid_block`,
     /// `up_blocks.i`) for layer-by-layer debugging.
@@ -308,11 +455,10 @@ impl UNet2DConditionModel {
         &self,
         sample: &Tensor,
         timestep: f64,
-        image_embeds: &Tensor,
-        hint: Option<&Tensor>,
+        cond: &UNetConditioning,
         trace: &mut dyn FnMut(&str, &Tensor),
     ) -> Result<Tensor> {
-        self.check_inputs(sample, image_embeds, hint)?;
+        self.check_inputs(sample, cond)?;
         let dt = self.dtype;
         let b = sample.dim(0)?;
         let dev = sample.device();
@@ -320,20 +466,38 @@ impl UNet2DConditionModel {
         let t_emb = self.time_proj.forward(&t)?.to_dtype(dt)?;
         let emb = self.time_embedding.forward(&t_emb)?;
         trace("time_embedding", &emb);
-        let image_embeds = image_embeds.to_dtype(dt)?;
-        let aug = self.add_embedding.forward(&image_embeds)?;
-        trace("add_embedding", &aug);
+        let image_embeds = cond.image_embeds.to_dtype(dt)?;
         let mut sample = sample.to_dtype(dt)?;
-        if let Some(h) = hint {
-            let h4 = self
-                .add_embedding
-                .encode_hint(&h.to_dtype(dt)?)
-                .expect("checked: hint block present")?;
-            trace("add_embedding.hint", &h4);
-            sample = Tensor::cat(&[&sample, &h4], 1)?;
-        }
+        let (aug, context) = match &self.cond {
+            Conditioner::Image {
+                add_embedding,
+                encoder_hid_proj,
+            } => {
+                let aug = add_embedding.forward(&image_embeds)?;
+                trace("add_embedding", &aug);
+                if let Some(h) = cond.hint {
+                    let h4 = add_embedding
+                        .encode_hint(&h.to_dtype(dt)?)
+                        .expect("checked: hint block present")?;
+                    trace("add_embedding.hint", &h4);
+                    sample = Tensor::cat(&[&sample, &h4], 1)?;
+                }
+                (aug, encoder_hid_proj.forward(&image_embeds)?)
+            }
+            Conditioner::TextImage {
+                add_embedding,
+                encoder_hid_proj,
+                ..
+            } => {
+                let text = cond.text.expect("checked: text present");
+                let text_embeds = text.text_embeds.to_dtype(dt)?;
+                let hidden = text.hidden_states.to_dtype(dt)?;
+                let aug = add_embedding.forward(&text_embeds, &image_embeds)?;
+                trace("add_embedding", &aug);
+                (aug, encoder_hid_proj.forward(&hidden, &image_embeds)?)
+            }
+        };
         let emb = (emb + aug)?;
-        let context = self.encoder_hid_proj.forward(&image_embeds)?;
         trace("encoder_hid_proj", &context);
 
         let mut h = self.conv_in.forward(&sample)?;

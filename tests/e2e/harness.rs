@@ -22,6 +22,33 @@ pub fn decoder_dir() -> PathBuf {
     kd_models::parity::fixtures_dir().join("deep/kandinsky-2-2-decoder")
 }
 
+/// Which bundled checkpoints a stack serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Model {
+    /// The tiny 2.2 prior and the deep (real 4-level) 2.2 decoder.
+    Kandinsky22,
+    /// The tiny multilingual Kandinsky 2.1 prior and decoder (`tests/fixtures/kd21`).
+    Kandinsky21,
+}
+
+impl Model {
+    /// The prior folder (text encoder and prior stages).
+    pub fn prior_dir(self) -> PathBuf {
+        match self {
+            Self::Kandinsky22 => prior_dir(),
+            Self::Kandinsky21 => kd_models::parity::fixtures_dir().join("kd21/kandinsky-2-1-prior"),
+        }
+    }
+
+    /// The decoder folder (denoiser and MoVQ stages; the 2.1 text encoder's XLM-R).
+    pub fn decoder_dir(self) -> PathBuf {
+        match self {
+            Self::Kandinsky22 => decoder_dir(),
+            Self::Kandinsky21 => kd_models::parity::fixtures_dir().join("kd21/kandinsky-2-1"),
+        }
+    }
+}
+
 fn args(bin: &str, model_dir: Option<&PathBuf>, extra: &[&str]) -> Vec<String> {
     let mut a = vec![bin.to_string()];
     if let Some(d) = model_dir {
@@ -79,7 +106,12 @@ fn config<C: clap::Parser>(bin: &str, model_dir: &PathBuf, extra: &[&str]) -> C 
 
 /// Starts the MoVQ stage on `listeners`.
 pub async fn start_movq(listeners: Listeners) -> Running {
-    let c: kd_movq::Config = config("kd-movq", &decoder_dir(), &[]);
+    start_movq_of(Model::Kandinsky22, listeners).await
+}
+
+/// Starts the MoVQ stage of `model` on `listeners`.
+pub async fn start_movq_of(model: Model, listeners: Listeners) -> Running {
+    let c: kd_movq::Config = config("kd-movq", &model.decoder_dir(), &[]);
     spawn_on(listeners, |l, s| kd_movq::run_with_listeners(c, l, s))
 }
 
@@ -100,21 +132,32 @@ impl Stack {
 
     /// As [`Stack::start`], with extra flags for the text encoder.
     pub async fn start_with(text_encoder_args: &[&str], gateway_args: &[&str]) -> Self {
+        Self::start_model(Model::Kandinsky22, text_encoder_args, gateway_args).await
+    }
+
+    /// As [`Stack::start_with`], serving `model`.
+    pub async fn start_model(
+        model: Model,
+        text_encoder_args: &[&str],
+        gateway_args: &[&str],
+    ) -> Self {
         let loopback = || async { Listeners::loopback().await.unwrap() };
-        let te: kd_text_encoder::Config =
-            config("kd-text-encoder", &prior_dir(), text_encoder_args);
+        let decoder = format!("--decoder-model-dir={}", model.decoder_dir().display());
+        let mut te_args = vec![decoder.as_str()];
+        te_args.extend_from_slice(text_encoder_args);
+        let te: kd_text_encoder::Config = config("kd-text-encoder", &model.prior_dir(), &te_args);
         let text_encoder = spawn_on(loopback().await, |l, s| {
             kd_text_encoder::run_with_listeners(te, l.grpc, l.metrics, s)
         });
-        let pr: kd_prior::Config = config("kd-prior", &prior_dir(), &[]);
+        let pr: kd_prior::Config = config("kd-prior", &model.prior_dir(), &[]);
         let prior = spawn_on(loopback().await, |l, s| {
             kd_prior::run_with_listeners(pr, l.grpc, l.metrics, s)
         });
-        let de: kd_denoiser::Config = config("kd-denoiser", &decoder_dir(), &[]);
+        let de: kd_denoiser::Config = config("kd-denoiser", &model.decoder_dir(), &[]);
         let denoiser = spawn_on(loopback().await, |l, s| {
             kd_denoiser::run_with_listeners(de, l.grpc, l.metrics, s)
         });
-        let movq = start_movq(Listeners::loopback().await.unwrap()).await;
+        let movq = start_movq_of(model, Listeners::loopback().await.unwrap()).await;
         let gateway =
             Self::start_gateway(&text_encoder, &prior, &denoiser, movq.addr, gateway_args).await;
         let stack = Self {

@@ -52,6 +52,8 @@ async fn services_match_the_in_process_pipeline_and_seeds_decide_images() {
     let mut c = stack.client().await;
     let resp = c.generate(request(&[11, 22])).await.unwrap().into_inner();
     assert_eq!(resp.images.len(), 2);
+    // A 2.2 client's request (no model named) is served by the 2.2 model, which it names.
+    assert_eq!(resp.model, "kandinsky-2-2");
     assert_eq!(
         resp.images.iter().map(|i| i.seed).collect::<Vec<_>>(),
         [11, 22]

@@ -1,5 +1,6 @@
-//! The whole Kandinsky 2.2 text-to-image pipeline in one process: prompt → CLIP text
-//! conditioning → prior image embeddings → decoder latents → MoVQ pixels.
+//! The whole Kandinsky 2.2 (or 2.1) text-to-image pipeline in one process: prompt → CLIP text
+//! conditioning → prior image embeddings → decoder latents (2.1: also conditioned on the
+//! multilingual text encoder) → MoVQ pixels.
 //!
 //! The services run exactly these steps across processes (text-encoder, prior, denoiser, movq
 //! behind the gateway), with the same per-image seeds, so an image generated through the services
@@ -7,11 +8,12 @@
 //! its noise from its own [`SeededNoise`] over the image seeds, so an image depends only on its
 //! own seed.
 
-use crate::checkpoint::{CheckpointDir, Variant};
+use crate::checkpoint::{CheckpointDir, ModelFamily, Variant};
 use crate::clip::ClipTextEncoder;
 use crate::config::SchedulerConfig;
-use crate::decoder::{run_decoder, DecoderFamily, DecoderMode, DecoderParams};
+use crate::decoder::{run_decoder, DecoderFamily, DecoderMode, DecoderParams, DecoderText21};
 use crate::error::{ModelError, Result};
+use crate::mclip::MultilingualTextEncoder;
 use crate::movq::{MovqOptions, VqModel};
 use crate::noise::SeededNoise;
 use crate::prior::{ImagePrior, SampleParams};
@@ -55,6 +57,8 @@ pub struct Text2ImageOutput {
 /// Every component of text-to-image, loaded from the prior and decoder checkpoint folders.
 pub struct Text2Image {
     text: ClipTextEncoder,
+    /// Kandinsky 2.1: the decoder folder's multilingual text encoder.
+    multilingual: Option<MultilingualTextEncoder>,
     prior: ImagePrior,
     unet: UNet2DConditionModel,
     scheduler: SchedulerConfig,
@@ -62,8 +66,8 @@ pub struct Text2Image {
 }
 
 impl Text2Image {
-    /// Loads `kandinsky-2-2-prior` (text encoder, prior, vision tower) and
-    /// `kandinsky-2-2-decoder` (UNet, scheduler, MoVQ).
+    /// Loads a prior folder (text encoder, prior, vision tower) and a decoder folder (UNet,
+    /// scheduler, MoVQ and, for Kandinsky 2.1, the multilingual text encoder).
     pub fn load(
         prior_dir: &CheckpointDir,
         decoder_dir: &CheckpointDir,
@@ -79,6 +83,12 @@ impl Text2Image {
                 .weights(Variant::Default)?
                 .var_builder(dtype, device),
         )?;
+        let multilingual = match decoder_dir.family() {
+            ModelFamily::Kandinsky21 => {
+                Some(MultilingualTextEncoder::load(decoder_dir, dtype, device)?)
+            }
+            ModelFamily::Kandinsky22 => None,
+        };
         let scheduler = decoder_dir.component("scheduler")?.scheduler_config()?;
         let movq = VqModel::load(
             &decoder_dir.component("movq")?,
@@ -88,6 +98,7 @@ impl Text2Image {
         )?;
         Ok(Self {
             text,
+            multilingual,
             prior,
             unet,
             scheduler,
@@ -128,6 +139,24 @@ impl Text2Image {
             None => self.prior.zero_image_embed()?.repeat((n, 1))?,
         };
         let mut scheduler = schedulers::from_config(&self.scheduler, 0.0)?;
+        // Kandinsky 2.1: the decoder also sees the multilingual encoding of [prompt, negative].
+        let text21 = match &self.multilingual {
+            Some(m) => {
+                let t = m.encode(&[req.prompt.as_str(), uncond_prompt.as_str()])?;
+                let (c, u) = (t.row(0)?, t.row(1)?);
+                Some((c.repeat_interleave(n)?, u))
+            }
+            None => None,
+        };
+        let family = match &text21 {
+            Some((c, u)) => DecoderFamily::Kandinsky21(DecoderText21 {
+                text_embeds: &c.text_embeds,
+                hidden_states: &c.hidden_states,
+                negative_text_embeds: &u.text_embeds,
+                negative_hidden_states: &u.hidden_states,
+            }),
+            None => DecoderFamily::Kandinsky22,
+        };
         let params = DecoderParams {
             image_embeds: &image_embeds,
             negative_image_embeds: &negative_image_embeds,
@@ -139,7 +168,7 @@ impl Text2Image {
             num_images_per_prompt: 1,
             latents: None,
             mode: DecoderMode::Text2Img,
-            family: DecoderFamily::Kandinsky22,
+            family,
         };
         let latents = run_decoder(
             &self.unet,

@@ -2,11 +2,11 @@
 //! UnCLIP sampler) against diffusers' `KandinskyPriorPipeline` (`tests/fixtures/kd21/reference/prior_*`).
 
 use candle_core::{DType, Device, Tensor};
-use kd_models::ModelFamily;
 use kd_models::noise::ReplayNoise;
 use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use kd_models::prior::{PriorOptions, PriorRequest, PriorStack};
 use kd_models::CheckpointDir;
+use kd_models::ModelFamily;
 use serde_json::Value;
 use std::collections::HashMap;
 
@@ -17,10 +17,9 @@ fn checkpoint() -> CheckpointDir {
 fn case(name: &str) -> (HashMap<String, Tensor>, Value) {
     let dir = fixtures_dir().join("kd21/reference");
     let refs = load_reference(dir.join(format!("{name}.safetensors"))).unwrap();
-    let json = serde_json::from_str(
-        &std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap(),
-    )
-    .unwrap();
+    let json =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
+            .unwrap();
     (refs, json)
 }
 

@@ -7,7 +7,9 @@ pub mod model;
 pub mod request;
 
 use candle_core::Tensor;
-use kd_models::decoder::{run_decoder, DecoderFamily, DecoderMode, DecoderOutcome, DecoderParams};
+use kd_models::decoder::{
+    run_decoder, DecoderFamily, DecoderMode, DecoderOutcome, DecoderParams, DecoderText21,
+};
 use kd_models::noise::SeededNoise;
 use kd_proto::v1::{self, denoise_event, denoiser_server::DenoiserServer, DenoiseEvent};
 use kd_proto::{to_wire, TensorLimits};
@@ -230,7 +232,15 @@ pub fn denoise(
         num_images_per_prompt: 1,
         latents: plan.latents.as_ref(),
         mode,
-        family: DecoderFamily::Kandinsky22,
+        family: match &plan.text {
+            None => DecoderFamily::Kandinsky22,
+            Some(t) => DecoderFamily::Kandinsky21(DecoderText21 {
+                text_embeds: &t.text_embeds,
+                hidden_states: &t.hidden_states,
+                negative_text_embeds: &t.negative_text_embeds,
+                negative_hidden_states: &t.negative_hidden_states,
+            }),
+        },
     };
     let mut noise = SeededNoise::new(&plan.seeds);
     let preview_every = plan.preview_every;

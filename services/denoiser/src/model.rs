@@ -3,7 +3,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use kd_models::config::SchedulerConfig;
-use kd_models::decoder::{latent_side, run_decoder, DecoderFamily, DecoderMode, DecoderParams};
+use kd_models::decoder::{
+    latent_side, run_decoder, DecoderFamily, DecoderMode, DecoderParams, DecoderText21,
+};
 use kd_models::noise::SeededNoise;
 use kd_models::schedulers::{self, Scheduler};
 use kd_models::unet::UNet2DConditionModel;
@@ -79,11 +81,18 @@ impl DecoderModel {
             .unwrap_or_default()
             .to_string();
         let movq_scale_factor = ckpt.component("movq")?.vq_config()?.scale_factor();
+        // The family is the folder's; the UNet's conditioning must be that family's.
         let family = ckpt.family();
         anyhow::ensure!(
-            family == ModelFamily::Kandinsky22,
-            "{}: this denoiser serves Kandinsky 2.2 decoder folders; this is a 2.1 one",
-            dir.display()
+            unet.takes_text() == (family == ModelFamily::Kandinsky21),
+            "{}: a {family:?} folder whose UNet {} text conditioning (addition_embed_type {:?})",
+            dir.display(),
+            if unet.takes_text() {
+                "takes"
+            } else {
+                "takes no"
+            },
+            cfg.addition_embed_type
         );
         let info = kd_runtime::model_info::model_info(
             &ckpt,
@@ -153,6 +162,14 @@ impl DecoderModel {
         let image_latents = Tensor::zeros((1, 4, lh, lw), DType::F32, dev).map_err(internal)?;
         let mask = Tensor::ones((1, 1, lh, lw), DType::F32, dev).map_err(internal)?;
         let hint = Tensor::zeros((1, 3, 8 * lh, 8 * lw), DType::F32, dev).map_err(internal)?;
+        // Kandinsky 2.1: zero text conditioning of the UNet's widths (one 77-token row).
+        let text = match (self.unet.text_embed_dim(), self.unet.text_hidden_dim()) {
+            (Some(e), Some(hd)) => Some((
+                Tensor::zeros((1, e), DType::F32, dev).map_err(internal)?,
+                Tensor::zeros((1, 77, hd), DType::F32, dev).map_err(internal)?,
+            )),
+            _ => None,
+        };
         let mode = if self.is_inpaint() {
             DecoderMode::Inpaint {
                 image_latents: &image_latents,
@@ -174,7 +191,15 @@ impl DecoderModel {
             num_images_per_prompt: 1,
             latents: None,
             mode,
-            family: DecoderFamily::Kandinsky22,
+            family: match &text {
+                None => DecoderFamily::Kandinsky22,
+                Some((e, h)) => DecoderFamily::Kandinsky21(DecoderText21 {
+                    text_embeds: e,
+                    hidden_states: h,
+                    negative_text_embeds: e,
+                    negative_hidden_states: h,
+                }),
+            },
         };
         let mut scheduler = self.scheduler(v1::Scheduler::Unspecified)?;
         let mut noise = SeededNoise::new(&[0]);

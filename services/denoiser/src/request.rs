@@ -66,6 +66,134 @@ pub struct Plan {
     pub mode: Mode,
     /// Emit preview latents every N steps (0 = never).
     pub preview_every: usize,
+    /// Kandinsky 2.1: the multilingual text conditioning (None for 2.2).
+    pub text: Option<Text21>,
+}
+
+/// Kandinsky 2.1's multilingual text conditioning of a request, decoded and checked (f32).
+pub struct Text21 {
+    /// (B, cross_attention_dim).
+    pub text_embeds: Tensor,
+    /// (B, L, encoder_hid_dim).
+    pub hidden_states: Tensor,
+    /// (1 or B, cross_attention_dim); the positive rows when there is no CFG.
+    pub negative_text_embeds: Tensor,
+    /// (1 or B, L, encoder_hid_dim).
+    pub negative_hidden_states: Tensor,
+}
+
+/// Most text tokens accepted per row (XLM-R's position table has 514 entries, 512 usable).
+pub const MAX_TEXT_TOKENS: usize = 512;
+
+/// Decodes `{conditioning,negative_conditioning}.{text_embeds,text_hidden_states}` for a 2.1 UNet.
+/// The attention mask, when sent, must match the hidden states; like diffusers, the UNet does
+/// not use it.
+fn text_conditioning(
+    model: &DecoderModel,
+    limits: &Limits,
+    cond: Option<&v1::DecoderConditioning>,
+    negative: Option<&v1::DecoderConditioning>,
+    b: usize,
+    cfg: bool,
+) -> Result<Text21, ServiceError> {
+    let e = model.unet.text_embed_dim().unwrap_or(0);
+    let h = model.unet.text_hidden_dim().unwrap_or(0);
+    let read = |c: Option<&v1::DecoderConditioning>,
+                name: &str,
+                rows_one: bool|
+     -> Result<Option<(Tensor, Tensor)>, ServiceError> {
+        let Some(c) = c else { return Ok(None) };
+        let (Some(te), Some(hs)) = (&c.text_embeds, &c.text_hidden_states) else {
+            return match (&c.text_embeds, &c.text_hidden_states) {
+                (None, None) => Ok(None),
+                (None, _) => Err(invalid(
+                    &format!("{name}.text_embeds"),
+                    format!("required with text_hidden_states: ({}, {e})", one_or(b)),
+                )),
+                _ => Err(invalid(
+                    &format!("{name}.text_hidden_states"),
+                    format!("required with text_embeds: ({}, L, {h})", one_or(b)),
+                )),
+            };
+        };
+        let f = format!("{name}.text_embeds");
+        let te = decode(model, limits, te, &f)?;
+        check_rows(&te, &f, b, rows_one, &[e])?;
+        finite_range(&te, &f)?;
+        let f = format!("{name}.text_hidden_states");
+        let hs = decode(model, limits, hs, &f)?;
+        let hd = hs.dims().to_vec();
+        if hd.len() != 3
+            || hd[2] != h
+            || hd[1] == 0
+            || hd[1] > MAX_TEXT_TOKENS
+            || hd[0] != te.dims()[0]
+        {
+            return Err(invalid(
+                &f,
+                format!(
+                    "shape {hd:?}; expected ({}, L, {h}) with L in 1..={MAX_TEXT_TOKENS}, one row per text_embeds row",
+                    te.dims()[0]
+                ),
+            ));
+        }
+        finite_range(&hs, &f)?;
+        if let Some(m) = &c.text_attention_mask {
+            let f = format!("{name}.text_attention_mask");
+            let m = from_wire(m, &model.device, &limits.tensors)
+                .map_err(|err| ServiceError::tensor(&f, err))?;
+            if m.dims() != [hd[0], hd[1]] {
+                return Err(invalid(
+                    &f,
+                    format!("shape {:?}; expected ({}, {})", m.dims(), hd[0], hd[1]),
+                ));
+            }
+        }
+        Ok(Some((te, hs)))
+    };
+    let (text_embeds, hidden_states) = read(cond, "conditioning", false)?.ok_or_else(|| {
+        invalid(
+            "conditioning.text_embeds",
+            format!(
+                "required: this denoiser serves a Kandinsky 2.1 decoder, conditioned on the \
+                 multilingual text encoder's (B, {e}) text_embeds and (B, L, {h}) text_hidden_states"
+            ),
+        )
+    })?;
+    let (negative_text_embeds, negative_hidden_states) =
+        match read(negative, "negative_conditioning", true)? {
+            Some((te, hs)) => {
+                if hs.dims()[1] != hidden_states.dims()[1] {
+                    return Err(invalid(
+                        "negative_conditioning.text_hidden_states",
+                        format!(
+                            "{} tokens; expected {} like conditioning.text_hidden_states",
+                            hs.dims()[1],
+                            hidden_states.dims()[1]
+                        ),
+                    ));
+                }
+                (te, hs)
+            }
+            None if cfg => {
+                return Err(invalid(
+                    "negative_conditioning.text_embeds",
+                    format!(
+                        "required when guidance_scale > 1: the multilingual encoding of the \
+                         negative (or empty) prompt, ({}, {e}) and ({}, L, {h})",
+                        one_or(b),
+                        one_or(b)
+                    ),
+                ))
+            }
+            None => (text_embeds.clone(), hidden_states.clone()),
+        };
+    Ok(Text21 {
+        text_embeds,
+        hidden_states,
+        negative_text_embeds,
+        negative_hidden_states,
+    })
 }
 
 /// Service-side bounds on a request.
@@ -193,21 +321,23 @@ pub fn plan(
     }
     finite_range(&image_embeds, "conditioning.image_embeds")?;
     let b = dims[0];
-    for (name, c) in [
-        ("conditioning", cond),
-        ("negative_conditioning", req.negative_conditioning.as_ref()),
-    ] {
-        if let Some(c) = c {
-            for (field, t) in [
-                ("text_embeds", &c.text_embeds),
-                ("text_hidden_states", &c.text_hidden_states),
-                ("text_attention_mask", &c.text_attention_mask),
-            ] {
-                if t.is_some() {
-                    return Err(invalid(
-                        &format!("{name}.{field}"),
-                        "Kandinsky 2.1 only; this denoiser serves a Kandinsky 2.2 decoder (image_embeds only)",
-                    ));
+    if !model.unet.takes_text() {
+        for (name, c) in [
+            ("conditioning", cond),
+            ("negative_conditioning", req.negative_conditioning.as_ref()),
+        ] {
+            if let Some(c) = c {
+                for (field, t) in [
+                    ("text_embeds", &c.text_embeds),
+                    ("text_hidden_states", &c.text_hidden_states),
+                    ("text_attention_mask", &c.text_attention_mask),
+                ] {
+                    if t.is_some() {
+                        return Err(invalid(
+                            &format!("{name}.{field}"),
+                            "Kandinsky 2.1 only; this denoiser serves a Kandinsky 2.2 decoder (image_embeds only)",
+                        ));
+                    }
                 }
             }
         }
@@ -287,6 +417,20 @@ pub fn plan(
             ))
         }
         None => image_embeds.clone(),
+    };
+
+    let text = if model.unet.takes_text() {
+        let negative = req.negative_conditioning.as_ref();
+        Some(text_conditioning(
+            model,
+            limits,
+            cond,
+            negative,
+            b,
+            guidance_scale > 1.0,
+        )?)
+    } else {
+        None
     };
 
     // Latent-space inputs.
@@ -457,5 +601,6 @@ pub fn plan(
         latents,
         mode,
         preview_every: req.preview_every as usize,
+        text,
     })
 }

@@ -52,23 +52,32 @@ pub async fn served_model<'a>(
             let infos = [
                 (
                     "text_encoder",
-                    call(&st.text_encoder, ctx, v1::InfoRequest {}, |ch, r| async move {
-                        TextEncoderClient::new(ch).info(r).await
-                    })
+                    call(
+                        &st.text_encoder,
+                        ctx,
+                        v1::InfoRequest {},
+                        |ch, r| async move { TextEncoderClient::new(ch).info(r).await },
+                    )
                     .await?,
                 ),
                 (
                     "prior",
-                    call(&st.prior, ctx, v1::PriorInfoRequest {}, |ch, r| async move {
-                        PriorClient::new(ch).info(r).await
-                    })
+                    call(
+                        &st.prior,
+                        ctx,
+                        v1::PriorInfoRequest {},
+                        |ch, r| async move { PriorClient::new(ch).info(r).await },
+                    )
                     .await?,
                 ),
                 (
                     "denoiser",
-                    call(&st.denoiser, ctx, v1::DenoiserInfoRequest {}, |ch, r| async move {
-                        DenoiserClient::new(ch).info(r).await
-                    })
+                    call(
+                        &st.denoiser,
+                        ctx,
+                        v1::DenoiserInfoRequest {},
+                        |ch, r| async move { DenoiserClient::new(ch).info(r).await },
+                    )
                     .await?,
                 ),
                 (

@@ -369,7 +369,10 @@ pub fn validate(
         m => {
             return Err(bad(
                 "model",
-                format!("{m:?}; allowed: {} (or empty for the default)", KNOWN_MODELS.join(", ")),
+                format!(
+                    "{m:?}; allowed: {} (or empty for the default)",
+                    KNOWN_MODELS.join(", ")
+                ),
             ))
         }
     };

@@ -108,7 +108,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     let mut waits = Vec::new();
     for (bin, service, dir) in stages {
         let addr = format!("127.0.0.1:{}", free_port()?);
-        let args = vec![
+        let mut args = vec![
             "--listen".into(),
             addr.clone(),
             "--metrics-listen".into(),
@@ -118,6 +118,13 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             "--device".into(),
             a.device.clone(),
         ];
+        if bin == "kd-text-encoder" {
+            // Kandinsky 2.1 encodes the prompt for the decoder too (ignored for 2.2 folders).
+            args.extend([
+                "--decoder-model-dir".into(),
+                a.decoder_dir.display().to_string(),
+            ]);
+        }
         children.push(spawn(&bin_dir, bin, &args)?);
         urls.push(format!("http://{addr}"));
         waits.push((addr, service));

@@ -1,4 +1,5 @@
-//! `Encode`: prompts → CLIP text conditioning for the prior, plus the token ids.
+//! `Encode`: prompts → CLIP text conditioning for the prior (and, for Kandinsky 2.1, the
+//! multilingual conditioning of the decoder), plus the CLIP token ids.
 //!
 //! Prompts longer than 77 tokens are truncated, as diffusers' tokenizer call does; only the
 //! character length is bounded ([`MAX_PROMPT_CHARS`]), to bound tokenisation work.
@@ -66,7 +67,17 @@ pub fn compute(
             hidden_states: Some(wire(&cond.hidden_states)?),
             attention_mask: Some(wire(&rows_i64(&tokens.attention_mask)?)?),
         }),
-        decoder_conditioning: None,
+        decoder_conditioning: match &model.multilingual {
+            None => None,
+            Some(m) => {
+                let c = m.encode(prompts)?;
+                Some(v1::TextEmbeddings {
+                    text_embeds: Some(wire(&c.text_embeds)?),
+                    hidden_states: Some(wire(&c.hidden_states)?),
+                    attention_mask: Some(wire(&c.attention_mask)?),
+                })
+            }
+        },
         input_ids: Some(wire(&rows_i64(&tokens.input_ids)?)?),
         model: Some(model.info.clone()),
     })

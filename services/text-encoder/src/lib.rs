@@ -1,5 +1,5 @@
-//! The text-encoder stage: the CLIP tokenizer and text tower of a Kandinsky 2.2 prior folder,
-//! served over gRPC (`kandinsky.v1.TextEncoder`), with health, reflection and `/metrics`.
+//! The text-encoder stage: the CLIP tokenizer and text tower of a Kandinsky prior folder (and,
+//! for Kandinsky 2.1, the decoder folder's multilingual XLM-R encoder), served over gRPC (`kandinsky.v1.TextEncoder`), with health, reflection and `/metrics`.
 //!
 //! Requests enter in [`service`], each RPC has its own module ([`encode`], [`info`]), and the
 //! numbers are computed by [`kd_models::clip::ClipTextEncoder`].
@@ -47,6 +47,11 @@ pub struct Config {
     /// Flags of the model stages.
     #[command(flatten)]
     pub stage: StageArgs,
+    /// Kandinsky 2.1 only: the decoder checkpoint folder whose `tokenizer/` and `text_encoder/`
+    /// (XLM-R + MultilingualCLIP) produce the decoder's text conditioning. Required when
+    /// `--model-dir` is a 2.1 prior folder; must be the same family.
+    #[arg(long, env = "KD_DECODER_MODEL_DIR")]
+    pub decoder_model_dir: Option<std::path::PathBuf>,
     /// Most prompts in one Encode call; larger requests get INVALID_ARGUMENT.
     #[arg(long, env = "KD_MAX_BATCH", default_value_t = 64)]
     pub max_batch: usize,
@@ -88,6 +93,7 @@ pub async fn run_with_listeners_gated(
         TextEncoderService::new(stage.clone(), Arc::new(cache), config.max_batch).into_server(),
     );
     let stage_args = config.stage.clone();
+    let decoder_dir = config.decoder_model_dir.clone();
     Launch {
         stage,
         router,
@@ -97,6 +103,8 @@ pub async fn run_with_listeners_gated(
         shutdown,
         drain_delay: Duration::from_secs_f64(config.common.drain_delay_secs.max(0.0)),
     }
-    .run(gate, move || TextModel::load_and_warm(&stage_args))
+    .run(gate, move || {
+        TextModel::load_and_warm(&stage_args, decoder_dir.as_deref())
+    })
     .await
 }

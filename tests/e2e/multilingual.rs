@@ -1,0 +1,199 @@
+//! Kandinsky 2.1, the multilingual family, through the gateway and the four stage services over
+//! real gRPC: prompts in Russian, Hindi and Chinese each make an image, equal to the same steps
+//! run in one process; the gateway names the model it serves and refuses stages that disagree.
+
+use kd_e2e::{Model, Stack};
+use kd_models::pipeline::{Text2Image, Text2ImageRequest};
+use kd_models::prior::SampleParams;
+use kd_models::CheckpointDir;
+use kd_proto::v1;
+use kd_proto::v1::text_encoder_client::TextEncoderClient;
+use tonic::Code;
+
+const STEPS: u32 = 3;
+
+const PROMPTS: [(&str, &str); 3] = [
+    ("Russian", "Кот в сапогах на фоне заката"),
+    ("Hindi", "टोपी पहने हुए लाल बिल्ली"),
+    ("Chinese", "一只戴着帽子的红猫"),
+];
+
+fn request(prompt: &str, seed: u64) -> v1::GenerateRequest {
+    v1::GenerateRequest {
+        prompt: prompt.into(),
+        width: Some(64),
+        height: Some(64),
+        num_images: Some(1),
+        seeds: vec![seed],
+        prior: Some(v1::PriorParams {
+            num_inference_steps: Some(STEPS),
+            guidance_scale: Some(4.0),
+        }),
+        decoder: Some(v1::DecoderParams {
+            num_inference_steps: Some(STEPS),
+            guidance_scale: Some(4.0),
+            scheduler: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+fn pixels(img: &v1::GeneratedImage) -> image::RgbImage {
+    image::load_from_memory(&img.image.as_ref().unwrap().data)
+        .unwrap()
+        .to_rgb8()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn russian_hindi_and_chinese_prompts_each_make_the_in_process_image() {
+    let stack = Stack::start_model(Model::Kandinsky21, &[], &[]).await;
+    let mut c = stack.client().await;
+    let lib = tokio::task::spawn_blocking(|| {
+        Text2Image::load(
+            &CheckpointDir::open(Model::Kandinsky21.prior_dir()).unwrap(),
+            &CheckpointDir::open(Model::Kandinsky21.decoder_dir()).unwrap(),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    let mut images = vec![];
+    for (language, prompt) in PROMPTS {
+        let resp = c.generate(request(prompt, 7)).await.unwrap().into_inner();
+        assert_eq!(resp.model, "kandinsky-2-1", "{language}");
+        assert_eq!(resp.images.len(), 1, "{language}");
+        let px = pixels(&resp.images[0]);
+        assert_eq!(px.dimensions(), (64, 64), "{language}");
+        let want = lib
+            .generate(&Text2ImageRequest {
+                prompt: prompt.into(),
+                negative_prompt: None,
+                height: 64,
+                width: 64,
+                seeds: vec![7],
+                prior: SampleParams {
+                    num_inference_steps: STEPS as usize,
+                    guidance_scale: 4.0,
+                },
+                decoder_steps: STEPS as usize,
+                decoder_guidance: 4.0,
+            })
+            .unwrap();
+        assert!(
+            px.as_raw() == want.images[0].as_raw(),
+            "{language}: services and the in-process 2.1 pipeline differ"
+        );
+        images.push(px);
+    }
+    // The prompt decides the image: same seed, three languages, three images.
+    for i in 0..images.len() {
+        for j in i + 1..images.len() {
+            assert_ne!(images[i].as_raw(), images[j].as_raw(), "{i} vs {j}");
+        }
+    }
+
+    // The text encoder hands the decoder its multilingual conditioning: (B, 77, 48) XLM-R
+    // states of the tiny fixture, with a mask covering the real tokens.
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", stack.text_encoder.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let enc = TextEncoderClient::new(ch)
+        .encode(v1::EncodeTextRequest {
+            prompts: vec![PROMPTS[0].1.into(), String::new()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let dc = enc.decoder_conditioning.expect("2.1 decoder conditioning");
+    assert_eq!(dc.hidden_states.unwrap().shape, [2, 77, 48]);
+    assert_eq!(dc.text_embeds.unwrap().shape, [2, 32]);
+    let mask = kd_proto::from_wire(
+        &dc.attention_mask.unwrap(),
+        &candle_core::Device::Cpu,
+        &Default::default(),
+    )
+    .unwrap()
+    .to_dtype(candle_core::DType::F32)
+    .unwrap()
+    .sum(1)
+    .unwrap()
+    .to_vec1::<f32>()
+    .unwrap();
+    assert!(mask[0] > 2.0 && mask[1] == 2.0, "mask sums {mask:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_gateway_names_the_served_family_and_checks_the_model_field() {
+    let stack = Stack::start_model(Model::Kandinsky21, &[], &[]).await;
+    let mut c = stack.client().await;
+    let models = c
+        .list_models(v1::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    assert_eq!(models.len(), 1);
+    assert_eq!(models[0].name, "kandinsky-2-1");
+    assert_eq!(models[0].family, v1::ModelFamily::Kandinsky21 as i32);
+    assert!(models[0].is_default);
+
+    let mut named = request(PROMPTS[2].1, 3);
+    named.model = "kandinsky-2-1".into();
+    let resp = c.generate(named).await.unwrap().into_inner();
+    assert_eq!(resp.model, "kandinsky-2-1");
+
+    let mut other = request(PROMPTS[2].1, 3);
+    other.model = "kandinsky-2-2".into();
+    let err = c.generate(other).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("model") && err.message().contains("kandinsky-2-1"),
+        "{}",
+        err.message()
+    );
+    let mut unknown = request(PROMPTS[2].1, 3);
+    unknown.model = "kandinsky-3".into();
+    let err = c.generate(unknown).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("kandinsky-2-1, kandinsky-2-2"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stages_of_different_families_are_refused_by_name() {
+    let kd21 = Stack::start_model(Model::Kandinsky21, &[], &[]).await;
+    let kd22 = Stack::start(&[]).await;
+    // A 2.1 text encoder in front of 2.2 prior, denoiser and MoVQ.
+    let gw = Stack::start_gateway(
+        &kd21.text_encoder,
+        &kd22.prior,
+        &kd22.denoiser,
+        kd22.movq.addr,
+        &[],
+    )
+    .await;
+    kd_e2e::wait_serving(gw.addr, "kandinsky.v1.Gateway").await;
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", gw.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = v1::gateway_client::GatewayClient::new(ch);
+    let err = c.generate(request("a red cat", 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(
+        err.message().contains("text_encoder=kandinsky-2-1")
+            && err.message().contains("denoiser=kandinsky-2-2"),
+        "{}",
+        err.message()
+    );
+    let err = c.list_models(v1::ListModelsRequest {}).await.unwrap_err();
+    assert!(err.message().contains("different model families"));
+}

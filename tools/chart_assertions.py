@@ -40,6 +40,7 @@ FLAGS = {
     **{b: COMMON_FLAGS | {"--model-dir", "--device", "--dtype", "--redis-url"}
        for b in ("kd-text-encoder", "kd-prior", "kd-denoiser", "kd-movq")},
 }
+FLAGS["kd-text-encoder"] = FLAGS["kd-text-encoder"] | {"--decoder-model-dir"}
 URL_FLAGS = {"textEncoder": "--text-encoder-url", "prior": "--prior-url",
              "denoiser": "--denoiser-url", "movq": "--movq-url"}
 STANDARD_LABELS = ["app.kubernetes.io/name", "app.kubernetes.io/instance",
@@ -255,6 +256,13 @@ def main():
                             named("PersistentVolumeClaim", pvc.get("claimName")) is not None, pvc.get("claimName"))
                 elif prof["models"] == "hostPath":
                     c.check(f"{key}: model volume is a hostPath", "hostPath" in v, str(v))
+            if key == "textEncoder":
+                dd = flags.get("--decoder-model-dir") or ""
+                c.check(f"{key}: --decoder-model-dir is the decoder folder (2.1's XLM-R)",
+                        dd == MODEL_DIRS["decoder"], dd)
+                c.check(f"{key}: --decoder-model-dir lies on a read-only volume mount",
+                        any(dd.startswith(x["mountPath"].rstrip("/") + "/") and x.get("readOnly") is True
+                            for x in mounts), dd)
         else:
             c.check(f"{key}: no model volume (holds no model)", "--model-dir" not in flags)
         rw = [x["mountPath"] for x in mounts if x["name"] != "tmp" and x.get("readOnly") is not True]

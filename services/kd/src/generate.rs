@@ -22,6 +22,9 @@ pub struct GenerateArgs {
     /// API key (sent as `authorization: Bearer <key>`).
     #[arg(long, env = "KD_API_KEY")]
     pub api_key: Option<String>,
+    /// Model to use (`kandinsky-2-1` or `kandinsky-2-2`); default: whatever the gateway serves.
+    #[arg(long, default_value = "")]
+    pub model: String,
     /// Negative prompt.
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
@@ -114,6 +117,7 @@ pub fn request(a: &GenerateArgs) -> anyhow::Result<v1::GenerateRequest> {
         _ => anyhow::bail!("use --init-image [--mask] or --variation, not both"),
     };
     Ok(v1::GenerateRequest {
+        model: a.model.clone(),
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),
         task,

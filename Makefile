@@ -41,6 +41,7 @@ fixtures: $(PYTHON_REF)
 	$(PYTHON_REF) tools/reference/gen_prior.py
 	$(PYTHON_REF) tools/reference/gen_decoder.py
 	$(PYTHON_REF) tools/reference/gen_image_preprocess.py
+	$(PYTHON_REF) tools/reference/gen_kd21.py
 
 $(PYTHON_REF):
 	python3 -m venv tools/reference/.venv

@@ -102,11 +102,11 @@ impl v1::gateway_server::Gateway for Gateway {
                     deadline,
                     events: None,
                 };
-                let images =
+                let (images, model) =
                     with_deadline(deadline, pipeline::generate(&stages, &plan, &ctx)).await?;
                 Ok(v1::GenerateResponse {
                     images,
-                    model: "kandinsky-2-2".into(),
+                    model: model.into(),
                 })
             })
             .await
@@ -143,7 +143,7 @@ impl v1::gateway_server::Gateway for Gateway {
                     _ = tx.closed() => Err(ServiceError::Cancelled("the client went away".into())),
                 };
                 match &result {
-                    Ok(images) => {
+                    Ok((images, model)) => {
                         for img in images.clone() {
                             let _ = tx
                                 .send(Ok(GenerateEvent {
@@ -154,7 +154,7 @@ impl v1::gateway_server::Gateway for Gateway {
                         let _ = tx
                             .send(Ok(GenerateEvent {
                                 event: Some(v1::generate_event::Event::Done(v1::Done {
-                                    model: "kandinsky-2-2".into(),
+                                    model: model.to_string(),
                                 })),
                             }))
                             .await;
@@ -173,12 +173,18 @@ impl v1::gateway_server::Gateway for Gateway {
 
     async fn list_models(
         &self,
-        _r: Request<v1::ListModelsRequest>,
+        request: Request<v1::ListModelsRequest>,
     ) -> Result<Response<v1::ListModelsResponse>, Status> {
+        let stages = self.stage.model()?;
+        let ctx = Ctx {
+            deadline: work_deadline(request.metadata()),
+            events: None,
+        };
+        let served = with_deadline(ctx.deadline, pipeline::served_model(&stages, &ctx)).await?;
         Ok(Response::new(v1::ListModelsResponse {
             models: vec![v1::ModelDescription {
-                name: "kandinsky-2-2".into(),
-                family: v1::ModelFamily::Kandinsky22 as i32,
+                name: served.name.into(),
+                family: served.family as i32,
                 is_default: true,
             }],
         }))
@@ -234,6 +240,7 @@ pub async fn run_with_listeners(
         prior: Pool::new(&config.prior_url, "prior", refresh).await?,
         denoiser: Pool::new(&config.denoiser_url, "denoiser", refresh).await?,
         movq: Pool::new(&config.movq_url, "movq", refresh).await?,
+        served: Default::default(),
     };
     let metrics = Metrics::new("gateway");
     let stage = Stage::new(

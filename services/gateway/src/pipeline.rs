@@ -11,6 +11,7 @@ use kd_proto::v1::{
     movq_client::MovqClient, prior_client::PriorClient, text_encoder_client::TextEncoderClient,
     GenerateEvent,
 };
+use kd_runtime::model_info::model_name;
 use kd_runtime::ServiceError;
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -24,6 +25,78 @@ pub struct Stages {
     pub prior: Pool,
     pub denoiser: Pool,
     pub movq: Pool,
+    /// The model the stages serve, learned from their `Info` on first use.
+    pub served: tokio::sync::OnceCell<ServedModel>,
+}
+
+/// The one model a gateway's stages serve: read from the stages' checkpoints, never configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedModel {
+    /// Public name (`kandinsky-2-1`, `kandinsky-2-2`).
+    pub name: &'static str,
+    /// Model family.
+    pub family: v1::ModelFamily,
+}
+
+/// The model the stages serve. Asks every stage's `Info` once and checks that they agree: a
+/// Kandinsky 2.1 text encoder in front of a 2.2 denoiser is a deployment error, reported as such
+/// rather than as a wrong image.
+pub async fn served_model<'a>(
+    stages: &'a Stages,
+    ctx: &Ctx,
+) -> Result<&'a ServedModel, ServiceError> {
+    stages
+        .served
+        .get_or_try_init(|| async {
+            let st = stages;
+            let infos = [
+                (
+                    "text_encoder",
+                    call(&st.text_encoder, ctx, v1::InfoRequest {}, |ch, r| async move {
+                        TextEncoderClient::new(ch).info(r).await
+                    })
+                    .await?,
+                ),
+                (
+                    "prior",
+                    call(&st.prior, ctx, v1::PriorInfoRequest {}, |ch, r| async move {
+                        PriorClient::new(ch).info(r).await
+                    })
+                    .await?,
+                ),
+                (
+                    "denoiser",
+                    call(&st.denoiser, ctx, v1::DenoiserInfoRequest {}, |ch, r| async move {
+                        DenoiserClient::new(ch).info(r).await
+                    })
+                    .await?,
+                ),
+                (
+                    "movq",
+                    call(&st.movq, ctx, v1::MovqInfoRequest {}, |ch, r| async move {
+                        MovqClient::new(ch).info(r).await
+                    })
+                    .await?,
+                ),
+            ];
+            let family = infos[2].1.family();
+            if infos.iter().any(|(_, i)| i.family() != family) {
+                let list: Vec<String> = infos
+                    .iter()
+                    .map(|(stage, i)| format!("{stage}={}", model_name(i.family())))
+                    .collect();
+                return Err(ServiceError::Internal(format!(
+                    "the stages serve different model families ({}); every stage must load the \
+                     same Kandinsky version",
+                    list.join(", ")
+                )));
+            }
+            Ok(ServedModel {
+                name: model_name(family),
+                family,
+            })
+        })
+        .await
 }
 
 /// Largest message to or from a stage: text conditionings and full-resolution latents, masks
@@ -160,6 +233,20 @@ fn repeat_conditioning(
     })
 }
 
+/// The UNet's conditioning: image embeddings, plus the multilingual text for Kandinsky 2.1.
+fn decoder_conditioning(
+    image_embeds: v1::Tensor,
+    text: Option<&v1::TextEmbeddings>,
+) -> v1::DecoderConditioning {
+    let text = text.cloned().unwrap_or_default();
+    v1::DecoderConditioning {
+        image_embeds: Some(image_embeds),
+        text_embeds: text.text_embeds,
+        text_hidden_states: text.hidden_states,
+        text_attention_mask: text.attention_mask,
+    }
+}
+
 /// Selects row `i` of every conditioning tensor.
 fn conditioning_row(c: &v1::TextEmbeddings, i: usize) -> Result<v1::TextEmbeddings, ServiceError> {
     let row = |t: &Option<v1::Tensor>| -> Result<Option<v1::Tensor>, ServiceError> {
@@ -191,7 +278,16 @@ pub async fn generate(
     stages: &Stages,
     plan: &Plan,
     ctx: &Ctx,
-) -> Result<Vec<v1::GeneratedImage>, ServiceError> {
+) -> Result<(Vec<v1::GeneratedImage>, &'static str), ServiceError> {
+    let served = served_model(stages, ctx).await?;
+    if let Some(m) = &plan.model {
+        if m != served.name {
+            return Err(ServiceError::invalid(
+                "model",
+                format!("{m:?} is not served here; allowed: {:?}", served.name),
+            ));
+        }
+    }
     let n = plan.seeds.len();
     let st = stages;
 
@@ -218,6 +314,14 @@ pub async fn generate(
         .ok_or_else(|| missing("text_encoder", "prior_conditioning"))?;
     let cond = conditioning_row(&text, 0)?;
     let uncond = conditioning_row(&text, 1)?;
+    // Kandinsky 2.1: the multilingual text conditioning of the decoder, one row per image.
+    let decoder_text = match &enc.decoder_conditioning {
+        Some(d) => Some((
+            repeat_conditioning(&conditioning_row(d, 0)?, n)?,
+            repeat_conditioning(&conditioning_row(d, 1)?, n)?,
+        )),
+        None => None,
+    };
 
     // 2. Prior: image embeddings (n rows) and negative image embeddings.
     ctx.progress(v1::Stage::Prior, 0, plan.prior_steps).await?;
@@ -343,14 +447,14 @@ pub async fn generate(
         &st.denoiser,
         ctx,
         v1::DenoiseRequest {
-            conditioning: Some(v1::DecoderConditioning {
-                image_embeds: Some(image_embeds),
-                ..Default::default()
-            }),
-            negative_conditioning: Some(v1::DecoderConditioning {
-                image_embeds: Some(negative_image_embeds),
-                ..Default::default()
-            }),
+            conditioning: Some(decoder_conditioning(
+                image_embeds,
+                decoder_text.as_ref().map(|(c, _)| c),
+            )),
+            negative_conditioning: Some(decoder_conditioning(
+                negative_image_embeds,
+                decoder_text.as_ref().map(|(_, u)| u),
+            )),
             height: plan.height,
             width: plan.width,
             num_inference_steps: plan.decoder_steps,
@@ -398,7 +502,7 @@ pub async fn generate(
             images.len()
         )));
     }
-    Ok(images
+    let images = images
         .into_iter()
         .zip(&plan.seeds)
         .enumerate()
@@ -407,7 +511,8 @@ pub async fn generate(
             seed,
             index: i as u32,
         })
-        .collect())
+        .collect();
+    Ok((images, served.name))
 }
 
 fn concat_rows(parts: &[v1::Tensor]) -> Result<v1::Tensor, ServiceError> {

@@ -68,6 +68,8 @@ pub enum Task {
 /// A validated request with every default resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
+    /// The model the client named (`None` = whatever this gateway serves).
+    pub model: Option<String>,
     pub task: Task,
     pub prompt: String,
     /// `None` = no negative prompt (the zero-image negative embedding is used).
@@ -85,6 +87,9 @@ pub struct Plan {
     pub quality: u32,
     pub preview_every: u32,
 }
+
+/// Model names the API knows; ListModels says which one a deployment serves.
+pub const KNOWN_MODELS: [&str; 2] = ["kandinsky-2-1", "kandinsky-2-2"];
 
 /// Defaults of the public API.
 pub const DEFAULT_SIDE: u32 = 512;
@@ -358,7 +363,18 @@ pub fn validate(
         ));
     }
     let negative_prompt = (!req.negative_prompt.is_empty()).then(|| req.negative_prompt.clone());
+    let model = match req.model.trim() {
+        "" => None,
+        m if KNOWN_MODELS.contains(&m) => Some(m.to_string()),
+        m => {
+            return Err(bad(
+                "model",
+                format!("{m:?}; allowed: {} (or empty for the default)", KNOWN_MODELS.join(", ")),
+            ))
+        }
+    };
     Ok(Plan {
+        model,
         task,
         prompt: req.prompt.clone(),
         negative_prompt,

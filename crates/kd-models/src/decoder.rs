@@ -59,7 +59,8 @@ pub enum DecoderMode<'a> {
     /// Plain text-to-image (from image embeddings).
     Text2Img,
     /// Image-to-image: start from `image_latents` (MoVQ `encode` output, (1 or B, 4, h, w))
-    /// noised to the first of the last `⌊N·strength⌋` timesteps; `strength` ∈ (0, 1].
+    /// and run the last `⌊N·strength⌋` timesteps; `strength` ∈ (0, 1]. 2.2 noises the latents
+    /// to the first of them with the scheduler, 2.1 to `int(T·strength) − 2` with its own β table.
     Img2Img {
         /// MoVQ latents of the init image.
         image_latents: &'a Tensor,
@@ -67,7 +68,8 @@ pub enum DecoderMode<'a> {
         strength: f64,
     },
     /// Inpainting with a 9-channel UNet: `image_latents` (1 or B, 4, h, w) and the prepared
-    /// latent keep-mask (1 or B, 1, h, w) from [`prepare_inpaint_mask`] (1 = keep).
+    /// latent keep-mask (1 or B, 1, h, w) from [`prepare_inpaint_mask`] (1 = keep; the same
+    /// preparation for 2.1 and 2.2). Only 2.2 blends the known latents back in.
     Inpaint {
         /// MoVQ latents of the init image.
         image_latents: &'a Tensor,
@@ -630,4 +632,19 @@ pub fn prepare_mask(masks: &Tensor) -> Result<Tensor> {
         }
     }
     Ok(Tensor::from_vec(new, (b, c, h, w), masks.device())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn img2img21_timestep_matches_python_indexing() {
+        assert_eq!(img2img21_timestep(1000, 1.0).unwrap(), 998);
+        assert_eq!(img2img21_timestep(1000, 0.3).unwrap(), 298);
+        // int(1000·0.001) − 2 = −1 indexes the last entry in torch.
+        assert_eq!(img2img21_timestep(1000, 0.001).unwrap(), 999);
+        let e = img2img21_timestep(2000, 1.0).unwrap_err().to_string();
+        assert!(e.contains("strength") && e.contains("1998"), "{e}");
+    }
 }

@@ -67,9 +67,11 @@ trait RepeatRows {
 
 impl RepeatRows for Tensor {
     fn repeat_interleave_rows(&self, n: usize) -> candle_core::Result<Tensor> {
-        let rows: Vec<Tensor> = (0..self.dim(0)?)
-            .flat_map(|i| std::iter::repeat_n(self.narrow(0, i, 1), n))
-            .collect::<candle_core::Result<_>>()?;
+        let mut rows = Vec::new();
+        for i in 0..self.dim(0)? {
+            let row = self.narrow(0, i, 1)?;
+            rows.extend(std::iter::repeat_n(row, n));
+        }
         Tensor::cat(&rows, 0)
     }
 }

@@ -9,7 +9,7 @@ use kd_proto::v1::text_encoder_client::TextEncoderClient;
 use kd_runtime::launch::LaunchError;
 use kd_runtime::Shutdown;
 use kd_text_encoder::Config;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tokio::net::TcpListener;
 
 fn prior21() -> PathBuf {
@@ -20,7 +20,7 @@ fn decoder21() -> PathBuf {
     fixtures_dir().join("kd21/kandinsky-2-1")
 }
 
-fn config(model_dir: &PathBuf, decoder_dir: Option<&PathBuf>) -> Config {
+fn config(model_dir: &Path, decoder_dir: Option<&PathBuf>) -> Config {
     let mut args = vec![
         "kd-text-encoder".to_string(),
         format!("--model-dir={}", model_dir.display()),

@@ -74,7 +74,11 @@ pub fn compute(
                 Some(v1::TextEmbeddings {
                     text_embeds: Some(wire(&c.text_embeds)?),
                     hidden_states: Some(wire(&c.hidden_states)?),
-                    attention_mask: Some(wire(&c.attention_mask)?),
+                    attention_mask: Some(wire(
+                        &c.mask
+                            .to_dtype(candle_core::DType::I64)
+                            .map_err(|e| ServiceError::Internal(e.to_string()))?,
+                    )?),
                 })
             }
         },

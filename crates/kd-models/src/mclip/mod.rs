@@ -16,54 +16,15 @@ pub use model::{MultilingualClip, MultilingualClipOutput};
 pub use tokenizer::{XlmrBatch, XlmrTokenizer, MAX_LENGTH};
 
 use crate::checkpoint::{CheckpointDir, ComponentDir, Variant};
-use crate::clip::text_encoder::repeat_interleave;
+use crate::clip::TextConditioning;
 use crate::error::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
 
-/// Text conditioning of the Kandinsky 2.1 decoder.
-#[derive(Debug, Clone)]
-pub struct MultilingualConditioning {
-    /// (B, numDims) f32: projected mask-mean of the hidden states.
-    pub text_embeds: Tensor,
-    /// (B, 77, hidden) f32: XLM-R last hidden state.
-    pub hidden_states: Tensor,
-    /// (B, 77) i64 0/1: 1 for `<s>..</s>`, 0 for padding.
-    pub attention_mask: Tensor,
-}
-
-impl MultilingualConditioning {
-    /// Number of rows B (read from `text_embeds`).
-    pub fn rows(&self) -> Result<usize> {
-        Ok(self.text_embeds.dim(0)?)
-    }
-
-    /// Every row repeated `n` times in place (`repeat_interleave(n, dim=0)`).
-    pub fn repeat_interleave(&self, n: usize) -> Result<Self> {
-        Ok(Self {
-            text_embeds: repeat_interleave(&self.text_embeds, n)?,
-            hidden_states: repeat_interleave(&self.hidden_states, n)?,
-            attention_mask: repeat_interleave(&self.attention_mask, n)?,
-        })
-    }
-
-    /// Rows of `a` followed by rows of `b` (CFG: `cat(negative, positive)`).
-    pub fn cat(a: &Self, b: &Self) -> Result<Self> {
-        Ok(Self {
-            text_embeds: Tensor::cat(&[&a.text_embeds, &b.text_embeds], 0)?,
-            hidden_states: Tensor::cat(&[&a.hidden_states, &b.hidden_states], 0)?,
-            attention_mask: Tensor::cat(&[&a.attention_mask, &b.attention_mask], 0)?,
-        })
-    }
-
-    /// Row `i` as a one-row conditioning.
-    pub fn row(&self, i: usize) -> Result<Self> {
-        Ok(Self {
-            text_embeds: self.text_embeds.narrow(0, i, 1)?,
-            hidden_states: self.hidden_states.narrow(0, i, 1)?,
-            attention_mask: self.attention_mask.narrow(0, i, 1)?,
-        })
-    }
-}
+/// Text conditioning of the Kandinsky 2.1 decoder: the same shape of data as the prior's CLIP
+/// conditioning — `text_embeds` (B, numDims) f32, the projected mask-mean of the hidden states;
+/// `hidden_states` (B, 77, hidden) f32, the XLM-R last hidden state; `mask` (B, 77) u32 0/1, 1 for
+/// `<s>..</s>` — so it shares [`TextConditioning`]'s row helpers.
+pub type MultilingualConditioning = TextConditioning;
 
 /// The loaded 2.1 prompt encoder: XLM-R tokenizer and `MultilingualCLIP`. Immutable after
 /// loading; `encode` takes `&self` and may run from several threads.
@@ -160,7 +121,7 @@ impl MultilingualTextEncoder {
         Ok(MultilingualConditioning {
             text_embeds: out.text_embeds.to_dtype(DType::F32)?,
             hidden_states: out.hidden_states.to_dtype(DType::F32)?,
-            attention_mask: tokens.attention_mask.to_dtype(DType::I64)?,
+            mask: tokens.attention_mask.to_dtype(DType::U32)?,
         })
     }
 

@@ -29,6 +29,8 @@ pub enum Model {
     Kandinsky22,
     /// The tiny multilingual Kandinsky 2.1 prior and decoder (`tests/fixtures/kd21`).
     Kandinsky21,
+    /// As [`Model::Kandinsky21`] with the 9-channel inpainting decoder.
+    Kandinsky21Inpaint,
 }
 
 impl Model {
@@ -36,7 +38,9 @@ impl Model {
     pub fn prior_dir(self) -> PathBuf {
         match self {
             Self::Kandinsky22 => prior_dir(),
-            Self::Kandinsky21 => kd_models::parity::fixtures_dir().join("kd21/kandinsky-2-1-prior"),
+            Self::Kandinsky21 | Self::Kandinsky21Inpaint => {
+                kd_models::parity::fixtures_dir().join("kd21/kandinsky-2-1-prior")
+            }
         }
     }
 
@@ -45,6 +49,9 @@ impl Model {
         match self {
             Self::Kandinsky22 => decoder_dir(),
             Self::Kandinsky21 => kd_models::parity::fixtures_dir().join("kd21/kandinsky-2-1"),
+            Self::Kandinsky21Inpaint => {
+                kd_models::parity::fixtures_dir().join("kd21/kandinsky-2-1-inpaint")
+            }
         }
     }
 }

@@ -197,3 +197,62 @@ async fn stages_of_different_families_are_refused_by_name() {
     let err = c.list_models(v1::ListModelsRequest {}).await.unwrap_err();
     assert!(err.message().contains("different model families"));
 }
+
+fn fixture_png(name: &str) -> Vec<u8> {
+    std::fs::read(
+        kd_models::parity::fixtures_dir()
+            .join("kd21/reference")
+            .join(name),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn image_to_image_and_inpaint_run_with_multilingual_prompts() {
+    use v1::generate_request::Task;
+    let init = fixture_png("init_image.png");
+    let mask = fixture_png("inpaint_mask.png");
+
+    let stack = Stack::start_model(Model::Kandinsky21, &[], &[]).await;
+    let mut c = stack.client().await;
+    let mut req = request(PROMPTS[0].1, 5);
+    req.task = Some(Task::ImageToImage(v1::ImageToImage {
+        image: init.clone(),
+        strength: Some(0.5),
+    }));
+    let a = c.generate(req.clone()).await.unwrap().into_inner();
+    assert_eq!(a.model, "kandinsky-2-1");
+    assert_eq!(pixels(&a.images[0]).dimensions(), (64, 64));
+    let again = c.generate(req).await.unwrap().into_inner();
+    assert_eq!(
+        pixels(&a.images[0]),
+        pixels(&again.images[0]),
+        "seeded: same bytes"
+    );
+    let plain = c
+        .generate(request(PROMPTS[0].1, 5))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(
+        pixels(&a.images[0]),
+        pixels(&plain.images[0]),
+        "the init image matters"
+    );
+    // Inpainting needs the 9-channel UNet: refused by name on this one.
+    let mut req = request(PROMPTS[1].1, 5);
+    req.task = Some(Task::Inpaint(v1::Inpaint {
+        image: init.clone(),
+        mask: mask.clone(),
+    }));
+    let err = c.generate(req.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("in_channels"), "{}", err.message());
+    drop(stack);
+
+    let stack = Stack::start_model(Model::Kandinsky21Inpaint, &[], &[]).await;
+    let mut c = stack.client().await;
+    let r = c.generate(req).await.unwrap().into_inner();
+    assert_eq!(r.model, "kandinsky-2-1");
+    assert_eq!(pixels(&r.images[0]).dimensions(), (64, 64));
+}

@@ -18,7 +18,7 @@ pub use tokenizer::{XlmrBatch, XlmrTokenizer, MAX_LENGTH};
 use crate::checkpoint::{CheckpointDir, ComponentDir, Variant};
 use crate::clip::TextConditioning;
 use crate::error::{ModelError, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 
 /// Text conditioning of the Kandinsky 2.1 decoder: the same shape of data as the prior's CLIP
 /// conditioning — `text_embeds` (B, numDims) f32, the projected mask-mean of the hidden states;

@@ -129,6 +129,7 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
                 quality: 101,
             })
         }),
+        ("model", |r| r.model = "kandinsky-3".into()),
         ("preview_every", |r| {
             r.decoder = Some(v1::DecoderParams {
                 num_inference_steps: Some(5),

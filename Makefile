@@ -51,6 +51,7 @@ $(PYTHON_REF):
 bench:
 	$(CARGO) bench -p kd-models
 	$(CARGO) bench -p kd-e2e --bench e2e_latency
+	E2E_MODEL=kandinsky-2-1 $(CARGO) bench -p kd-e2e --bench e2e_latency
 
 ## demo: build, start the stack on the bundled small model, generate demo.png, stop
 demo:

@@ -3,9 +3,10 @@
 //! between the gateway and the stages (counted by a TCP proxy in front of every stage).
 //!
 //! `cargo bench -p kd-e2e --bench e2e_latency` (or `make bench`). Settings: `E2E_SIZE` (pixels,
-//! default 256), `E2E_STEPS` (prior and decoder steps, default 10), `E2E_RUNS` (default 5).
+//! default 256), `E2E_STEPS` (prior and decoder steps, default 10), `E2E_RUNS` (default 5),
+//! `E2E_MODEL` (`kandinsky-2-2`, the default, or `kandinsky-2-1`: the multilingual fixtures).
 
-use kd_e2e::{decoder_dir, prior_dir, Stack};
+use kd_e2e::{Model, Stack};
 use kd_models::pipeline::{Text2Image, Text2ImageRequest};
 use kd_models::prior::SampleParams;
 use kd_models::CheckpointDir;
@@ -83,7 +84,13 @@ async fn main() {
         env("E2E_STEPS", 10),
         env("E2E_RUNS", 5),
     );
-    let stack = Stack::start(&[]).await;
+    let model = match std::env::var("E2E_MODEL").as_deref() {
+        Ok("kandinsky-2-1") => Model::Kandinsky21,
+        Ok("kandinsky-2-2") | Err(_) => Model::Kandinsky22,
+        Ok(other) => panic!("E2E_MODEL={other}; allowed: kandinsky-2-2, kandinsky-2-1"),
+    };
+    println!("model: {model:?}");
+    let stack = Stack::start_model(model, &[], &[]).await;
     // A second gateway whose stage traffic goes through byte-counting proxies.
     let counters: Vec<Arc<AtomicU64>> = (0..4).map(|_| Arc::new(AtomicU64::new(0))).collect();
     let mut proxied = Vec::new();
@@ -134,8 +141,8 @@ async fn main() {
     };
     let pipeline = Arc::new(
         Text2Image::load(
-            &CheckpointDir::open(prior_dir()).unwrap(),
-            &CheckpointDir::open(decoder_dir()).unwrap(),
+            &CheckpointDir::open(model.prior_dir()).unwrap(),
+            &CheckpointDir::open(model.decoder_dir()).unwrap(),
             candle_core::DType::F32,
             &candle_core::Device::Cpu,
         )

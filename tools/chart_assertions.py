@@ -36,7 +36,7 @@ STAGES = {
 COMMON_FLAGS = {"--listen", "--metrics-listen", "--otlp-endpoint", "--log-format", "--max-queue"}
 FLAGS = {
     "kd-gateway": COMMON_FLAGS | {"--text-encoder-url", "--prior-url", "--denoiser-url",
-                                  "--movq-url", "--api-keys-file", "--redis-url"},
+                                  "--movq-url", "--api-keys-file", "--redis-url", "--extra-stack"},
     **{b: COMMON_FLAGS | {"--model-dir", "--device", "--dtype", "--redis-url"}
        for b in ("kd-text-encoder", "kd-prior", "kd-denoiser", "kd-movq")},
 }

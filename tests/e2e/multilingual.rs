@@ -1,6 +1,7 @@
 //! Kandinsky 2.1, the multilingual family, through the gateway and the four stage services over
 //! real gRPC: prompts in Russian, Hindi and Chinese each make an image, equal to the same steps
-//! run in one process; the gateway names the model it serves and refuses stages that disagree.
+//! run in one process; the gateway names the model it serves, routes by model name when it fronts
+//! both families, and refuses stages that disagree.
 
 use kd_e2e::{Model, Stack};
 use kd_models::pipeline::{Text2Image, Text2ImageRequest};
@@ -255,4 +256,73 @@ async fn image_to_image_and_inpaint_run_with_multilingual_prompts() {
     let r = c.generate(req).await.unwrap().into_inner();
     assert_eq!(r.model, "kandinsky-2-1");
     assert_eq!(pixels(&r.images[0]).dimensions(), (64, 64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_gateway_serves_both_families_by_model_name() {
+    let kd22 = Stack::start(&[]).await;
+    let kd21 = Stack::start_model(Model::Kandinsky21, &[], &[]).await;
+    let extra = format!(
+        "--extra-stack=text-encoder=http://{},prior=http://{},denoiser=http://{},movq=http://{}",
+        kd21.text_encoder.addr, kd21.prior.addr, kd21.denoiser.addr, kd21.movq.addr
+    );
+    let gw = Stack::start_gateway(
+        &kd22.text_encoder,
+        &kd22.prior,
+        &kd22.denoiser,
+        kd22.movq.addr,
+        &[&extra],
+    )
+    .await;
+    kd_e2e::wait_serving(gw.addr, "kandinsky.v1.Gateway").await;
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", gw.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = v1::gateway_client::GatewayClient::new(ch);
+
+    let models = c
+        .list_models(v1::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    let listed: Vec<(&str, bool)> = models
+        .iter()
+        .map(|m| (m.name.as_str(), m.is_default))
+        .collect();
+    assert_eq!(listed, [("kandinsky-2-2", true), ("kandinsky-2-1", false)]);
+
+    // No model named: the default (2.2), as for every 2.2 client.
+    let r = c
+        .generate(request(PROMPTS[0].1, 9))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.model, "kandinsky-2-2");
+    // Named: routed to the 2.1 stages, the same bytes as the 2.1 stack's own gateway.
+    let mut named = request(PROMPTS[0].1, 9);
+    named.model = "kandinsky-2-1".into();
+    let via_shared = c.generate(named.clone()).await.unwrap().into_inner();
+    assert_eq!(via_shared.model, "kandinsky-2-1");
+    let direct = kd21
+        .client()
+        .await
+        .generate(named)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        via_shared.images[0].image.as_ref().unwrap().data,
+        direct.images[0].image.as_ref().unwrap().data
+    );
+    assert_ne!(pixels(&via_shared.images[0]), pixels(&r.images[0]));
+    let mut named = request(PROMPTS[0].1, 9);
+    named.model = "kandinsky-2-2".into();
+    let again = c.generate(named).await.unwrap().into_inner();
+    assert_eq!(
+        again.images[0].image.as_ref().unwrap().data,
+        r.images[0].image.as_ref().unwrap().data
+    );
 }

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod balance;
+pub mod models;
 pub mod pipeline;
 pub mod validate;
 
@@ -12,6 +13,7 @@ use kd_proto::v1::{self, gateway_server::GatewayServer, GenerateEvent};
 use kd_runtime::config::CommonArgs;
 use kd_runtime::server::{self, Listeners};
 use kd_runtime::{deadline, Admission, Metrics, ServiceError, Shutdown, Stage};
+use models::Models;
 use pipeline::{Ctx, Stages};
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -60,6 +62,11 @@ pub struct Config {
     )]
     pub movq_url: Vec<String>,
     /// File with one accepted API key per line; authentication is off when unset.
+    /// Another model's stage set, `text-encoder=URL,prior=URL,denoiser=URL,movq=URL` (repeat
+    /// the flag, or separate with `;` in the env var). The stages' folders decide which model
+    /// each set serves; requests name it in `model`. The `--*-url` set is the default.
+    #[arg(long, env = "KD_EXTRA_STACKS", value_delimiter = ';')]
+    pub extra_stack: Vec<String>,
     #[arg(long, env = "KD_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
     /// Requests generating at once (the rest wait in the admission queue).
@@ -76,7 +83,7 @@ pub struct Config {
 /// The gateway service.
 #[derive(Clone)]
 pub struct Gateway {
-    stage: Stage<Stages>,
+    stage: Stage<Models>,
     limits: Limits,
 }
 
@@ -97,13 +104,13 @@ impl v1::gateway_server::Gateway for Gateway {
         let deadline = work_deadline(request.metadata());
         let plan = self.plan(request.get_ref())?;
         self.stage
-            .unary("Generate", |stages| async move {
+            .unary("Generate", |models| async move {
                 let ctx = Ctx {
                     deadline,
                     events: None,
                 };
                 let (images, model) =
-                    with_deadline(deadline, pipeline::generate(&stages, &plan, &ctx)).await?;
+                    with_deadline(deadline, pipeline::generate(&models, &plan, &ctx)).await?;
                 Ok(v1::GenerateResponse {
                     images,
                     model: model.into(),
@@ -175,19 +182,13 @@ impl v1::gateway_server::Gateway for Gateway {
         &self,
         request: Request<v1::ListModelsRequest>,
     ) -> Result<Response<v1::ListModelsResponse>, Status> {
-        let stages = self.stage.model()?;
+        let models = self.stage.model()?;
         let ctx = Ctx {
             deadline: work_deadline(request.metadata()),
             events: None,
         };
-        let served = with_deadline(ctx.deadline, pipeline::served_model(&stages, &ctx)).await?;
-        Ok(Response::new(v1::ListModelsResponse {
-            models: vec![v1::ModelDescription {
-                name: served.name.into(),
-                family: served.family as i32,
-                is_default: true,
-            }],
-        }))
+        let models = with_deadline(ctx.deadline, models.list(&ctx)).await?;
+        Ok(Response::new(v1::ListModelsResponse { models }))
     }
 }
 
@@ -213,6 +214,17 @@ async fn with_deadline<T>(
     }
 }
 
+/// The replica pools of one stage set (text encoder, prior, denoiser, movq URLs).
+async fn stage_set(urls: [&[String]; 4], refresh: Duration) -> anyhow::Result<Stages> {
+    Ok(Stages {
+        text_encoder: Pool::new(urls[0], "text_encoder", refresh).await?,
+        prior: Pool::new(urls[1], "prior", refresh).await?,
+        denoiser: Pool::new(urls[2], "denoiser", refresh).await?,
+        movq: Pool::new(urls[3], "movq", refresh).await?,
+        served: Default::default(),
+    })
+}
+
 /// Binds the configured addresses and serves until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&config.common).await?;
@@ -235,19 +247,30 @@ pub async fn run_with_listeners(
         None => ApiKeys::default(),
     };
     let refresh = Duration::from_secs_f64(config.resolve_interval_secs.max(0.1));
-    let stages = Stages {
-        text_encoder: Pool::new(&config.text_encoder_url, "text_encoder", refresh).await?,
-        prior: Pool::new(&config.prior_url, "prior", refresh).await?,
-        denoiser: Pool::new(&config.denoiser_url, "denoiser", refresh).await?,
-        movq: Pool::new(&config.movq_url, "movq", refresh).await?,
-        served: Default::default(),
-    };
+    let mut stacks = vec![
+        stage_set(
+            [
+                &config.text_encoder_url,
+                &config.prior_url,
+                &config.denoiser_url,
+                &config.movq_url,
+            ],
+            refresh,
+        )
+        .await?,
+    ];
+    for spec in &config.extra_stack {
+        let urls = models::parse_stack(spec)
+            .map_err(|e| anyhow::anyhow!("--extra-stack {spec:?}: {e}"))?
+            .map(|u| vec![u]);
+        stacks.push(stage_set([&urls[0], &urls[1], &urls[2], &urls[3]], refresh).await?);
+    }
     let metrics = Metrics::new("gateway");
     let stage = Stage::new(
         Admission::new(config.max_concurrency, config.common.max_queue),
         metrics.clone(),
     );
-    stage.set_model(std::sync::Arc::new(stages));
+    stage.set_model(std::sync::Arc::new(Models { stacks }));
     let gateway = Gateway {
         stage,
         limits: Limits {

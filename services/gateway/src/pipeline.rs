@@ -5,6 +5,7 @@
 //! UNAVAILABLE naming the stage. Progress goes to an optional event sink (the streaming call).
 
 use crate::balance::Pool;
+use crate::models::Models;
 use crate::validate::{FusionInput, Plan, Task};
 use kd_proto::v1::{
     self, denoise_event, denoiser_client::DenoiserClient, interpolate_item,
@@ -313,19 +314,11 @@ fn conditioning_row(c: &v1::TextEmbeddings, i: usize) -> Result<v1::TextEmbeddin
 
 /// Runs the whole request; returns one encoded image per seed, in order.
 pub async fn generate(
-    stages: &Stages,
+    models: &Models,
     plan: &Plan,
     ctx: &Ctx,
 ) -> Result<(Vec<v1::GeneratedImage>, &'static str), ServiceError> {
-    let served = served_model(stages, ctx).await?;
-    if let Some(m) = &plan.model {
-        if m != served.name {
-            return Err(ServiceError::invalid(
-                "model",
-                format!("{m:?} is not served here; allowed: {:?}", served.name),
-            ));
-        }
-    }
+    let (stages, served) = models.select(plan.model.as_deref(), ctx).await?;
     let n = plan.seeds.len();
     let st = stages;
 

@@ -1,0 +1,133 @@
+//! The models a gateway serves: one stage set (text encoder, prior, denoiser, movq) per model,
+//! each stage set's family read from its stages, never configured. The first set is the default
+//! (what a request that names no model gets); a request naming a model goes to the set serving it.
+
+use crate::pipeline::{served_model, Ctx, ServedModel, Stages};
+use kd_proto::v1;
+use kd_runtime::ServiceError;
+
+/// Every stage set the gateway fronts, the default first.
+#[derive(Clone, Debug)]
+pub struct Models {
+    /// At least one.
+    pub stacks: Vec<Stages>,
+}
+
+impl Models {
+    /// The stage set for `model` (`None` = the default one) and what it serves. A named model no
+    /// reachable set serves is INVALID_ARGUMENT listing the served names — or, when some set
+    /// could not be asked, that set's error (it may be the one serving the model).
+    pub async fn select(
+        &self,
+        model: Option<&str>,
+        ctx: &Ctx,
+    ) -> Result<(&Stages, ServedModel), ServiceError> {
+        let Some(name) = model else {
+            let default = &self.stacks[0];
+            return Ok((default, served_model(default, ctx).await?));
+        };
+        let mut served = Vec::new();
+        let mut unreachable = None;
+        for stages in &self.stacks {
+            match served_model(stages, ctx).await {
+                Ok(m) if m.name == name => return Ok((stages, m)),
+                Ok(m) => served.push(m.name),
+                Err(e) => unreachable = Some(e),
+            }
+        }
+        match unreachable {
+            Some(e) => Err(e),
+            None => Err(ServiceError::invalid(
+                "model",
+                format!(
+                    "{name:?} is not served here; allowed: {} (or empty for the default)",
+                    served.join(", ")
+                ),
+            )),
+        }
+    }
+
+    /// What `ListModels` answers: each served model once, the default marked. Stage sets that
+    /// cannot be asked are left out; if none can, the first error.
+    pub async fn list(&self, ctx: &Ctx) -> Result<Vec<v1::ModelDescription>, ServiceError> {
+        let mut out: Vec<v1::ModelDescription> = Vec::new();
+        let mut first_err = None;
+        for (i, stages) in self.stacks.iter().enumerate() {
+            match served_model(stages, ctx).await {
+                Ok(m) if out.iter().all(|d| d.name != m.name) => out.push(v1::ModelDescription {
+                    name: m.name.into(),
+                    family: m.family as i32,
+                    is_default: i == 0,
+                }),
+                Ok(_) => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match (out.is_empty(), first_err) {
+            (true, Some(e)) => Err(e),
+            _ => Ok(out),
+        }
+    }
+}
+
+/// Parses one `--extra-stack` value: `text-encoder=URL,prior=URL,denoiser=URL,movq=URL` (each
+/// URL may name a headless Service, resolved to all its replicas).
+pub fn parse_stack(spec: &str) -> Result<[String; 4], String> {
+    const KEYS: [&str; 4] = ["text-encoder", "prior", "denoiser", "movq"];
+    let mut urls: [Option<String>; 4] = Default::default();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| {
+            format!(
+                "{part:?}: expected KEY=URL with KEY one of {}",
+                KEYS.join(", ")
+            )
+        })?;
+        let i = KEYS
+            .iter()
+            .position(|key| *key == k.trim())
+            .ok_or_else(|| format!("unknown key {k:?}; allowed: {}", KEYS.join(", ")))?;
+        if urls[i].replace(v.trim().to_string()).is_some() {
+            return Err(format!("{k} given twice"));
+        }
+    }
+    let missing: Vec<&str> = KEYS
+        .iter()
+        .zip(&urls)
+        .filter(|(_, u)| u.is_none())
+        .map(|(k, _)| *k)
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "missing {}; give all of {}",
+            missing.join(", "),
+            KEYS.join(", ")
+        ));
+    }
+    Ok(urls.map(Option::unwrap_or_default))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_stack;
+
+    #[test]
+    fn stack_specs_parse_or_name_what_is_wrong() {
+        let s = parse_stack(
+            "movq=http://m:1, text-encoder=http://t:1,prior=http://p:1,denoiser=http://d:1",
+        )
+        .unwrap();
+        assert_eq!(s, ["http://t:1", "http://p:1", "http://d:1", "http://m:1"]);
+        assert!(parse_stack("prior=http://p")
+            .unwrap_err()
+            .contains("missing text-encoder, denoiser, movq"));
+        assert!(parse_stack("unet=http://u")
+            .unwrap_err()
+            .contains("allowed: text-encoder"));
+        assert!(parse_stack("prior").unwrap_err().contains("KEY=URL"));
+        assert!(parse_stack("prior=a,prior=b")
+            .unwrap_err()
+            .contains("twice"));
+    }
+}

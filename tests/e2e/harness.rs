@@ -219,6 +219,13 @@ impl Stack {
     }
 }
 
+/// The RGB pixels of a generated image.
+pub fn pixels(img: &kd_proto::v1::GeneratedImage) -> image::RgbImage {
+    image::load_from_memory(&img.image.as_ref().unwrap().data)
+        .unwrap()
+        .to_rgb8()
+}
+
 /// Waits until `service` at `addr` reports SERVING (at most 120 s).
 pub async fn wait_serving(addr: SocketAddr, service: &str) {
     let start = Instant::now();

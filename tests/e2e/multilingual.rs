@@ -3,7 +3,7 @@
 //! run in one process; the gateway names the model it serves, routes by model name when it fronts
 //! both families, and refuses stages that disagree.
 
-use kd_e2e::{Model, Stack};
+use kd_e2e::{pixels, Model, Stack};
 use kd_models::pipeline::{Text2Image, Text2ImageRequest};
 use kd_models::prior::SampleParams;
 use kd_models::CheckpointDir;
@@ -37,12 +37,6 @@ fn request(prompt: &str, seed: u64) -> v1::GenerateRequest {
         }),
         ..Default::default()
     }
-}
-
-fn pixels(img: &v1::GeneratedImage) -> image::RgbImage {
-    image::load_from_memory(&img.image.as_ref().unwrap().data)
-        .unwrap()
-        .to_rgb8()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

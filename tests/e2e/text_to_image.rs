@@ -1,6 +1,6 @@
 //! Text-to-image through the gateway and the four stage services over real gRPC.
 
-use kd_e2e::{decoder_dir, metric, prior_dir, start_movq, wait_serving, Stack};
+use kd_e2e::{decoder_dir, metric, pixels, prior_dir, start_movq, wait_serving, Stack};
 use kd_models::pipeline::{Text2Image, Text2ImageRequest};
 use kd_models::prior::SampleParams;
 use kd_models::CheckpointDir;
@@ -29,12 +29,6 @@ fn request(seeds: &[u64]) -> v1::GenerateRequest {
         }),
         ..Default::default()
     }
-}
-
-fn pixels(img: &v1::GeneratedImage) -> image::RgbImage {
-    image::load_from_memory(&img.image.as_ref().unwrap().data)
-        .unwrap()
-        .to_rgb8()
 }
 
 fn max_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {

@@ -94,12 +94,18 @@ pub fn wire_family(family: ModelFamily) -> v1::ModelFamily {
 }
 
 /// The public model name of a family, as the gateway lists and accepts it.
-pub fn model_name(family: v1::ModelFamily) -> &'static str {
+pub const fn model_name(family: v1::ModelFamily) -> &'static str {
     match family {
         v1::ModelFamily::Kandinsky21 => "kandinsky-2-1",
         v1::ModelFamily::Kandinsky22 | v1::ModelFamily::Unspecified => "kandinsky-2-2",
     }
 }
+
+/// Every public model name the API knows (which ones a deployment serves, ListModels says).
+pub const MODEL_NAMES: [&str; 2] = [
+    model_name(v1::ModelFamily::Kandinsky21),
+    model_name(v1::ModelFamily::Kandinsky22),
+];
 
 /// The [`v1::ModelInfo`] of `component` loaded from `dir`, its revision covering `files_of`.
 pub fn model_info(

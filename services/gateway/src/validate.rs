@@ -3,6 +3,7 @@
 //! values (INVALID_ARGUMENT).
 
 use kd_proto::v1::{self, fusion_item, generate_request::Task as ProtoTask};
+use kd_runtime::model_info::MODEL_NAMES;
 use kd_runtime::ServiceError;
 
 /// Server-side bounds on requests.
@@ -87,9 +88,6 @@ pub struct Plan {
     pub quality: u32,
     pub preview_every: u32,
 }
-
-/// Model names the API knows; ListModels says which one a deployment serves.
-pub const KNOWN_MODELS: [&str; 2] = ["kandinsky-2-1", "kandinsky-2-2"];
 
 /// Defaults of the public API.
 pub const DEFAULT_SIDE: u32 = 512;
@@ -365,13 +363,13 @@ pub fn validate(
     let negative_prompt = (!req.negative_prompt.is_empty()).then(|| req.negative_prompt.clone());
     let model = match req.model.trim() {
         "" => None,
-        m if KNOWN_MODELS.contains(&m) => Some(m.to_string()),
+        m if MODEL_NAMES.contains(&m) => Some(m.to_string()),
         m => {
             return Err(bad(
                 "model",
                 format!(
                     "{m:?}; allowed: {} (or empty for the default)",
-                    KNOWN_MODELS.join(", ")
+                    MODEL_NAMES.join(", ")
                 ),
             ))
         }

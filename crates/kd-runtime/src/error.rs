@@ -1,8 +1,13 @@
 //! The service error type and its mapping to gRPC status — the only place that mapping lives.
 
+#[cfg(feature = "models")]
 use kd_models::ModelError;
 use kd_proto::WireTensorError;
+use std::sync::Arc;
 use tonic::{Code, Status};
+
+/// The cause of an internal failure, kept (not flattened to a string) and cheap to clone.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
 
 /// Why a service call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -32,6 +37,9 @@ pub enum ServiceError {
     /// A bug or an unexpected model failure.
     #[error("internal: {0}")]
     Internal(String),
+    /// An unexpected failure of the compute library or the tensor codec, with its cause.
+    #[error("internal: {0}")]
+    Compute(#[source] Cause),
 }
 
 fn invalid_message(field: &str, message: &str) -> String {
@@ -56,6 +64,17 @@ impl ServiceError {
         Self::invalid(field, e.to_string())
     }
 
+    /// The request's deadline passed; `when` says at which point of the work (one message
+    /// format for every service: `deadline exceeded: the request deadline passed <when>`).
+    pub fn deadline(when: impl std::fmt::Display) -> Self {
+        Self::DeadlineExceeded(format!("the request deadline passed {when}"))
+    }
+
+    /// The caller went away; `when` says at which point of the work.
+    pub fn client_gone(when: impl std::fmt::Display) -> Self {
+        Self::Cancelled(format!("the caller went away {when}"))
+    }
+
     /// Which reason label this error has in the `kd_failures_total` metric.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -66,11 +85,27 @@ impl ServiceError {
             Self::Cancelled(_) => "cancelled",
             Self::Unauthenticated(_) => "unauthenticated",
             Self::Unimplemented(_) => "unimplemented",
-            Self::Internal(_) => "internal",
+            Self::Internal(_) | Self::Compute(_) => "internal",
         }
     }
 }
 
+#[cfg(feature = "models")]
+impl From<candle_core::Error> for ServiceError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Compute(Arc::new(e))
+    }
+}
+
+/// A wire tensor the service itself failed to build (request tensors are checked with
+/// [`ServiceError::tensor`], which names the field).
+impl From<WireTensorError> for ServiceError {
+    fn from(e: WireTensorError) -> Self {
+        Self::Compute(Arc::new(e))
+    }
+}
+
+#[cfg(feature = "models")]
 impl From<ModelError> for ServiceError {
     fn from(e: ModelError) -> Self {
         match e {
@@ -90,7 +125,7 @@ impl From<ServiceError> for Status {
             ServiceError::Cancelled(_) => Code::Cancelled,
             ServiceError::Unauthenticated(_) => Code::Unauthenticated,
             ServiceError::Unimplemented(_) => Code::Unimplemented,
-            ServiceError::Internal(_) => Code::Internal,
+            ServiceError::Internal(_) | ServiceError::Compute(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
     }
@@ -166,6 +201,23 @@ mod tests {
         assert_eq!(s.message(), "invalid `width`: must be 64..=2048, got 0");
     }
 
+    #[test]
+    fn compute_errors_keep_their_cause() {
+        let e: ServiceError = WireTensorError::UnknownDType(9).into();
+        let source = std::error::Error::source(&e).expect("the cause is kept");
+        assert_eq!(
+            source.to_string(),
+            WireTensorError::UnknownDType(9).to_string()
+        );
+        assert_eq!(Status::from(e).code(), Code::Internal);
+        let d = ServiceError::deadline("after 3 of 10 steps");
+        assert_eq!(
+            d.to_string(),
+            "deadline exceeded: the request deadline passed after 3 of 10 steps"
+        );
+    }
+
+    #[cfg(feature = "models")]
     #[test]
     fn model_input_errors_become_invalid_argument() {
         let e: ServiceError = ModelError::invalid("strength", "must be in (0, 1], got 2").into();

@@ -1,10 +1,7 @@
-use clap::Parser;
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = kd_gateway::Config::parse();
-    let _telemetry = kd_runtime::telemetry::init_tracing(&config.common, "kd-gateway");
-    let shutdown = kd_runtime::Shutdown::new();
-    tokio::spawn(shutdown.clone().trigger_on_signals());
-    kd_gateway::run(config, shutdown).await
+fn main() {
+    kd_runtime::launch::main(
+        "kd-gateway",
+        |c: &kd_gateway::Config| &c.common,
+        kd_gateway::run_with_listeners,
+    )
 }

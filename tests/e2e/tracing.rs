@@ -119,7 +119,9 @@ async fn one_request_is_one_trace_across_gateway_and_stages() {
 
     // Probes are not traced: the harness polled Health/Check on every service.
     assert!(
-        !spans.iter().any(|s| s.name.starts_with("/grpc.health.v1.Health/")),
+        !spans
+            .iter()
+            .any(|s| s.name.starts_with("/grpc.health.v1.Health/")),
         "health checks make no spans"
     );
     // A streaming RPC's server span covers the work under it, not just the handler's return.

@@ -115,6 +115,22 @@ impl From<ModelError> for ServiceError {
     }
 }
 
+impl ServiceError {
+    /// The prefix [`ServiceError`]'s Display puts before a message of this status code.
+    fn from_code(code: Code) -> &'static str {
+        match code {
+            Code::ResourceExhausted => "overloaded",
+            Code::Unavailable => "unavailable",
+            Code::DeadlineExceeded => "deadline exceeded",
+            Code::Cancelled => "cancelled",
+            Code::Unauthenticated => "unauthenticated",
+            Code::Unimplemented => "unimplemented",
+            Code::Internal => "internal",
+            _ => "",
+        }
+    }
+}
+
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {
         let code = match &e {
@@ -134,8 +150,20 @@ impl From<ServiceError> for Status {
 impl From<Status> for ServiceError {
     /// A status from a downstream stage, kept as the same class of error.
     fn from(s: Status) -> Self {
-        let msg = s.message().to_string();
+        // A downstream kandinsky-serve service already prefixed its message with the class
+        // (e.g. "deadline exceeded: "); keep one prefix.
+        let class = ServiceError::from_code(s.code());
+        let msg = s
+            .message()
+            .strip_prefix(class)
+            .and_then(|m| m.strip_prefix(": "))
+            .unwrap_or(s.message())
+            .to_string();
         match s.code() {
+            // The transport's own timer (tonic answers CANCELLED "Timeout expired").
+            Code::Cancelled if msg == "Timeout expired" => {
+                Self::deadline("before a stage answered (its transport timed out)")
+            }
             Code::InvalidArgument => {
                 // Downstream messages already read "invalid `field`: ..."; keep them whole.
                 Self::InvalidArgument {
@@ -236,5 +264,12 @@ mod tests {
         );
         let e: ServiceError = Status::resource_exhausted("full").into();
         assert_eq!(Status::from(e).code(), Code::ResourceExhausted);
+        // One prefix, however many hops a message crossed.
+        let once = Status::from(ServiceError::deadline("after step 3"));
+        let relayed = Status::from(ServiceError::from(once.clone()));
+        assert_eq!(relayed.message(), once.message());
+        assert_eq!(relayed.code(), Code::DeadlineExceeded);
+        let e: ServiceError = Status::cancelled("Timeout expired").into();
+        assert!(matches!(e, ServiceError::DeadlineExceeded(_)), "{e}");
     }
 }

@@ -61,7 +61,11 @@ pub fn add_reflection(routes: Routes, services: &[&'static str]) -> Routes {
         let mut b = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(kd_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-        for s in services {
+        let reflection = [
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ];
+        for s in services.iter().chain(&reflection) {
             b = b.with_service_name(*s);
         }
         b

@@ -168,9 +168,7 @@ impl Ctx {
         if let Some(d) = self.deadline {
             let left = d.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(ServiceError::DeadlineExceeded(
-                    "the request's deadline passed".into(),
-                ));
+                return Err(ServiceError::deadline("before the next stage call"));
             }
             r.set_timeout(left);
         }

@@ -357,3 +357,18 @@ where
         std::process::exit(1);
     }
 }
+
+/// The `main` of a service binary whose library crate `$krate` has a `Config` (with a `common`
+/// field) and `run_with_listeners`: `kd_runtime::service_main!("kd-prior", kd_prior);`.
+#[macro_export]
+macro_rules! service_main {
+    ($binary:literal, $krate:ident) => {
+        fn main() {
+            $crate::launch::main(
+                $binary,
+                |c: &$krate::Config| &c.common,
+                $krate::run_with_listeners,
+            )
+        }
+    };
+}

@@ -1,7 +1,1 @@
-fn main() {
-    kd_runtime::launch::main(
-        "kd-denoiser",
-        |c: &kd_denoiser::Config| &c.common,
-        kd_denoiser::run_with_listeners,
-    )
-}
+kd_runtime::service_main!("kd-denoiser", kd_denoiser);

@@ -1,7 +1,1 @@
-fn main() {
-    kd_runtime::launch::main(
-        "kd-text-encoder",
-        |c: &kd_text_encoder::Config| &c.common,
-        kd_text_encoder::run_with_listeners,
-    )
-}
+kd_runtime::service_main!("kd-text-encoder", kd_text_encoder);

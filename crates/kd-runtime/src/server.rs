@@ -2,6 +2,8 @@
 //! with graceful shutdown that flips health to NOT_SERVING before draining.
 
 use crate::shutdown::Shutdown;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::transport::server::Router;
@@ -9,13 +11,27 @@ use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+/// A future the model load waits for (see [`Listeners::with_load_gate`]).
+pub type LoadGate = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// The two sockets a service listens on.
-#[derive(Debug)]
 pub struct Listeners {
     /// gRPC (service API, health, reflection).
     pub grpc: TcpListener,
     /// HTTP `/metrics`.
     pub metrics: TcpListener,
+    /// When set, model loading starts only once this resolves.
+    load_gate: Option<LoadGate>,
+}
+
+impl std::fmt::Debug for Listeners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listeners")
+            .field("grpc", &self.grpc)
+            .field("metrics", &self.metrics)
+            .field("load_gate", &self.load_gate.is_some())
+            .finish()
+    }
 }
 
 impl Listeners {
@@ -31,6 +47,7 @@ impl Listeners {
         Ok(Self {
             grpc: bind(common.listen).await?,
             metrics: bind(common.metrics_listen).await?,
+            load_gate: None,
         })
     }
 
@@ -39,7 +56,22 @@ impl Listeners {
         Ok(Self {
             grpc: TcpListener::bind("127.0.0.1:0").await?,
             metrics: TcpListener::bind("127.0.0.1:0").await?,
+            load_gate: None,
         })
+    }
+
+    /// Model loading starts only once `gate` resolves, so a test can watch health report
+    /// NOT_SERVING before the model is there.
+    pub fn with_load_gate(mut self, gate: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.load_gate = Some(Box::pin(gate));
+        self
+    }
+
+    /// Takes the load gate; a future that is ready at once when none was set.
+    pub fn take_load_gate(&mut self) -> LoadGate {
+        self.load_gate
+            .take()
+            .unwrap_or_else(|| Box::pin(std::future::ready(())))
     }
 }
 

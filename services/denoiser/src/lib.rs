@@ -14,13 +14,12 @@ use kd_models::noise::SeededNoise;
 use kd_proto::v1::{self, denoise_event, denoiser_server::DenoiserServer, DenoiseEvent};
 use kd_proto::{to_wire, TensorLimits};
 use kd_runtime::config::{CommonArgs, StageArgs};
-use kd_runtime::launch::Launch;
+use kd_runtime::launch::{Launch, LaunchError};
 use kd_runtime::{blocking, deadline, server, Admission, Metrics, ServiceError, Shutdown, Stage};
 use model::DecoderModel;
 use request::{Limits, Mode, Plan};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -313,7 +312,7 @@ pub fn denoise(
 /// Binds the configured addresses and serves until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let l = kd_runtime::server::Listeners::bind(&config.common).await?;
-    run_with_listeners(config, l.grpc, l.metrics, shutdown).await
+    Ok(run_with_listeners(config, l, shutdown).await?)
 }
 
 /// Serves on the given listeners until `shutdown` (tests bind port 0). Serving starts at once
@@ -321,15 +320,19 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
 /// health turns SERVING. A load failure ends the server with the error.
 pub async fn run_with_listeners(
     config: Config,
-    grpc: TcpListener,
-    metrics_listener: TcpListener,
+    listeners: kd_runtime::server::Listeners,
     shutdown: Shutdown,
-) -> anyhow::Result<()> {
+) -> Result<(), LaunchError> {
+    let kd_runtime::server::Listeners {
+        grpc,
+        metrics: metrics_listener,
+        ..
+    } = listeners;
     let device = config
         .stage
         .device
         .open()
-        .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+        .map_err(|e| LaunchError::Load(ServiceError::Unavailable(format!("--device: {e}"))))?;
     let dtype = config.stage.dtype;
     let metrics = Metrics::new("denoiser");
     let stage: Stage<DecoderModel> = Stage::new(
@@ -373,5 +376,4 @@ pub async fn run_with_listeners(
             Ok(model)
         })
         .await
-        .map_err(anyhow::Error::from)
 }

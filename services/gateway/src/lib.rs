@@ -240,6 +240,7 @@ pub async fn run_with_listeners(
     let Listeners {
         grpc,
         metrics: metrics_listener,
+        ..
     } = listeners;
     let keys = match &config.api_keys_file {
         Some(p) => ApiKeys::from_file(p)

@@ -8,7 +8,7 @@ use kd_models::movq::{MovqOptions, VqModel};
 use kd_models::CheckpointDir;
 use kd_proto::v1::{self, movq_server::MovqServer};
 use kd_runtime::config::{CommonArgs, StageArgs};
-use kd_runtime::launch::Launch;
+use kd_runtime::launch::{Launch, LaunchError};
 use kd_runtime::model_info::model_info;
 use kd_runtime::server::{self, Listeners};
 use kd_runtime::{blocking, Admission, Metrics, ServiceError, Shutdown, Stage};
@@ -115,7 +115,7 @@ impl v1::movq_server::Movq for MovqService {
 /// Binds the configured addresses and serves until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&config.common).await?;
-    run_with_listeners(config, listeners, shutdown).await
+    Ok(run_with_listeners(config, listeners, shutdown).await?)
 }
 
 /// Serves on `listeners` until `shutdown`: NOT_SERVING while the model loads and warms up,
@@ -124,7 +124,7 @@ pub async fn run_with_listeners(
     config: Config,
     listeners: Listeners,
     shutdown: Shutdown,
-) -> anyhow::Result<()> {
+) -> Result<(), LaunchError> {
     let stage = Stage::new(
         Admission::new(config.max_concurrency, config.common.max_queue),
         Metrics::new("movq"),
@@ -140,7 +140,7 @@ pub async fn run_with_listeners(
         .max_encoding_message_size(max_message),
     );
     let drain = Duration::from_secs_f64(config.common.drain_delay_secs.max(0.0));
-    let Listeners { grpc, metrics } = listeners;
+    let Listeners { grpc, metrics, .. } = listeners;
     let launch = Launch {
         stage,
         router,
@@ -157,5 +157,4 @@ pub async fn run_with_listeners(
             Ok(m)
         })
         .await
-        .map_err(|e| anyhow::anyhow!(e))
 }

@@ -16,10 +16,8 @@ use kd_runtime::config::{CommonArgs, StageArgs};
 use kd_runtime::launch::{Launch, LaunchError};
 use kd_runtime::server::Listeners;
 use kd_runtime::{Metrics, Shutdown, Stage};
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 
 pub use model::TextModel;
 pub use service::TextEncoderService;
@@ -60,28 +58,18 @@ pub struct Config {
 /// Binds the configured addresses and serves until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), LaunchError> {
     let l = Listeners::bind(&config.common).await?;
-    run_with_listeners(config, l.grpc, l.metrics, shutdown).await
+    run_with_listeners(config, l, shutdown).await
 }
 
-/// Serves on the given listeners until `shutdown` (tests bind `127.0.0.1:0`).
+/// Serves on `listeners` until `shutdown` (tests bind `127.0.0.1:0`); model loading waits for
+/// the listeners' load gate, if any.
 pub async fn run_with_listeners(
     config: Config,
-    grpc: TcpListener,
-    metrics: TcpListener,
+    mut listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<(), LaunchError> {
-    run_with_listeners_gated(config, grpc, metrics, shutdown, std::future::ready(())).await
-}
-
-/// As [`run_with_listeners`], but model loading starts only once `gate` resolves — so a test can
-/// watch health report NOT_SERVING before the model is there.
-pub async fn run_with_listeners_gated(
-    config: Config,
-    grpc: TcpListener,
-    metrics: TcpListener,
-    shutdown: Shutdown,
-    gate: impl Future<Output = ()> + Send,
-) -> Result<(), LaunchError> {
+    let gate = listeners.take_load_gate();
+    let Listeners { grpc, metrics, .. } = listeners;
     let stage: Stage<TextModel> = Stage::new(
         Admission::new(1, config.common.max_queue),
         Metrics::new(STAGE),

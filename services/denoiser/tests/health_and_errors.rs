@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use kd_proto::v1;
+use kd_testkit::{fixtures_dir, health_status, metric, scrape, wire};
 use std::time::Duration;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -22,11 +23,11 @@ async fn health_is_not_serving_until_loaded_and_warmed_then_serving() {
         .unwrap();
     assert!(st.success());
     let server = start_with(ckpt.path(), &[]).await;
-    let ch = channel(server.addr).await;
+    let ch = server.channel().await;
     let mut h = HealthClient::new(ch.clone());
     for service in ["kandinsky.v1.Denoiser", ""] {
         assert_eq!(
-            health_status(server.addr, service).await,
+            health_status(&server, service).await,
             ServingStatus::NotServing,
             "{service:?}"
         );
@@ -41,7 +42,7 @@ async fn health_is_not_serving_until_loaded_and_warmed_then_serving() {
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.status, ServingStatus::NotServing as i32);
     // While loading, the stage answers UNAVAILABLE.
-    let mut c = client(server.addr).await;
+    let mut c = client(&server).await;
     let err = c.denoise(request(1, 1, vec![0])).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     let err = c.info(v1::DenoiserInfoRequest {}).await.unwrap_err();
@@ -60,11 +61,11 @@ async fn health_is_not_serving_until_loaded_and_warmed_then_serving() {
     assert_eq!(next.status, ServingStatus::Serving as i32);
     for service in ["kandinsky.v1.Denoiser", ""] {
         assert_eq!(
-            health_status(server.addr, service).await,
+            health_status(&server, service).await,
             ServingStatus::Serving
         );
     }
-    let text = scrape(server.metrics_addr).await;
+    let text = scrape(server.metrics).await;
     assert!(
         text.contains("kd_model_load_seconds{stage=\"denoiser\"}"),
         "{text}"
@@ -72,17 +73,22 @@ async fn health_is_not_serving_until_loaded_and_warmed_then_serving() {
     assert_eq!(
         metric(
             &text,
-            "kd_failures_total{method=\"Denoise\",reason=\"unavailable\""
-        ),
+            "kd_failures_total",
+            &[("method", "Denoise"), ("reason", "unavailable")]
+        )
+        .unwrap_or(0.0),
         1.0
     );
     // The warm-up step is not a served step.
-    assert_eq!(metric(&text, "kd_denoise_steps_total{"), 0.0);
+    assert_eq!(
+        metric(&text, "kd_denoise_steps_total", &[]).unwrap_or(0.0),
+        0.0
+    );
     let (progress, _) = collect(&mut c, request(1, 1, vec![0])).await.unwrap();
     assert_eq!(progress.len(), 1);
 
     // Shutdown flips health back and stops the server.
-    server.shutdown.trigger();
+    server.trigger_shutdown();
     let last = tokio::time::timeout(Duration::from_secs(10), watch.message()).await;
     if let Ok(Ok(Some(m))) = last {
         assert_eq!(m.status, ServingStatus::NotServing as i32);
@@ -103,7 +109,7 @@ fn t(shape: &[usize], fill: f32) -> v1::Tensor {
 #[tokio::test]
 async fn bad_inputs_are_invalid_argument_naming_the_field() {
     let server = start(&tiny()).await;
-    let mut c = client(server.addr).await;
+    let mut c = client(&server).await;
     let cases: Vec<(&str, &str, Edit)> = vec![
         ("height", "64..=2048", Box::new(|r| r.height = 100)),
         ("width", "64..=2048", Box::new(|r| r.width = 4096)),
@@ -249,26 +255,31 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
         assert!(err.message().contains(hint), "{field}: {}", err.message());
         eprintln!("{}", err.message());
     }
-    let text = scrape(server.metrics_addr).await;
+    let text = scrape(server.metrics).await;
     assert_eq!(
         metric(
             &text,
-            "kd_failures_total{method=\"Denoise\",reason=\"invalid_argument\""
-        ),
+            "kd_failures_total",
+            &[("method", "Denoise"), ("reason", "invalid_argument")]
+        )
+        .unwrap_or(0.0),
         n as f64,
         "{text}"
     );
     assert_eq!(
-        metric(&text, "kd_requests_total{method=\"Denoise\""),
+        metric(&text, "kd_requests_total", &[("method", "Denoise")]).unwrap_or(0.0),
         n as f64
     );
-    assert_eq!(metric(&text, "kd_denoise_steps_total{"), 0.0);
+    assert_eq!(
+        metric(&text, "kd_denoise_steps_total", &[]).unwrap_or(0.0),
+        0.0
+    );
 }
 
 #[tokio::test]
 async fn inpaint_checkpoint_rejects_bad_masks_and_requires_one() {
-    let server = start(&fixtures().join("tiny/kandinsky-2-2-decoder-inpaint")).await;
-    let mut c = client(server.addr).await;
+    let server = start(&fixtures_dir().join("tiny/kandinsky-2-2-decoder-inpaint")).await;
+    let mut c = client(&server).await;
     let cases: Vec<(&str, &str, Edit)> = vec![
         ("mask", "in_channels 9", Box::new(|_| {})),
         (
@@ -313,7 +324,7 @@ async fn inpaint_checkpoint_rejects_bad_masks_and_requires_one() {
 #[tokio::test]
 async fn messages_beyond_tonic_default_4_mib_are_accepted() {
     let server = start(&tiny()).await;
-    let mut c = client(server.addr).await;
+    let mut c = client(&server).await;
     // A 1×1×1100×1100 f32 mask (4.8 MB) reaches validation instead of the transport limit.
     let mut req = request(1, 2, vec![1]);
     req.image_latents = Some(t(&[1, 4, 32, 32], 0.0));

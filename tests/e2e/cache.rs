@@ -1,8 +1,9 @@
 //! The embedding cache in the running system: Redis started by the test on a free port.
 
-use kd_e2e::{metric, Stack};
+use kd_e2e::Stack;
 use kd_proto::v1;
 use kd_testkit::RedisServer;
+use kd_testkit::{metric, scrape};
 use std::net::SocketAddr;
 
 fn request(prompt: &str) -> v1::GenerateRequest {
@@ -24,16 +25,18 @@ fn request(prompt: &str) -> v1::GenerateRequest {
 }
 
 async fn cache(addr: SocketAddr, result: &str) -> f64 {
-    metric(
-        addr,
-        &format!("kd_cache_requests_total{{result=\"{result}\",stage=\"text_encoder\"}}"),
-    )
-    .await
+    let labels = [("result", result), ("stage", "text_encoder")];
+    metric(&scrape(addr).await, "kd_cache_requests_total", &labels).unwrap_or(0.0)
 }
 
 /// Text-tower runs: every uncached Encode records one batch.
 async fn encodes(addr: SocketAddr) -> f64 {
-    metric(addr, "kd_batch_size_count{stage=\"text_encoder\"}").await
+    metric(
+        &scrape(addr).await,
+        "kd_batch_size_count",
+        &[("stage", "text_encoder")],
+    )
+    .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -98,11 +101,8 @@ async fn without_redis_an_in_process_cache_serves_and_prior_samples_are_reused_o
     let stack = Stack::start(&[]).await;
     let (te, prior) = (stack.text_encoder.metrics, stack.prior.metrics);
     let prior_cache = |result: &'static str| async move {
-        metric(
-            prior,
-            &format!("kd_cache_requests_total{{result=\"{result}\",stage=\"prior\"}}"),
-        )
-        .await
+        let labels = [("result", result), ("stage", "prior")];
+        metric(&scrape(prior).await, "kd_cache_requests_total", &labels).unwrap_or(0.0)
     };
     let mut c = stack.client().await;
     let a = c.generate(request("an owl")).await.unwrap().into_inner();

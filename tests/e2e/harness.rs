@@ -1,7 +1,7 @@
 //! Starts the whole system in one test process: the four stage services and the gateway, each a
 //! real gRPC server on its own loopback port (bound to port 0), talking over real connections.
 
-use kd_proto::v1::gateway_client::GatewayClient;
+use kd_proto::v1::{self, gateway_client::GatewayClient};
 use kd_runtime::server::Listeners;
 use kd_testkit::{connect, fixtures_dir, stage_args, wait_serving, TestServer};
 use std::net::SocketAddr;
@@ -156,8 +156,51 @@ pub async fn gateway_client(gateway: &TestServer) -> GatewayClient<Channel> {
     GatewayClient::new(connect(gateway.grpc).await).max_decoding_message_size(64 << 20)
 }
 
+/// Steps of the prior and of the decoder in [`generate_request`].
+pub const STEPS: u32 = 3;
+
+/// A 64×64 request for `prompt`: one image per seed, [`STEPS`] steps of each stage at guidance 4.
+pub fn generate_request(prompt: &str, seeds: &[u64]) -> v1::GenerateRequest {
+    v1::GenerateRequest {
+        prompt: prompt.into(),
+        width: Some(64),
+        height: Some(64),
+        num_images: Some(seeds.len() as u32),
+        seeds: seeds.to_vec(),
+        prior: Some(v1::PriorParams {
+            num_inference_steps: Some(STEPS),
+            guidance_scale: Some(4.0),
+        }),
+        decoder: Some(v1::DecoderParams {
+            num_inference_steps: Some(STEPS),
+            guidance_scale: Some(4.0),
+            scheduler: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// A 64×64 request for `prompt` with one seed, two steps of each stage and the default guidance.
+pub fn quick_request(prompt: &str, seed: u64) -> v1::GenerateRequest {
+    v1::GenerateRequest {
+        prompt: prompt.into(),
+        width: Some(64),
+        height: Some(64),
+        seeds: vec![seed],
+        prior: Some(v1::PriorParams {
+            num_inference_steps: Some(2),
+            guidance_scale: None,
+        }),
+        decoder: Some(v1::DecoderParams {
+            num_inference_steps: Some(2),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// The RGB pixels of a generated image.
-pub fn pixels(img: &kd_proto::v1::GeneratedImage) -> image::RgbImage {
+pub fn pixels(img: &v1::GeneratedImage) -> image::RgbImage {
     image::load_from_memory(&img.image.as_ref().unwrap().data)
         .unwrap()
         .to_rgb8()

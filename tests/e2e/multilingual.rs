@@ -3,15 +3,13 @@
 //! run in one process; the gateway names the model it serves, routes by model name when it fronts
 //! both families, and refuses stages that disagree.
 
-use kd_e2e::{gateway_client, pixels, Model, Stack};
+use kd_e2e::{gateway_client, generate_request, pixels, Model, Stack, STEPS};
 use kd_models::pipeline::{Text2Image, Text2ImageRequest};
 use kd_models::prior::SampleParams;
 use kd_models::CheckpointDir;
 use kd_proto::v1;
 use kd_proto::v1::text_encoder_client::TextEncoderClient;
 use tonic::Code;
-
-const STEPS: u32 = 3;
 
 const PROMPTS: [(&str, &str); 3] = [
     ("Russian", "Кот в сапогах на фоне заката"),
@@ -20,23 +18,7 @@ const PROMPTS: [(&str, &str); 3] = [
 ];
 
 fn request(prompt: &str, seed: u64) -> v1::GenerateRequest {
-    v1::GenerateRequest {
-        prompt: prompt.into(),
-        width: Some(64),
-        height: Some(64),
-        num_images: Some(1),
-        seeds: vec![seed],
-        prior: Some(v1::PriorParams {
-            num_inference_steps: Some(STEPS),
-            guidance_scale: Some(4.0),
-        }),
-        decoder: Some(v1::DecoderParams {
-            num_inference_steps: Some(STEPS),
-            guidance_scale: Some(4.0),
-            scheduler: 0,
-        }),
-        ..Default::default()
-    }
+    generate_request(prompt, &[seed])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,35 +1,19 @@
 //! Text-to-image through the gateway and the four stage services over real gRPC.
 
-use kd_e2e::{decoder_dir, gateway_client, pixels, prior_dir, start_movq, Stack};
+use kd_e2e::{
+    decoder_dir, gateway_client, generate_request, pixels, prior_dir, start_movq, Stack, STEPS,
+};
 use kd_models::pipeline::{Text2Image, Text2ImageRequest};
 use kd_models::prior::SampleParams;
 use kd_models::CheckpointDir;
 use kd_proto::v1::{self, generate_event::Event};
 use kd_runtime::server::Listeners;
-use kd_testkit::{metric, scrape};
+use kd_testkit::metric_at;
 use std::time::Duration;
 use tonic::Code;
 
-const STEPS: u32 = 3;
-
 fn request(seeds: &[u64]) -> v1::GenerateRequest {
-    v1::GenerateRequest {
-        prompt: "a red cat, 4k photo".into(),
-        width: Some(64),
-        height: Some(64),
-        num_images: Some(seeds.len() as u32),
-        seeds: seeds.to_vec(),
-        prior: Some(v1::PriorParams {
-            num_inference_steps: Some(STEPS),
-            guidance_scale: Some(4.0),
-        }),
-        decoder: Some(v1::DecoderParams {
-            num_inference_steps: Some(STEPS),
-            guidance_scale: Some(4.0),
-            scheduler: 0,
-        }),
-        ..Default::default()
-    }
+    generate_request("a red cat, 4k photo", seeds)
 }
 
 fn max_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
@@ -183,8 +167,8 @@ async fn overload_is_refused_at_once_and_nothing_accepted_is_lost() {
         }
     }
     assert!(ok >= 2 && exhausted >= 1, "ok {ok}, exhausted {exhausted}");
-    let failures = metric(
-        &scrape(stack.gateway.metrics).await,
+    let failures = metric_at(
+        stack.gateway.metrics,
         "kd_failures_total",
         &[
             ("method", "Generate"),
@@ -192,7 +176,7 @@ async fn overload_is_refused_at_once_and_nothing_accepted_is_lost() {
             ("stage", "gateway"),
         ],
     )
-    .unwrap_or(0.0);
+    .await;
     assert_eq!(failures as usize, exhausted);
 }
 
@@ -213,30 +197,30 @@ async fn a_deadline_shorter_than_the_work_stops_the_denoiser() {
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     // The denoiser stops within a step or so: its step counter stops growing and nothing is in flight.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let steps = metric(
-        &scrape(stack.denoiser.metrics).await,
+    let steps = metric_at(
+        stack.denoiser.metrics,
         "kd_denoise_steps_total",
         &[("stage", "denoiser")],
     )
-    .unwrap_or(0.0);
+    .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
-        metric(
-            &scrape(stack.denoiser.metrics).await,
+        metric_at(
+            stack.denoiser.metrics,
             "kd_denoise_steps_total",
             &[("stage", "denoiser")]
         )
-        .unwrap_or(0.0),
+        .await,
         steps
     );
     assert!(steps < 500.0);
     assert_eq!(
-        metric(
-            &scrape(stack.denoiser.metrics).await,
+        metric_at(
+            stack.denoiser.metrics,
             "kd_in_flight",
             &[("stage", "denoiser")]
         )
-        .unwrap_or(0.0),
+        .await,
         0.0
     );
 }

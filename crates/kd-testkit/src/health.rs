@@ -123,3 +123,45 @@ pub async fn wait_serving(target: impl Into<Target>, service: &str, timeout: Dur
         tokio::time::sleep(POLL).await;
     }
 }
+
+/// A `grpc.health.v1` Watch stream of one service.
+pub struct HealthWatch {
+    service: String,
+    stream: tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+}
+
+/// Opens a Watch of `service` on `channel`; panics naming the service when the call fails.
+pub async fn watch_health(channel: &Channel, service: &str) -> HealthWatch {
+    let stream = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("health Watch of {service:?}: {s:?}"))
+        .into_inner();
+    HealthWatch {
+        service: service.into(),
+        stream,
+    }
+}
+
+impl HealthWatch {
+    /// The next status the server sends; `None` when the stream ends or fails. Panics when
+    /// nothing arrives within `timeout`.
+    pub async fn next_status(&mut self, timeout: Duration) -> Option<ServingStatus> {
+        let message = tokio::time::timeout(timeout, self.stream.message())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "health Watch of {:?}: nothing within {timeout:?}",
+                    self.service
+                )
+            });
+        let status = message.ok()??.status;
+        Some(
+            ServingStatus::try_from(status).unwrap_or_else(|e| {
+                panic!("health Watch of {:?}: status {status}: {e}", self.service)
+            }),
+        )
+    }
+}

@@ -23,6 +23,12 @@ pub async fn scrape(addr: SocketAddr) -> String {
     buf
 }
 
+/// [`metric`] of a fresh [`scrape`] of `addr`, 0 when no sample matches (a labelled counter that
+/// was never incremented has none).
+pub async fn metric_at(addr: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric(&scrape(addr).await, name, labels).unwrap_or(0.0)
+}
+
 /// The sum of the samples of metric `name` whose labels include every `(label, value)` of
 /// `labels`; `None` when no sample matches. With all of a series' labels this is that series'
 /// value; with fewer it adds up the series (e.g. every `reason` of a counter).

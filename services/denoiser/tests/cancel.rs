@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use kd_proto::v1;
-use kd_testkit::{metric, scrape};
+use kd_testkit::{metric, metric_at, scrape};
 use std::time::{Duration, Instant};
 
 /// A long request on the tiny checkpoint (64×64 pixels, 32×32 latents): many steps.
@@ -14,7 +14,7 @@ fn slow_request(steps: u32) -> v1::DenoiseRequest {
 }
 
 async fn steps_now(server: &kd_testkit::TestServer) -> f64 {
-    metric(&scrape(server.metrics).await, "kd_denoise_steps_total", &[]).unwrap_or(0.0)
+    metric_at(server.metrics, "kd_denoise_steps_total", &[]).await
 }
 
 /// Waits until the step counter has not moved for `quiet` and returns it.

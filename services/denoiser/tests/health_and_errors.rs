@@ -5,11 +5,10 @@ mod common;
 
 use common::*;
 use kd_proto::v1;
-use kd_testkit::{fixtures_dir, health_status, metric, scrape, wire};
+use kd_testkit::{fixtures_dir, health_status, metric, scrape, watch_health, wire};
 use std::time::Duration;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 #[tokio::test]
 async fn health_is_not_serving_until_loaded_and_warmed_then_serving() {
@@ -24,7 +23,6 @@ async fn health_is_not_serving_until_loaded_and_warmed_then_serving() {
     assert!(st.success());
     let server = start_with(ckpt.path(), &[]).await;
     let ch = server.channel().await;
-    let mut h = HealthClient::new(ch.clone());
     for service in ["kandinsky.v1.Denoiser", ""] {
         assert_eq!(
             health_status(&server, service).await,
@@ -32,15 +30,9 @@ async fn health_is_not_serving_until_loaded_and_warmed_then_serving() {
             "{service:?}"
         );
     }
-    let mut watch = h
-        .watch(HealthCheckRequest {
-            service: "kandinsky.v1.Denoiser".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let first = watch.message().await.unwrap().unwrap();
-    assert_eq!(first.status, ServingStatus::NotServing as i32);
+    let mut watch = watch_health(&ch, SERVICE).await;
+    let first = watch.next_status(Duration::from_secs(10)).await;
+    assert_eq!(first, Some(ServingStatus::NotServing));
     // While loading, the stage answers UNAVAILABLE.
     let mut c = client(&server).await;
     let err = c.denoise(request(1, 1, vec![0])).await.unwrap_err();
@@ -53,12 +45,8 @@ async fn health_is_not_serving_until_loaded_and_warmed_then_serving() {
     tokio::task::spawn_blocking(move || std::fs::write(index, content).unwrap())
         .await
         .unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(120), watch.message())
-        .await
-        .expect("SERVING within 120 s")
-        .unwrap()
-        .unwrap();
-    assert_eq!(next.status, ServingStatus::Serving as i32);
+    let next = watch.next_status(Duration::from_secs(120)).await;
+    assert_eq!(next, Some(ServingStatus::Serving), "SERVING within 120 s");
     for service in ["kandinsky.v1.Denoiser", ""] {
         assert_eq!(
             health_status(&server, service).await,
@@ -89,9 +77,8 @@ async fn health_is_not_serving_until_loaded_and_warmed_then_serving() {
 
     // Shutdown flips health back and stops the server.
     server.trigger_shutdown();
-    let last = tokio::time::timeout(Duration::from_secs(10), watch.message()).await;
-    if let Ok(Ok(Some(m))) = last {
-        assert_eq!(m.status, ServingStatus::NotServing as i32);
+    if let Some(last) = watch.next_status(Duration::from_secs(10)).await {
+        assert_eq!(last, ServingStatus::NotServing);
     }
 }
 

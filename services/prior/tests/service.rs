@@ -14,12 +14,10 @@ use kd_models::prior::{FusionInput, SampleParams};
 use kd_proto::v1;
 use kd_proto::v1::interpolate_item::Item;
 use kd_proto::v1::prior_client::PriorClient;
-use kd_testkit::{health_status, scrape, unwire, wire};
+use kd_testkit::{health_status, scrape, unwire, watch_health, wire};
 use std::time::Duration;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 fn horse() -> (TextConditioning, TextConditioning) {
     (
@@ -61,20 +59,13 @@ fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
 async fn health_goes_from_not_serving_to_serving() {
     let mut server = start_gated(&[]).await;
     let channel = server.channel().await;
-    let mut health = HealthClient::new(channel.clone());
     assert_eq!(
         health_status(&channel, SERVICE).await,
         ServingStatus::NotServing
     );
-    let mut watch = health
-        .watch(HealthCheckRequest {
-            service: SERVICE.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let first = watch.message().await.unwrap().unwrap();
-    assert_eq!(first.status, ServingStatus::NotServing as i32);
+    let mut watch = watch_health(&channel, SERVICE).await;
+    let first = watch.next_status(Duration::from_secs(10)).await;
+    assert_eq!(first, Some(ServingStatus::NotServing));
     let err = PriorClient::new(channel.clone())
         .zero_image_embedding(v1::ZeroImageEmbeddingRequest {})
         .await
@@ -82,22 +73,15 @@ async fn health_goes_from_not_serving_to_serving() {
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 
     server.release();
-    let next = tokio::time::timeout(Duration::from_secs(30), watch.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(next.status, ServingStatus::Serving as i32);
+    let next = watch.next_status(Duration::from_secs(30)).await;
+    assert_eq!(next, Some(ServingStatus::Serving));
     assert_eq!(health_status(&channel, "").await, ServingStatus::Serving);
 
     server.trigger_shutdown();
-    let last = tokio::time::timeout(Duration::from_secs(10), watch.message())
-        .await
-        .unwrap();
-    if let Ok(Some(m)) = last {
-        assert_eq!(m.status, ServingStatus::NotServing as i32);
+    if let Some(last) = watch.next_status(Duration::from_secs(10)).await {
+        assert_eq!(last, ServingStatus::NotServing);
     }
-    drop((watch, health, channel));
+    drop((watch, channel));
     server.shutdown().await.unwrap();
 }
 

@@ -10,14 +10,14 @@ use kd_proto::v1::text_encoder_client::TextEncoderClient;
 use kd_runtime::launch::LaunchError;
 use kd_runtime::server::Listeners;
 use kd_runtime::Shutdown;
-use kd_testkit::{fixtures_dir, health_status, scrape, stage_args, wait_serving, wire, TestServer};
+use kd_testkit::{
+    fixtures_dir, health_status, scrape, stage_args, wait_serving, watch_health, wire, TestServer,
+};
 use kd_text_encoder::{run_with_listeners, Config, MAX_MESSAGE_BYTES};
 use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 const SERVICE: &str = "kandinsky.v1.TextEncoder";
 
@@ -57,21 +57,14 @@ fn encode_req(prompts: &[&str]) -> v1::EncodeTextRequest {
 async fn health_goes_from_not_serving_to_serving_and_back_on_shutdown() {
     let mut server = start_gated(&[]).await;
     let channel = server.channel().await;
-    let mut health = HealthClient::new(channel.clone());
     assert_eq!(
         health_status(&channel, SERVICE).await,
         ServingStatus::NotServing
     );
     assert_eq!(health_status(&channel, "").await, ServingStatus::NotServing);
-    let mut watch = health
-        .watch(HealthCheckRequest {
-            service: SERVICE.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let first = watch.message().await.unwrap().unwrap();
-    assert_eq!(first.status, ServingStatus::NotServing as i32);
+    let mut watch = watch_health(&channel, SERVICE).await;
+    let first = watch.next_status(Duration::from_secs(10)).await;
+    assert_eq!(first, Some(ServingStatus::NotServing));
     // While loading, the API answers UNAVAILABLE.
     let err = TextEncoderClient::new(channel.clone())
         .encode(encode_req(&["horse"]))
@@ -80,23 +73,16 @@ async fn health_goes_from_not_serving_to_serving_and_back_on_shutdown() {
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 
     server.release();
-    let next = tokio::time::timeout(Duration::from_secs(30), watch.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(next.status, ServingStatus::Serving as i32);
+    let next = watch.next_status(Duration::from_secs(30)).await;
+    assert_eq!(next, Some(ServingStatus::Serving));
     assert_eq!(health_status(&channel, "").await, ServingStatus::Serving);
 
     server.trigger_shutdown();
-    let last = tokio::time::timeout(Duration::from_secs(10), watch.message())
-        .await
-        .unwrap();
-    if let Ok(Some(m)) = last {
-        assert_eq!(m.status, ServingStatus::NotServing as i32);
+    if let Some(last) = watch.next_status(Duration::from_secs(10)).await {
+        assert_eq!(last, ServingStatus::NotServing);
     }
     // An open Watch stream would hold the graceful drain open: close the client side.
-    drop((watch, health, channel));
+    drop((watch, channel));
     server
         .shutdown()
         .await

@@ -165,3 +165,49 @@ impl HealthWatch {
         )
     }
 }
+
+/// Checks the readiness life of `service` on a [`TestServer::spawn_gated`] server: NOT_SERVING
+/// (Check by name and under "", and the first Watch message) while the model load waits — when
+/// `while_loading` runs with a channel, e.g. to see the API answer UNAVAILABLE —, SERVING once
+/// released, NOT_SERVING (or the stream's end) on shutdown; then the server stops cleanly.
+pub async fn assert_health_lifecycle<F, Fut>(
+    mut server: TestServer,
+    service: &str,
+    while_loading: F,
+) where
+    F: FnOnce(Channel) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let channel = server.channel().await;
+    for name in [service, ""] {
+        assert_eq!(
+            health_status(&channel, name).await,
+            ServingStatus::NotServing,
+            "{name:?} while loading"
+        );
+    }
+    let mut watch = watch_health(&channel, service).await;
+    let first = watch.next_status(Duration::from_secs(10)).await;
+    assert_eq!(
+        first,
+        Some(ServingStatus::NotServing),
+        "first Watch message"
+    );
+    while_loading(channel.clone()).await;
+
+    server.release();
+    let next = watch.next_status(Duration::from_secs(30)).await;
+    assert_eq!(next, Some(ServingStatus::Serving), "Watch after the load");
+    assert_eq!(health_status(&channel, "").await, ServingStatus::Serving);
+
+    server.trigger_shutdown();
+    if let Some(last) = watch.next_status(Duration::from_secs(10)).await {
+        assert_eq!(last, ServingStatus::NotServing, "Watch on shutdown");
+    }
+    // An open Watch stream would hold the graceful drain open: close the client side.
+    drop((watch, channel));
+    server
+        .shutdown()
+        .await
+        .expect("the server stops once its calls are closed");
+}

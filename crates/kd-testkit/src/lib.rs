@@ -10,7 +10,10 @@ mod redis;
 mod server;
 mod wire;
 
-pub use health::{connect, health_status, wait_serving, watch_health, HealthWatch, Target};
+pub use health::{
+    assert_health_lifecycle, connect, health_status, wait_serving, watch_health, HealthWatch,
+    Target,
+};
 pub use metrics::{metric, metric_at, scrape};
 pub use redis::{free_port, RedisServer};
 pub use server::{TestServer, SHUTDOWN_BOUND};

@@ -14,10 +14,9 @@ use kd_models::prior::{FusionInput, SampleParams};
 use kd_proto::v1;
 use kd_proto::v1::interpolate_item::Item;
 use kd_proto::v1::prior_client::PriorClient;
-use kd_testkit::{health_status, scrape, unwire, watch_health, wire};
+use kd_testkit::{assert_health_lifecycle, scrape, unwire, wire};
 use std::time::Duration;
 use tonic::Code;
-use tonic_health::pb::health_check_response::ServingStatus;
 
 fn horse() -> (TextConditioning, TextConditioning) {
     (
@@ -57,32 +56,15 @@ fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
 
 #[tokio::test]
 async fn health_goes_from_not_serving_to_serving() {
-    let mut server = start_gated(&[]).await;
-    let channel = server.channel().await;
-    assert_eq!(
-        health_status(&channel, SERVICE).await,
-        ServingStatus::NotServing
-    );
-    let mut watch = watch_health(&channel, SERVICE).await;
-    let first = watch.next_status(Duration::from_secs(10)).await;
-    assert_eq!(first, Some(ServingStatus::NotServing));
-    let err = PriorClient::new(channel.clone())
-        .zero_image_embedding(v1::ZeroImageEmbeddingRequest {})
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-
-    server.release();
-    let next = watch.next_status(Duration::from_secs(30)).await;
-    assert_eq!(next, Some(ServingStatus::Serving));
-    assert_eq!(health_status(&channel, "").await, ServingStatus::Serving);
-
-    server.trigger_shutdown();
-    if let Some(last) = watch.next_status(Duration::from_secs(10)).await {
-        assert_eq!(last, ServingStatus::NotServing);
-    }
-    drop((watch, channel));
-    server.shutdown().await.unwrap();
+    assert_health_lifecycle(start_gated(&[]).await, SERVICE, |channel| async move {
+        // While loading, the API answers UNAVAILABLE.
+        let err = PriorClient::new(channel)
+            .zero_image_embedding(v1::ZeroImageEmbeddingRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -11,13 +11,12 @@ use kd_runtime::launch::LaunchError;
 use kd_runtime::server::Listeners;
 use kd_runtime::Shutdown;
 use kd_testkit::{
-    fixtures_dir, health_status, scrape, stage_args, wait_serving, watch_health, wire, TestServer,
+    assert_health_lifecycle, fixtures_dir, scrape, stage_args, wait_serving, wire, TestServer,
 };
 use kd_text_encoder::{run_with_listeners, Config, MAX_MESSAGE_BYTES};
 use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::Code;
-use tonic_health::pb::health_check_response::ServingStatus;
 
 const SERVICE: &str = "kandinsky.v1.TextEncoder";
 
@@ -55,38 +54,15 @@ fn encode_req(prompts: &[&str]) -> v1::EncodeTextRequest {
 
 #[tokio::test]
 async fn health_goes_from_not_serving_to_serving_and_back_on_shutdown() {
-    let mut server = start_gated(&[]).await;
-    let channel = server.channel().await;
-    assert_eq!(
-        health_status(&channel, SERVICE).await,
-        ServingStatus::NotServing
-    );
-    assert_eq!(health_status(&channel, "").await, ServingStatus::NotServing);
-    let mut watch = watch_health(&channel, SERVICE).await;
-    let first = watch.next_status(Duration::from_secs(10)).await;
-    assert_eq!(first, Some(ServingStatus::NotServing));
-    // While loading, the API answers UNAVAILABLE.
-    let err = TextEncoderClient::new(channel.clone())
-        .encode(encode_req(&["horse"]))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-
-    server.release();
-    let next = watch.next_status(Duration::from_secs(30)).await;
-    assert_eq!(next, Some(ServingStatus::Serving));
-    assert_eq!(health_status(&channel, "").await, ServingStatus::Serving);
-
-    server.trigger_shutdown();
-    if let Some(last) = watch.next_status(Duration::from_secs(10)).await {
-        assert_eq!(last, ServingStatus::NotServing);
-    }
-    // An open Watch stream would hold the graceful drain open: close the client side.
-    drop((watch, channel));
-    server
-        .shutdown()
-        .await
-        .expect("server stops once its calls are closed");
+    assert_health_lifecycle(start_gated(&[]).await, SERVICE, |channel| async move {
+        // While loading, the API answers UNAVAILABLE.
+        let err = TextEncoderClient::new(channel)
+            .encode(encode_req(&["horse"]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    })
+    .await;
 }
 
 #[tokio::test]

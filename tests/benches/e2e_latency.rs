@@ -103,26 +103,10 @@ async fn main() {
     .into_iter()
     .zip(&counters)
     {
-        proxied.push(counting_proxy(r.addr, n.clone()).await);
+        proxied.push(counting_proxy(r.grpc, n.clone()).await);
     }
-    let as_running = |addr| kd_e2e::Running {
-        addr,
-        metrics: addr,
-        shutdown: kd_runtime::Shutdown::new(),
-    };
-    let (te, pr, de) = (
-        as_running(proxied[0]),
-        as_running(proxied[1]),
-        as_running(proxied[2]),
-    );
-    let gateway = Stack::start_gateway(&te, &pr, &de, proxied[3], &[]).await;
-    kd_e2e::wait_serving(gateway.addr, "kandinsky.v1.Gateway").await;
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", gateway.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = v1::gateway_client::GatewayClient::new(ch).max_decoding_message_size(64 << 20);
+    let gateway = Stack::start_gateway([proxied[0], proxied[1], proxied[2], proxied[3]], &[]).await;
+    let mut client = kd_e2e::gateway_client(&gateway).await;
     let request = |seed: u64| v1::GenerateRequest {
         prompt: "a red cat, 4k photo".into(),
         width: Some(size as u32),

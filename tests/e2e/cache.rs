@@ -1,39 +1,23 @@
 //! The embedding cache in the running system: Redis started by the test on a free port.
 
-use kd_e2e::{metric, Stack};
+use kd_e2e::{quick_request, Stack};
 use kd_proto::v1;
+use kd_testkit::metric_at;
 use kd_testkit::RedisServer;
 use std::net::SocketAddr;
 
 fn request(prompt: &str) -> v1::GenerateRequest {
-    v1::GenerateRequest {
-        prompt: prompt.into(),
-        width: Some(64),
-        height: Some(64),
-        seeds: vec![1],
-        prior: Some(v1::PriorParams {
-            num_inference_steps: Some(2),
-            guidance_scale: None,
-        }),
-        decoder: Some(v1::DecoderParams {
-            num_inference_steps: Some(2),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    quick_request(prompt, 1)
 }
 
 async fn cache(addr: SocketAddr, result: &str) -> f64 {
-    metric(
-        addr,
-        &format!("kd_cache_requests_total{{result=\"{result}\",stage=\"text_encoder\"}}"),
-    )
-    .await
+    let labels = [("result", result), ("stage", "text_encoder")];
+    metric_at(addr, "kd_cache_requests_total", &labels).await
 }
 
 /// Text-tower runs: every uncached Encode records one batch.
 async fn encodes(addr: SocketAddr) -> f64 {
-    metric(addr, "kd_batch_size_count{stage=\"text_encoder\"}").await
+    metric_at(addr, "kd_batch_size_count", &[("stage", "text_encoder")]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -98,11 +82,8 @@ async fn without_redis_an_in_process_cache_serves_and_prior_samples_are_reused_o
     let stack = Stack::start(&[]).await;
     let (te, prior) = (stack.text_encoder.metrics, stack.prior.metrics);
     let prior_cache = |result: &'static str| async move {
-        metric(
-            prior,
-            &format!("kd_cache_requests_total{{result=\"{result}\",stage=\"prior\"}}"),
-        )
-        .await
+        let labels = [("result", result), ("stage", "prior")];
+        metric_at(prior, "kd_cache_requests_total", &labels).await
     };
     let mut c = stack.client().await;
     let a = c.generate(request("an owl")).await.unwrap().into_inner();

@@ -1,25 +1,25 @@
 //! Starts the whole system in one test process: the four stage services and the gateway, each a
 //! real gRPC server on its own loopback port (bound to port 0), talking over real connections.
 
-use kd_proto::v1::gateway_client::GatewayClient;
+use kd_proto::v1::{self, gateway_client::GatewayClient};
 use kd_runtime::Listeners;
-use kd_runtime::Shutdown;
+use kd_testkit::{connect, fixtures_dir, stage_args, wait_serving, TestServer};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 use tonic::transport::Channel;
-use tonic_health::pb::{
-    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
-};
+
+/// How long a service of the stack may take to report SERVING.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The bundled fixture model: the tiny prior and the deep (real 4-level) decoder.
 pub fn prior_dir() -> PathBuf {
-    kd_models::parity::fixtures_dir().join("tiny/kandinsky-2-2-prior")
+    fixtures_dir().join("tiny/kandinsky-2-2-prior")
 }
 
 /// The bundled decoder folder.
 pub fn decoder_dir() -> PathBuf {
-    kd_models::parity::fixtures_dir().join("deep/kandinsky-2-2-decoder")
+    fixtures_dir().join("deep/kandinsky-2-2-decoder")
 }
 
 /// Which bundled checkpoints a stack serves.
@@ -39,7 +39,7 @@ impl Model {
         match self {
             Self::Kandinsky22 => prior_dir(),
             Self::Kandinsky21 | Self::Kandinsky21Inpaint => {
-                kd_models::parity::fixtures_dir().join("kd21/kandinsky-2-1-prior")
+                fixtures_dir().join("kd21/kandinsky-2-1-prior")
             }
         }
     }
@@ -48,87 +48,37 @@ impl Model {
     pub fn decoder_dir(self) -> PathBuf {
         match self {
             Self::Kandinsky22 => decoder_dir(),
-            Self::Kandinsky21 => kd_models::parity::fixtures_dir().join("kd21/kandinsky-2-1"),
-            Self::Kandinsky21Inpaint => {
-                kd_models::parity::fixtures_dir().join("kd21/kandinsky-2-1-inpaint")
-            }
+            Self::Kandinsky21 => fixtures_dir().join("kd21/kandinsky-2-1"),
+            Self::Kandinsky21Inpaint => fixtures_dir().join("kd21/kandinsky-2-1-inpaint"),
         }
     }
 }
 
-fn args(bin: &str, model_dir: Option<&PathBuf>, extra: &[&str]) -> Vec<String> {
-    let mut a = vec![bin.to_string()];
-    if let Some(d) = model_dir {
-        a.extend([
-            "--model-dir".into(),
-            d.display().to_string(),
-            "--device".into(),
-            "cpu".into(),
-        ]);
-    }
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+/// Parses a stage's flags.
+fn config<C: clap::Parser>(bin: &str, model_dir: &Path, extra: &[&str]) -> C {
+    C::parse_from(stage_args(bin, model_dir, extra))
 }
 
-/// A running stage: its gRPC address and its own shutdown signal.
-pub struct Running {
-    /// gRPC address.
-    pub addr: SocketAddr,
-    /// `/metrics` address.
-    pub metrics: SocketAddr,
-    /// Stops this service.
-    pub shutdown: Shutdown,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
-    }
-}
-
-/// Spawns a service `run(listeners, shutdown)` on `listeners`.
-pub fn spawn_on<F, Fut, E>(listeners: Listeners, run: F) -> Running
-where
-    F: FnOnce(Listeners, Shutdown) -> Fut,
-    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
-    E: Send + 'static,
-{
-    let (addr, metrics) = (
-        listeners.grpc.local_addr().unwrap(),
-        listeners.metrics.local_addr().unwrap(),
-    );
-    let shutdown = Shutdown::new();
-    tokio::spawn(run(listeners, shutdown.clone()));
-    Running {
-        addr,
-        metrics,
-        shutdown,
-    }
-}
-
-/// Parses a service's flags.
-fn config<C: clap::Parser>(bin: &str, model_dir: &PathBuf, extra: &[&str]) -> C {
-    C::parse_from(args(bin, Some(model_dir), extra))
-}
-
-/// Starts the MoVQ stage on `listeners`.
-pub async fn start_movq(listeners: Listeners) -> Running {
+/// Starts the MoVQ stage on `listeners` and waits until it is SERVING.
+pub async fn start_movq(listeners: Listeners) -> TestServer {
     start_movq_of(Model::Kandinsky22, listeners).await
 }
 
-/// Starts the MoVQ stage of `model` on `listeners`.
-pub async fn start_movq_of(model: Model, listeners: Listeners) -> Running {
+/// Starts the MoVQ stage of `model` on `listeners` and waits until it is SERVING.
+pub async fn start_movq_of(model: Model, listeners: Listeners) -> TestServer {
     let c: kd_movq::Config = config("kd-movq", &model.decoder_dir(), &[]);
-    spawn_on(listeners, |l, s| kd_movq::run_with_listeners(c, l, s))
+    let movq = TestServer::spawn_on(listeners, |l, s| kd_movq::run_with_listeners(c, l, s));
+    wait_serving(&movq, "kandinsky.v1.Movq", READY_TIMEOUT).await;
+    movq
 }
 
 /// The five services of one deployment.
 pub struct Stack {
-    pub text_encoder: Running,
-    pub prior: Running,
-    pub denoiser: Running,
-    pub movq: Running,
-    pub gateway: Running,
+    pub text_encoder: TestServer,
+    pub prior: TestServer,
+    pub denoiser: TestServer,
+    pub movq: TestServer,
+    pub gateway: TestServer,
 }
 
 impl Stack {
@@ -148,121 +98,110 @@ impl Stack {
         text_encoder_args: &[&str],
         gateway_args: &[&str],
     ) -> Self {
-        let loopback = || async { Listeners::loopback().await.unwrap() };
         let decoder = format!("--decoder-model-dir={}", model.decoder_dir().display());
         let mut te_args = vec![decoder.as_str()];
         te_args.extend_from_slice(text_encoder_args);
         let te: kd_text_encoder::Config = config("kd-text-encoder", &model.prior_dir(), &te_args);
-        let text_encoder = spawn_on(loopback().await, |l, s| {
-            kd_text_encoder::run_with_listeners(te, l, s)
-        });
+        let text_encoder =
+            TestServer::spawn(|l, s| kd_text_encoder::run_with_listeners(te, l, s)).await;
         let pr: kd_prior::Config = config("kd-prior", &model.prior_dir(), &[]);
-        let prior = spawn_on(loopback().await, |l, s| {
-            kd_prior::run_with_listeners(pr, l, s)
-        });
+        let prior = TestServer::spawn(|l, s| kd_prior::run_with_listeners(pr, l, s)).await;
         let de: kd_denoiser::Config = config("kd-denoiser", &model.decoder_dir(), &[]);
-        let denoiser = spawn_on(loopback().await, |l, s| {
-            kd_denoiser::run_with_listeners(de, l, s)
-        });
+        let denoiser = TestServer::spawn(|l, s| kd_denoiser::run_with_listeners(de, l, s)).await;
         let movq = start_movq_of(model, Listeners::loopback().await.unwrap()).await;
-        let gateway =
-            Self::start_gateway(&text_encoder, &prior, &denoiser, movq.addr, gateway_args).await;
-        let stack = Self {
+        for (stage, service) in [
+            (&text_encoder, "kandinsky.v1.TextEncoder"),
+            (&prior, "kandinsky.v1.Prior"),
+            (&denoiser, "kandinsky.v1.Denoiser"),
+        ] {
+            wait_serving(stage, service, READY_TIMEOUT).await;
+        }
+        let stages = [text_encoder.grpc, prior.grpc, denoiser.grpc, movq.grpc];
+        let gateway = Self::start_gateway(stages, gateway_args).await;
+        Self {
             text_encoder,
             prior,
             denoiser,
             movq,
             gateway,
-        };
-        for (r, service) in [
-            (&stack.text_encoder, "kandinsky.v1.TextEncoder"),
-            (&stack.prior, "kandinsky.v1.Prior"),
-            (&stack.denoiser, "kandinsky.v1.Denoiser"),
-            (&stack.movq, "kandinsky.v1.Movq"),
-            (&stack.gateway, "kandinsky.v1.Gateway"),
-        ] {
-            wait_serving(r.addr, service).await;
         }
-        stack
     }
 
-    /// Starts a gateway over the given stages.
-    pub async fn start_gateway(
-        te: &Running,
-        prior: &Running,
-        denoiser: &Running,
-        movq: SocketAddr,
-        extra: &[&str],
-    ) -> Running {
-        let urls = [
-            format!("--text-encoder-url=http://{}", te.addr),
-            format!("--prior-url=http://{}", prior.addr),
-            format!("--denoiser-url=http://{}", denoiser.addr),
+    /// Starts a gateway over the stages at `[text encoder, prior, denoiser, movq]` and waits
+    /// until it is SERVING.
+    pub async fn start_gateway(stages: [SocketAddr; 4], extra: &[&str]) -> TestServer {
+        let [te, prior, denoiser, movq] = stages;
+        let mut args = vec![
+            "kd-gateway".to_string(),
+            format!("--text-encoder-url=http://{te}"),
+            format!("--prior-url=http://{prior}"),
+            format!("--denoiser-url=http://{denoiser}"),
             format!("--movq-url=http://{movq}"),
         ];
-        let mut a: Vec<&str> = urls.iter().map(String::as_str).collect();
-        a.extend_from_slice(extra);
-        let c = <kd_gateway::Config as clap::Parser>::parse_from(args("kd-gateway", None, &a));
-        spawn_on(Listeners::loopback().await.unwrap(), |l, s| {
-            kd_gateway::run_with_listeners(c, l, s)
-        })
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let c = <kd_gateway::Config as clap::Parser>::parse_from(args);
+        let gateway = TestServer::spawn(|l, s| kd_gateway::run_with_listeners(c, l, s)).await;
+        wait_serving(&gateway, "kandinsky.v1.Gateway", READY_TIMEOUT).await;
+        gateway
     }
 
     /// A client of the gateway.
     pub async fn client(&self) -> GatewayClient<Channel> {
-        let ch = Channel::from_shared(format!("http://{}", self.gateway.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        GatewayClient::new(ch).max_decoding_message_size(64 << 20)
+        gateway_client(&self.gateway).await
+    }
+}
+
+/// A client of `gateway` (64 MiB responses).
+pub async fn gateway_client(gateway: &TestServer) -> GatewayClient<Channel> {
+    GatewayClient::new(connect(gateway.grpc).await).max_decoding_message_size(64 << 20)
+}
+
+/// Steps of the prior and of the decoder in [`generate_request`].
+pub const STEPS: u32 = 3;
+
+/// A 64×64 request for `prompt`: one image per seed, [`STEPS`] steps of each stage at guidance 4.
+pub fn generate_request(prompt: &str, seeds: &[u64]) -> v1::GenerateRequest {
+    v1::GenerateRequest {
+        prompt: prompt.into(),
+        width: Some(64),
+        height: Some(64),
+        num_images: Some(seeds.len() as u32),
+        seeds: seeds.to_vec(),
+        prior: Some(v1::PriorParams {
+            num_inference_steps: Some(STEPS),
+            guidance_scale: Some(4.0),
+        }),
+        decoder: Some(v1::DecoderParams {
+            num_inference_steps: Some(STEPS),
+            guidance_scale: Some(4.0),
+            scheduler: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// A 64×64 request for `prompt` with one seed, two steps of each stage and the default guidance.
+pub fn quick_request(prompt: &str, seed: u64) -> v1::GenerateRequest {
+    v1::GenerateRequest {
+        prompt: prompt.into(),
+        width: Some(64),
+        height: Some(64),
+        seeds: vec![seed],
+        prior: Some(v1::PriorParams {
+            num_inference_steps: Some(2),
+            guidance_scale: None,
+        }),
+        decoder: Some(v1::DecoderParams {
+            num_inference_steps: Some(2),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 
 /// The RGB pixels of a generated image.
-pub fn pixels(img: &kd_proto::v1::GeneratedImage) -> image::RgbImage {
+pub fn pixels(img: &v1::GeneratedImage) -> image::RgbImage {
     image::load_from_memory(&img.image.as_ref().unwrap().data)
         .unwrap()
         .to_rgb8()
-}
-
-/// Waits until `service` at `addr` reports SERVING (at most 120 s).
-pub async fn wait_serving(addr: SocketAddr, service: &str) {
-    let start = Instant::now();
-    loop {
-        let ch = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect_lazy();
-        let req = HealthCheckRequest {
-            service: service.into(),
-        };
-        if let Ok(r) = HealthClient::new(ch).check(req).await {
-            if r.into_inner().status() == ServingStatus::Serving {
-                return;
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "{service} at {addr} is not SERVING"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-/// One scraped Prometheus series value (0 when absent).
-pub async fn metric(addr: SocketAddr, series: &str) -> f64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|v| v.strip_prefix(' '))
-                .map(|v| v.parse().unwrap())
-        })
-        .unwrap_or(0.0)
 }

@@ -3,15 +3,13 @@
 //! run in one process; the gateway names the model it serves, routes by model name when it fronts
 //! both families, and refuses stages that disagree.
 
-use kd_e2e::{pixels, Model, Stack};
+use kd_e2e::{gateway_client, generate_request, pixels, Model, Stack, STEPS};
 use kd_models::pipeline::{Text2Image, Text2ImageRequest};
 use kd_models::prior::SampleParams;
 use kd_models::CheckpointDir;
 use kd_proto::v1;
 use kd_proto::v1::text_encoder_client::TextEncoderClient;
 use tonic::Code;
-
-const STEPS: u32 = 3;
 
 const PROMPTS: [(&str, &str); 3] = [
     ("Russian", "Кот в сапогах на фоне заката"),
@@ -20,23 +18,7 @@ const PROMPTS: [(&str, &str); 3] = [
 ];
 
 fn request(prompt: &str, seed: u64) -> v1::GenerateRequest {
-    v1::GenerateRequest {
-        prompt: prompt.into(),
-        width: Some(64),
-        height: Some(64),
-        num_images: Some(1),
-        seeds: vec![seed],
-        prior: Some(v1::PriorParams {
-            num_inference_steps: Some(STEPS),
-            guidance_scale: Some(4.0),
-        }),
-        decoder: Some(v1::DecoderParams {
-            num_inference_steps: Some(STEPS),
-            guidance_scale: Some(4.0),
-            scheduler: 0,
-        }),
-        ..Default::default()
-    }
+    generate_request(prompt, &[seed])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -91,11 +73,7 @@ async fn russian_hindi_and_chinese_prompts_each_make_the_in_process_image() {
 
     // The text encoder hands the decoder its multilingual conditioning: (B, 77, 48) XLM-R
     // states of the tiny fixture, with a mask covering the real tokens.
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", stack.text_encoder.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = stack.text_encoder.channel().await;
     let enc = TextEncoderClient::new(ch)
         .encode(v1::EncodeTextRequest {
             prompts: vec![PROMPTS[0].1.into(), String::new()],
@@ -166,21 +144,14 @@ async fn stages_of_different_families_are_refused_by_name() {
     let kd21 = Stack::start_model(Model::Kandinsky21, &[], &[]).await;
     let kd22 = Stack::start(&[]).await;
     // A 2.1 text encoder in front of 2.2 prior, denoiser and MoVQ.
-    let gw = Stack::start_gateway(
-        &kd21.text_encoder,
-        &kd22.prior,
-        &kd22.denoiser,
-        kd22.movq.addr,
-        &[],
-    )
-    .await;
-    kd_e2e::wait_serving(gw.addr, "kandinsky.v1.Gateway").await;
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", gw.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut c = v1::gateway_client::GatewayClient::new(ch);
+    let stages = [
+        kd21.text_encoder.grpc,
+        kd22.prior.grpc,
+        kd22.denoiser.grpc,
+        kd22.movq.grpc,
+    ];
+    let gw = Stack::start_gateway(stages, &[]).await;
+    let mut c = gateway_client(&gw).await;
     let err = c.generate(request("a red cat", 1)).await.unwrap_err();
     assert_eq!(err.code(), Code::Internal, "{err:?}");
     assert!(
@@ -194,12 +165,7 @@ async fn stages_of_different_families_are_refused_by_name() {
 }
 
 fn fixture_png(name: &str) -> Vec<u8> {
-    std::fs::read(
-        kd_models::parity::fixtures_dir()
-            .join("kd21/reference")
-            .join(name),
-    )
-    .unwrap()
+    std::fs::read(kd_testkit::fixtures_dir().join("kd21/reference").join(name)).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -258,23 +224,16 @@ async fn one_gateway_serves_both_families_by_model_name() {
     let kd21 = Stack::start_model(Model::Kandinsky21, &[], &[]).await;
     let extra = format!(
         "--extra-stack=text-encoder=http://{},prior=http://{},denoiser=http://{},movq=http://{}",
-        kd21.text_encoder.addr, kd21.prior.addr, kd21.denoiser.addr, kd21.movq.addr
+        kd21.text_encoder.grpc, kd21.prior.grpc, kd21.denoiser.grpc, kd21.movq.grpc
     );
-    let gw = Stack::start_gateway(
-        &kd22.text_encoder,
-        &kd22.prior,
-        &kd22.denoiser,
-        kd22.movq.addr,
-        &[&extra],
-    )
-    .await;
-    kd_e2e::wait_serving(gw.addr, "kandinsky.v1.Gateway").await;
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", gw.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut c = v1::gateway_client::GatewayClient::new(ch);
+    let stages = [
+        kd22.text_encoder.grpc,
+        kd22.prior.grpc,
+        kd22.denoiser.grpc,
+        kd22.movq.grpc,
+    ];
+    let gw = Stack::start_gateway(stages, &[&extra]).await;
+    let mut c = gateway_client(&gw).await;
 
     let models = c
         .list_models(v1::ListModelsRequest {})

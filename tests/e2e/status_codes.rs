@@ -5,8 +5,9 @@
 //! at once while the only execution slot is busy.
 
 use bytes::{Buf, BufMut};
-use kd_e2e::{wait_serving, Stack};
+use kd_e2e::Stack;
 use kd_proto::v1;
+use kd_testkit::{connect, metric_at};
 use std::time::{Duration, Instant};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
@@ -46,14 +47,6 @@ impl Decoder for Raw {
         src.advance(v.len());
         Ok(Some(v))
     }
-}
-
-async fn channel(addr: std::net::SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }
 
 /// A unary call of `path` with `body` as the message bytes.
@@ -120,7 +113,7 @@ fn slow_request() -> v1::GenerateRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_failure_has_one_status() {
     let stack = Stack::start(&["--max-message-bytes=100000"]).await;
-    let gw = channel(stack.gateway.addr).await;
+    let gw = connect(stack.gateway.grpc).await;
 
     // Deadlines: identical calls whose deadline passes mid-work all get DEADLINE_EXCEEDED with
     // one message format (never CANCELLED "Timeout expired").
@@ -179,7 +172,7 @@ async fn each_failure_has_one_status() {
             "gateway, reflection {version}"
         );
         assert_eq!(
-            listed(channel(stack.movq.addr).await, version).await,
+            listed(connect(stack.movq.grpc).await, version).await,
             [
                 "grpc.health.v1.Health",
                 "grpc.reflection.v1.ServerReflection",
@@ -195,21 +188,15 @@ async fn each_failure_has_one_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stage_info_answers_while_the_only_denoise_slot_is_busy() {
     let stack = Stack::start(&[]).await;
-    wait_serving(stack.denoiser.addr, "kandinsky.v1.Denoiser").await;
     // A long generation occupies the denoiser's only slot.
     let mut c = stack.client().await;
     let busy = tokio::spawn(async move { c.generate(slow_request()).await });
-    let denoiser = channel(stack.denoiser.addr).await;
+    let denoiser = connect(stack.denoiser.grpc).await;
     let mut info = v1::stage_info_client::StageInfoClient::new(denoiser);
     // Wait until the loop runs (steps are being counted), then ask.
     let start = Instant::now();
-    while kd_e2e::metric(
-        stack.denoiser.metrics,
-        "kd_denoise_steps_total{stage=\"denoiser\"}",
-    )
-    .await
-        < 1.0
-    {
+    let steps = [("stage", "denoiser")];
+    while metric_at(stack.denoiser.metrics, "kd_denoise_steps_total", &steps).await < 1.0 {
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "the loop never started"

@@ -1,34 +1,19 @@
 //! Text-to-image through the gateway and the four stage services over real gRPC.
 
-use kd_e2e::{decoder_dir, metric, pixels, prior_dir, start_movq, wait_serving, Stack};
+use kd_e2e::{
+    decoder_dir, gateway_client, generate_request, pixels, prior_dir, start_movq, Stack, STEPS,
+};
 use kd_models::pipeline::{Text2Image, Text2ImageRequest};
 use kd_models::prior::SampleParams;
 use kd_models::CheckpointDir;
 use kd_proto::v1::{self, generate_event::Event};
 use kd_runtime::Listeners;
+use kd_testkit::metric_at;
 use std::time::Duration;
 use tonic::Code;
 
-const STEPS: u32 = 3;
-
 fn request(seeds: &[u64]) -> v1::GenerateRequest {
-    v1::GenerateRequest {
-        prompt: "a red cat, 4k photo".into(),
-        width: Some(64),
-        height: Some(64),
-        num_images: Some(seeds.len() as u32),
-        seeds: seeds.to_vec(),
-        prior: Some(v1::PriorParams {
-            num_inference_steps: Some(STEPS),
-            guidance_scale: Some(4.0),
-        }),
-        decoder: Some(v1::DecoderParams {
-            num_inference_steps: Some(STEPS),
-            guidance_scale: Some(4.0),
-            scheduler: 0,
-        }),
-        ..Default::default()
-    }
+    generate_request("a red cat, 4k photo", seeds)
 }
 
 fn max_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
@@ -182,9 +167,14 @@ async fn overload_is_refused_at_once_and_nothing_accepted_is_lost() {
         }
     }
     assert!(ok >= 2 && exhausted >= 1, "ok {ok}, exhausted {exhausted}");
-    let failures = metric(
+    let failures = metric_at(
         stack.gateway.metrics,
-        "kd_failures_total{method=\"Generate\",reason=\"overloaded\",stage=\"gateway\"}",
+        "kd_failures_total",
+        &[
+            ("method", "Generate"),
+            ("reason", "overloaded"),
+            ("stage", "gateway"),
+        ],
     )
     .await;
     assert_eq!(failures as usize, exhausted);
@@ -207,23 +197,30 @@ async fn a_deadline_shorter_than_the_work_stops_the_denoiser() {
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     // The denoiser stops within a step or so: its step counter stops growing and nothing is in flight.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let steps = metric(
+    let steps = metric_at(
         stack.denoiser.metrics,
-        "kd_denoise_steps_total{stage=\"denoiser\"}",
+        "kd_denoise_steps_total",
+        &[("stage", "denoiser")],
     )
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
-        metric(
+        metric_at(
             stack.denoiser.metrics,
-            "kd_denoise_steps_total{stage=\"denoiser\"}"
+            "kd_denoise_steps_total",
+            &[("stage", "denoiser")]
         )
         .await,
         steps
     );
     assert!(steps < 500.0);
     assert_eq!(
-        metric(stack.denoiser.metrics, "kd_in_flight{stage=\"denoiser\"}").await,
+        metric_at(
+            stack.denoiser.metrics,
+            "kd_in_flight",
+            &[("stage", "denoiser")]
+        )
+        .await,
         0.0
     );
 }
@@ -236,21 +233,14 @@ async fn a_stage_that_is_down_is_named_and_the_gateway_recovers_when_it_returns(
     let movq_addr = movq_listeners.grpc.local_addr().unwrap();
     let metrics_addr = movq_listeners.metrics.local_addr().unwrap();
     drop(movq_listeners);
-    let gateway = Stack::start_gateway(
-        &stack.text_encoder,
-        &stack.prior,
-        &stack.denoiser,
+    let stages = [
+        stack.text_encoder.grpc,
+        stack.prior.grpc,
+        stack.denoiser.grpc,
         movq_addr,
-        &[],
-    )
-    .await;
-    wait_serving(gateway.addr, "kandinsky.v1.Gateway").await;
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", gateway.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut c = v1::gateway_client::GatewayClient::new(ch);
+    ];
+    let gateway = Stack::start_gateway(stages, &[]).await;
+    let mut c = gateway_client(&gateway).await;
     let err = c.generate(request(&[1])).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(
@@ -261,8 +251,10 @@ async fn a_stage_that_is_down_is_named_and_the_gateway_recovers_when_it_returns(
 
     let grpc = tokio::net::TcpListener::bind(movq_addr).await.unwrap();
     let metrics = tokio::net::TcpListener::bind(metrics_addr).await.unwrap();
-    let movq = start_movq(Listeners::new(grpc, metrics)).await;
-    wait_serving(movq.addr, "kandinsky.v1.Movq").await;
+    // On the very addresses the gateway was given.
+    let mut listeners = Listeners::loopback().await.unwrap();
+    (listeners.grpc, listeners.metrics) = (grpc, metrics);
+    let _movq = start_movq(listeners).await;
     tokio::time::sleep(Duration::from_secs(3)).await; // the replica's cooldown after failures
     let ok = c.generate(request(&[1])).await.unwrap().into_inner();
     assert_eq!(ok.images.len(), 1);
@@ -284,7 +276,7 @@ async fn shutdown_drains_an_in_flight_request() {
             }
         }
     }
-    stack.gateway.shutdown.trigger();
+    stack.gateway.trigger_shutdown();
     let mut images = 0;
     while let Some(ev) = s.message().await.unwrap() {
         if let Some(Event::Image(_)) = ev.event {
@@ -294,7 +286,7 @@ async fn shutdown_drains_an_in_flight_request() {
     assert_eq!(images, 1, "the in-flight request finished during the drain");
     // New connections are refused once the gateway has stopped.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(tokio::net::TcpStream::connect(stack.gateway.addr)
+    assert!(tokio::net::TcpStream::connect(stack.gateway.grpc)
         .await
         .is_err());
 }

@@ -2,8 +2,7 @@
 //! and the four stages export for one Generate call. (Its own test binary: the trace exporter is
 //! process-global.)
 
-use kd_e2e::Stack;
-use kd_proto::v1;
+use kd_e2e::{quick_request, Stack};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -57,21 +56,7 @@ async fn one_request_is_one_trace_across_gateway_and_stages() {
 
     let stack = Stack::start(&[]).await;
     let mut c = stack.client().await;
-    let req = v1::GenerateRequest {
-        prompt: "a red cat".into(),
-        width: Some(64),
-        height: Some(64),
-        seeds: vec![3],
-        prior: Some(v1::PriorParams {
-            num_inference_steps: Some(2),
-            guidance_scale: None,
-        }),
-        decoder: Some(v1::DecoderParams {
-            num_inference_steps: Some(2),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let req = quick_request("a red cat", 3);
     c.generate(req.clone()).await.unwrap();
     // A streaming call: its server span must last until the stream ends.
     let mut events = c.generate_stream(req).await.unwrap().into_inner();

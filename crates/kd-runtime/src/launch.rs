@@ -238,6 +238,7 @@ impl<M: Send + Sync + 'static> Launch<M> {
             .iter()
             .copied()
             .find(|s| *s != kd_proto::v1::stage_info_server::SERVICE_NAME)
+            .or(services.first().copied())
             .unwrap_or("");
         let (readiness, health) = Readiness::new(service).await;
         let mut names = services.clone();

@@ -1,98 +1,41 @@
 //! Test utilities shared by the workspace's tests (kept out of the libraries so they do not
-//! slow every build): a real `redis-server` on a free loopback port.
+//! slow every build): an in-process server on loopback ports ([`TestServer`]), waiting for
+//! `grpc.health.v1` SERVING, scraping `/metrics`, wire tensors, the committed fixtures and a real
+//! `redis-server`.
 #![forbid(unsafe_code)]
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod health;
+mod metrics;
+mod redis;
+mod server;
+mod wire;
 
-/// A free TCP port on 127.0.0.1 (bound and released; a small race is acceptable in tests).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+pub use health::{
+    assert_health_lifecycle, connect, health_status, wait_serving, watch_health, HealthWatch,
+    Target,
+};
+pub use metrics::{metric, metric_at, scrape};
+pub use redis::{free_port, RedisServer};
+pub use server::{stage_info, TestServer, SHUTDOWN_BOUND};
+pub use wire::{unwire, wire};
+
+use std::path::{Path, PathBuf};
+
+/// The repository's `tests/fixtures` (tiny and deep checkpoints, diffusers references).
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-/// A `redis-server` child process (no persistence), killed on drop.
-pub struct RedisServer {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    /// Starts redis-server on a free port and waits until it answers PING.
-    ///
-    /// Panics with an install hint when `redis-server` is missing (`make setup` installs it).
-    pub fn start() -> Self {
-        let mut s = Self {
-            port: free_port(),
-            child: None,
-        };
-        s.restart();
-        s
-    }
-
-    /// `redis://127.0.0.1:<port>`.
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Kills the server (simulating an outage); the port stays reserved for [`Self::restart`].
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// (Re)starts the server on the same port, empty.
-    pub fn restart(&mut self) {
-        self.kill();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server not found: run `make setup` (apt-get install redis-server)");
-        self.child = Some(child);
-        let start = Instant::now();
-        while !self.ping() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "redis-server did not start on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn ping(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-        if s.write_all(b"PING\r\n").is_err() {
-            return false;
-        }
-        let mut buf = [0u8; 7];
-        s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// The command line of a stage binary `bin` serving `model_dir` on the CPU, then `extra`:
+/// `[bin, --model-dir, <dir>, --device, cpu, extra...]` (parse it with the stage's `Config`).
+pub fn stage_args(bin: &str, model_dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        bin.to_string(),
+        "--model-dir".into(),
+        model_dir.display().to_string(),
+        "--device".into(),
+        "cpu".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
 }

@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use kd_proto::v1;
+use kd_testkit::{metric, metric_at, scrape};
 use std::time::{Duration, Instant};
 
 /// A long request on the tiny checkpoint (64×64 pixels, 32×32 latents): many steps.
@@ -12,15 +13,12 @@ fn slow_request(steps: u32) -> v1::DenoiseRequest {
     request(1, steps, vec![9])
 }
 
-async fn steps_now(server: &Server) -> f64 {
-    metric(
-        &scrape(server.metrics_addr).await,
-        "kd_denoise_steps_total{",
-    )
+async fn steps_now(server: &kd_testkit::TestServer) -> f64 {
+    metric_at(server.metrics, "kd_denoise_steps_total", &[]).await
 }
 
 /// Waits until the step counter has not moved for `quiet` and returns it.
-async fn settle(server: &Server, quiet: Duration) -> f64 {
+async fn settle(server: &kd_testkit::TestServer, quiet: Duration) -> f64 {
     let mut last = steps_now(server).await;
     loop {
         tokio::time::sleep(quiet).await;
@@ -35,7 +33,7 @@ async fn settle(server: &Server, quiet: Duration) -> f64 {
 #[tokio::test]
 async fn client_that_drops_the_stream_stops_the_loop_within_one_step() {
     let server = start(&tiny()).await;
-    let mut c = client(server.addr).await;
+    let mut c = client(&server).await;
     let n = 300;
     let t0 = Instant::now();
     let mut stream = c.denoise(slow_request(n)).await.unwrap().into_inner();
@@ -53,24 +51,30 @@ async fn client_that_drops_the_stream_stops_the_loop_within_one_step() {
     drop(c);
     // Quiet for 3 step times: the loop has stopped.
     let stopped = settle(&server, step_time * 3 + Duration::from_millis(100)).await;
-    let text = scrape(server.metrics_addr).await;
+    let text = scrape(server.metrics).await;
     let cancelled = metric(
         &text,
-        "kd_failures_total{method=\"Denoise\",reason=\"cancelled\"",
-    );
+        "kd_failures_total",
+        &[("method", "Denoise"), ("reason", "cancelled")],
+    )
+    .unwrap_or(0.0);
     eprintln!(
         "client drop: first step {step_time:?}, steps at drop {at_drop}, after stop {stopped} of {n}, cancelled failures {cancelled}"
     );
     assert!(stopped <= at_drop + 2.0, "loop ran on: {stopped} steps");
     assert!(stopped < n as f64 / 4.0);
     assert_eq!(cancelled, 1.0, "{text}");
-    assert_eq!(metric(&text, "kd_in_flight{"), 0.0, "{text}");
+    assert_eq!(
+        metric(&text, "kd_in_flight", &[]).unwrap_or(0.0),
+        0.0,
+        "{text}"
+    );
 }
 
 #[tokio::test]
 async fn deadline_shorter_than_the_work_is_deadline_exceeded_and_stops_the_loop() {
     let server = start(&tiny()).await;
-    let mut c = client(server.addr).await;
+    let mut c = client(&server).await;
     // Time one step first.
     let t0 = Instant::now();
     collect(&mut c, slow_request(1)).await.unwrap();
@@ -97,11 +101,13 @@ async fn deadline_shorter_than_the_work_is_deadline_exceeded_and_stops_the_loop(
     assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
     let at_status = steps_now(&server).await - 1.0;
     let stopped = settle(&server, step_time * 3 + Duration::from_millis(100)).await - 1.0;
-    let text = scrape(server.metrics_addr).await;
+    let text = scrape(server.metrics).await;
     let exceeded = metric(
         &text,
-        "kd_failures_total{method=\"Denoise\",reason=\"deadline_exceeded\"",
-    );
+        "kd_failures_total",
+        &[("method", "Denoise"), ("reason", "deadline_exceeded")],
+    )
+    .unwrap_or(0.0);
     eprintln!(
         "deadline {budget:?} (step {step_time:?}): status after {took:?} ({}), steps at status {at_status}, after stop {stopped} of {n}, deadline failures {exceeded}",
         err.message()

@@ -13,6 +13,7 @@ use kd_models::parity::{get, load_reference, rel_l2};
 use kd_models::unet::UNet2DConditionModel;
 use kd_models::{schedulers, CheckpointDir, Variant};
 use kd_proto::v1;
+use kd_testkit::{fixtures_dir, metric, scrape, unwire, wire};
 
 /// The in-process loop exactly as a library user runs it: checkpoint UNet (f32), the
 /// checkpoint's scheduler, SeededNoise, explicit 1-row negative broadcast.
@@ -81,10 +82,10 @@ fn in_process(dir: &std::path::Path, req: &v1::DenoiseRequest) -> Tensor {
 async fn grpc_equals_in_process_loop_byte_for_byte() {
     for (dir, steps) in [
         (tiny(), 3),
-        (fixtures().join("deep/kandinsky-2-2-decoder"), 2),
+        (fixtures_dir().join("deep/kandinsky-2-2-decoder"), 2),
     ] {
         let server = start(&dir).await;
-        let mut c = client(server.addr).await;
+        let mut c = client(&server).await;
         let req = request(2, steps, vec![7, 1234567890123]);
         let (progress, latents) = collect(&mut c, req.clone()).await.unwrap();
         assert_eq!(progress.len(), steps as usize);
@@ -103,7 +104,7 @@ async fn grpc_equals_in_process_loop_byte_for_byte() {
 
 #[tokio::test]
 async fn explicit_latents_with_ddim_match_diffusers() {
-    let refdir = fixtures().join("tiny/reference/decoder");
+    let refdir = fixtures_dir().join("tiny/reference/decoder");
     let meta: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(refdir.join("pipeline_text2img_ddim_2.json")).unwrap(),
     )
@@ -118,7 +119,7 @@ async fn explicit_latents_with_ddim_match_diffusers() {
     )
     .unwrap();
     let server = start(ckpt.path()).await;
-    let mut c = client(server.addr).await;
+    let mut c = client(&server).await;
     let req = v1::DenoiseRequest {
         conditioning: Some(v1::DecoderConditioning {
             image_embeds: Some(wire(get(&r, "image_embeds"))),
@@ -149,7 +150,7 @@ fn scheduler_choice_is_from_config_of_the_checkpoint() {
     // DPM++ built from the hub DDPM config inherits `leading` + steps_offset 1 (diffusers'
     // from_config), reproducing the fixture's `dpmpp_2m_from_hub_ddpm` schedule.
     let model = kd_denoiser::model::DecoderModel::load(&tiny(), &Device::Cpu, DType::F32).unwrap();
-    let s = fixtures().join("tiny/reference/decoder/schedulers");
+    let s = fixtures_dir().join("tiny/reference/decoder/schedulers");
     let r = load_reference(s.join("scheduler_dpmpp_2m_from_hub_ddpm.safetensors")).unwrap();
     let mut dpm = model.scheduler(v1::Scheduler::DpmSolverPp).unwrap();
     dpm.set_timesteps(10).unwrap();
@@ -178,7 +179,7 @@ fn scheduler_choice_is_from_config_of_the_checkpoint() {
 #[tokio::test]
 async fn seeds_determine_the_bytes_and_rows_are_independent() {
     let server = start(&tiny()).await;
-    let mut c = client(server.addr).await;
+    let mut c = client(&server).await;
     let (_, a) = collect(&mut c, request(1, 2, vec![42])).await.unwrap();
     let (_, b) = collect(&mut c, request(1, 2, vec![42])).await.unwrap();
     let (_, d) = collect(&mut c, request(1, 2, vec![43])).await.unwrap();
@@ -208,7 +209,7 @@ async fn seeds_determine_the_bytes_and_rows_are_independent() {
 #[tokio::test]
 async fn progress_counts_every_step_with_previews() {
     let server = start(&tiny()).await;
-    let mut c = client(server.addr).await;
+    let mut c = client(&server).await;
     let mut req = request(1, 5, vec![3]);
     req.preview_every = 2;
     let (progress, latents) = collect(&mut c, req).await.unwrap();
@@ -226,16 +227,21 @@ async fn progress_counts_every_step_with_previews() {
         vec![1, 4, 32, 32]
     );
     assert_eq!(latents.shape, vec![1, 4, 32, 32]);
-    let text = scrape(server.metrics_addr).await;
-    assert_eq!(metric(&text, "kd_denoise_steps_total{"), 5.0, "{text}");
+    let text = scrape(server.metrics).await;
+    assert_eq!(
+        metric(&text, "kd_denoise_steps_total", &[]).unwrap_or(0.0),
+        5.0,
+        "{text}"
+    );
 }
 
 #[tokio::test]
 async fn img2img_runs_end_to_end() {
-    let inp = load_reference(fixtures().join("tiny/reference/decoder/pipeline_inputs.safetensors"))
-        .unwrap();
+    let inp =
+        load_reference(fixtures_dir().join("tiny/reference/decoder/pipeline_inputs.safetensors"))
+            .unwrap();
     let server = start(&tiny()).await;
-    let mut c = client(server.addr).await;
+    let mut c = client(&server).await;
     let mut req = request(2, 10, vec![1, 2]);
     // One init image broadcast to both rows.
     req.image_latents = Some(wire(get(&inp, "img2img_image_latents")));
@@ -254,10 +260,11 @@ async fn img2img_runs_end_to_end() {
 
 #[tokio::test]
 async fn inpaint_runs_end_to_end_and_keeps_the_unmasked_region() {
-    let inp = load_reference(fixtures().join("tiny/reference/decoder/pipeline_inputs.safetensors"))
-        .unwrap();
-    let server = start(&fixtures().join("tiny/kandinsky-2-2-decoder-inpaint")).await;
-    let mut c = client(server.addr).await;
+    let inp =
+        load_reference(fixtures_dir().join("tiny/reference/decoder/pipeline_inputs.safetensors"))
+            .unwrap();
+    let server = start(&fixtures_dir().join("tiny/kandinsky-2-2-decoder-inpaint")).await;
+    let mut c = client(&server).await;
     let image_latents = get(&inp, "inpaint_image_latents").clone();
     let mask = (get(&inp, "inpaint_mask_u8").to_dtype(DType::F32).unwrap() / 255.0)
         .unwrap()
@@ -301,12 +308,9 @@ async fn inpaint_runs_end_to_end_and_keeps_the_unmasked_region() {
 #[tokio::test]
 async fn info_returns_the_model() {
     let server = start(&tiny()).await;
-    let mut c = client(server.addr).await;
-    let info = c
-        .info(v1::DenoiserInfoRequest {})
+    let info = kd_testkit::stage_info(server.channel().await)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(info.family, v1::ModelFamily::Kandinsky22 as i32);
     assert_eq!(info.component, "unet");
     assert_eq!(info.device, "cpu");
@@ -316,10 +320,11 @@ async fn info_returns_the_model() {
 
 #[tokio::test]
 async fn controlnet_hint_runs_end_to_end() {
-    let inp = load_reference(fixtures().join("tiny/reference/decoder/pipeline_inputs.safetensors"))
-        .unwrap();
-    let server = start(&fixtures().join("tiny/kandinsky-2-2-controlnet-depth")).await;
-    let mut c = client(server.addr).await;
+    let inp =
+        load_reference(fixtures_dir().join("tiny/reference/decoder/pipeline_inputs.safetensors"))
+            .unwrap();
+    let server = start(&fixtures_dir().join("tiny/kandinsky-2-2-controlnet-depth")).await;
+    let mut c = client(&server).await;
     let mut req = request(1, 2, vec![8]);
     // Without the hint a ControlNet UNet cannot run.
     let Err(err) = c.denoise(req.clone()).await else {

@@ -5,10 +5,10 @@ mod common;
 
 use common::*;
 use kd_proto::v1;
+use kd_testkit::{fixtures_dir, health_status, metric, scrape, watch_health, wire};
 use std::time::Duration;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 #[tokio::test]
 async fn health_is_not_serving_until_loaded_and_warmed_then_serving() {
@@ -22,29 +22,24 @@ async fn health_is_not_serving_until_loaded_and_warmed_then_serving() {
         .unwrap();
     assert!(st.success());
     let server = start_with(ckpt.path(), &[]).await;
-    let ch = channel(server.addr).await;
-    let mut h = HealthClient::new(ch.clone());
+    let ch = server.channel().await;
     for service in ["kandinsky.v1.Denoiser", ""] {
         assert_eq!(
-            health_status(server.addr, service).await,
+            health_status(&server, service).await,
             ServingStatus::NotServing,
             "{service:?}"
         );
     }
-    let mut watch = h
-        .watch(HealthCheckRequest {
-            service: "kandinsky.v1.Denoiser".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let first = watch.message().await.unwrap().unwrap();
-    assert_eq!(first.status, ServingStatus::NotServing as i32);
+    let mut watch = watch_health(&ch, SERVICE).await;
+    let first = watch.next_status(Duration::from_secs(10)).await;
+    assert_eq!(first, Some(ServingStatus::NotServing));
     // While loading, the stage answers UNAVAILABLE.
-    let mut c = client(server.addr).await;
+    let mut c = client(&server).await;
     let err = c.denoise(request(1, 1, vec![0])).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    let err = c.info(v1::DenoiserInfoRequest {}).await.unwrap_err();
+    let err = kd_testkit::stage_info(server.channel().await)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 
     // Release the load.
@@ -52,19 +47,15 @@ async fn health_is_not_serving_until_loaded_and_warmed_then_serving() {
     tokio::task::spawn_blocking(move || std::fs::write(index, content).unwrap())
         .await
         .unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(120), watch.message())
-        .await
-        .expect("SERVING within 120 s")
-        .unwrap()
-        .unwrap();
-    assert_eq!(next.status, ServingStatus::Serving as i32);
+    let next = watch.next_status(Duration::from_secs(120)).await;
+    assert_eq!(next, Some(ServingStatus::Serving), "SERVING within 120 s");
     for service in ["kandinsky.v1.Denoiser", ""] {
         assert_eq!(
-            health_status(server.addr, service).await,
+            health_status(&server, service).await,
             ServingStatus::Serving
         );
     }
-    let text = scrape(server.metrics_addr).await;
+    let text = scrape(server.metrics).await;
     assert!(
         text.contains("kd_model_load_seconds{stage=\"denoiser\"}"),
         "{text}"
@@ -72,20 +63,24 @@ async fn health_is_not_serving_until_loaded_and_warmed_then_serving() {
     assert_eq!(
         metric(
             &text,
-            "kd_failures_total{method=\"Denoise\",reason=\"unavailable\""
-        ),
+            "kd_failures_total",
+            &[("method", "Denoise"), ("reason", "unavailable")]
+        )
+        .unwrap_or(0.0),
         1.0
     );
     // The warm-up step is not a served step.
-    assert_eq!(metric(&text, "kd_denoise_steps_total{"), 0.0);
+    assert_eq!(
+        metric(&text, "kd_denoise_steps_total", &[]).unwrap_or(0.0),
+        0.0
+    );
     let (progress, _) = collect(&mut c, request(1, 1, vec![0])).await.unwrap();
     assert_eq!(progress.len(), 1);
 
     // Shutdown flips health back and stops the server.
-    server.shutdown.trigger();
-    let last = tokio::time::timeout(Duration::from_secs(10), watch.message()).await;
-    if let Ok(Ok(Some(m))) = last {
-        assert_eq!(m.status, ServingStatus::NotServing as i32);
+    server.trigger_shutdown();
+    if let Some(last) = watch.next_status(Duration::from_secs(10)).await {
+        assert_eq!(last, ServingStatus::NotServing);
     }
 }
 
@@ -103,7 +98,7 @@ fn t(shape: &[usize], fill: f32) -> v1::Tensor {
 #[tokio::test]
 async fn bad_inputs_are_invalid_argument_naming_the_field() {
     let server = start(&tiny()).await;
-    let mut c = client(server.addr).await;
+    let mut c = client(&server).await;
     let cases: Vec<(&str, &str, Edit)> = vec![
         ("height", "64..=2048", Box::new(|r| r.height = 100)),
         ("width", "64..=2048", Box::new(|r| r.width = 4096)),
@@ -249,26 +244,31 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
         assert!(err.message().contains(hint), "{field}: {}", err.message());
         eprintln!("{}", err.message());
     }
-    let text = scrape(server.metrics_addr).await;
+    let text = scrape(server.metrics).await;
     assert_eq!(
         metric(
             &text,
-            "kd_failures_total{method=\"Denoise\",reason=\"invalid_argument\""
-        ),
+            "kd_failures_total",
+            &[("method", "Denoise"), ("reason", "invalid_argument")]
+        )
+        .unwrap_or(0.0),
         n as f64,
         "{text}"
     );
     assert_eq!(
-        metric(&text, "kd_requests_total{method=\"Denoise\""),
+        metric(&text, "kd_requests_total", &[("method", "Denoise")]).unwrap_or(0.0),
         n as f64
     );
-    assert_eq!(metric(&text, "kd_denoise_steps_total{"), 0.0);
+    assert_eq!(
+        metric(&text, "kd_denoise_steps_total", &[]).unwrap_or(0.0),
+        0.0
+    );
 }
 
 #[tokio::test]
 async fn inpaint_checkpoint_rejects_bad_masks_and_requires_one() {
-    let server = start(&fixtures().join("tiny/kandinsky-2-2-decoder-inpaint")).await;
-    let mut c = client(server.addr).await;
+    let server = start(&fixtures_dir().join("tiny/kandinsky-2-2-decoder-inpaint")).await;
+    let mut c = client(&server).await;
     let cases: Vec<(&str, &str, Edit)> = vec![
         ("mask", "in_channels 9", Box::new(|_| {})),
         (
@@ -313,7 +313,7 @@ async fn inpaint_checkpoint_rejects_bad_masks_and_requires_one() {
 #[tokio::test]
 async fn messages_beyond_tonic_default_4_mib_are_accepted() {
     let server = start(&tiny()).await;
-    let mut c = client(server.addr).await;
+    let mut c = client(&server).await;
     // A 1×1×1100×1100 f32 mask (4.8 MB) reaches validation instead of the transport limit.
     let mut req = request(1, 2, vec![1]);
     req.image_latents = Some(t(&[1, 4, 32, 32], 0.0));

@@ -8,16 +8,17 @@ use candle_core::Tensor;
 use common::*;
 use kd_models::parity::{get, load_reference, rel_l2};
 use kd_proto::v1;
+use kd_testkit::{fixtures_dir, unwire, wire};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use tonic::Code;
 
 fn kd21() -> PathBuf {
-    fixtures().join("kd21/kandinsky-2-1")
+    fixtures_dir().join("kd21/kandinsky-2-1")
 }
 
 fn reference(name: &str) -> (HashMap<String, Tensor>, serde_json::Value) {
-    let dir = fixtures().join("kd21/reference");
+    let dir = fixtures_dir().join("kd21/reference");
     let r = load_reference(dir.join(format!("{name}.safetensors"))).unwrap();
     let meta =
         serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
@@ -79,12 +80,10 @@ impl RepeatRows for Tensor {
 #[tokio::test]
 async fn text2img_over_grpc_matches_diffusers_with_the_checkpoint_ddim() {
     let server = start(&kd21()).await;
-    let mut c = client(server.addr).await;
-    let info = c
-        .info(v1::DenoiserInfoRequest {})
+    let mut c = client(&server).await;
+    let info = kd_testkit::stage_info(server.channel().await)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(info.family, v1::ModelFamily::Kandinsky21 as i32);
     for name in [
         "pipeline_text2img_ddim_2",
@@ -104,7 +103,7 @@ async fn text2img_over_grpc_matches_diffusers_with_the_checkpoint_ddim() {
 #[tokio::test]
 async fn missing_or_misshapen_text_conditioning_is_refused_by_name() {
     let server = start(&kd21()).await;
-    let mut c = client(server.addr).await;
+    let mut c = client(&server).await;
     let (r, meta) = reference("pipeline_text2img_ddim_2");
     let good = request_of(&r, &meta);
     let expect = |e: tonic::Status, field: &str, also: &str| {

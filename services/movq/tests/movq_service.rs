@@ -2,103 +2,32 @@
 //! encode parity with diffusers, image outputs, bad input, metrics.
 
 use candle_core::{Device, Tensor};
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference};
+use kd_models::parity::{assert_close, get, load_reference};
 use kd_movq::{run_with_listeners, Config};
 use kd_proto::v1::{self, movq_client::MovqClient};
 use kd_runtime::Listeners;
 use kd_runtime::Shutdown;
-use std::net::SocketAddr;
+use kd_testkit::{fixtures_dir, scrape, stage_args, unwire, wait_serving, wire, TestServer};
+use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::Code;
-use tonic_health::pb::{
-    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
-};
 
-struct Server {
-    addr: SocketAddr,
-    metrics: SocketAddr,
-    shutdown: Shutdown,
-}
-
-async fn start(model: &str) -> Server {
-    let listeners = Listeners::loopback().await.unwrap();
-    let addr = listeners.grpc.local_addr().unwrap();
-    let metrics = listeners.metrics.local_addr().unwrap();
-    let dir = fixtures_dir().join(model);
-    let config = <Config as clap::Parser>::parse_from([
+/// A MoVQ stage on the fixture folder `model`, SERVING, and a client of it.
+async fn start(model: &str) -> (TestServer, MovqClient<Channel>) {
+    let config = <Config as clap::Parser>::parse_from(stage_args(
         "kd-movq",
-        "--model-dir",
-        dir.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
-    let shutdown = Shutdown::new();
-    tokio::spawn(run_with_listeners(config, listeners, shutdown.clone()));
-    Server {
-        addr,
-        metrics,
-        shutdown,
-    }
-}
-
-async fn channel(addr: SocketAddr) -> Channel {
-    for _ in 0..200 {
-        if let Ok(c) = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            return c;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!("server did not start");
-}
-
-async fn wait_serving(ch: Channel) {
-    let mut h = HealthClient::new(ch);
-    let mut watch = h
-        .watch(HealthCheckRequest {
-            service: "kandinsky.v1.Movq".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut seen = vec![];
-    while let Some(r) = watch.message().await.unwrap() {
-        seen.push(r.status());
-        if r.status() == ServingStatus::Serving {
-            break;
-        }
-    }
-    assert_eq!(seen.last(), Some(&ServingStatus::Serving), "{seen:?}");
-}
-
-fn wire(t: &Tensor) -> v1::Tensor {
-    kd_proto::to_wire(t).unwrap()
-}
-
-fn tensor(t: &v1::Tensor) -> Tensor {
-    kd_proto::from_wire(t, &Device::Cpu, &Default::default()).unwrap()
-}
-
-async fn scrape(addr: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
+        &fixtures_dir().join(model),
+        &[],
+    ));
+    let srv = TestServer::spawn(|l, s| run_with_listeners(config, l, s)).await;
+    wait_serving(&srv, "kandinsky.v1.Movq", Duration::from_secs(120)).await;
+    let client = MovqClient::new(srv.channel().await);
+    (srv, client)
 }
 
 #[tokio::test]
 async fn decode_and_encode_match_diffusers_over_grpc() {
-    let srv = start("deep/kandinsky-2-2-decoder").await;
-    let ch = channel(srv.addr).await;
-    wait_serving(ch.clone()).await;
-    let mut c = MovqClient::new(ch);
+    let (srv, mut c) = start("deep/kandinsky-2-2-decoder").await;
     let refs =
         load_reference(fixtures_dir().join("deep/reference/decoder/movq.safetensors")).unwrap();
 
@@ -119,7 +48,7 @@ async fn decode_and_encode_match_diffusers_over_grpc() {
         if let Some(k) = nhwc {
             assert_close(
                 k,
-                &tensor(resp.pixels.as_ref().unwrap()),
+                &unwire(resp.pixels.as_ref().unwrap()),
                 get(&refs, k),
                 1e-4,
             );
@@ -154,7 +83,7 @@ async fn decode_and_encode_match_diffusers_over_grpc() {
         .into_inner();
     assert_close(
         "latents",
-        &tensor(resp.latents.as_ref().unwrap()),
+        &unwire(resp.latents.as_ref().unwrap()),
         get(&refs, "latents"),
         1e-4,
     );
@@ -185,15 +114,12 @@ async fn decode_and_encode_match_diffusers_over_grpc() {
         text.contains("kd_model_load_seconds{stage=\"movq\"}"),
         "{text}"
     );
-    srv.shutdown.trigger();
+    srv.shutdown().await.unwrap();
 }
 
 #[tokio::test]
 async fn encoded_images_and_masks_are_preprocessed_as_diffusers() {
-    let srv = start("tiny/kandinsky-2-2-decoder").await;
-    let ch = channel(srv.addr).await;
-    wait_serving(ch.clone()).await;
-    let mut c = MovqClient::new(ch);
+    let (srv, mut c) = start("tiny/kandinsky-2-2-decoder").await;
     let dir = fixtures_dir().join("tiny/reference/decoder");
     let refs = load_reference(dir.join("pipeline_inputs.safetensors")).unwrap();
     let image = std::fs::read(dir.join("init_image.png")).unwrap();
@@ -211,7 +137,7 @@ async fn encoded_images_and_masks_are_preprocessed_as_diffusers() {
         .into_inner();
     assert_close(
         "img2img latents",
-        &tensor(resp.latents.as_ref().unwrap()),
+        &unwire(resp.latents.as_ref().unwrap()),
         get(&refs, "img2img_image_latents"),
         1e-4,
     );
@@ -229,11 +155,11 @@ async fn encoded_images_and_masks_are_preprocessed_as_diffusers() {
         .into_inner();
     assert_close(
         "inpaint latents",
-        &tensor(resp.latents.as_ref().unwrap()),
+        &unwire(resp.latents.as_ref().unwrap()),
         get(&refs, "inpaint_image_latents"),
         1e-4,
     );
-    let m = tensor(resp.mask.as_ref().unwrap());
+    let m = unwire(resp.mask.as_ref().unwrap());
     assert_eq!(m.dims(), &[1, 1, 64, 64]);
     // The repaint mask is the inverse of diffusers' keep-mask, nearest-resized to the latent grid.
     let repaint: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
@@ -253,15 +179,12 @@ async fn encoded_images_and_masks_are_preprocessed_as_diffusers() {
             );
         }
     }
-    srv.shutdown.trigger();
+    srv.shutdown().await.unwrap();
 }
 
 #[tokio::test]
 async fn bad_inputs_are_invalid_argument_naming_the_field() {
-    let srv = start("tiny/kandinsky-2-2-decoder").await;
-    let ch = channel(srv.addr).await;
-    wait_serving(ch.clone()).await;
-    let mut c = MovqClient::new(ch);
+    let (srv, mut c) = start("tiny/kandinsky-2-2-decoder").await;
     let z = |shape: &[usize]| {
         Some(wire(
             &Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu).unwrap(),
@@ -385,21 +308,19 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
             e.message()
         );
     }
-    srv.shutdown.trigger();
+    srv.shutdown().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_missing_checkpoint_makes_the_service_exit_with_the_reason() {
     let listeners = Listeners::loopback().await.unwrap();
-    let config = <Config as clap::Parser>::parse_from([
+    let config = <Config as clap::Parser>::parse_from(stage_args(
         "kd-movq",
-        "--model-dir",
-        "/nonexistent/kandinsky",
-        "--device",
-        "cpu",
-    ]);
+        std::path::Path::new("/nonexistent/kandinsky"),
+        &[],
+    ));
     let err = tokio::time::timeout(
-        std::time::Duration::from_secs(30),
+        Duration::from_secs(30),
         run_with_listeners(config, listeners, Shutdown::new()),
     )
     .await

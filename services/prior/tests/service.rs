@@ -11,14 +11,12 @@ use kd_models::clip::{decode_image, TextConditioning};
 use kd_models::noise::SeededNoise;
 use kd_models::parity::{assert_close, get, load_reference, rel_l2};
 use kd_models::prior::{FusionInput, SampleParams};
+use kd_proto::v1;
 use kd_proto::v1::interpolate_item::Item;
 use kd_proto::v1::prior_client::PriorClient;
-use kd_proto::{to_wire, v1};
+use kd_testkit::{assert_health_lifecycle, scrape, unwire, wire};
 use std::time::Duration;
 use tonic::Code;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 fn horse() -> (TextConditioning, TextConditioning) {
     (
@@ -58,65 +56,30 @@ fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
 
 #[tokio::test]
 async fn health_goes_from_not_serving_to_serving() {
-    let mut server = Server::start_gated(&[]).await;
-    let channel = server.channel().await;
-    let mut health = HealthClient::new(channel.clone());
-    assert_eq!(
-        status(&mut health, SERVICE).await,
-        ServingStatus::NotServing
-    );
-    let mut watch = health
-        .watch(HealthCheckRequest {
-            service: SERVICE.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let first = watch.message().await.unwrap().unwrap();
-    assert_eq!(first.status, ServingStatus::NotServing as i32);
-    let err = PriorClient::new(channel.clone())
-        .zero_image_embedding(v1::ZeroImageEmbeddingRequest {})
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-
-    server.release();
-    let next = tokio::time::timeout(Duration::from_secs(30), watch.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(next.status, ServingStatus::Serving as i32);
-    assert_eq!(status(&mut health, "").await, ServingStatus::Serving);
-
-    server.shutdown.trigger();
-    let last = tokio::time::timeout(Duration::from_secs(10), watch.message())
-        .await
-        .unwrap();
-    if let Ok(Some(m)) = last {
-        assert_eq!(m.status, ServingStatus::NotServing as i32);
-    }
-    drop((watch, health, channel));
-    tokio::time::timeout(Duration::from_secs(20), server.task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    assert_health_lifecycle(start_gated(&[]).await, SERVICE, |channel| async move {
+        // While loading, the API answers UNAVAILABLE.
+        let err = PriorClient::new(channel)
+            .zero_image_embedding(v1::ZeroImageEmbeddingRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn sample_with_explicit_latents_matches_the_library_and_the_reference_conditioning() {
-    let server = Server::start(&[]).await;
-    let mut client = server.client().await;
+    let server = start(&[]).await;
+    let mut client = client(&server).await;
 
     // 1. Encoder conditioning + the horse_s2 latents: the service equals the library.
     let refs = load_reference(refdir().join("pipeline/horse_s2.safetensors")).unwrap();
     let latents = get(&refs, "latents");
     let (cond, uncond) = horse();
     let mut req = sample_req(&cond, Some(&uncond), 2, &[42]);
-    req.latents = Some(to_wire(latents).unwrap());
+    req.latents = Some(wire(latents));
     let resp = client.sample(req).await.unwrap().into_inner();
-    let got = decode(resp.image_embeds);
+    let got = unwire(&resp.image_embeds.unwrap());
     let want = library()
         .sample(
             &cond,
@@ -140,8 +103,16 @@ async fn sample_with_explicit_latents_matches_the_library_and_the_reference_cond
     };
     let (fx_uncond, fx_cond) = (both.row(0).unwrap(), both.row(1).unwrap());
     let mut req = sample_req(&fx_cond, Some(&fx_uncond), 2, &[42]);
-    req.latents = Some(to_wire(latents).unwrap());
-    let got_fx = decode(client.sample(req).await.unwrap().into_inner().image_embeds);
+    req.latents = Some(wire(latents));
+    let got_fx = unwire(
+        &client
+            .sample(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .image_embeds
+            .unwrap(),
+    );
     let want_fx = library()
         .sample(
             &fx_cond,
@@ -159,13 +130,13 @@ async fn sample_with_explicit_latents_matches_the_library_and_the_reference_cond
     );
     // Same latents and seed, encoder vs diffusers conditioning: the encoder is faithful.
     check("encoder vs fixture conditioning", &got, &got_fx, 1e-4);
-    server.stop().await;
+    server.shutdown().await.unwrap();
 }
 
 #[tokio::test]
 async fn seeds_decide_the_sample() {
-    let server = Server::start(&[]).await;
-    let client = server.client().await;
+    let server = start(&[]).await;
+    let client = client(&server).await;
     let cond = text().encode(&["horse", "a photo of a cat"]).unwrap();
     let uncond = text().encode(&[""]).unwrap(); // one row, broadcast to both
     let run = |seeds: Vec<u64>| {
@@ -187,7 +158,7 @@ async fn seeds_decide_the_sample() {
     let c = run(vec![7, 9]).await;
     assert_ne!(a.data, c.data);
     // Row 0 keeps its seed: it is unchanged (to float rounding) when only row 1's seed changes.
-    let (ta, tc) = (decode(Some(a)), decode(Some(c)));
+    let (ta, tc) = (unwire(&a), unwire(&c));
     let row = |t: &Tensor, i| t.narrow(0, i, 1).unwrap();
     assert!(rel_l2(&row(&ta, 0), &row(&tc, 0)).unwrap() < 1e-6);
     assert!(rel_l2(&row(&ta, 1), &row(&tc, 1)).unwrap() > 1e-3);
@@ -202,19 +173,27 @@ async fn seeds_decide_the_sample() {
         )
         .unwrap();
     check("grpc vs library (seeded, batch 2)", &ta, &lib, 1e-6);
-    server.stop().await;
+    server.shutdown().await.unwrap();
 }
 
 #[tokio::test]
 async fn emb2emb_and_interpolate_match_the_library() {
-    let server = Server::start(&[]).await;
-    let mut client = server.client().await;
+    let server = start(&[]).await;
+    let mut client = client(&server).await;
     let (cond, uncond) = horse();
     let init = Tensor::randn(0f32, 1.0, (1, 32), &Device::Cpu).unwrap();
     let mut req = sample_req(&cond, Some(&uncond), 5, &[3]);
-    req.init_image_embeds = Some(to_wire(&init).unwrap());
+    req.init_image_embeds = Some(wire(&init));
     req.strength = 0.5;
-    let got = decode(client.sample(req).await.unwrap().into_inner().image_embeds);
+    let got = unwire(
+        &client
+            .sample(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .image_embeds
+            .unwrap(),
+    );
     let want = library()
         .emb2emb(
             &cond,
@@ -251,13 +230,14 @@ async fn emb2emb_and_interpolate_match_the_library() {
         seed: 11,
         options: None,
     };
-    let got = decode(
-        client
+    let got = unwire(
+        &client
             .interpolate(req)
             .await
             .unwrap()
             .into_inner()
-            .image_embeds,
+            .image_embeds
+            .unwrap(),
     );
     let items = [
         FusionInput::Text(cat),
@@ -276,13 +256,13 @@ async fn emb2emb_and_interpolate_match_the_library() {
         .unwrap();
     assert_eq!(got.dims(), [1, 32]);
     check("grpc vs library (interpolate)", &got, &want, 1e-6);
-    server.stop().await;
+    server.shutdown().await.unwrap();
 }
 
 #[tokio::test]
 async fn vision_embeddings_match_the_diffusers_reference() {
-    let server = Server::start(&[]).await;
-    let mut client = server.client().await;
+    let server = start(&[]).await;
+    let mut client = client(&server).await;
     let refs = load_reference(refdir().join("image_encoder.safetensors")).unwrap();
 
     let zero = client
@@ -292,7 +272,7 @@ async fn vision_embeddings_match_the_diffusers_reference() {
         .into_inner();
     check(
         "ZeroImageEmbedding",
-        &decode(zero.image_embeds),
+        &unwire(&zero.image_embeds.unwrap()),
         get(&refs, "zero_image_embeds"),
         1e-4,
     );
@@ -308,7 +288,7 @@ async fn vision_embeddings_match_the_diffusers_reference() {
         .into_inner();
     check(
         "EncodeImages(image A)",
-        &decode(resp.image_embeds),
+        &unwire(&resp.image_embeds.unwrap()),
         get(&refs, "image_a_embeds"),
         1e-4,
     );
@@ -316,7 +296,7 @@ async fn vision_embeddings_match_the_diffusers_reference() {
     let px = get(&refs, "pixel_values_f16");
     let resp = client
         .encode_images(v1::EncodeImagesRequest {
-            pixel_values: Some(to_wire(px).unwrap()),
+            pixel_values: Some(wire(px)),
             ..Default::default()
         })
         .await
@@ -324,11 +304,11 @@ async fn vision_embeddings_match_the_diffusers_reference() {
         .into_inner();
     check(
         "EncodeImages(pixel_values f16)",
-        &decode(resp.image_embeds),
+        &unwire(&resp.image_embeds.unwrap()),
         get(&refs, "image_embeds"),
         1e-4,
     );
-    server.stop().await;
+    server.shutdown().await.unwrap();
 }
 
 async fn invalid(
@@ -349,8 +329,8 @@ async fn invalid(
 
 #[tokio::test]
 async fn bad_inputs_are_invalid_argument_naming_the_field() {
-    let server = Server::start(&["--max-batch", "2"]).await;
-    let mut c = server.client().await;
+    let server = start(&["--max-batch", "2"]).await;
+    let mut c = client(&server).await;
     let (cond, uncond) = horse();
     let ok = || sample_req(&cond, Some(&uncond), 2, &[1]);
 
@@ -395,7 +375,9 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
     )
     .await;
     let mut r = ok();
-    r.latents = Some(to_wire(&Tensor::zeros((1, 31), DType::F32, &Device::Cpu).unwrap()).unwrap());
+    r.latents = Some(wire(
+        &Tensor::zeros((1, 31), DType::F32, &Device::Cpu).unwrap(),
+    ));
     invalid(
         "latents",
         c.sample(r).await,
@@ -451,8 +433,9 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
     )
     .await;
     let mut r = ok();
-    r.init_image_embeds =
-        Some(to_wire(&Tensor::zeros((1, 32), DType::F32, &Device::Cpu).unwrap()).unwrap());
+    r.init_image_embeds = Some(wire(
+        &Tensor::zeros((1, 32), DType::F32, &Device::Cpu).unwrap(),
+    ));
     r.strength = 1.5;
     invalid(
         "strength",
@@ -533,15 +516,14 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
     .await;
     // The service still answers afterwards.
     c.sample(ok()).await.unwrap();
-    server.stop().await;
+    server.shutdown().await.unwrap();
 }
 
 #[tokio::test]
 async fn metrics_are_scraped_over_http() {
-    let server = Server::start(&[]).await;
+    let server = start(&[]).await;
     let (cond, uncond) = horse();
-    server
-        .client()
+    client(&server)
         .await
         .sample(sample_req(&cond, Some(&uncond), 3, &[1]))
         .await
@@ -555,14 +537,14 @@ async fn metrics_are_scraped_over_http() {
     ] {
         assert!(text.contains(needle), "{needle} not in\n{text}");
     }
-    server.stop().await;
+    server.shutdown().await.unwrap();
 }
 
 #[tokio::test]
 async fn shutdown_lets_an_in_flight_request_finish() {
-    let server = Server::start(&[]).await;
+    let server = start(&[]).await;
     let (cond, uncond) = horse();
-    let mut client = server.client().await;
+    let mut client = client(&server).await;
     let call = tokio::spawn(async move {
         client
             .sample(sample_req(&cond, Some(&uncond), 1000, &[5]))
@@ -582,7 +564,7 @@ async fn shutdown_lets_an_in_flight_request_finish() {
     }
     assert!(running, "the request never started");
     assert!(!call.is_finished(), "still in flight when shutdown starts");
-    server.shutdown.trigger();
+    server.trigger_shutdown();
     let triggered = std::time::Instant::now();
     let resp = tokio::time::timeout(Duration::from_secs(120), call)
         .await
@@ -594,16 +576,12 @@ async fn shutdown_lets_an_in_flight_request_finish() {
         triggered.elapsed()
     );
     assert_eq!(resp.into_inner().image_embeds.unwrap().shape, [1, 32]);
-    tokio::time::timeout(Duration::from_secs(20), server.task)
-        .await
-        .expect("then the server exits")
-        .unwrap()
-        .unwrap();
+    server.shutdown().await.expect("then the server exits");
 }
 
 #[tokio::test]
 async fn a_passed_deadline_stops_sampling_between_steps() {
-    // In process: the watchdog stops a 1000-step sample (~5 s here) soon after its deadline.
+    // In process: the cancellation token stops a 1000-step sample (~5 s here) soon after its deadline.
     let config = kd_prior::Config::try_parse_from([
         "kd-prior",
         "--model-dir",
@@ -617,9 +595,9 @@ async fn a_passed_deadline_stops_sampling_between_steps() {
     let req = sample_req(&cond, Some(&uncond), 1000, &[5]);
     let metrics = kd_runtime::Metrics::new("prior");
     let start = std::time::Instant::now();
-    let (watchdog, _guard) =
-        kd_prior::watchdog::Watchdog::new(Some(start + Duration::from_millis(200)));
-    let err = kd_prior::sample::compute(&model, &req, 64, &metrics, &watchdog).unwrap_err();
+    let (cancel, _guard) = kd_runtime::Cancel::new(Some(start + Duration::from_millis(200)));
+    let checked = kd_prior::sample::check(&model, &req, 64).unwrap();
+    let err = kd_prior::sample::run(&model, checked, &metrics, &cancel).unwrap_err();
     assert!(
         matches!(err, kd_runtime::ServiceError::DeadlineExceeded(_)),
         "{err}"
@@ -631,20 +609,17 @@ async fn a_passed_deadline_stops_sampling_between_steps() {
     );
 
     // Over gRPC: the caller's grpc-timeout ends the call early instead of after 1000 steps.
-    let server = Server::start(&[]).await;
-    let mut client = server.client().await;
+    let server = common::start(&[]).await;
+    let mut client = client(&server).await;
     let mut request = tonic::Request::new(sample_req(&cond, Some(&uncond), 1000, &[5]));
     request.set_timeout(Duration::from_millis(300));
     let start = std::time::Instant::now();
     let err = client.sample(request).await.unwrap_err();
-    assert!(
-        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
-        "{err:?}"
-    );
+    assert!(err.code() == Code::DeadlineExceeded, "{err:?}");
     assert!(
         start.elapsed() < Duration::from_secs(3),
         "{:?}",
         start.elapsed()
     );
-    server.stop().await;
+    server.shutdown().await.unwrap();
 }

@@ -3,14 +3,16 @@
 //! (`tests/fixtures/kd21/reference/text_encoder`); the family comes from the folders.
 
 use clap::Parser;
-use kd_models::parity::{fixtures_dir, get, load_reference, rel_l2};
+use kd_models::parity::{get, load_reference, rel_l2};
 use kd_proto::v1;
 use kd_proto::v1::text_encoder_client::TextEncoderClient;
 use kd_runtime::launch::LaunchError;
+use kd_runtime::Listeners;
 use kd_runtime::Shutdown;
-use kd_text_encoder::Config;
+use kd_testkit::{fixtures_dir, stage_args, unwire, wait_serving, TestServer};
+use kd_text_encoder::{run_with_listeners, Config};
 use std::path::{Path, PathBuf};
-use tokio::net::TcpListener;
+use std::time::Duration;
 
 fn prior21() -> PathBuf {
     fixtures_dir().join("kd21/kandinsky-2-1-prior")
@@ -21,22 +23,15 @@ fn decoder21() -> PathBuf {
 }
 
 fn config(model_dir: &Path, decoder_dir: Option<&PathBuf>) -> Config {
-    let mut args = vec![
-        "kd-text-encoder".to_string(),
-        format!("--model-dir={}", model_dir.display()),
-        "--device=cpu".into(),
-    ];
-    if let Some(d) = decoder_dir {
-        args.push(format!("--decoder-model-dir={}", d.display()));
-    }
-    Config::try_parse_from(args).unwrap()
+    let decoder = decoder_dir.map(|d| format!("--decoder-model-dir={}", d.display()));
+    let extra: Vec<&str> = decoder.iter().map(String::as_str).collect();
+    Config::try_parse_from(stage_args("kd-text-encoder", model_dir, &extra)).unwrap()
 }
 
 /// Runs the service until it fails to load (the error) or serves (then stops it).
 async fn load_error(c: Config) -> String {
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = kd_text_encoder::run_with_listeners(c, grpc, metrics, Shutdown::new())
+    let listeners = Listeners::loopback().await.unwrap();
+    let err = run_with_listeners(c, listeners, Shutdown::new())
         .await
         .unwrap_err();
     assert!(matches!(err, LaunchError::Load(_)), "{err}");
@@ -45,30 +40,18 @@ async fn load_error(c: Config) -> String {
 
 #[tokio::test]
 async fn encode_returns_the_multilingual_decoder_conditioning_of_diffusers() {
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = grpc.local_addr().unwrap();
-    let shutdown = Shutdown::new();
-    let task = tokio::spawn(kd_text_encoder::run_with_listeners(
-        config(&prior21(), Some(&decoder21())),
-        grpc,
-        metrics,
-        shutdown.clone(),
-    ));
-    let mut c = loop {
-        if let Ok(ch) = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            let mut c = TextEncoderClient::new(ch);
-            if c.info(v1::InfoRequest {}).await.is_ok() {
-                break c;
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    let info = c.info(v1::InfoRequest {}).await.unwrap().into_inner();
+    let config = config(&prior21(), Some(&decoder21()));
+    let server = TestServer::spawn(|l, s| run_with_listeners(config, l, s)).await;
+    wait_serving(
+        &server,
+        "kandinsky.v1.TextEncoder",
+        Duration::from_secs(120),
+    )
+    .await;
+    let mut c = TextEncoderClient::new(server.channel().await);
+    let info = kd_testkit::stage_info(server.channel().await)
+        .await
+        .unwrap();
     assert_eq!(info.family, v1::ModelFamily::Kandinsky21 as i32);
     assert!(
         info.revision.contains('+'),
@@ -96,24 +79,21 @@ async fn encode_returns_the_multilingual_decoder_conditioning_of_diffusers() {
         .into_inner();
     assert!(resp.prior_conditioning.is_some());
     let dc = resp.decoder_conditioning.expect("2.1 decoder conditioning");
-    let unwire = |t: Option<v1::Tensor>| {
-        kd_proto::from_wire(&t.unwrap(), &candle_core::Device::Cpu, &Default::default()).unwrap()
-    };
-    let mask = unwire(dc.attention_mask);
+    let tensor = |t: Option<v1::Tensor>| unwire(&t.expect("a tensor"));
+    let mask = tensor(dc.attention_mask);
     assert_eq!(
         mask.to_vec2::<i64>().unwrap(),
         get(&r, "attention_mask").to_vec2::<i64>().unwrap()
     );
     for (key, got) in [
-        ("text_embeds", unwire(dc.text_embeds)),
-        ("hidden_states", unwire(dc.hidden_states)),
+        ("text_embeds", tensor(dc.text_embeds)),
+        ("hidden_states", tensor(dc.hidden_states)),
     ] {
         let e = rel_l2(&got, get(&r, key)).unwrap();
         eprintln!("Encode decoder_conditioning.{key} vs diffusers: rel L2 {e:e}");
         assert!(e <= 1e-4, "{key}: {e}");
     }
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
+    server.shutdown().await.unwrap();
 }
 
 #[tokio::test]

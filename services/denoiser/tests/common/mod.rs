@@ -5,138 +5,33 @@
 use candle_core::{Device, Tensor};
 use kd_denoiser::{run_with_listeners, Config};
 use kd_proto::v1::{self, denoiser_client::DenoiserClient};
-use kd_runtime::Shutdown;
-use std::net::SocketAddr;
+use kd_testkit::{fixtures_dir, stage_args, wire, TestServer};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tonic::transport::Channel;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
-/// `tests/fixtures` of the workspace.
-pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+pub const SERVICE: &str = "kandinsky.v1.Denoiser";
 
 /// The tiny text2img decoder checkpoint.
 pub fn tiny() -> PathBuf {
-    fixtures().join("tiny/kandinsky-2-2-decoder")
-}
-
-/// A running server.
-pub struct Server {
-    pub addr: SocketAddr,
-    pub metrics_addr: SocketAddr,
-    pub shutdown: Shutdown,
-    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
-    }
+    fixtures_dir().join("tiny/kandinsky-2-2-decoder")
 }
 
 /// Starts a denoiser on `model_dir` with extra flags; does not wait for readiness.
-pub async fn start_with(model_dir: &Path, extra: &[&str]) -> Server {
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = grpc.local_addr().unwrap();
-    let metrics_addr = metrics.local_addr().unwrap();
-    let mut args = vec![
-        "kd-denoiser".to_string(),
-        "--model-dir".into(),
-        model_dir.display().to_string(),
-        "--device".into(),
-        "cpu".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let config = <Config as clap::Parser>::parse_from(args);
-    let shutdown = Shutdown::new();
-    let task = tokio::spawn(run_with_listeners(config, grpc, metrics, shutdown.clone()));
-    Server {
-        addr,
-        metrics_addr,
-        shutdown,
-        task,
-    }
+pub async fn start_with(model_dir: &Path, extra: &[&str]) -> TestServer {
+    let config = <Config as clap::Parser>::parse_from(stage_args("kd-denoiser", model_dir, extra));
+    TestServer::spawn(|l, s| run_with_listeners(config, l, s)).await
 }
 
 /// Starts a denoiser and waits until health says SERVING.
-pub async fn start(model_dir: &Path) -> Server {
+pub async fn start(model_dir: &Path) -> TestServer {
     let s = start_with(model_dir, &[]).await;
-    wait_serving(s.addr).await;
+    kd_testkit::wait_serving(&s, SERVICE, Duration::from_secs(30)).await;
     s
 }
 
-pub async fn channel(addr: SocketAddr) -> Channel {
-    for _ in 0..200 {
-        if let Ok(c) = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("server at {addr} did not start");
-}
-
-pub async fn client(addr: SocketAddr) -> DenoiserClient<Channel> {
-    DenoiserClient::new(channel(addr).await).max_decoding_message_size(512 << 20)
-}
-
-pub async fn health_status(addr: SocketAddr, service: &str) -> ServingStatus {
-    let mut h = HealthClient::new(channel(addr).await);
-    let r = h
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    ServingStatus::try_from(r.status).unwrap()
-}
-
-pub async fn wait_serving(addr: SocketAddr) {
-    for _ in 0..1500 {
-        if health_status(addr, "kandinsky.v1.Denoiser").await == ServingStatus::Serving {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("denoiser never became SERVING");
-}
-
-/// `GET /metrics` over plain HTTP/1.1.
-pub async fn scrape(addr: SocketAddr) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    assert!(buf.starts_with("HTTP/1.1 200"), "{buf}");
-    buf
-}
-
-/// The value of a metric line that starts with `prefix` (e.g. `kd_denoise_steps_total{`).
-pub fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-pub fn wire(t: &Tensor) -> v1::Tensor {
-    kd_proto::to_wire(t).unwrap()
-}
-
-pub fn unwire(t: &v1::Tensor) -> Tensor {
-    kd_proto::from_wire(t, &Device::Cpu, &Default::default()).unwrap()
+pub async fn client(server: &TestServer) -> DenoiserClient<Channel> {
+    DenoiserClient::new(server.channel().await).max_decoding_message_size(512 << 20)
 }
 
 /// Deterministic embeddings (rows, dim) with distinct rows.

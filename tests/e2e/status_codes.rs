@@ -216,3 +216,71 @@ async fn stage_info_answers_while_the_only_denoise_slot_is_busy() {
     assert_eq!(answer.family(), v1::ModelFamily::Kandinsky22);
     busy.abort();
 }
+
+/// A TCP relay in front of a stage that can cut every connection at once (the stage "dies").
+struct Relay {
+    addr: std::net::SocketAddr,
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Relay {
+    async fn to(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tasks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let conns = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                conns.lock().unwrap().push(conn);
+            }
+        });
+        tasks.lock().unwrap().push(accept);
+        Self { addr, tasks }
+    }
+
+    /// Drops every connection and stops accepting.
+    fn cut(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stage_that_dies_mid_stream_is_unavailable_naming_it() {
+    let stack = Stack::start(&[]).await;
+    let relay = Relay::to(stack.denoiser.grpc).await;
+    let stages = [
+        stack.text_encoder.grpc,
+        stack.prior.grpc,
+        relay.addr,
+        stack.movq.grpc,
+    ];
+    let gateway = Stack::start_gateway(stages, &[]).await;
+    let mut c = kd_e2e::gateway_client(&gateway).await;
+    let mut events = c.generate_stream(slow_request()).await.unwrap().into_inner();
+    // Wait for the first denoising step, then the denoiser "dies".
+    loop {
+        let ev = events.message().await.unwrap().expect("the stream is open");
+        if let Some(v1::generate_event::Event::Progress(p)) = ev.event {
+            if p.stage == v1::Stage::Denoiser as i32 && p.step >= 1 {
+                break;
+            }
+        }
+    }
+    relay.cut();
+    let err = loop {
+        match events.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("denoiser"), "{}", err.message());
+}

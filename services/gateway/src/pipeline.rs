@@ -7,6 +7,7 @@
 use crate::balance::Pool;
 use crate::models::Models;
 use crate::validate::{FusionInput, Plan, Task};
+use kd_proto::tensor::{self, WireTensorError};
 use kd_proto::v1::{
     self, denoise_event, denoiser_client::DenoiserClient, interpolate_item,
     movq_client::MovqClient, prior_client::PriorClient, text_encoder_client::TextEncoderClient,
@@ -232,44 +233,20 @@ fn missing(stage: &'static str, field: &str) -> ServiceError {
     ServiceError::Internal(format!("stage {stage} returned no `{field}`"))
 }
 
-/// Repeats every row of a (B, ...) wire tensor `n` times (row-major, like `repeat_interleave`).
-fn repeat_rows(t: &v1::Tensor, n: usize) -> Result<v1::Tensor, ServiceError> {
-    if n == 1 {
-        return Ok(t.clone());
-    }
-    let (dims, _) = kd_proto::tensor::validate(t, &Default::default())
-        .map_err(|e| ServiceError::Internal(format!("stage tensor: {e}")))?;
-    let rows = *dims
-        .first()
-        .ok_or_else(|| ServiceError::Internal("stage tensor has no rows".into()))?;
-    let row_bytes = t.data.len().checked_div(rows).unwrap_or(0);
-    let mut data = Vec::with_capacity(t.data.len() * n);
-    for r in 0..rows {
-        let row = &t.data[r * row_bytes..(r + 1) * row_bytes];
-        for _ in 0..n {
-            data.extend_from_slice(row);
-        }
-    }
-    let mut shape = t.shape.clone();
-    shape[0] = (rows * n) as i64;
-    Ok(v1::Tensor {
-        shape,
-        dtype: t.dtype,
-        data: data.into(),
-    })
+/// A stage answered with tensors whose rows do not fit together.
+fn rows_err(stage: &'static str) -> impl Fn(WireTensorError) -> ServiceError {
+    move |e| ServiceError::Internal(format!("stage {stage} returned unusable tensors: {e}"))
 }
 
-/// Repeats each row of all three conditioning tensors.
+fn repeat_rows(t: &v1::Tensor, n: usize) -> Result<v1::Tensor, ServiceError> {
+    tensor::repeat_rows(t, n).map_err(rows_err("prior"))
+}
+
 fn repeat_conditioning(
     c: &v1::TextEmbeddings,
     n: usize,
 ) -> Result<v1::TextEmbeddings, ServiceError> {
-    let rep = |t: &Option<v1::Tensor>| t.as_ref().map(|t| repeat_rows(t, n)).transpose();
-    Ok(v1::TextEmbeddings {
-        text_embeds: rep(&c.text_embeds)?,
-        hidden_states: rep(&c.hidden_states)?,
-        attention_mask: rep(&c.attention_mask)?,
-    })
+    tensor::repeat_text_embeddings(c, n).map_err(rows_err("text_encoder"))
 }
 
 /// The UNet's conditioning: image embeddings, plus the multilingual text for Kandinsky 2.1.
@@ -286,30 +263,8 @@ fn decoder_conditioning(
     }
 }
 
-/// Selects row `i` of every conditioning tensor.
 fn conditioning_row(c: &v1::TextEmbeddings, i: usize) -> Result<v1::TextEmbeddings, ServiceError> {
-    let row = |t: &Option<v1::Tensor>| -> Result<Option<v1::Tensor>, ServiceError> {
-        let Some(t) = t else { return Ok(None) };
-        let rows = t.shape.first().copied().unwrap_or(0) as usize;
-        if i >= rows {
-            return Err(ServiceError::Internal(format!(
-                "stage text_encoder returned {rows} rows, wanted row {i}"
-            )));
-        }
-        let row_bytes = t.data.len() / rows;
-        let mut shape = t.shape.clone();
-        shape[0] = 1;
-        Ok(Some(v1::Tensor {
-            shape,
-            dtype: t.dtype,
-            data: t.data.slice(i * row_bytes..(i + 1) * row_bytes),
-        }))
-    };
-    Ok(v1::TextEmbeddings {
-        text_embeds: row(&c.text_embeds)?,
-        hidden_states: row(&c.hidden_states)?,
-        attention_mask: row(&c.attention_mask)?,
-    })
+    tensor::text_embeddings_row(c, i).map_err(rows_err("text_encoder"))
 }
 
 /// Runs the whole request; returns one encoded image per seed, in order.
@@ -548,27 +503,7 @@ pub async fn generate(
 }
 
 fn concat_rows(parts: &[v1::Tensor]) -> Result<v1::Tensor, ServiceError> {
-    let first = parts
-        .first()
-        .ok_or_else(|| ServiceError::Internal("no rows".into()))?;
-    let mut shape = first.shape.clone();
-    let mut data = Vec::new();
-    let mut rows = 0;
-    for p in parts {
-        if p.shape[1..] != first.shape[1..] || p.dtype != first.dtype {
-            return Err(ServiceError::Internal(
-                "stage prior returned inconsistent embeddings".into(),
-            ));
-        }
-        rows += p.shape[0];
-        data.extend_from_slice(&p.data);
-    }
-    shape[0] = rows;
-    Ok(v1::Tensor {
-        shape,
-        dtype: first.dtype,
-        data: data.into(),
-    })
+    tensor::concat_rows(parts).map_err(rows_err("prior"))
 }
 
 /// MoVQ latents of the init image and, for inpaint, the pre-processed repaint mask.

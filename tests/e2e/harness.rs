@@ -2,7 +2,7 @@
 //! real gRPC server on its own loopback port (bound to port 0), talking over real connections.
 
 use kd_proto::v1::gateway_client::GatewayClient;
-use kd_runtime::server::Listeners;
+use kd_runtime::Listeners;
 use kd_runtime::Shutdown;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -154,15 +154,15 @@ impl Stack {
         te_args.extend_from_slice(text_encoder_args);
         let te: kd_text_encoder::Config = config("kd-text-encoder", &model.prior_dir(), &te_args);
         let text_encoder = spawn_on(loopback().await, |l, s| {
-            kd_text_encoder::run_with_listeners(te, l.grpc, l.metrics, s)
+            kd_text_encoder::run_with_listeners(te, l, s)
         });
         let pr: kd_prior::Config = config("kd-prior", &model.prior_dir(), &[]);
         let prior = spawn_on(loopback().await, |l, s| {
-            kd_prior::run_with_listeners(pr, l.grpc, l.metrics, s)
+            kd_prior::run_with_listeners(pr, l, s)
         });
         let de: kd_denoiser::Config = config("kd-denoiser", &model.decoder_dir(), &[]);
         let denoiser = spawn_on(loopback().await, |l, s| {
-            kd_denoiser::run_with_listeners(de, l.grpc, l.metrics, s)
+            kd_denoiser::run_with_listeners(de, l, s)
         });
         let movq = start_movq_of(model, Listeners::loopback().await.unwrap()).await;
         let gateway =

@@ -5,7 +5,7 @@ use kd_models::pipeline::{Text2Image, Text2ImageRequest};
 use kd_models::prior::SampleParams;
 use kd_models::CheckpointDir;
 use kd_proto::v1::{self, generate_event::Event};
-use kd_runtime::server::Listeners;
+use kd_runtime::Listeners;
 use std::time::Duration;
 use tonic::Code;
 
@@ -261,7 +261,7 @@ async fn a_stage_that_is_down_is_named_and_the_gateway_recovers_when_it_returns(
 
     let grpc = tokio::net::TcpListener::bind(movq_addr).await.unwrap();
     let metrics = tokio::net::TcpListener::bind(metrics_addr).await.unwrap();
-    let movq = start_movq(Listeners { grpc, metrics }).await;
+    let movq = start_movq(Listeners::new(grpc, metrics)).await;
     wait_serving(movq.addr, "kandinsky.v1.Movq").await;
     tokio::time::sleep(Duration::from_secs(3)).await; // the replica's cooldown after failures
     let ok = c.generate(request(&[1])).await.unwrap().into_inner();

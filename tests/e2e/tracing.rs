@@ -72,7 +72,10 @@ async fn one_request_is_one_trace_across_gateway_and_stages() {
         }),
         ..Default::default()
     };
-    c.generate(req).await.unwrap();
+    c.generate(req.clone()).await.unwrap();
+    // A streaming call: its server span must last until the stream ends.
+    let mut events = c.generate_stream(req).await.unwrap().into_inner();
+    while events.message().await.unwrap().is_some() {}
     drop(stack);
     tokio::time::sleep(Duration::from_millis(200)).await;
     tokio::task::spawn_blocking(move || drop(telemetry))
@@ -113,4 +116,36 @@ async fn one_request_is_one_trace_across_gateway_and_stages() {
             "{path}'s parent is a span of the gateway's request"
         );
     }
+
+    // Probes are not traced: the harness polled Health/Check on every service.
+    assert!(
+        !spans
+            .iter()
+            .any(|s| s.name.starts_with("/grpc.health.v1.Health/")),
+        "health checks make no spans"
+    );
+    // A streaming RPC's server span covers the work under it, not just the handler's return.
+    let stream_root = server_span("/kandinsky.v1.Gateway/GenerateStream");
+    let in_stream: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.trace_id == stream_root.trace_id)
+        .collect();
+    let denoise_server = in_stream
+        .iter()
+        .find(|s| s.name == "/kandinsky.v1.Denoiser/Denoise")
+        .expect("the stream's Denoise call is in its trace");
+    let denoise_work = in_stream
+        .iter()
+        .find(|s| s.name == "denoise" && s.parent_span_id == denoise_server.span_id)
+        .expect("the denoising loop's span is a child of the Denoise server span");
+    assert!(
+        denoise_server.end_time_unix_nano >= denoise_work.end_time_unix_nano,
+        "the Denoise server span ends after the loop it serves ({} < {})",
+        denoise_server.end_time_unix_nano,
+        denoise_work.end_time_unix_nano
+    );
+    assert!(
+        stream_root.end_time_unix_nano >= denoise_server.end_time_unix_nano,
+        "the GenerateStream span lasts until its stream ended"
+    );
 }

@@ -7,6 +7,7 @@
 //! errors, look-ups miss, a metric counts it, one warning is logged per outage, and the
 //! connection manager reconnects by itself.
 
+use crate::error::ServiceError;
 use crate::metrics::Metrics;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
@@ -145,6 +146,7 @@ impl EmbeddingCache {
     }
 
     /// The cache a stage's `--redis-url` asks for (Redis, or the in-process LRU when unset).
+    #[cfg(feature = "models")]
     pub fn for_stage(
         args: &crate::config::StageArgs,
         metrics: Metrics,
@@ -164,6 +166,35 @@ impl EmbeddingCache {
         if !self.outage.swap(true, Ordering::Relaxed) {
             tracing::warn!(stage = self.metrics.stage(), error = %e, "redis cache unreachable; serving uncached until it returns");
         }
+    }
+
+    /// The answer cached under `key`, else `compute()`'s, which is then stored for the next
+    /// caller (only for pure functions of the key: the key must hold every input). A stored
+    /// value that no longer decodes is recomputed. Look-up and store are spans of the call.
+    pub async fn get_or_compute<T, F, Fut>(
+        &self,
+        key: &CacheKey,
+        compute: F,
+    ) -> Result<T, ServiceError>
+    where
+        T: prost::Message + Default,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ServiceError>>,
+    {
+        use tracing::Instrument;
+        let cached = self
+            .get(key)
+            .instrument(tracing::info_span!("cache.get"))
+            .await
+            .and_then(|bytes| T::decode(bytes.as_slice()).ok());
+        if let Some(hit) = cached {
+            return Ok(hit);
+        }
+        let value = compute().await?;
+        self.put(key, &value.encode_to_vec())
+            .instrument(tracing::info_span!("cache.put"))
+            .await;
+        Ok(value)
     }
 
     /// Looks `key` up (hit/miss/error counted in `kd_cache_requests_total`).

@@ -1,10 +1,21 @@
 //! Command-line conventions shared by every service: every flag `--long` with an environment
 //! variable twin; the doc comment is the `--help` text.
 
-use crate::telemetry::LogFormat;
+#[cfg(feature = "models")]
 use candle_core::{DType, Device};
 use std::net::SocketAddr;
+#[cfg(feature = "models")]
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Flags every service binary takes.
 #[derive(Debug, Clone, clap::Args)]
@@ -27,9 +38,27 @@ pub struct CommonArgs {
     /// Seconds between health turning NOT_SERVING on SIGTERM and the server closing its listener.
     #[arg(long, env = "KD_DRAIN_DELAY_SECS", default_value_t = 0.0)]
     pub drain_delay_secs: f64,
+    /// Largest gRPC message this service accepts or sends, in bytes; a larger request is
+    /// refused with RESOURCE_EXHAUSTED naming the limit. Default: the service's own (see
+    /// services/README.md: 64 MiB for the gateway, 512 MiB for the stages).
+    #[arg(long, env = "KD_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+}
+
+impl CommonArgs {
+    /// The drain delay as a duration (negative values count as zero).
+    pub fn drain_delay(&self) -> Duration {
+        Duration::from_secs_f64(self.drain_delay_secs.max(0.0))
+    }
+
+    /// The message-size limit: `--max-message-bytes`, else `default`.
+    pub fn message_limit(&self, default: usize) -> usize {
+        self.max_message_bytes.unwrap_or(default).max(1)
+    }
 }
 
 /// Flags of the model-serving stages.
+#[cfg(feature = "models")]
 #[derive(Debug, Clone, clap::Args)]
 pub struct StageArgs {
     /// Diffusers checkpoint folder (the prior folder for text-encoder and prior, the decoder
@@ -47,6 +76,7 @@ pub struct StageArgs {
     pub redis_url: Option<String>,
 }
 
+#[cfg(feature = "models")]
 /// A requested compute device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {
@@ -58,6 +88,7 @@ pub enum DeviceSpec {
     Cuda(usize),
 }
 
+#[cfg(feature = "models")]
 /// Parses `auto`, `cpu` or `cuda:N`.
 pub fn parse_device_spec(s: &str) -> Result<DeviceSpec, String> {
     match s {
@@ -71,6 +102,7 @@ pub fn parse_device_spec(s: &str) -> Result<DeviceSpec, String> {
     }
 }
 
+#[cfg(feature = "models")]
 /// Parses `f32`, `f16` or `bf16`.
 pub fn parse_dtype(s: &str) -> Result<DType, String> {
     match s {
@@ -81,6 +113,7 @@ pub fn parse_dtype(s: &str) -> Result<DType, String> {
     }
 }
 
+#[cfg(feature = "models")]
 impl DeviceSpec {
     /// Opens the device; `cuda:N` fails with a clear message when this build has no CUDA.
     pub fn open(self) -> Result<Device, String> {
@@ -92,6 +125,7 @@ impl DeviceSpec {
     }
 }
 
+#[cfg(feature = "models")]
 #[cfg(test)]
 mod tests {
     use super::*;

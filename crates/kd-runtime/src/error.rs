@@ -1,8 +1,13 @@
 //! The service error type and its mapping to gRPC status — the only place that mapping lives.
 
+#[cfg(feature = "models")]
 use kd_models::ModelError;
 use kd_proto::WireTensorError;
+use std::sync::Arc;
 use tonic::{Code, Status};
+
+/// The cause of an internal failure, kept (not flattened to a string) and cheap to clone.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
 
 /// Why a service call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -32,6 +37,9 @@ pub enum ServiceError {
     /// A bug or an unexpected model failure.
     #[error("internal: {0}")]
     Internal(String),
+    /// An unexpected failure of the compute library or the tensor codec, with its cause.
+    #[error("internal: {0}")]
+    Compute(#[source] Cause),
 }
 
 fn invalid_message(field: &str, message: &str) -> String {
@@ -56,6 +64,17 @@ impl ServiceError {
         Self::invalid(field, e.to_string())
     }
 
+    /// The request's deadline passed; `when` says at which point of the work (one message
+    /// format for every service: `deadline exceeded: the request deadline passed <when>`).
+    pub fn deadline(when: impl std::fmt::Display) -> Self {
+        Self::DeadlineExceeded(format!("the request deadline passed {when}"))
+    }
+
+    /// The caller went away; `when` says at which point of the work.
+    pub fn client_gone(when: impl std::fmt::Display) -> Self {
+        Self::Cancelled(format!("the caller went away {when}"))
+    }
+
     /// Which reason label this error has in the `kd_failures_total` metric.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -66,16 +85,48 @@ impl ServiceError {
             Self::Cancelled(_) => "cancelled",
             Self::Unauthenticated(_) => "unauthenticated",
             Self::Unimplemented(_) => "unimplemented",
-            Self::Internal(_) => "internal",
+            Self::Internal(_) | Self::Compute(_) => "internal",
         }
     }
 }
 
+#[cfg(feature = "models")]
+impl From<candle_core::Error> for ServiceError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Compute(Arc::new(e))
+    }
+}
+
+/// A wire tensor the service itself failed to build (request tensors are checked with
+/// [`ServiceError::tensor`], which names the field).
+impl From<WireTensorError> for ServiceError {
+    fn from(e: WireTensorError) -> Self {
+        Self::Compute(Arc::new(e))
+    }
+}
+
+#[cfg(feature = "models")]
 impl From<ModelError> for ServiceError {
     fn from(e: ModelError) -> Self {
         match e {
             ModelError::InvalidInput { field, message } => Self::invalid(field, message),
             other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl ServiceError {
+    /// The prefix [`ServiceError`]'s Display puts before a message of this status code.
+    fn from_code(code: Code) -> &'static str {
+        match code {
+            Code::ResourceExhausted => "overloaded",
+            Code::Unavailable => "unavailable",
+            Code::DeadlineExceeded => "deadline exceeded",
+            Code::Cancelled => "cancelled",
+            Code::Unauthenticated => "unauthenticated",
+            Code::Unimplemented => "unimplemented",
+            Code::Internal => "internal",
+            _ => "",
         }
     }
 }
@@ -90,7 +141,7 @@ impl From<ServiceError> for Status {
             ServiceError::Cancelled(_) => Code::Cancelled,
             ServiceError::Unauthenticated(_) => Code::Unauthenticated,
             ServiceError::Unimplemented(_) => Code::Unimplemented,
-            ServiceError::Internal(_) => Code::Internal,
+            ServiceError::Internal(_) | ServiceError::Compute(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
     }
@@ -99,8 +150,20 @@ impl From<ServiceError> for Status {
 impl From<Status> for ServiceError {
     /// A status from a downstream stage, kept as the same class of error.
     fn from(s: Status) -> Self {
-        let msg = s.message().to_string();
+        // A downstream kandinsky-serve service already prefixed its message with the class
+        // (e.g. "deadline exceeded: "); keep one prefix.
+        let class = ServiceError::from_code(s.code());
+        let msg = s
+            .message()
+            .strip_prefix(class)
+            .and_then(|m| m.strip_prefix(": "))
+            .unwrap_or(s.message())
+            .to_string();
         match s.code() {
+            // The transport's own timer (tonic answers CANCELLED "Timeout expired").
+            Code::Cancelled if msg == "Timeout expired" => {
+                Self::deadline("before a stage answered (its transport timed out)")
+            }
             Code::InvalidArgument => {
                 // Downstream messages already read "invalid `field`: ..."; keep them whole.
                 Self::InvalidArgument {
@@ -167,6 +230,23 @@ mod tests {
     }
 
     #[test]
+    fn compute_errors_keep_their_cause() {
+        let e: ServiceError = WireTensorError::UnknownDType(9).into();
+        let source = std::error::Error::source(&e).expect("the cause is kept");
+        assert_eq!(
+            source.to_string(),
+            WireTensorError::UnknownDType(9).to_string()
+        );
+        assert_eq!(Status::from(e).code(), Code::Internal);
+        let d = ServiceError::deadline("after 3 of 10 steps");
+        assert_eq!(
+            d.to_string(),
+            "deadline exceeded: the request deadline passed after 3 of 10 steps"
+        );
+    }
+
+    #[cfg(feature = "models")]
+    #[test]
     fn model_input_errors_become_invalid_argument() {
         let e: ServiceError = ModelError::invalid("strength", "must be in (0, 1], got 2").into();
         assert_eq!(Status::from(e).code(), Code::InvalidArgument);
@@ -184,5 +264,12 @@ mod tests {
         );
         let e: ServiceError = Status::resource_exhausted("full").into();
         assert_eq!(Status::from(e).code(), Code::ResourceExhausted);
+        // One prefix, however many hops a message crossed.
+        let once = Status::from(ServiceError::deadline("after step 3"));
+        let relayed = Status::from(ServiceError::from(once.clone()));
+        assert_eq!(relayed.message(), once.message());
+        assert_eq!(relayed.code(), Code::DeadlineExceeded);
+        let e: ServiceError = Status::cancelled("Timeout expired").into();
+        assert!(matches!(e, ServiceError::DeadlineExceeded(_)), "{e}");
     }
 }

@@ -1,23 +1,32 @@
-//! Starting a model stage: serve at once (health NOT_SERVING), load and warm the model on the
-//! blocking pool, install it, then flip health to SERVING; on shutdown, drain and exit.
+//! Starting a service, the same way for all five: bind → serve at once with health
+//! NOT_SERVING → load (stages: weights + one warm-up call on the blocking pool) → install →
+//! SERVING → on shutdown, NOT_SERVING, drain delay, and a bounded drain of open calls.
 //!
-//! Every stage service's `run_with_listeners` is a thin call of [`Launch::run`], so the order of
-//! these steps — and the load-time metric — is the same for all of them.
+//! A service's `run_with_listeners` builds a [`Launch`] (its stage, its gRPC services) and calls
+//! [`Launch::run`]; its `main` is [`main`].
 
+use crate::config::CommonArgs;
 use crate::error::ServiceError;
-use crate::server::{serve, Readiness};
+use crate::server::{self, Readiness};
 use crate::shutdown::Shutdown;
-use crate::stage::{blocking, Stage};
+use crate::stage::{Stage, StageInfoService, StageModel};
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tonic::transport::server::Router;
+use tonic::server::NamedService;
+use tonic::service::Routes;
 
 /// Longest wait, after shutdown (and its drain delay), for open calls to finish before the server
 /// is stopped anyway.
 pub const MAX_DRAIN: Duration = Duration::from_secs(30);
+
+/// Default message-size limit of the model stages (batches of hidden states, latents and
+/// pixel-size masks): 512 MiB, twice the wire-tensor cap.
+pub const STAGE_MESSAGE_LIMIT: usize = 512 << 20;
 
 /// Why a service stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +38,9 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    /// A flag or configuration file is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
     /// The model could not be loaded or warmed up.
     #[error("model load failed: {0}")]
     Load(ServiceError),
@@ -43,76 +55,230 @@ pub enum LaunchError {
     Task(String),
 }
 
-/// Everything a stage needs to start serving.
-pub struct Launch<M> {
-    /// The stage the RPC handlers share (its model is installed once loaded).
-    pub stage: Stage<M>,
-    /// The gRPC router: health, reflection and the stage's API.
-    pub router: Router,
-    /// The health publisher of the router.
-    pub readiness: Readiness,
-    /// Where the gRPC server listens.
+impl From<ServiceError> for LaunchError {
+    fn from(e: ServiceError) -> Self {
+        Self::Load(e)
+    }
+}
+
+type Gate = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The two sockets a service listens on (and, for tests, a gate before model loading).
+pub struct Listeners {
+    /// gRPC (service API, StageInfo, health, reflection).
     pub grpc: TcpListener,
-    /// Where `/metrics` is served.
+    /// HTTP `/metrics`.
     pub metrics: TcpListener,
-    /// The process's shutdown signal.
-    pub shutdown: Shutdown,
-    /// Pause between NOT_SERVING and closing the listener on shutdown.
-    pub drain_delay: Duration,
+    gate: Option<Gate>,
+}
+
+impl std::fmt::Debug for Listeners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listeners")
+            .field("grpc", &self.grpc.local_addr().ok())
+            .field("metrics", &self.metrics.local_addr().ok())
+            .field("gated", &self.gate.is_some())
+            .finish()
+    }
+}
+
+impl Listeners {
+    /// Both sockets as given.
+    pub fn new(grpc: TcpListener, metrics: TcpListener) -> Self {
+        Self {
+            grpc,
+            metrics,
+            gate: None,
+        }
+    }
+
+    /// Binds the addresses of `--listen` and `--metrics-listen`; a failure names the address.
+    pub async fn bind(common: &CommonArgs) -> Result<Self, LaunchError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| LaunchError::Bind { addr, source })
+        };
+        Ok(Self::new(
+            bind(common.listen).await?,
+            bind(common.metrics_listen).await?,
+        ))
+    }
+
+    /// Both on 127.0.0.1 with OS-chosen ports (tests).
+    pub async fn loopback() -> std::io::Result<Self> {
+        Ok(Self::new(
+            TcpListener::bind("127.0.0.1:0").await?,
+            TcpListener::bind("127.0.0.1:0").await?,
+        ))
+    }
+
+    /// Loading starts only once `gate` resolves (tests use it to watch NOT_SERVING).
+    pub fn with_load_gate(mut self, gate: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.gate = Some(Box::pin(gate));
+        self
+    }
+}
+
+/// A generated gRPC server whose message-size limits can be set (every `kandinsky.v1` server).
+pub trait MessageLimit {
+    /// The server accepting and sending messages of at most `bytes`.
+    fn message_limit(self, bytes: usize) -> Self;
+}
+
+macro_rules! message_limit {
+    ($($module:ident :: $server:ident),* $(,)?) => {$(
+        impl<T> MessageLimit for kd_proto::v1::$module::$server<T> {
+            fn message_limit(self, bytes: usize) -> Self {
+                self.max_decoding_message_size(bytes)
+                    .max_encoding_message_size(bytes)
+            }
+        }
+    )*};
+}
+
+message_limit!(
+    text_encoder_server::TextEncoderServer,
+    prior_server::PriorServer,
+    denoiser_server::DenoiserServer,
+    movq_server::MovqServer,
+    gateway_server::GatewayServer,
+);
+
+/// A service being started: its stage, its gRPC services and its limits.
+pub struct Launch<M> {
+    stage: Stage<M>,
+    routes: Routes,
+    services: Vec<&'static str>,
+    message_limit: usize,
+    drain_delay: Duration,
 }
 
 impl<M: Send + Sync + 'static> Launch<M> {
-    /// Serves until `shutdown`. Model loading starts once `gate` resolves (tests use it to observe
-    /// NOT_SERVING; pass `std::future::ready(())` otherwise) and runs `load` — which must load the
-    /// weights and run one warm-up call — on the blocking pool; its duration is recorded as
-    /// `kd_model_load_seconds`. A failed load stops the server and returns the error.
-    pub async fn run<G, L>(self, gate: G, load: L) -> Result<(), LaunchError>
+    /// A launch of `stage` with the flags every service takes; `default_message_limit` applies
+    /// unless `--max-message-bytes` is given.
+    pub fn new(stage: Stage<M>, common: &CommonArgs, default_message_limit: usize) -> Self {
+        Self {
+            stage,
+            routes: Routes::default(),
+            services: Vec::new(),
+            message_limit: common.message_limit(default_message_limit),
+            drain_delay: common.drain_delay(),
+        }
+    }
+
+    /// Mounts a generated server with the message-size limit applied. The first one mounted
+    /// (StageInfo aside) names the service in health.
+    pub fn serve<S>(self, server: S) -> Self
     where
-        G: Future<Output = ()> + Send,
-        L: FnOnce() -> Result<M, ServiceError> + Send + 'static,
+        S: MessageLimit
+            + tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Error = Infallible,
+                Response = http::Response<tonic::body::Body>,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let limit = self.message_limit;
+        self.mount(server.message_limit(limit))
+    }
+
+    /// Mounts a service as it is (already limited, e.g. wrapped in an interceptor).
+    pub fn mount<S>(mut self, service: S) -> Self
+    where
+        S: tonic::codegen::Service<http::Request<tonic::body::Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.services.push(S::NAME);
+        self.routes = self.routes.add_service(service);
+        self
+    }
+
+    /// The message-size limit in force.
+    pub fn limit(&self) -> usize {
+        self.message_limit
+    }
+
+    /// Serves until `shutdown`. `load` (for a stage: load the weights and run one warm-up call,
+    /// on the blocking pool) starts once the listeners' gate opens; its duration is
+    /// `kd_model_load_seconds`. A failed load stops the server and returns the error.
+    pub async fn run<L>(
+        self,
+        listeners: Listeners,
+        shutdown: Shutdown,
+        load: L,
+    ) -> Result<(), LaunchError>
+    where
+        L: Future<Output = Result<M, ServiceError>> + Send,
     {
         let Self {
             stage,
-            router,
-            readiness,
-            grpc,
-            metrics,
-            shutdown,
+            routes,
+            services,
+            message_limit,
             drain_delay,
         } = self;
+        let Listeners {
+            grpc,
+            metrics,
+            gate,
+        } = listeners;
+        // Health names the service's own API (StageInfo is mounted beside every stage's).
+        let service = services
+            .iter()
+            .copied()
+            .find(|s| *s != kd_proto::v1::stage_info_server::SERVICE_NAME)
+            .unwrap_or("");
+        let (readiness, health) = Readiness::new(service).await;
+        let mut names = services.clone();
+        names.push(tonic_health::pb::health_server::SERVICE_NAME);
+        let routes = server::add_reflection(routes.add_service(health), &names);
+        let name = stage.metrics.stage();
         tracing::info!(
-            stage = stage.metrics.stage(),
-            service = readiness.service(),
+            stage = name,
+            service,
             grpc = %grpc.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
             metrics = %metrics.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
-            "listening (NOT_SERVING until the model is loaded and warmed)"
+            "listening (NOT_SERVING until loaded)"
         );
         let metrics_task = tokio::spawn(stage.metrics.clone().serve(metrics, shutdown.clone()));
-        let server_task = tokio::spawn(serve(
-            router,
+        let mut server_task = tokio::spawn(server::serve(
+            routes,
+            message_limit,
             grpc,
             readiness.clone(),
             shutdown.clone(),
             drain_delay,
         ));
         let loading = async {
-            gate.await;
+            if let Some(gate) = gate {
+                gate.await;
+            }
             let start = Instant::now();
-            let model = blocking(load).await?;
+            let model = load.await?;
             stage.metrics.model_loaded(start.elapsed());
             Ok::<_, ServiceError>(model)
         };
-        let stage_name = stage.metrics.stage();
-        let load_result = tokio::select! {
+        let loaded = tokio::select! {
             r = loading => Some(r),
             _ = shutdown.wait() => None,
         };
-        match load_result {
+        match loaded {
             Some(Ok(model)) => {
                 stage.set_model(Arc::new(model));
                 if !shutdown.is_triggered() {
                     readiness.serving().await;
-                    tracing::info!(stage = stage_name, "model loaded and warmed; serving");
+                    tracing::info!(stage = name, "loaded and warmed; serving");
                     // A shutdown that raced the flip must still end NOT_SERVING.
                     if shutdown.is_triggered() {
                         readiness.not_serving().await;
@@ -120,17 +286,16 @@ impl<M: Send + Sync + 'static> Launch<M> {
                 }
             }
             Some(Err(e)) => {
-                tracing::error!(stage = stage_name, error = %e, "model load failed");
+                tracing::error!(stage = name, error = %e, "load failed");
                 shutdown.trigger();
                 let _ = server_task.await;
                 let _ = metrics_task.await;
                 return Err(LaunchError::Load(e));
             }
-            None => tracing::info!(stage = stage_name, "shutdown before the model was loaded"),
+            None => tracing::info!(stage = name, "shutdown before loading finished"),
         }
         // Graceful shutdown waits for every open call, and a client's health Watch stream never
         // ends on its own: bound the drain so the process still exits.
-        let mut server_task = server_task;
         let bounded_drain = async {
             shutdown.wait().await;
             tokio::time::sleep(drain_delay + MAX_DRAIN).await;
@@ -138,7 +303,7 @@ impl<M: Send + Sync + 'static> Launch<M> {
         tokio::select! {
             r = &mut server_task => r.map_err(|e| LaunchError::Task(e.to_string()))??,
             _ = bounded_drain => {
-                tracing::warn!(stage = stage_name, "calls still open {MAX_DRAIN:?} after shutdown; stopping the server");
+                tracing::warn!(stage = name, "calls still open {MAX_DRAIN:?} after shutdown; stopping the server");
                 server_task.abort();
             }
         }
@@ -148,4 +313,62 @@ impl<M: Send + Sync + 'static> Launch<M> {
             .map_err(LaunchError::Metrics)?;
         Ok(())
     }
+}
+
+impl<M: StageModel> Launch<M> {
+    /// A launch of a model stage: `kandinsky.v1.StageInfo` is served beside its API, outside
+    /// admission; the message limit defaults to [`STAGE_MESSAGE_LIMIT`].
+    pub fn stage(stage: Stage<M>, common: &CommonArgs) -> Self {
+        let info = StageInfoService::new(stage.clone());
+        let mut launch = Self::new(stage, common, STAGE_MESSAGE_LIMIT);
+        launch
+            .services
+            .push(kd_proto::v1::stage_info_server::SERVICE_NAME);
+        launch.routes = launch.routes.add_service(info);
+        launch
+    }
+}
+
+/// The whole `main` of a service binary: parse the flags, install logging and tracing, trigger
+/// shutdown on SIGTERM/Ctrl-C, bind, and `run` until shutdown.
+pub fn main<C, F, Fut>(binary: &'static str, common: impl Fn(&C) -> &CommonArgs, run: F)
+where
+    C: clap::Parser,
+    F: FnOnce(C, Listeners, Shutdown) -> Fut,
+    Fut: Future<Output = Result<(), LaunchError>>,
+{
+    let config = C::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{binary}: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        let _telemetry = crate::telemetry::init_tracing(common(&config), binary);
+        let shutdown = Shutdown::new();
+        tokio::spawn(shutdown.clone().trigger_on_signals());
+        let listeners = Listeners::bind(common(&config)).await?;
+        run(config, listeners, shutdown).await
+    });
+    if let Err(e) = result {
+        eprintln!("{binary}: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// The `main` of a service binary whose library crate `$krate` has a `Config` (with a `common`
+/// field) and `run_with_listeners`: `kd_runtime::service_main!("kd-prior", kd_prior);`.
+#[macro_export]
+macro_rules! service_main {
+    ($binary:literal, $krate:ident) => {
+        fn main() {
+            $crate::launch::main(
+                $binary,
+                |c: &$krate::Config| &c.common,
+                $krate::run_with_listeners,
+            )
+        }
+    };
 }

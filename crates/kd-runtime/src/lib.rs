@@ -1,9 +1,15 @@
-//! What every kandinsky-serve service shares: command-line conventions, the one error→status
-//! mapping, admission control, health, metrics, deadlines and graceful shutdown.
+//! What every kandinsky-serve service shares: the one launcher ([`launch`]), the per-RPC
+//! primitives ([`Stage`]: validation, admission, deadlines, cancellation, metrics, streaming),
+//! command-line conventions, the one error→status mapping, health, metrics, traces, the
+//! embedding cache and graceful shutdown.
+//!
+//! The `models` feature (on for the model stages, off for the gateway) adds what needs candle
+//! and the model crate: stage flags (device, dtype, model folder), model info and revisions.
 #![forbid(unsafe_code)]
 
 pub mod admission;
 pub mod cache;
+pub mod cancel;
 pub mod config;
 pub mod deadline;
 pub mod error;
@@ -16,7 +22,9 @@ pub mod stage;
 pub mod telemetry;
 
 pub use admission::{Admission, Permit};
+pub use cancel::Cancel;
 pub use error::ServiceError;
+pub use launch::{Launch, LaunchError, Listeners};
 pub use metrics::Metrics;
 pub use shutdown::Shutdown;
-pub use stage::{blocking, Admitted, Stage};
+pub use stage::{blocking, Call, Sink, Stage, StageModel};

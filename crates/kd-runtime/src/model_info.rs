@@ -1,19 +1,26 @@
 //! The [`v1::ModelInfo`] a stage reports: family, component, compute dtype, device and a
 //! revision that identifies the weights (part of the gateway's cache keys).
 
+#[cfg(feature = "models")]
 use crate::error::ServiceError;
+#[cfg(feature = "models")]
 use candle_core::{DType, Device, DeviceLocation};
+#[cfg(feature = "models")]
 use kd_models::{CheckpointDir, ModelFamily};
 use kd_proto::v1;
+#[cfg(feature = "models")]
 use std::path::Path;
 
+#[cfg(feature = "models")]
 /// Config files up to this size are hashed byte for byte; larger files (weights, vocabularies)
 /// by name and size.
 const HASH_BYTES_LIMIT: u64 = 1 << 20;
 
+#[cfg(feature = "models")]
 /// FNV-1a, 64 bit: stable across builds and platforms (unlike `DefaultHasher`).
 struct Fnv(u64);
 
+#[cfg(feature = "models")]
 impl Fnv {
     fn new() -> Self {
         Self(0xcbf2_9ce4_8422_2325)
@@ -30,10 +37,12 @@ impl Fnv {
     }
 }
 
+#[cfg(feature = "models")]
 fn io_err(path: &Path, e: std::io::Error) -> ServiceError {
     ServiceError::Internal(format!("{}: {e}", path.display()))
 }
 
+#[cfg(feature = "models")]
 /// A short (12 hex digit) hash of the listed components' files: the bytes of every small JSON
 /// config (`config.json`, `scheduler_config.json`, ...) and the name and size of every other file
 /// (the safetensors weights, tokenizer files). Cheap: weights are never read.
@@ -65,6 +74,7 @@ pub fn revision(dir: &CheckpointDir, components: &[&str]) -> Result<String, Serv
     Ok(format!("{:016x}", h.0)[..12].to_string())
 }
 
+#[cfg(feature = "models")]
 /// The wire name of a device: `cpu`, `cuda:N` or `metal:N`.
 pub fn device_name(device: &Device) -> String {
     match device.location() {
@@ -74,6 +84,7 @@ pub fn device_name(device: &Device) -> String {
     }
 }
 
+#[cfg(feature = "models")]
 /// The wire dtype of a compute dtype (unspecified for dtypes the wire lacks).
 pub fn wire_dtype(dtype: DType) -> v1::DType {
     match dtype {
@@ -85,6 +96,7 @@ pub fn wire_dtype(dtype: DType) -> v1::DType {
     }
 }
 
+#[cfg(feature = "models")]
 /// The wire family of a checkpoint family.
 pub fn wire_family(family: ModelFamily) -> v1::ModelFamily {
     match family {
@@ -107,6 +119,7 @@ pub const MODEL_NAMES: [&str; 2] = [
     model_name(v1::ModelFamily::Kandinsky22),
 ];
 
+#[cfg(feature = "models")]
 /// The [`v1::ModelInfo`] of `component` loaded from `dir`, its revision covering `files_of`.
 pub fn model_info(
     dir: &CheckpointDir,
@@ -124,6 +137,7 @@ pub fn model_info(
     })
 }
 
+#[cfg(feature = "models")]
 /// Checks a request's `options.dtype` against the dtype this replica computes in: unspecified or
 /// equal is accepted (one replica serves one dtype; route other dtypes to other replicas).
 pub fn check_requested_dtype(
@@ -149,7 +163,7 @@ pub fn check_requested_dtype(
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "models"))]
 mod tests {
     use super::*;
     use kd_models::parity::fixtures_dir;

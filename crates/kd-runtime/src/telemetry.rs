@@ -16,14 +16,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
+pub use crate::config::LogFormat;
 
 /// Flushes and stops the trace exporter when dropped (end of `main`).
 #[must_use = "dropping the guard stops trace export"]
@@ -129,10 +122,21 @@ impl Injector for MetadataInjector<'_> {
     }
 }
 
-/// The span of one incoming gRPC request, child of the caller's `traceparent` if it sent one.
-/// Installed on every server by [`crate::server::base_router`].
+/// gRPC services whose calls are not traced: probes, not requests (a kubelet's health check
+/// every few seconds would otherwise make a one-span trace each time).
+const UNTRACED: [&str; 3] = [
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+];
+
+/// The span of one incoming gRPC request, child of the caller's `traceparent` if it sent one
+/// (none for health checks and reflection). Installed on every server by the launcher.
 pub fn server_span(req: &http::Request<()>) -> tracing::Span {
     let path = req.uri().path();
+    if UNTRACED.iter().any(|p| path.starts_with(p)) {
+        return tracing::Span::none();
+    }
     let span = tracing::info_span!(
         "grpc.server",
         otel.name = %path,

@@ -217,3 +217,25 @@ impl DecoderModel {
 pub(crate) fn internal(e: candle_core::Error) -> ServiceError {
     ServiceError::Internal(e.to_string())
 }
+
+impl DecoderModel {
+    /// Opens the device, loads the decoder folder of `args` and runs one warm-up step.
+    pub fn load_and_warm(args: &kd_runtime::config::StageArgs) -> Result<Self, ServiceError> {
+        let device = args
+            .device
+            .open()
+            .map_err(|e| ServiceError::Unavailable(format!("--device: {e}")))?;
+        let model = Self::load(&args.model_dir, &device, args.dtype).map_err(|e| {
+            ServiceError::Unavailable(format!("loading {}: {e:#}", args.model_dir.display()))
+        })?;
+        model.warm_up()?;
+        tracing::info!(model_dir = %args.model_dir.display(), info = ?model.info, "denoiser ready");
+        Ok(model)
+    }
+}
+
+impl kd_runtime::StageModel for DecoderModel {
+    fn info(&self) -> &v1::ModelInfo {
+        &self.info
+    }
+}

@@ -9,17 +9,20 @@ pub mod validate;
 
 use auth::ApiKeys;
 use balance::Pool;
+use kd_proto::v1::generate_event::Event;
 use kd_proto::v1::{self, gateway_server::GatewayServer, GenerateEvent};
 use kd_runtime::config::CommonArgs;
-use kd_runtime::server::{self, Listeners};
-use kd_runtime::{deadline, Admission, Metrics, ServiceError, Shutdown, Stage};
+use kd_runtime::launch::MessageLimit;
+use kd_runtime::stage::EventStream;
+use kd_runtime::{
+    deadline, Call, Launch, LaunchError, Listeners, ServiceError, Shutdown, Sink, Stage,
+};
 use models::Models;
 use pipeline::{Ctx, Stages};
 use std::path::PathBuf;
-use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 use validate::Limits;
 
@@ -87,11 +90,15 @@ pub struct Gateway {
     limits: Limits,
 }
 
-type EventStream = Pin<Box<dyn futures::Stream<Item = Result<GenerateEvent, Status>> + Send>>;
+/// A progress, image or done event.
+fn event(e: v1::generate_event::Event) -> GenerateEvent {
+    GenerateEvent { event: Some(e) }
+}
 
 impl Gateway {
-    fn plan(&self, req: &v1::GenerateRequest) -> Result<validate::Plan, Status> {
-        validate::validate(req, &self.limits, rand::random::<u64>).map_err(Status::from)
+    /// Validation before admission (counted in `kd_failures_total` like every failure).
+    fn plan(&self, req: &v1::GenerateRequest) -> Result<validate::Plan, ServiceError> {
+        validate::validate(req, &self.limits, rand::random::<u64>)
     }
 }
 
@@ -102,93 +109,73 @@ impl v1::gateway_server::Gateway for Gateway {
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<v1::GenerateResponse>, Status> {
         let deadline = work_deadline(request.metadata());
-        let plan = self.plan(request.get_ref())?;
-        self.stage
-            .unary("Generate", |models| async move {
-                let ctx = Ctx {
-                    deadline,
-                    events: None,
-                };
-                let (images, model) =
-                    with_deadline(deadline, pipeline::generate(&models, &plan, &ctx)).await?;
-                Ok(v1::GenerateResponse {
-                    images,
-                    model: model.into(),
-                })
+        let check = |_: &Models| self.plan(request.get_ref());
+        let run = |models: Arc<Models>, plan, _| async move {
+            let ctx = Ctx {
+                deadline,
+                events: None,
+            };
+            let (images, model) = pipeline::generate(&models, &plan, &ctx).await?;
+            Ok(v1::GenerateResponse {
+                images,
+                model: model.into(),
             })
+        };
+        self.stage
+            .unary("Generate", Call { deadline }, check, run)
             .await
     }
 
-    type GenerateStreamStream = EventStream;
+    type GenerateStreamStream = EventStream<GenerateEvent>;
 
     async fn generate_stream(
         &self,
         request: Request<v1::GenerateRequest>,
-    ) -> Result<Response<EventStream>, Status> {
+    ) -> Result<Response<EventStream<GenerateEvent>>, Status> {
         let deadline = work_deadline(request.metadata());
-        let plan = self.plan(request.get_ref())?;
-        let admitted = self.stage.admit("GenerateStream").await?;
-        let (tx, rx) = mpsc::channel(16);
-        let span = tracing::Span::current();
-        tokio::spawn(tracing::Instrument::instrument(
-            async move {
-                let ctx = Ctx {
-                    deadline,
-                    events: Some(tx.clone()),
-                };
-                let _ = tx
-                    .send(Ok(GenerateEvent {
-                        event: Some(v1::generate_event::Event::Progress(v1::Progress {
-                            stage: v1::Stage::Queued as i32,
-                            step: 0,
-                            total_steps: 0,
-                        })),
-                    }))
-                    .await;
-                let result = tokio::select! {
-                    r = with_deadline(deadline, pipeline::generate(&admitted.model, &plan, &ctx)) => r,
-                    _ = tx.closed() => Err(ServiceError::Cancelled("the client went away".into())),
-                };
-                match &result {
-                    Ok((images, model)) => {
-                        for img in images.clone() {
-                            let _ = tx
-                                .send(Ok(GenerateEvent {
-                                    event: Some(v1::generate_event::Event::Image(img)),
-                                }))
-                                .await;
-                        }
-                        let _ = tx
-                            .send(Ok(GenerateEvent {
-                                event: Some(v1::generate_event::Event::Done(v1::Done {
-                                    model: model.to_string(),
-                                })),
-                            }))
-                            .await;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "stream failed");
-                        let _ = tx.send(Err(Status::from(e.clone()))).await;
-                    }
-                }
-                admitted.finish(&result);
-            },
-            span,
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let check = |_: &Models| self.plan(request.get_ref());
+        let run = move |models: Arc<Models>, plan, sink: Sink<GenerateEvent>| async move {
+            sink.send(event(Event::Progress(v1::Progress {
+                stage: v1::Stage::Queued as i32,
+                step: 0,
+                total_steps: 0,
+            })))
+            .await?;
+            let ctx = Ctx {
+                deadline,
+                events: Some(sink.sender()),
+            };
+            let (images, model) = pipeline::generate(&models, &plan, &ctx).await?;
+            for img in images {
+                sink.send(event(Event::Image(img))).await?;
+            }
+            sink.send(event(Event::Done(v1::Done {
+                model: model.to_string(),
+            })))
+            .await
+        };
+        self.stage
+            .stream("GenerateStream", Call { deadline }, check, run)
+            .await
     }
 
     async fn list_models(
         &self,
         request: Request<v1::ListModelsRequest>,
     ) -> Result<Response<v1::ListModelsResponse>, Status> {
-        let models = self.stage.model()?;
-        let ctx = Ctx {
-            deadline: work_deadline(request.metadata()),
-            events: None,
+        let deadline = work_deadline(request.metadata());
+        let run = |models: Arc<Models>, (), _| async move {
+            let ctx = Ctx {
+                deadline,
+                events: None,
+            };
+            Ok(v1::ListModelsResponse {
+                models: models.list(&ctx).await?,
+            })
         };
-        let models = with_deadline(ctx.deadline, models.list(&ctx)).await?;
-        Ok(Response::new(v1::ListModelsResponse { models }))
+        self.stage
+            .unary("ListModels", Call { deadline }, |_| Ok(()), run)
+            .await
     }
 }
 
@@ -199,19 +186,6 @@ const DEADLINE_MARGIN: Duration = Duration::from_millis(250);
 /// The instant the gateway's work must end: the caller's deadline less [`DEADLINE_MARGIN`].
 fn work_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Instant> {
     deadline::deadline_of(metadata).map(|d| d.checked_sub(DEADLINE_MARGIN).unwrap_or(d))
-}
-
-/// Runs `fut` until the deadline (DEADLINE_EXCEEDED after it).
-async fn with_deadline<T>(
-    deadline: Option<std::time::Instant>,
-    fut: impl std::future::Future<Output = Result<T, ServiceError>>,
-) -> Result<T, ServiceError> {
-    match deadline {
-        None => fut.await,
-        Some(d) => tokio::time::timeout_at(d.into(), fut).await.map_err(|_| {
-            ServiceError::DeadlineExceeded("the request did not finish within its deadline".into())
-        })?,
-    }
 }
 
 /// The replica pools of one stage set (text encoder, prior, denoiser, movq URLs).
@@ -225,67 +199,58 @@ async fn stage_set(urls: [&[String]; 4], refresh: Duration) -> anyhow::Result<St
     })
 }
 
-/// Binds the configured addresses and serves until `shutdown`.
-pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
-    let listeners = Listeners::bind(&config.common).await?;
-    run_with_listeners(config, listeners, shutdown).await
+/// Default largest request (and response) message: 64 MiB, room for two 32 MiB input images
+/// (`--max-message-bytes` changes it).
+pub const GATEWAY_MESSAGE_LIMIT: usize = 64 << 20;
+
+/// The stage sets the flags name: the `--*-url` set first (the default), then each
+/// `--extra-stack`.
+async fn stacks(config: &Config) -> Result<Vec<Stages>, ServiceError> {
+    let refresh = Duration::from_secs_f64(config.resolve_interval_secs.max(0.1));
+    let bad = |e: anyhow::Error| ServiceError::Unavailable(format!("{e:#}"));
+    let default = [
+        &config.text_encoder_url[..],
+        &config.prior_url,
+        &config.denoiser_url,
+        &config.movq_url,
+    ];
+    let mut stacks = vec![stage_set(default, refresh).await.map_err(bad)?];
+    for spec in &config.extra_stack {
+        let urls = models::parse_stack(spec)
+            .map_err(|e| ServiceError::Unavailable(format!("--extra-stack {spec:?}: {e}")))?
+            .map(|u| vec![u]);
+        let urls = [&urls[0][..], &urls[1], &urls[2], &urls[3]];
+        stacks.push(stage_set(urls, refresh).await.map_err(bad)?);
+    }
+    Ok(stacks)
 }
 
-/// Serves on the given listeners until `shutdown` (tests bind port 0).
+/// Serves on `listeners` until `shutdown` (tests bind port 0).
 pub async fn run_with_listeners(
     config: Config,
     listeners: Listeners,
     shutdown: Shutdown,
-) -> anyhow::Result<()> {
-    let Listeners {
-        grpc,
-        metrics: metrics_listener,
-    } = listeners;
+) -> Result<(), LaunchError> {
     let keys = match &config.api_keys_file {
         Some(p) => ApiKeys::from_file(p)
-            .map_err(|e| anyhow::anyhow!("--api-keys-file {}: {e}", p.display()))?,
+            .map_err(|e| LaunchError::Config(format!("--api-keys-file {}: {e}", p.display())))?,
         None => ApiKeys::default(),
     };
-    let refresh = Duration::from_secs_f64(config.resolve_interval_secs.max(0.1));
-    let mut stacks = vec![
-        stage_set(
-            [
-                &config.text_encoder_url,
-                &config.prior_url,
-                &config.denoiser_url,
-                &config.movq_url,
-            ],
-            refresh,
-        )
-        .await?,
-    ];
-    for spec in &config.extra_stack {
-        let urls = models::parse_stack(spec)
-            .map_err(|e| anyhow::anyhow!("--extra-stack {spec:?}: {e}"))?
-            .map(|u| vec![u]);
-        stacks.push(stage_set([&urls[0], &urls[1], &urls[2], &urls[3]], refresh).await?);
-    }
-    let metrics = Metrics::new("gateway");
-    let stage = Stage::new(
-        Admission::new(config.max_concurrency, config.common.max_queue),
-        metrics.clone(),
-    );
-    stage.set_model(std::sync::Arc::new(Models { stacks }));
+    let stage = Stage::new("gateway", config.max_concurrency, config.common.max_queue);
     let gateway = Gateway {
-        stage,
+        stage: stage.clone(),
         limits: Limits {
             max_images: config.max_images,
             ..Limits::default()
         },
     };
-    let (router, readiness) = server::base_router("kandinsky.v1.Gateway").await;
-    let router = router.add_service(GatewayServer::with_interceptor(gateway, move |r| {
-        keys.check(r)
-    }));
-    readiness.serving().await;
-    let metrics_task = tokio::spawn(metrics.serve(metrics_listener, shutdown.clone()));
-    let drain = Duration::from_secs_f64(config.common.drain_delay_secs.max(0.0));
-    server::serve(router, grpc, readiness, shutdown, drain).await?;
-    metrics_task.await??;
-    Ok(())
+    let launch = Launch::new(stage, &config.common, GATEWAY_MESSAGE_LIMIT);
+    let server = GatewayServer::new(gateway).message_limit(launch.limit());
+    let service = InterceptedService::new(server, move |r| keys.check(r));
+    let load = async move {
+        Ok(Models {
+            stacks: stacks(&config).await?,
+        })
+    };
+    launch.mount(service).run(listeners, shutdown, load).await
 }

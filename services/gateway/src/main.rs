@@ -1,10 +1,1 @@
-use clap::Parser;
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = kd_gateway::Config::parse();
-    let _telemetry = kd_runtime::telemetry::init_tracing(&config.common, "kd-gateway");
-    let shutdown = kd_runtime::Shutdown::new();
-    tokio::spawn(shutdown.clone().trigger_on_signals());
-    kd_gateway::run(config, shutdown).await
-}
+kd_runtime::service_main!("kd-gateway", kd_gateway);

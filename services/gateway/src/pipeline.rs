@@ -8,6 +8,7 @@ use crate::balance::Pool;
 use crate::models::Models;
 use crate::validate::{FusionInput, Plan, Task};
 use kd_proto::tensor::{self, WireTensorError};
+use kd_proto::v1::stage_info_client::StageInfoClient;
 use kd_proto::v1::{
     self, denoise_event, denoiser_client::DenoiserClient, interpolate_item,
     movq_client::MovqClient, prior_client::PriorClient, text_encoder_client::TextEncoderClient,
@@ -61,8 +62,8 @@ pub async fn served_model(stages: &Stages, ctx: &Ctx) -> Result<ServedModel, Ser
             call(
                 &st.text_encoder,
                 ctx,
-                v1::InfoRequest {},
-                |ch, r| async move { TextEncoderClient::new(ch).info(r).await },
+                v1::StageInfoRequest {},
+                |ch, r| async move { StageInfoClient::new(ch).info(r).await },
             )
             .await?,
         ),
@@ -71,8 +72,8 @@ pub async fn served_model(stages: &Stages, ctx: &Ctx) -> Result<ServedModel, Ser
             call(
                 &st.prior,
                 ctx,
-                v1::PriorInfoRequest {},
-                |ch, r| async move { PriorClient::new(ch).info(r).await },
+                v1::StageInfoRequest {},
+                |ch, r| async move { StageInfoClient::new(ch).info(r).await },
             )
             .await?,
         ),
@@ -81,15 +82,15 @@ pub async fn served_model(stages: &Stages, ctx: &Ctx) -> Result<ServedModel, Ser
             call(
                 &st.denoiser,
                 ctx,
-                v1::DenoiserInfoRequest {},
-                |ch, r| async move { DenoiserClient::new(ch).info(r).await },
+                v1::StageInfoRequest {},
+                |ch, r| async move { StageInfoClient::new(ch).info(r).await },
             )
             .await?,
         ),
         (
             "movq",
-            call(&st.movq, ctx, v1::MovqInfoRequest {}, |ch, r| async move {
-                MovqClient::new(ch).info(r).await
+            call(&st.movq, ctx, v1::StageInfoRequest {}, |ch, r| async move {
+                StageInfoClient::new(ch).info(r).await
             })
             .await?,
         ),
@@ -168,9 +169,7 @@ impl Ctx {
         if let Some(d) = self.deadline {
             let left = d.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(ServiceError::DeadlineExceeded(
-                    "the request's deadline passed".into(),
-                ));
+                return Err(ServiceError::deadline("before the next stage call"));
             }
             r.set_timeout(left);
         }

@@ -4,7 +4,7 @@
 use kd_gateway::balance::Pool;
 use kd_models::parity::fixtures_dir;
 use kd_proto::v1::{self, movq_client::MovqClient};
-use kd_runtime::server::Listeners;
+use kd_runtime::Listeners;
 use kd_runtime::Shutdown;
 use std::net::SocketAddr;
 use std::time::Duration;

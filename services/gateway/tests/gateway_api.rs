@@ -17,7 +17,7 @@ async fn dead_url() -> String {
 }
 
 async fn start(api_keys: Option<&str>) -> (SocketAddr, Shutdown, Option<tempfile::NamedTempFile>) {
-    let listeners = kd_runtime::server::Listeners::loopback().await.unwrap();
+    let listeners = kd_runtime::Listeners::loopback().await.unwrap();
     let addr = listeners.grpc.local_addr().unwrap();
     let keys_file = api_keys.map(|k| {
         let f = tempfile::NamedTempFile::new().unwrap();

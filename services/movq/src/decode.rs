@@ -1,6 +1,6 @@
 //! `Movq.Decode`: latents → encoded images (and optionally the post-processed pixels).
 
-use crate::Movq;
+use crate::model::Movq;
 use candle_core::{DType, Tensor};
 use kd_models::image::{encode_image, postprocess, postprocess_nhwc01, OutputFormat};
 use kd_proto::v1;
@@ -62,16 +62,27 @@ fn latents(m: &Movq, t: Option<&v1::Tensor>) -> Result<Tensor, ServiceError> {
     Ok(x)
 }
 
-/// Runs one decode request.
-pub(crate) fn decode(
-    m: &Movq,
-    req: &v1::DecodeRequest,
-) -> Result<v1::DecodeResponse, ServiceError> {
-    let format = output_format(req.format, req.quality)?;
-    let z = latents(m, req.latents.as_ref())?
-        .to_dtype(m.vq.dtype())
-        .map_err(internal)?;
-    let pixels = m.vq.decode(&z)?.to_dtype(DType::F32).map_err(internal)?;
+/// A checked decode request.
+pub(crate) struct Checked {
+    format: OutputFormat,
+    latents: Tensor,
+    return_pixels: bool,
+}
+
+/// Checks one decode request against the loaded model (before admission).
+pub(crate) fn check(m: &Movq, req: &v1::DecodeRequest) -> Result<Checked, ServiceError> {
+    Ok(Checked {
+        format: output_format(req.format, req.quality)?,
+        latents: latents(m, req.latents.as_ref())?,
+        return_pixels: req.return_pixels,
+    })
+}
+
+/// Runs one checked decode request.
+pub(crate) fn decode(m: &Movq, req: Checked) -> Result<v1::DecodeResponse, ServiceError> {
+    let format = req.format;
+    let z = req.latents.to_dtype(m.vq.dtype())?;
+    let pixels = m.vq.decode(&z)?.to_dtype(DType::F32)?;
     let images = postprocess(&pixels)?
         .iter()
         .map(|img| {
@@ -88,10 +99,7 @@ pub(crate) fn decode(
         })
         .collect::<Result<Vec<_>, ServiceError>>()?;
     let pixels = if req.return_pixels {
-        Some(
-            kd_proto::to_wire(&postprocess_nhwc01(&pixels)?)
-                .map_err(|e| ServiceError::Internal(e.to_string()))?,
-        )
+        Some(kd_proto::to_wire(&postprocess_nhwc01(&pixels)?)?)
     } else {
         None
     };
@@ -105,11 +113,7 @@ pub(crate) fn decode(
 /// One small decode, so the first real request does not pay for lazy initialisation.
 pub(crate) fn warm_up(m: &Movq) -> Result<(), ServiceError> {
     let c = m.vq.config().latent_channels;
-    let z = Tensor::zeros((1, c, 8, 8), m.vq.dtype(), &m.device).map_err(internal)?;
+    let z = Tensor::zeros((1, c, 8, 8), m.vq.dtype(), &m.device)?;
     m.vq.decode(&z)?;
     Ok(())
-}
-
-pub(crate) fn internal(e: candle_core::Error) -> ServiceError {
-    ServiceError::Internal(e.to_string())
 }

@@ -1,7 +1,6 @@
 //! `Movq.Encode`: images (and inpaint masks) → latents (and the pre-processed repaint masks).
 
-use crate::decode::internal;
-use crate::Movq;
+use crate::model::Movq;
 use candle_core::{DType, Tensor};
 use kd_models::image::{decode_image, decode_mask, preprocess_img2img, preprocess_inpaint};
 use kd_proto::v1;
@@ -57,7 +56,7 @@ pub(crate) fn encode(
                     format!("shape {d:?}; allowed (B, 3, H, W) with B in 1..={} and H, W positive multiples of {sf}", m.max_batch),
                 ));
             }
-            (x.to_dtype(DType::F32).map_err(internal)?, None)
+            (x.to_dtype(DType::F32)?, None)
         }
         (None, false) => {
             if req.images.len() > m.max_batch {
@@ -86,10 +85,7 @@ pub(crate) fn encode(
                         let (keep, x) =
                             preprocess_inpaint(&img, &decode_mask(mask_bytes)?, h, w, sf)?;
                         // The denoiser takes the repaint mask (1 = repaint): invert the keep-mask.
-                        masks.push(
-                            (1.0 - keep.to_dtype(DType::F32).map_err(internal)?)
-                                .map_err(internal)?,
-                        );
+                        masks.push((1.0 - keep.to_dtype(DType::F32)?)?);
                         px.push(x);
                     }
                     None => px.push(preprocess_img2img(&img, h, w, sf)?),
@@ -98,17 +94,16 @@ pub(crate) fn encode(
             let mask = if masks.is_empty() {
                 None
             } else {
-                Some(Tensor::cat(&masks, 0).map_err(internal)?)
+                Some(Tensor::cat(&masks, 0)?)
             };
-            (Tensor::cat(&px, 0).map_err(internal)?, mask)
+            (Tensor::cat(&px, 0)?, mask)
         }
     };
     let x = pixels
         .to_device(&m.device)
-        .and_then(|x| x.to_dtype(m.vq.dtype()))
-        .map_err(internal)?;
-    let latents = m.vq.encode(&x)?.to_dtype(DType::F32).map_err(internal)?;
-    let wire = |t: &Tensor| kd_proto::to_wire(t).map_err(|e| ServiceError::Internal(e.to_string()));
+        .and_then(|x| x.to_dtype(m.vq.dtype()))?;
+    let latents = m.vq.encode(&x)?.to_dtype(DType::F32)?;
+    let wire = |t: &Tensor| kd_proto::to_wire(t).map_err(ServiceError::from);
     Ok(v1::EncodeResponse {
         latents: Some(wire(&latents)?),
         mask: mask.as_ref().map(wire).transpose()?,

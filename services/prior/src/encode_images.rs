@@ -6,8 +6,7 @@ use crate::wire::{tensor, to_wire_f32};
 use kd_models::clip::decode_image;
 use kd_proto::v1;
 use kd_runtime::model_info::check_requested_dtype;
-use kd_runtime::{blocking, Metrics, ServiceError, Stage};
-use tonic::{Response, Status};
+use kd_runtime::{Metrics, ServiceError};
 
 /// Validates and runs one request; returns the response.
 pub fn compute(
@@ -65,18 +64,4 @@ pub fn compute(
         image_embeds: Some(to_wire_f32(&embeds)?),
         model: Some(m.info.clone()),
     })
-}
-
-/// The RPC: decoding and the vision tower run on the blocking pool.
-pub async fn handle(
-    stage: &Stage<PriorModel>,
-    req: v1::EncodeImagesRequest,
-    max_batch: usize,
-) -> Result<Response<v1::EncodeImagesResponse>, Status> {
-    let metrics = stage.metrics.clone();
-    stage
-        .unary("EncodeImages", |m| async move {
-            blocking(move || compute(&m, &req, max_batch, &metrics)).await
-        })
-        .await
 }

@@ -4,17 +4,15 @@
 //! embeddings are taken as they are. The result is `Σ wᵢ·embᵢ` (1, D), weights not normalised.
 
 use crate::model::PriorModel;
-use crate::watchdog::{GuardedNoise, Watchdog};
+use crate::noise::StopNoise;
 use crate::wire::{conditioning, sample_params, tensor, to_wire_f32};
-use kd_models::clip::decode_image;
+use kd_models::clip::{decode_image, TextConditioning};
 use kd_models::noise::SeededNoise;
-use kd_models::prior::FusionInput;
+use kd_models::prior::{FusionInput, SampleParams};
 use kd_proto::v1;
 use kd_proto::v1::interpolate_item::Item;
 use kd_runtime::model_info::check_requested_dtype;
-use kd_runtime::{blocking, Metrics, ServiceError, Stage};
-use std::time::Instant;
-use tonic::{Response, Status};
+use kd_runtime::{Cancel, Metrics, ServiceError};
 
 fn item(m: &PriorModel, i: usize, it: &v1::InterpolateItem) -> Result<FusionInput, ServiceError> {
     if !it.weight.is_finite() {
@@ -52,15 +50,21 @@ fn item(m: &PriorModel, i: usize, it: &v1::InterpolateItem) -> Result<FusionInpu
     })
 }
 
-/// Validates and runs one request; returns the response.
-pub fn compute(
+/// A checked request: every item decoded and matched against the loaded prior.
+pub struct Checked {
+    items: Vec<FusionInput>,
+    weights: Vec<f32>,
+    uncond: Option<TextConditioning>,
+    params: SampleParams,
+    seed: u64,
+}
+
+/// Validates one request against the loaded model (before admission).
+pub fn check(
     m: &PriorModel,
     req: &v1::InterpolateRequest,
     max_batch: usize,
-    metrics: &Metrics,
-    watchdog: &Watchdog,
-) -> Result<v1::PriorSampleResponse, ServiceError> {
-    watchdog.check()?;
+) -> Result<Checked, ServiceError> {
     check_requested_dtype(req.options.as_ref(), m.dtype)?;
     if req.items.is_empty() || req.items.len() > max_batch {
         return Err(ServiceError::invalid(
@@ -78,42 +82,49 @@ pub fn compute(
         .enumerate()
         .map(|(i, it)| item(m, i, it))
         .collect::<Result<Vec<_>, _>>()?;
-    let weights: Vec<f32> = req.items.iter().map(|it| it.weight).collect();
     let uncond = req
         .unconditional
         .as_ref()
         .map(|u| conditioning("unconditional", u, m, Some(1), 1))
         .transpose()?;
-    let texts = items
+    Ok(Checked {
+        items,
+        weights: req.items.iter().map(|it| it.weight).collect(),
+        uncond,
+        params,
+        seed: req.seed,
+    })
+}
+
+/// Fuses a checked request (on the blocking pool); sampling stops between steps when `cancel`
+/// fires.
+pub fn run(
+    m: &PriorModel,
+    c: Checked,
+    metrics: &Metrics,
+    cancel: &Cancel,
+) -> Result<v1::PriorSampleResponse, ServiceError> {
+    let texts = c
+        .items
         .iter()
         .filter(|i| matches!(i, FusionInput::Text(_)))
         .count();
-    let mut noise = GuardedNoise::new(SeededNoise::new(&[req.seed]), watchdog);
+    let mut noise = StopNoise::new(SeededNoise::new(&[c.seed]), cancel);
     let embeds = m
         .prior
-        .fuse(&items, &weights, uncond.as_ref(), &params, None, &mut noise)
+        .fuse(
+            &c.items,
+            &c.weights,
+            c.uncond.as_ref(),
+            &c.params,
+            None,
+            &mut noise,
+        )
         .map_err(|e| noise.explain(e))?;
-    metrics.batch(items.len());
-    metrics.steps((texts * params.num_inference_steps) as u64);
+    metrics.batch(c.items.len());
+    metrics.steps((texts * c.params.num_inference_steps) as u64);
     Ok(v1::PriorSampleResponse {
         image_embeds: Some(to_wire_f32(&embeds)?),
         model: Some(m.info.clone()),
     })
-}
-
-/// The RPC: decoding, checks, sampling and the vision tower run on the blocking pool; sampling
-/// stops between steps when the caller leaves or its `deadline` passes.
-pub async fn handle(
-    stage: &Stage<PriorModel>,
-    req: v1::InterpolateRequest,
-    max_batch: usize,
-    deadline: Option<Instant>,
-) -> Result<Response<v1::PriorSampleResponse>, Status> {
-    let metrics = stage.metrics.clone();
-    stage
-        .unary("Interpolate", |m| async move {
-            let (watchdog, _cancel_on_drop) = Watchdog::new(deadline);
-            blocking(move || compute(&m, &req, max_batch, &metrics, &watchdog)).await
-        })
-        .await
 }

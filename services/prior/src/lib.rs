@@ -1,43 +1,32 @@
 //! The prior stage: `PriorTransformer` sampling with the UnCLIP scheduler (text conditioning →
 //! CLIP image embedding) and the CLIP vision tower (image → CLIP image embedding) of a Kandinsky
-//! 2.2 prior folder, served over gRPC (`kandinsky.v1.Prior`), with health, reflection and
-//! `/metrics`.
+//! prior folder, served over gRPC (`kandinsky.v1.Prior`) by the one stage launcher.
 //!
 //! Requests enter in [`service`]; each RPC has its own module ([`sample`], [`encode_images`],
-//! [`zero_embedding`], [`interpolate`], [`info`]); [`wire`] decodes and checks request tensors;
-//! [`watchdog`] stops sampling between steps when the caller leaves or its deadline passes; the
-//! numbers are computed by [`kd_models::prior::ImagePrior`].
+//! [`zero_embedding`], [`interpolate`]); [`wire`] decodes and checks request tensors; [`noise`]
+//! stops sampling between steps when the call is cancelled; the numbers are computed by
+//! [`kd_models::prior::ImagePrior`].
 #![forbid(unsafe_code)]
 
 pub mod encode_images;
-pub mod info;
 pub mod interpolate;
 pub mod model;
+pub mod noise;
 pub mod sample;
 pub mod service;
-pub mod watchdog;
 pub mod wire;
 pub mod zero_embedding;
 
-use kd_runtime::admission::Admission;
 use kd_runtime::cache::EmbeddingCache;
 use kd_runtime::config::{CommonArgs, StageArgs};
-use kd_runtime::launch::{Launch, LaunchError};
-use kd_runtime::server::Listeners;
-use kd_runtime::{Metrics, Shutdown, Stage};
-use std::future::Future;
+use kd_runtime::{blocking, Launch, LaunchError, Listeners, Shutdown, Stage};
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::net::TcpListener;
 
 pub use model::PriorModel;
 pub use service::PriorService;
 
 /// The `stage` label of this service's metrics.
 pub const STAGE: &str = "prior";
-
-/// Largest gRPC message accepted or sent (conditioning for 64 rows of bigG is ~50 MB).
-pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
 /// Configuration of `kd-prior`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -58,51 +47,22 @@ pub struct Config {
     pub max_batch: usize,
 }
 
-/// Binds the configured addresses and serves until `shutdown`.
-pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), LaunchError> {
-    let l = Listeners::bind(&config.common).await?;
-    run_with_listeners(config, l.grpc, l.metrics, shutdown).await
-}
-
-/// Serves on the given listeners until `shutdown` (tests bind `127.0.0.1:0`).
+/// Serves on `listeners` until `shutdown`.
 pub async fn run_with_listeners(
     config: Config,
-    grpc: TcpListener,
-    metrics: TcpListener,
+    listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<(), LaunchError> {
-    run_with_listeners_gated(config, grpc, metrics, shutdown, std::future::ready(())).await
-}
-
-/// As [`run_with_listeners`], but model loading starts only once `gate` resolves — so a test can
-/// watch health report NOT_SERVING before the model is there.
-pub async fn run_with_listeners_gated(
-    config: Config,
-    grpc: TcpListener,
-    metrics: TcpListener,
-    shutdown: Shutdown,
-    gate: impl Future<Output = ()> + Send,
-) -> Result<(), LaunchError> {
-    let stage: Stage<PriorModel> = Stage::new(
-        Admission::new(1, config.common.max_queue),
-        Metrics::new(STAGE),
-    );
-    let (router, readiness) = kd_runtime::server::base_router(service::SERVICE_NAME).await;
-    let cache = EmbeddingCache::for_stage(&config.stage, stage.metrics.clone())
-        .map_err(LaunchError::Load)?;
-    let router = router.add_service(
-        PriorService::new(stage.clone(), Arc::new(cache), config.max_batch).into_server(),
-    );
-    let stage_args = config.stage.clone();
-    Launch {
-        stage,
-        router,
-        readiness,
-        grpc,
-        metrics,
-        shutdown,
-        drain_delay: Duration::from_secs_f64(config.common.drain_delay_secs.max(0.0)),
-    }
-    .run(gate, move || PriorModel::load_and_warm(&stage_args))
-    .await
+    let stage = Stage::new(STAGE, 1, config.common.max_queue);
+    let cache = EmbeddingCache::for_stage(&config.stage, stage.metrics.clone())?;
+    let service = PriorService::new(stage.clone(), Arc::new(cache), config.max_batch);
+    let args = config.stage.clone();
+    Launch::stage(stage, &config.common)
+        .serve(service)
+        .run(
+            listeners,
+            shutdown,
+            blocking(move || PriorModel::load_and_warm(&args)),
+        )
+        .await
 }

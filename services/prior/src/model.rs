@@ -9,7 +9,7 @@ use kd_models::CheckpointDir;
 use kd_proto::v1;
 use kd_runtime::config::StageArgs;
 use kd_runtime::model_info::model_info;
-use kd_runtime::ServiceError;
+use kd_runtime::{ServiceError, StageModel};
 
 /// The checkpoint components this stage loads (and whose files make up its revision).
 pub const COMPONENTS: [&str; 4] = ["prior", "scheduler", "image_encoder", "image_processor"];
@@ -34,16 +34,15 @@ impl PriorModel {
         let prior = ImagePrior::load(&dir, args.dtype, &device)?;
         let info = model_info(&dir, "prior", &COMPONENTS, args.dtype, &device)?;
         prior.zero_image_embed()?;
-        let internal = |e: candle_core::Error| ServiceError::Internal(e.to_string());
         let (p, n, d) = (
             prior.text_embed_dim(),
             prior.num_embeddings(),
             prior.embedding_dim(),
         );
         let dummy = TextConditioning {
-            text_embeds: Tensor::zeros((1, p), DType::F32, &device).map_err(internal)?,
-            hidden_states: Tensor::zeros((1, n, d), DType::F32, &device).map_err(internal)?,
-            mask: Tensor::ones((1, n), DType::U32, &device).map_err(internal)?,
+            text_embeds: Tensor::zeros((1, p), DType::F32, &device)?,
+            hidden_states: Tensor::zeros((1, n, d), DType::F32, &device)?,
+            mask: Tensor::ones((1, n), DType::U32, &device)?,
         };
         let params = SampleParams {
             num_inference_steps: 2,
@@ -61,5 +60,11 @@ impl PriorModel {
             info,
             dtype: args.dtype,
         })
+    }
+}
+
+impl StageModel for PriorModel {
+    fn info(&self) -> &v1::ModelInfo {
+        &self.info
     }
 }

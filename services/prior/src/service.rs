@@ -1,17 +1,15 @@
-//! The `kandinsky.v1.Prior` gRPC service: hands each RPC to its module.
+//! The `kandinsky.v1.Prior` gRPC service: each RPC is one [`Stage::unary`] call — checked
+//! before admission, computed on the blocking pool, stopped by its deadline or its caller.
 
 use crate::model::PriorModel;
-use crate::{encode_images, info, interpolate, sample, zero_embedding, MAX_MESSAGE_BYTES};
+use crate::{encode_images, interpolate, sample, zero_embedding};
 use kd_proto::v1;
 use kd_proto::v1::prior_server::{Prior, PriorServer};
-use kd_runtime::cache::EmbeddingCache;
-use kd_runtime::deadline::deadline_of;
-use kd_runtime::Stage;
+use kd_runtime::cache::{CacheKey, EmbeddingCache};
+use kd_runtime::{blocking, Call, Stage};
+use prost::Message;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
-
-/// The fully qualified service name (also its health service name).
-pub const SERVICE_NAME: &str = v1::prior_server::SERVICE_NAME;
 
 /// The service: the shared stage plus request limits.
 #[derive(Clone)]
@@ -24,65 +22,79 @@ pub struct PriorService {
 impl PriorService {
     /// A service over `stage`, accepting at most `max_batch` rows per call; samples are cached in
     /// `cache` under keys holding every input, seeds, steps and guidance included.
-    pub fn new(stage: Stage<PriorModel>, cache: Arc<EmbeddingCache>, max_batch: usize) -> Self {
-        Self {
+    pub fn new(
+        stage: Stage<PriorModel>,
+        cache: Arc<EmbeddingCache>,
+        max_batch: usize,
+    ) -> PriorServer<Self> {
+        PriorServer::new(Self {
             stage,
             cache,
             max_batch,
-        }
-    }
-
-    /// The tonic server, with message limits sized for batches of conditioning.
-    pub fn into_server(self) -> PriorServer<Self> {
-        PriorServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        })
     }
 }
 
 #[tonic::async_trait]
 impl Prior for PriorService {
+    /// A prior output is a sample, so it is cached only under a key that holds the whole
+    /// request — conditioning, seeds, steps, guidance, latents, strength — and the revision.
     async fn sample(
         &self,
         request: Request<v1::PriorSampleRequest>,
     ) -> Result<Response<v1::PriorSampleResponse>, Status> {
-        let deadline = deadline_of(request.metadata());
-        sample::handle(
-            &self.stage,
-            &self.cache,
-            request.into_inner(),
-            self.max_batch,
-            deadline,
-        )
-        .await
+        let call = Call::of(&request);
+        let req = request.into_inner();
+        let (cache, metrics) = (self.cache.clone(), self.stage.metrics.clone());
+        let request_bytes = req.encode_to_vec();
+        let check = |m: &PriorModel| sample::check(m, &req, self.max_batch);
+        let run = |m: Arc<PriorModel>, checked, cancel| async move {
+            let key = CacheKey::new(&m.info.revision, "prior", &[&request_bytes]);
+            cache
+                .get_or_compute(&key, || {
+                    blocking(move || sample::run(&m, checked, &metrics, &cancel))
+                })
+                .await
+        };
+        self.stage.unary("Sample", call, check, run).await
     }
 
     async fn encode_images(
         &self,
         request: Request<v1::EncodeImagesRequest>,
     ) -> Result<Response<v1::EncodeImagesResponse>, Status> {
-        encode_images::handle(&self.stage, request.into_inner(), self.max_batch).await
+        let call = Call::of(&request);
+        let req = request.into_inner();
+        let (max_batch, metrics) = (self.max_batch, self.stage.metrics.clone());
+        let run = move |m: Arc<PriorModel>, (), _| {
+            blocking(move || encode_images::compute(&m, &req, max_batch, &metrics))
+        };
+        self.stage
+            .unary("EncodeImages", call, |_| Ok(()), run)
+            .await
     }
 
     async fn zero_image_embedding(
         &self,
         request: Request<v1::ZeroImageEmbeddingRequest>,
     ) -> Result<Response<v1::ZeroImageEmbeddingResponse>, Status> {
-        zero_embedding::handle(&self.stage, request.into_inner()).await
+        let run = |m: Arc<PriorModel>, (), _| blocking(move || zero_embedding::compute(&m));
+        self.stage
+            .unary("ZeroImageEmbedding", Call::of(&request), |_| Ok(()), run)
+            .await
     }
 
     async fn interpolate(
         &self,
         request: Request<v1::InterpolateRequest>,
     ) -> Result<Response<v1::PriorSampleResponse>, Status> {
-        let deadline = deadline_of(request.metadata());
-        interpolate::handle(&self.stage, request.into_inner(), self.max_batch, deadline).await
-    }
-
-    async fn info(
-        &self,
-        request: Request<v1::PriorInfoRequest>,
-    ) -> Result<Response<v1::ModelInfo>, Status> {
-        info::handle(&self.stage, request.into_inner()).await
+        let call = Call::of(&request);
+        let req = request.into_inner();
+        let metrics = self.stage.metrics.clone();
+        let check = |m: &PriorModel| interpolate::check(m, &req, self.max_batch);
+        let run = |m: Arc<PriorModel>, checked, cancel| {
+            blocking(move || interpolate::run(&m, checked, &metrics, &cancel))
+        };
+        self.stage.unary("Interpolate", call, check, run).await
     }
 }

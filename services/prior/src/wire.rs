@@ -8,13 +8,9 @@ use kd_models::prior::SampleParams;
 use kd_proto::{from_wire, to_wire, v1, TensorLimits};
 use kd_runtime::ServiceError;
 
-fn internal(e: impl std::fmt::Display) -> ServiceError {
-    ServiceError::Internal(e.to_string())
-}
-
 /// Encodes a response tensor as f32 on the wire.
 pub fn to_wire_f32(t: &Tensor) -> Result<v1::Tensor, ServiceError> {
-    to_wire(&t.to_dtype(DType::F32).map_err(internal)?).map_err(internal)
+    Ok(to_wire(&t.to_dtype(DType::F32)?)?)
 }
 
 /// Decodes a required wire tensor onto the CPU.
@@ -82,8 +78,8 @@ pub fn conditioning(
     let m_field = format!("{field}.attention_mask");
     let mask = tensor(&m_field, e.attention_mask.as_ref())?;
     expect_dims(&m_field, &mask, &[b, n], &format!("({b}, {n}) i64"))?;
-    let mask = mask.to_dtype(DType::I64).map_err(internal)?;
-    let values: Vec<Vec<i64>> = mask.to_vec2().map_err(internal)?;
+    let mask = mask.to_dtype(DType::I64)?;
+    let values: Vec<Vec<i64>> = mask.to_vec2()?;
     if values.iter().flatten().any(|&v| v != 0 && v != 1) {
         return Err(ServiceError::invalid(
             m_field,
@@ -93,7 +89,7 @@ pub fn conditioning(
     Ok(TextConditioning {
         text_embeds,
         hidden_states,
-        mask: mask.to_dtype(DType::U32).map_err(internal)?,
+        mask: mask.to_dtype(DType::U32)?,
     })
 }
 

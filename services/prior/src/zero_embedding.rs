@@ -4,23 +4,12 @@
 use crate::model::PriorModel;
 use crate::wire::to_wire_f32;
 use kd_proto::v1;
-use kd_runtime::{blocking, Stage};
-use tonic::{Response, Status};
+use kd_runtime::ServiceError;
 
-/// Returns the cached (1, D) zero-image embedding.
-pub async fn handle(
-    stage: &Stage<PriorModel>,
-    _req: v1::ZeroImageEmbeddingRequest,
-) -> Result<Response<v1::ZeroImageEmbeddingResponse>, Status> {
-    stage
-        .unary("ZeroImageEmbedding", |m| async move {
-            blocking(move || {
-                Ok(v1::ZeroImageEmbeddingResponse {
-                    image_embeds: Some(to_wire_f32(&m.prior.zero_image_embed()?)?),
-                    model: Some(m.info.clone()),
-                })
-            })
-            .await
-        })
-        .await
+/// The cached (1, D) zero-image embedding.
+pub fn compute(m: &PriorModel) -> Result<v1::ZeroImageEmbeddingResponse, ServiceError> {
+    Ok(v1::ZeroImageEmbeddingResponse {
+        image_embeds: Some(to_wire_f32(&m.prior.zero_image_embed()?)?),
+        model: Some(m.info.clone()),
+    })
 }

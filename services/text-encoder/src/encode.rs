@@ -9,11 +9,8 @@ use crate::MAX_PROMPT_CHARS;
 use candle_core::{Device, Tensor};
 use kd_models::clip::TokenizedBatch;
 use kd_proto::{to_wire, v1};
-use kd_runtime::cache::{CacheKey, EmbeddingCache};
-use kd_runtime::{blocking, ServiceError, Stage};
-use prost::Message;
-use tonic::{Response, Status};
-use tracing::Instrument;
+use kd_runtime::cache::CacheKey;
+use kd_runtime::ServiceError;
 
 /// Checks the prompt list: 1..=`max_batch` prompts of at most [`MAX_PROMPT_CHARS`] characters.
 pub fn validate(prompts: &[String], max_batch: usize) -> Result<(), ServiceError> {
@@ -46,12 +43,11 @@ pub fn validate(prompts: &[String], max_batch: usize) -> Result<(), ServiceError
 fn rows_i64(rows: &[Vec<u32>]) -> Result<Tensor, ServiceError> {
     let l = rows.first().map_or(0, Vec::len);
     let flat: Vec<i64> = rows.iter().flatten().map(|&v| i64::from(v)).collect();
-    Tensor::from_vec(flat, (rows.len(), l), &Device::Cpu)
-        .map_err(|e| ServiceError::Internal(e.to_string()))
+    Ok(Tensor::from_vec(flat, (rows.len(), l), &Device::Cpu)?)
 }
 
 fn wire(t: &Tensor) -> Result<v1::Tensor, ServiceError> {
-    to_wire(t).map_err(|e| ServiceError::Internal(format!("encoding a response tensor: {e}")))
+    Ok(to_wire(t)?)
 }
 
 /// Runs the tokenizer and text tower; every output tensor is encoded for the wire.
@@ -74,11 +70,7 @@ pub fn compute(
                 Some(v1::TextEmbeddings {
                     text_embeds: Some(wire(&c.text_embeds)?),
                     hidden_states: Some(wire(&c.hidden_states)?),
-                    attention_mask: Some(wire(
-                        &c.mask
-                            .to_dtype(candle_core::DType::I64)
-                            .map_err(|e| ServiceError::Internal(e.to_string()))?,
-                    )?),
+                    attention_mask: Some(wire(&c.mask.to_dtype(candle_core::DType::I64)?)?),
                 })
             }
         },
@@ -88,39 +80,7 @@ pub fn compute(
 }
 
 /// The cache key of a prompt list: the weights' revision and every prompt.
-fn cache_key(model: &TextModel, prompts: &[String]) -> CacheKey {
+pub fn cache_key(model: &TextModel, prompts: &[String]) -> CacheKey {
     let fields: Vec<&[u8]> = prompts.iter().map(|p| p.as_bytes()).collect();
     CacheKey::new(&model.info.revision, "text_encoder", &fields)
-}
-
-/// The RPC: validate; answer from the cache when the same prompts were encoded before (the
-/// encoder is deterministic); else tokenise and encode on the blocking pool and cache the result.
-pub async fn handle(
-    stage: &Stage<TextModel>,
-    cache: &EmbeddingCache,
-    req: v1::EncodeTextRequest,
-    max_batch: usize,
-) -> Result<Response<v1::EncodeTextResponse>, Status> {
-    let metrics = stage.metrics.clone();
-    stage
-        .unary("Encode", |m| async move {
-            validate(&req.prompts, max_batch)?;
-            let key = cache_key(&m, &req.prompts);
-            let cached = async { cache.get(&key).await }
-                .instrument(tracing::info_span!("cache.get"))
-                .await;
-            if let Some(resp) =
-                cached.and_then(|bytes| v1::EncodeTextResponse::decode(bytes.as_slice()).ok())
-            {
-                return Ok(resp);
-            }
-            metrics.batch(req.prompts.len());
-            let resp = blocking(move || compute(&m, &req.prompts)).await?;
-            cache
-                .put(&key, &resp.encode_to_vec())
-                .instrument(tracing::info_span!("cache.put"))
-                .await;
-            Ok(resp)
-        })
-        .await
 }

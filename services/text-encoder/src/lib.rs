@@ -1,34 +1,25 @@
 //! The text-encoder stage: the CLIP tokenizer and text tower of a Kandinsky prior folder (and,
-//! for Kandinsky 2.1, the decoder folder's multilingual XLM-R encoder), served over gRPC (`kandinsky.v1.TextEncoder`), with health, reflection and `/metrics`.
+//! for Kandinsky 2.1, the decoder folder's multilingual XLM-R encoder), served over gRPC
+//! (`kandinsky.v1.TextEncoder`) by the one stage launcher.
 //!
-//! Requests enter in [`service`], each RPC has its own module ([`encode`], [`info`]), and the
-//! numbers are computed by [`kd_models::clip::ClipTextEncoder`].
+//! Requests enter in [`service`]; [`encode`] checks and computes; the numbers are computed by
+//! [`kd_models::clip::ClipTextEncoder`] and [`kd_models::mclip::MultilingualTextEncoder`].
 #![forbid(unsafe_code)]
 
 pub mod encode;
-pub mod info;
 pub mod model;
 pub mod service;
 
-use kd_runtime::admission::Admission;
 use kd_runtime::cache::EmbeddingCache;
 use kd_runtime::config::{CommonArgs, StageArgs};
-use kd_runtime::launch::{Launch, LaunchError};
-use kd_runtime::server::Listeners;
-use kd_runtime::{Metrics, Shutdown, Stage};
-use std::future::Future;
+use kd_runtime::{blocking, Launch, LaunchError, Listeners, Shutdown, Stage};
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::net::TcpListener;
 
 pub use model::TextModel;
 pub use service::TextEncoderService;
 
 /// The `stage` label of this service's metrics.
 pub const STAGE: &str = "text_encoder";
-
-/// Largest gRPC message accepted or sent (a batch of 64 bigG hidden states is ~25 MB).
-pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
 /// Longest prompt accepted, in characters (CLIP truncates to 77 tokens; this only bounds work).
 pub const MAX_PROMPT_CHARS: usize = 10_000;
@@ -57,54 +48,19 @@ pub struct Config {
     pub max_batch: usize,
 }
 
-/// Binds the configured addresses and serves until `shutdown`.
-pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), LaunchError> {
-    let l = Listeners::bind(&config.common).await?;
-    run_with_listeners(config, l.grpc, l.metrics, shutdown).await
-}
-
-/// Serves on the given listeners until `shutdown` (tests bind `127.0.0.1:0`).
+/// Serves on `listeners` until `shutdown`.
 pub async fn run_with_listeners(
     config: Config,
-    grpc: TcpListener,
-    metrics: TcpListener,
+    listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<(), LaunchError> {
-    run_with_listeners_gated(config, grpc, metrics, shutdown, std::future::ready(())).await
-}
-
-/// As [`run_with_listeners`], but model loading starts only once `gate` resolves — so a test can
-/// watch health report NOT_SERVING before the model is there.
-pub async fn run_with_listeners_gated(
-    config: Config,
-    grpc: TcpListener,
-    metrics: TcpListener,
-    shutdown: Shutdown,
-    gate: impl Future<Output = ()> + Send,
-) -> Result<(), LaunchError> {
-    let stage: Stage<TextModel> = Stage::new(
-        Admission::new(1, config.common.max_queue),
-        Metrics::new(STAGE),
-    );
-    let (router, readiness) = kd_runtime::server::base_router(service::SERVICE_NAME).await;
-    let cache = EmbeddingCache::for_stage(&config.stage, stage.metrics.clone())
-        .map_err(LaunchError::Load)?;
-    let router = router.add_service(
-        TextEncoderService::new(stage.clone(), Arc::new(cache), config.max_batch).into_server(),
-    );
-    let stage_args = config.stage.clone();
-    let decoder_dir = config.decoder_model_dir.clone();
-    Launch {
-        stage,
-        router,
-        readiness,
-        grpc,
-        metrics,
-        shutdown,
-        drain_delay: Duration::from_secs_f64(config.common.drain_delay_secs.max(0.0)),
-    }
-    .run(gate, move || {
-        TextModel::load_and_warm(&stage_args, decoder_dir.as_deref())
-    })
-    .await
+    let stage = Stage::new(STAGE, 1, config.common.max_queue);
+    let cache = EmbeddingCache::for_stage(&config.stage, stage.metrics.clone())?;
+    let service = TextEncoderService::new(stage.clone(), Arc::new(cache), config.max_batch);
+    let (args, decoder_dir) = (config.stage.clone(), config.decoder_model_dir.clone());
+    let load = blocking(move || TextModel::load_and_warm(&args, decoder_dir.as_deref()));
+    Launch::stage(stage, &config.common)
+        .serve(service)
+        .run(listeners, shutdown, load)
+        .await
 }

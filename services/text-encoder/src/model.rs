@@ -8,7 +8,7 @@ use kd_models::{CheckpointDir, ModelFamily};
 use kd_proto::v1;
 use kd_runtime::config::StageArgs;
 use kd_runtime::model_info::{model_info, revision};
-use kd_runtime::ServiceError;
+use kd_runtime::{ServiceError, StageModel};
 use std::path::Path;
 
 /// The checkpoint components this stage loads from each folder (and whose files make up its
@@ -85,5 +85,11 @@ impl TextModel {
             m.encode(&[""])?;
         }
         Ok(())
+    }
+}
+
+impl StageModel for TextModel {
+    fn info(&self) -> &v1::ModelInfo {
+        &self.info
     }
 }

@@ -1,16 +1,15 @@
-//! The `kandinsky.v1.TextEncoder` gRPC service: hands each RPC to its module.
+//! The `kandinsky.v1.TextEncoder` gRPC service: `Encode` is one [`Stage::unary`] call —
+//! checked before admission, answered from the cache when the same prompts were encoded before
+//! (the encoder is deterministic), else computed on the blocking pool and cached.
 
+use crate::encode;
 use crate::model::TextModel;
-use crate::{encode, info, MAX_MESSAGE_BYTES};
 use kd_proto::v1;
 use kd_proto::v1::text_encoder_server::{TextEncoder, TextEncoderServer};
 use kd_runtime::cache::EmbeddingCache;
-use kd_runtime::Stage;
+use kd_runtime::{blocking, Call, Stage};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
-
-/// The fully qualified service name (also its health service name).
-pub const SERVICE_NAME: &str = v1::text_encoder_server::SERVICE_NAME;
 
 /// The service: the shared stage plus request limits.
 #[derive(Clone)]
@@ -22,20 +21,17 @@ pub struct TextEncoderService {
 
 impl TextEncoderService {
     /// A service over `stage`, accepting at most `max_batch` prompts per call; outputs are cached
-    /// in `cache` (the encoder is deterministic).
-    pub fn new(stage: Stage<TextModel>, cache: Arc<EmbeddingCache>, max_batch: usize) -> Self {
-        Self {
+    /// in `cache`.
+    pub fn new(
+        stage: Stage<TextModel>,
+        cache: Arc<EmbeddingCache>,
+        max_batch: usize,
+    ) -> TextEncoderServer<Self> {
+        TextEncoderServer::new(Self {
             stage,
             cache,
             max_batch,
-        }
-    }
-
-    /// The tonic server, with message limits sized for batches of hidden states.
-    pub fn into_server(self) -> TextEncoderServer<Self> {
-        TextEncoderServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        })
     }
 }
 
@@ -45,19 +41,20 @@ impl TextEncoder for TextEncoderService {
         &self,
         request: Request<v1::EncodeTextRequest>,
     ) -> Result<Response<v1::EncodeTextResponse>, Status> {
-        encode::handle(
-            &self.stage,
-            &self.cache,
-            request.into_inner(),
-            self.max_batch,
-        )
-        .await
-    }
-
-    async fn info(
-        &self,
-        request: Request<v1::InfoRequest>,
-    ) -> Result<Response<v1::ModelInfo>, Status> {
-        info::handle(&self.stage, request.into_inner()).await
+        let call = Call::of(&request);
+        let prompts = request.into_inner().prompts;
+        let (cache, metrics) = (self.cache.clone(), self.stage.metrics.clone());
+        let max_batch = self.max_batch;
+        let check = move |_: &TextModel| encode::validate(&prompts, max_batch).map(|()| prompts);
+        let run = |m: Arc<TextModel>, prompts: Vec<String>, _| async move {
+            let key = encode::cache_key(&m, &prompts);
+            cache
+                .get_or_compute(&key, || {
+                    metrics.batch(prompts.len());
+                    blocking(move || encode::compute(&m, &prompts))
+                })
+                .await
+        };
+        self.stage.unary("Encode", call, check, run).await
     }
 }

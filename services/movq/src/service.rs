@@ -1,0 +1,46 @@
+//! The `kandinsky.v1.Movq` gRPC service: each RPC is one [`Stage::unary`] call on the blocking
+//! pool.
+
+use crate::model::Movq;
+use crate::{decode, encode};
+use kd_proto::v1::{self, movq_server::MovqServer};
+use kd_runtime::{blocking, Call, Stage};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct MovqService {
+    stage: Stage<Movq>,
+}
+
+impl MovqService {
+    /// The service over `stage`.
+    pub fn new(stage: Stage<Movq>) -> MovqServer<Self> {
+        MovqServer::new(Self { stage })
+    }
+}
+
+#[tonic::async_trait]
+impl v1::movq_server::Movq for MovqService {
+    async fn decode(
+        &self,
+        request: Request<v1::DecodeRequest>,
+    ) -> Result<Response<v1::DecodeResponse>, Status> {
+        let call = Call::of(&request);
+        let req = request.into_inner();
+        let check = |m: &Movq| decode::check(m, &req);
+        let run = |m: Arc<Movq>, checked, _| blocking(move || decode::decode(&m, checked));
+        self.stage.unary("Decode", call, check, run).await
+    }
+
+    async fn encode(
+        &self,
+        request: Request<v1::EncodeRequest>,
+    ) -> Result<Response<v1::EncodeResponse>, Status> {
+        let call = Call::of(&request);
+        let req = request.into_inner();
+        let run = |m: Arc<Movq>, (), _| blocking(move || encode::encode(&m, &req));
+        self.stage.unary("Encode", call, |_| Ok(()), run).await
+    }
+}

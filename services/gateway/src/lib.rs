@@ -237,14 +237,16 @@ pub async fn run_with_listeners(
         None => ApiKeys::default(),
     };
     let stage = Stage::new("gateway", config.max_concurrency, config.common.max_queue);
+    let launch = Launch::new(stage.clone(), &config.common, GATEWAY_MESSAGE_LIMIT);
+    // Validation bounds the inputs by the same number the transport enforces.
     let gateway = Gateway {
-        stage: stage.clone(),
+        stage,
         limits: Limits {
             max_images: config.max_images,
+            max_request_bytes: launch.limit(),
             ..Limits::default()
         },
     };
-    let launch = Launch::new(stage, &config.common, GATEWAY_MESSAGE_LIMIT);
     let server = GatewayServer::new(gateway).message_limit(launch.limit());
     let service = InterceptedService::new(server, move |r| keys.check(r));
     let load = async move {

@@ -272,12 +272,43 @@ pub async fn generate(
     plan: &Plan,
     ctx: &Ctx,
 ) -> Result<(Vec<v1::GeneratedImage>, &'static str), ServiceError> {
-    let (stages, served) = models.select(plan.model.as_deref(), ctx).await?;
-    let n = plan.seeds.len();
-    let st = stages;
-
-    // 1. Text: [prompt, negative-or-empty] (and the fusion texts).
+    let (st, served) = models.select(plan.model.as_deref(), ctx).await?;
     ctx.progress(v1::Stage::TextEncoder, 0, 0).await?;
+    let texts = encode_text(st, ctx, plan, &served).await?;
+    ctx.progress(v1::Stage::Prior, 0, plan.prior_steps).await?;
+    let embeds = prior_embeddings(st, ctx, plan, &texts).await?;
+    ctx.progress(v1::Stage::Prior, plan.prior_steps, plan.prior_steps)
+        .await?;
+    let init = init_image(st, ctx, plan).await?;
+    ctx.progress(v1::Stage::Denoiser, 0, plan.decoder_steps)
+        .await?;
+    let latents = denoise(st, ctx, plan, texts.decoder.as_ref(), embeds, init).await?;
+    ctx.progress(v1::Stage::Movq, 0, 0).await?;
+    let images = decode_images(st, ctx, plan, latents).await?;
+    Ok((images, served.name))
+}
+
+/// What the text encoder gave for `[prompt, negative-or-empty, fusion texts...]`.
+struct Texts {
+    /// The whole batch (fusion texts from row 2).
+    all: v1::TextEmbeddings,
+    /// The prompt's row.
+    cond: v1::TextEmbeddings,
+    /// The negative (or empty) prompt's row.
+    uncond: v1::TextEmbeddings,
+    /// Kandinsky 2.1: the decoder's multilingual text conditioning (prompt, negative), one row
+    /// per image.
+    decoder: Option<(v1::TextEmbeddings, v1::TextEmbeddings)>,
+}
+
+/// Step 1: the text conditionings.
+async fn encode_text(
+    st: &Stages,
+    ctx: &Ctx,
+    plan: &Plan,
+    served: &ServedModel,
+) -> Result<Texts, ServiceError> {
+    let n = plan.seeds.len();
     let uncond_text = plan.negative_prompt.clone().unwrap_or_default();
     let mut prompts = vec![plan.prompt.clone(), uncond_text];
     if let Task::Fusion { items } = &plan.task {
@@ -294,43 +325,39 @@ pub async fn generate(
         |ch, r| async move { limits!(TextEncoderClient::new(ch)).encode(r).await },
     )
     .await?;
-    check_family("text_encoder", enc.model.as_ref(), &served)?;
-    let text = enc
+    check_family("text_encoder", enc.model.as_ref(), served)?;
+    let all = enc
         .prior_conditioning
         .ok_or_else(|| missing("text_encoder", "prior_conditioning"))?;
-    let cond = conditioning_row(&text, 0)?;
-    let uncond = conditioning_row(&text, 1)?;
-    // Kandinsky 2.1: the multilingual text conditioning of the decoder, one row per image.
-    let decoder_text = match &enc.decoder_conditioning {
+    let decoder = match &enc.decoder_conditioning {
         Some(d) => Some((
             repeat_conditioning(&conditioning_row(d, 0)?, n)?,
             repeat_conditioning(&conditioning_row(d, 1)?, n)?,
         )),
         None => None,
     };
+    Ok(Texts {
+        cond: conditioning_row(&all, 0)?,
+        uncond: conditioning_row(&all, 1)?,
+        all,
+        decoder,
+    })
+}
 
-    // 2. Prior: image embeddings (n rows) and negative image embeddings.
-    ctx.progress(v1::Stage::Prior, 0, plan.prior_steps).await?;
-    // n prior samples of `conditioning` (one row repeated, one seed per image) under `uncond`.
-    let sample = |conditioning: &v1::TextEmbeddings| {
-        let req = repeat_conditioning(conditioning, n).map(|c| v1::PriorSampleRequest {
-            conditioning: Some(c),
-            unconditional: Some(uncond.clone()),
-            num_inference_steps: plan.prior_steps,
-            guidance_scale: plan.prior_guidance,
-            seeds: plan.seeds.clone(),
-            ..Default::default()
-        });
-        async move {
-            call(&st.prior, ctx, req?, |ch, r| async move {
-                limits!(PriorClient::new(ch)).sample(r).await
-            })
-            .await?
-            .image_embeds
-            .ok_or_else(|| missing("prior", "image_embeds"))
-        }
-    };
-    let image_embeds = match &plan.task {
+/// The prior's image embeddings (n rows) and negative image embeddings.
+struct Embeddings {
+    image: v1::Tensor,
+    negative: v1::Tensor,
+}
+
+/// Step 2: the prior.
+async fn prior_embeddings(
+    st: &Stages,
+    ctx: &Ctx,
+    plan: &Plan,
+    texts: &Texts,
+) -> Result<Embeddings, ServiceError> {
+    let image = match &plan.task {
         Task::Variation { image } => {
             let e = call(
                 &st.prior,
@@ -344,53 +371,14 @@ pub async fn generate(
             .await?
             .image_embeds
             .ok_or_else(|| missing("prior", "image_embeds"))?;
-            repeat_rows(&e, n)?
+            repeat_rows(&e, plan.seeds.len())?
         }
-        Task::Fusion { items } => {
-            let mut text_row = 2;
-            let mut proto_items = Vec::with_capacity(items.len());
-            for (it, w) in items {
-                let item = match it {
-                    FusionInput::Text(_) => {
-                        let c = conditioning_row(&text, text_row)?;
-                        text_row += 1;
-                        interpolate_item::Item::Text(c)
-                    }
-                    FusionInput::Image(b) => interpolate_item::Item::Image(b.clone()),
-                };
-                proto_items.push(v1::InterpolateItem {
-                    item: Some(item),
-                    weight: *w,
-                });
-            }
-            // One fusion per image seed, so each image depends only on its own seed.
-            let mut rows = Vec::with_capacity(n);
-            for &seed in &plan.seeds {
-                let r = call(
-                    &st.prior,
-                    ctx,
-                    v1::InterpolateRequest {
-                        items: proto_items.clone(),
-                        unconditional: Some(uncond.clone()),
-                        num_inference_steps: plan.prior_steps,
-                        guidance_scale: plan.prior_guidance,
-                        seed,
-                        options: None,
-                    },
-                    |ch, r| async move { limits!(PriorClient::new(ch)).interpolate(r).await },
-                )
-                .await?
-                .image_embeds
-                .ok_or_else(|| missing("prior", "image_embeds"))?;
-                rows.push(r);
-            }
-            concat_rows(&rows)?
-        }
-        _ => sample(&cond).await?,
+        Task::Fusion { items } => fusion_embeddings(st, ctx, plan, texts, items).await?,
+        _ => sample(st, ctx, plan, &texts.cond, &texts.uncond).await?,
     };
-    let negative_image_embeds = match &plan.negative_prompt {
+    let negative = match &plan.negative_prompt {
         // As diffusers: the negative prompt is sampled through the prior too (cond = uncond).
-        Some(_) => sample(&uncond).await?,
+        Some(_) => sample(st, ctx, plan, &texts.uncond, &texts.uncond).await?,
         None => call(
             &st.prior,
             ctx,
@@ -401,86 +389,182 @@ pub async fn generate(
         .image_embeds
         .ok_or_else(|| missing("prior", "image_embeds"))?,
     };
-    ctx.progress(v1::Stage::Prior, plan.prior_steps, plan.prior_steps)
-        .await?;
+    Ok(Embeddings { image, negative })
+}
 
-    // 3. Init image / mask for image-to-image and inpaint.
-    let (image_latents, strength, mask) = match &plan.task {
+/// n prior samples of `conditioning` (one row repeated, one seed per image) under `uncond`.
+async fn sample(
+    st: &Stages,
+    ctx: &Ctx,
+    plan: &Plan,
+    conditioning: &v1::TextEmbeddings,
+    uncond: &v1::TextEmbeddings,
+) -> Result<v1::Tensor, ServiceError> {
+    let req = v1::PriorSampleRequest {
+        conditioning: Some(repeat_conditioning(conditioning, plan.seeds.len())?),
+        unconditional: Some(uncond.clone()),
+        num_inference_steps: plan.prior_steps,
+        guidance_scale: plan.prior_guidance,
+        seeds: plan.seeds.clone(),
+        ..Default::default()
+    };
+    call(&st.prior, ctx, req, |ch, r| async move {
+        limits!(PriorClient::new(ch)).sample(r).await
+    })
+    .await?
+    .image_embeds
+    .ok_or_else(|| missing("prior", "image_embeds"))
+}
+
+/// One fusion per image seed, so each image depends only on its own seed.
+async fn fusion_embeddings(
+    st: &Stages,
+    ctx: &Ctx,
+    plan: &Plan,
+    texts: &Texts,
+    items: &[(FusionInput, f32)],
+) -> Result<v1::Tensor, ServiceError> {
+    let mut text_row = 2;
+    let mut proto_items = Vec::with_capacity(items.len());
+    for (it, w) in items {
+        let item = match it {
+            FusionInput::Text(_) => {
+                let c = conditioning_row(&texts.all, text_row)?;
+                text_row += 1;
+                interpolate_item::Item::Text(c)
+            }
+            FusionInput::Image(b) => interpolate_item::Item::Image(b.clone()),
+        };
+        proto_items.push(v1::InterpolateItem {
+            item: Some(item),
+            weight: *w,
+        });
+    }
+    let mut rows = Vec::with_capacity(plan.seeds.len());
+    for &seed in &plan.seeds {
+        let req = v1::InterpolateRequest {
+            items: proto_items.clone(),
+            unconditional: Some(texts.uncond.clone()),
+            num_inference_steps: plan.prior_steps,
+            guidance_scale: plan.prior_guidance,
+            seed,
+            options: None,
+        };
+        let r = call(&st.prior, ctx, req, |ch, r| async move {
+            limits!(PriorClient::new(ch)).interpolate(r).await
+        })
+        .await?
+        .image_embeds
+        .ok_or_else(|| missing("prior", "image_embeds"))?;
+        rows.push(r);
+    }
+    concat_rows(&rows)
+}
+
+/// Image-to-image and inpaint: the init image's latents, the strength and the mask.
+#[derive(Default)]
+struct Init {
+    latents: Option<v1::Tensor>,
+    strength: f32,
+    mask: Option<v1::Tensor>,
+}
+
+/// Step 3: init image / mask for image-to-image and inpaint.
+async fn init_image(st: &Stages, ctx: &Ctx, plan: &Plan) -> Result<Init, ServiceError> {
+    match &plan.task {
         Task::ImageToImage { image, strength } => {
             let (latents, _) = encode_image(st, ctx, image, None, plan).await?;
-            (Some(latents), *strength, None)
+            Ok(Init {
+                latents: Some(latents),
+                strength: *strength,
+                mask: None,
+            })
         }
         Task::Inpaint { image, mask } => {
             let (latents, mask) = encode_image(st, ctx, image, Some(mask), plan).await?;
-            (
-                Some(latents),
-                0.0,
-                Some(mask.ok_or_else(|| missing("movq", "mask"))?),
-            )
+            Ok(Init {
+                latents: Some(latents),
+                strength: 0.0,
+                mask: Some(mask.ok_or_else(|| missing("movq", "mask"))?),
+            })
         }
-        Task::Outpaint { .. } => {
-            return Err(ServiceError::Unimplemented(
-                "outpaint is not served by this deployment yet".into(),
-            ))
-        }
-        _ => (None, 0.0, None),
-    };
+        Task::Outpaint { .. } => Err(ServiceError::Unimplemented(
+            "outpaint is not served by this deployment yet".into(),
+        )),
+        _ => Ok(Init::default()),
+    }
+}
 
-    // 4. Denoise, streaming progress.
-    ctx.progress(v1::Stage::Denoiser, 0, plan.decoder_steps)
-        .await?;
-    let mut stream = call(
-        &st.denoiser,
-        ctx,
-        v1::DenoiseRequest {
-            conditioning: Some(decoder_conditioning(
-                image_embeds,
-                decoder_text.as_ref().map(|(c, _)| c),
-            )),
-            negative_conditioning: Some(decoder_conditioning(
-                negative_image_embeds,
-                decoder_text.as_ref().map(|(_, u)| u),
-            )),
-            height: plan.height,
-            width: plan.width,
-            num_inference_steps: plan.decoder_steps,
-            guidance_scale: plan.decoder_guidance,
-            scheduler: plan.scheduler as i32,
-            seeds: plan.seeds.clone(),
-            image_latents,
-            strength,
-            mask,
-            preview_every: plan.preview_every,
-            ..Default::default()
-        },
-        |ch, r| async move { limits!(DenoiserClient::new(ch)).denoise(r).await },
-    )
+/// Step 4: the denoiser, streaming progress (and previews, decoded, to a streaming client).
+async fn denoise(
+    st: &Stages,
+    ctx: &Ctx,
+    plan: &Plan,
+    decoder_text: Option<&(v1::TextEmbeddings, v1::TextEmbeddings)>,
+    embeds: Embeddings,
+    init: Init,
+) -> Result<v1::Tensor, ServiceError> {
+    let req = v1::DenoiseRequest {
+        conditioning: Some(decoder_conditioning(
+            embeds.image,
+            decoder_text.map(|(c, _)| c),
+        )),
+        negative_conditioning: Some(decoder_conditioning(
+            embeds.negative,
+            decoder_text.map(|(_, u)| u),
+        )),
+        height: plan.height,
+        width: plan.width,
+        num_inference_steps: plan.decoder_steps,
+        guidance_scale: plan.decoder_guidance,
+        scheduler: plan.scheduler as i32,
+        seeds: plan.seeds.clone(),
+        image_latents: init.latents,
+        strength: init.strength,
+        mask: init.mask,
+        preview_every: plan.preview_every,
+        ..Default::default()
+    };
+    let mut stream = call(&st.denoiser, ctx, req, |ch, r| async move {
+        limits!(DenoiserClient::new(ch)).denoise(r).await
+    })
     .await?;
     let mut latents = None;
     while let Some(ev) = stream.message().await.map_err(stage_err("denoiser"))? {
         match ev.event {
-            Some(denoise_event::Event::Progress(p)) => {
-                ctx.progress(v1::Stage::Denoiser, p.step, p.total_steps)
-                    .await?;
-                if let Some(preview) = p.preview_latents {
-                    if ctx.events.is_some() {
-                        let images = decode(st, ctx, preview, v1::ImageFormat::Jpeg, 60).await?;
-                        ctx.emit(v1::generate_event::Event::Preview(v1::Preview {
-                            images,
-                            step: p.step,
-                        }))
-                        .await?;
-                    }
-                }
-            }
+            Some(denoise_event::Event::Progress(p)) => progress(st, ctx, p).await?,
             Some(denoise_event::Event::Result(r)) => latents = r.latents,
             None => {}
         }
     }
-    let latents = latents.ok_or_else(|| missing("denoiser", "result.latents"))?;
+    latents.ok_or_else(|| missing("denoiser", "result.latents"))
+}
 
-    // 5. Decode.
-    ctx.progress(v1::Stage::Movq, 0, 0).await?;
+/// One denoiser progress event: relayed, with its preview decoded when a client streams.
+async fn progress(st: &Stages, ctx: &Ctx, p: v1::DenoiseProgress) -> Result<(), ServiceError> {
+    ctx.progress(v1::Stage::Denoiser, p.step, p.total_steps)
+        .await?;
+    if let Some(preview) = p.preview_latents {
+        if ctx.events.is_some() {
+            let images = decode(st, ctx, preview, v1::ImageFormat::Jpeg, 60).await?;
+            ctx.emit(v1::generate_event::Event::Preview(v1::Preview {
+                images,
+                step: p.step,
+            }))
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Step 5: the images, one per seed, in order.
+async fn decode_images(
+    st: &Stages,
+    ctx: &Ctx,
+    plan: &Plan,
+    latents: v1::Tensor,
+) -> Result<Vec<v1::GeneratedImage>, ServiceError> {
+    let n = plan.seeds.len();
     let images = decode(st, ctx, latents, plan.format, plan.quality).await?;
     if images.len() != n {
         return Err(ServiceError::Internal(format!(
@@ -488,7 +572,7 @@ pub async fn generate(
             images.len()
         )));
     }
-    let images = images
+    Ok(images
         .into_iter()
         .zip(&plan.seeds)
         .enumerate()
@@ -497,8 +581,7 @@ pub async fn generate(
             seed,
             index: i as u32,
         })
-        .collect();
-    Ok((images, served.name))
+        .collect())
 }
 
 fn concat_rows(parts: &[v1::Tensor]) -> Result<v1::Tensor, ServiceError> {

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod balance;
+pub mod clients;
 pub mod models;
 pub mod pipeline;
 pub mod validate;
@@ -18,7 +19,8 @@ use kd_runtime::{
     deadline, Call, Launch, LaunchError, Listeners, ServiceError, Shutdown, Sink, Stage,
 };
 use models::Models;
-use pipeline::{Ctx, Stages};
+use models::Stages;
+use pipeline::Ctx;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

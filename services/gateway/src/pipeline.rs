@@ -4,233 +4,16 @@
 //! Every outgoing call carries the remaining deadline; a stage that cannot be reached becomes
 //! UNAVAILABLE naming the stage. Progress goes to an optional event sink (the streaming call).
 
-use crate::balance::Pool;
-use crate::models::Models;
+use crate::clients::{call, limits, missing, stage_err};
+pub use crate::clients::{Ctx, Events};
+use crate::models::{check_family, Models, ServedModel, Stages};
 use crate::validate::{FusionInput, Plan, Task};
 use kd_proto::tensor::{self, WireTensorError};
-use kd_proto::v1::stage_info_client::StageInfoClient;
 use kd_proto::v1::{
     self, denoise_event, denoiser_client::DenoiserClient, interpolate_item,
     movq_client::MovqClient, prior_client::PriorClient, text_encoder_client::TextEncoderClient,
-    GenerateEvent,
 };
-use kd_runtime::model_info::model_name;
 use kd_runtime::ServiceError;
-use std::time::Instant;
-use tokio::sync::mpsc;
-use tonic::transport::Channel;
-use tonic::{Request, Status};
-
-/// The replica pools of the four stages.
-#[derive(Clone, Debug)]
-pub struct Stages {
-    pub text_encoder: Pool,
-    pub prior: Pool,
-    pub denoiser: Pool,
-    pub movq: Pool,
-    /// The model the stages serve, learned from their `Info` and re-asked once it is older than
-    /// [`SERVED_MODEL_TTL`] (stages may be redeployed with other folders behind the gateway).
-    pub served: std::sync::Arc<tokio::sync::Mutex<Option<(Instant, ServedModel)>>>,
-}
-
-/// How long the gateway trusts what the stages said they serve.
-pub const SERVED_MODEL_TTL: std::time::Duration = std::time::Duration::from_secs(15);
-
-/// The one model a gateway's stages serve: read from the stages' checkpoints, never configured.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServedModel {
-    /// Public name (`kandinsky-2-1`, `kandinsky-2-2`).
-    pub name: &'static str,
-    /// Model family.
-    pub family: v1::ModelFamily,
-}
-
-/// The model the stages serve. Asks every stage's `Info` (again once the answer is older than
-/// [`SERVED_MODEL_TTL`]) and checks that they agree: a Kandinsky 2.1 text encoder in front of a
-/// 2.2 denoiser is a deployment error, reported as such rather than as a wrong image.
-pub async fn served_model(stages: &Stages, ctx: &Ctx) -> Result<ServedModel, ServiceError> {
-    let mut served = stages.served.lock().await;
-    if let Some((at, m)) = served.as_ref() {
-        if at.elapsed() < SERVED_MODEL_TTL {
-            return Ok(m.clone());
-        }
-    }
-    let st = stages;
-    let infos = [
-        (
-            "text_encoder",
-            call(
-                &st.text_encoder,
-                ctx,
-                v1::StageInfoRequest {},
-                |ch, r| async move { StageInfoClient::new(ch).info(r).await },
-            )
-            .await?,
-        ),
-        (
-            "prior",
-            call(
-                &st.prior,
-                ctx,
-                v1::StageInfoRequest {},
-                |ch, r| async move { StageInfoClient::new(ch).info(r).await },
-            )
-            .await?,
-        ),
-        (
-            "denoiser",
-            call(
-                &st.denoiser,
-                ctx,
-                v1::StageInfoRequest {},
-                |ch, r| async move { StageInfoClient::new(ch).info(r).await },
-            )
-            .await?,
-        ),
-        (
-            "movq",
-            call(&st.movq, ctx, v1::StageInfoRequest {}, |ch, r| async move {
-                StageInfoClient::new(ch).info(r).await
-            })
-            .await?,
-        ),
-    ];
-    let family = infos[2].1.family();
-    if infos.iter().any(|(_, i)| i.family() != family) {
-        *served = None;
-        return Err(mixed_families(
-            infos.iter().map(|(stage, i)| (*stage, i.family())),
-        ));
-    }
-    let m = ServedModel {
-        name: model_name(family),
-        family,
-    };
-    *served = Some((Instant::now(), m.clone()));
-    Ok(m)
-}
-
-/// The error of stages that serve different families, naming each.
-fn mixed_families(
-    stages: impl IntoIterator<Item = (&'static str, v1::ModelFamily)>,
-) -> ServiceError {
-    let list: Vec<String> = stages
-        .into_iter()
-        .map(|(stage, f)| format!("{stage}={}", model_name(f)))
-        .collect();
-    ServiceError::Internal(format!(
-        "the stages serve different model families ({}); every stage must load the same \
-         Kandinsky version",
-        list.join(", ")
-    ))
-}
-
-/// Checks a stage's answer against the served family (a stage redeployed with other folders
-/// since the gateway last asked is caught on the request itself).
-fn check_family(
-    stage: &'static str,
-    info: Option<&v1::ModelInfo>,
-    served: &ServedModel,
-) -> Result<(), ServiceError> {
-    match info.map(v1::ModelInfo::family) {
-        Some(f) if f != served.family => {
-            Err(mixed_families([(stage, f), ("the others", served.family)]))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Largest message to or from a stage: text conditionings and full-resolution latents, masks
-/// and previews exceed tonic's 4 MiB default.
-const MAX_MESSAGE: usize = 512 << 20;
-
-/// Applies [`MAX_MESSAGE`] to a generated client.
-macro_rules! limits {
-    ($client:expr) => {
-        $client
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE)
-    };
-}
-
-/// Where progress events go (the streaming call), if anywhere.
-pub type Events = Option<mpsc::Sender<Result<GenerateEvent, Status>>>;
-
-/// One request's context: deadline and event sink.
-pub struct Ctx {
-    pub deadline: Option<Instant>,
-    pub events: Events,
-}
-
-impl Ctx {
-    /// A request to a stage carrying the remaining deadline.
-    fn request<T>(&self, msg: T) -> Result<Request<T>, ServiceError> {
-        let mut r = Request::new(msg);
-        if let Some(d) = self.deadline {
-            let left = d.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(ServiceError::deadline("before the next stage call"));
-            }
-            r.set_timeout(left);
-        }
-        kd_runtime::telemetry::inject(&mut r);
-        Ok(r)
-    }
-
-    async fn emit(&self, event: v1::generate_event::Event) -> Result<(), ServiceError> {
-        if let Some(tx) = &self.events {
-            tx.send(Ok(GenerateEvent { event: Some(event) }))
-                .await
-                .map_err(|_| ServiceError::Cancelled("the client went away".into()))?;
-        }
-        Ok(())
-    }
-
-    async fn progress(&self, stage: v1::Stage, step: u32, total: u32) -> Result<(), ServiceError> {
-        self.emit(v1::generate_event::Event::Progress(v1::Progress {
-            stage: stage as i32,
-            step,
-            total_steps: total,
-        }))
-        .await
-    }
-}
-
-/// One stage call on a replica of `pool` (retried once on another replica when UNAVAILABLE),
-/// carrying the remaining deadline and the trace context.
-async fn call<M, R, F, Fut>(pool: &Pool, ctx: &Ctx, msg: M, f: F) -> Result<R, ServiceError>
-where
-    M: Clone,
-    F: Fn(Channel, Request<M>) -> Fut,
-    Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
-{
-    pool.call(|ch| {
-        let fut = ctx.request(msg.clone()).map(|r| f(ch, r));
-        async move {
-            match fut {
-                Ok(fut) => fut.await.map(tonic::Response::into_inner),
-                Err(e) => Err(Status::from(e)),
-            }
-        }
-    })
-    .await
-    .map_err(stage_err(pool.stage()))
-}
-
-/// Maps a stage's status: transport failures become UNAVAILABLE naming the stage.
-fn stage_err(stage: &'static str) -> impl Fn(Status) -> ServiceError {
-    move |s: Status| match ServiceError::from(s) {
-        ServiceError::Unavailable(m) => {
-            ServiceError::Unavailable(format!("stage {stage} is unavailable: {m}"))
-        }
-        ServiceError::Internal(m) => ServiceError::Internal(format!("stage {stage}: {m}")),
-        other => other,
-    }
-}
-
-fn missing(stage: &'static str, field: &str) -> ServiceError {
-    ServiceError::Internal(format!("stage {stage} returned no `{field}`"))
-}
 
 /// A stage answered with tensors whose rows do not fit together.
 fn rows_err(stage: &'static str) -> impl Fn(WireTensorError) -> ServiceError {
@@ -529,15 +312,23 @@ async fn denoise(
         limits!(DenoiserClient::new(ch)).denoise(r).await
     })
     .await?;
-    let mut latents = None;
+    let mut result = None;
     while let Some(ev) = stream.message().await.map_err(stage_err("denoiser"))? {
         match ev.event {
             Some(denoise_event::Event::Progress(p)) => progress(st, ctx, p).await?,
-            Some(denoise_event::Event::Result(r)) => latents = r.latents,
+            Some(denoise_event::Event::Result(r)) => result = Some(r),
             None => {}
         }
     }
-    latents.ok_or_else(|| missing("denoiser", "result.latents"))
+    // A stream that ends without its result is a stage that went away mid-request.
+    let result = result.ok_or_else(|| {
+        ServiceError::Unavailable(
+            "stage denoiser is unavailable: its stream ended without a result".into(),
+        )
+    })?;
+    result
+        .latents
+        .ok_or_else(|| missing("denoiser", "result.latents"))
 }
 
 /// One denoiser progress event: relayed, with its preview decoded when a client streams.

@@ -43,46 +43,21 @@ pub async fn served_model(stages: &Stages, ctx: &Ctx) -> Result<ServedModel, Ser
             return Ok(m.clone());
         }
     }
-    let st = stages;
-    let infos = [
-        (
-            "text_encoder",
-            call(
-                &st.text_encoder,
-                ctx,
-                v1::StageInfoRequest {},
-                |ch, r| async move { StageInfoClient::new(ch).info(r).await },
-            )
-            .await?,
-        ),
-        (
-            "prior",
-            call(
-                &st.prior,
-                ctx,
-                v1::StageInfoRequest {},
-                |ch, r| async move { StageInfoClient::new(ch).info(r).await },
-            )
-            .await?,
-        ),
-        (
-            "denoiser",
-            call(
-                &st.denoiser,
-                ctx,
-                v1::StageInfoRequest {},
-                |ch, r| async move { StageInfoClient::new(ch).info(r).await },
-            )
-            .await?,
-        ),
-        (
-            "movq",
-            call(&st.movq, ctx, v1::StageInfoRequest {}, |ch, r| async move {
-                StageInfoClient::new(ch).info(r).await
-            })
-            .await?,
-        ),
+    // Every stage answers `StageInfo.Info`, outside its admission queue.
+    let pools = [
+        &stages.text_encoder,
+        &stages.prior,
+        &stages.denoiser,
+        &stages.movq,
     ];
+    let mut infos = Vec::with_capacity(pools.len());
+    for pool in pools {
+        let info = call(pool, ctx, v1::StageInfoRequest {}, |ch, r| async move {
+            StageInfoClient::new(ch).info(r).await
+        })
+        .await?;
+        infos.push((pool.stage(), info));
+    }
     let family = infos[2].1.family();
     if infos.iter().any(|(_, i)| i.family() != family) {
         *served = None;

@@ -36,6 +36,23 @@ pub enum WireTensorError {
     UnsupportedCandleDType(DType),
     #[error("tensor: {0}")]
     Candle(String),
+    #[error("tensor of shape {shape:?} has no rows (a row helper needs rank >= 1)")]
+    NoRows { shape: Vec<i64> },
+    #[error("row {row} asked of a tensor with {rows} rows")]
+    RowOutOfRange { row: usize, rows: usize },
+    #[error("no tensors to concatenate")]
+    NothingToConcat,
+    #[error(
+        "tensor {index} has shape {shape:?} and dtype {dtype}; rows can only be joined to \
+         shape {expected:?} (any first dimension) and dtype {expected_dtype}"
+    )]
+    RowMismatch {
+        index: usize,
+        shape: Vec<i64>,
+        dtype: i32,
+        expected: Vec<i64>,
+        expected_dtype: i32,
+    },
 }
 
 /// Bounds applied when decoding untrusted tensors.
@@ -212,6 +229,130 @@ pub fn from_wire(
     tensor.map_err(c)
 }
 
+/// The rows of a validated wire tensor: (rows, bytes per row).
+fn rows_of(t: &v1::Tensor) -> Result<(usize, usize), WireTensorError> {
+    let (dims, _) = validate(t, &TensorLimits::default())?;
+    let rows = *dims.first().ok_or_else(|| WireTensorError::NoRows {
+        shape: t.shape.clone(),
+    })?;
+    // `validate` checked that data holds exactly product(dims) elements.
+    let row_bytes = t.data.len().checked_div(rows).unwrap_or(0);
+    Ok((rows, row_bytes))
+}
+
+/// `t` with its first dimension set to `rows` and `data` as its bytes.
+fn with_rows(
+    t: &v1::Tensor,
+    rows: usize,
+    data: bytes::Bytes,
+) -> Result<v1::Tensor, WireTensorError> {
+    let overflow = || WireTensorError::Overflow {
+        shape: t.shape.clone(),
+    };
+    let mut shape = t.shape.clone();
+    *shape.first_mut().ok_or_else(overflow)? = i64::try_from(rows).map_err(|_| overflow())?;
+    Ok(v1::Tensor {
+        shape,
+        dtype: t.dtype,
+        data,
+    })
+}
+
+/// Row `row` of a (B, ...) wire tensor, as a (1, ...) tensor sharing `t`'s bytes.
+pub fn select_row(t: &v1::Tensor, row: usize) -> Result<v1::Tensor, WireTensorError> {
+    let (rows, row_bytes) = rows_of(t)?;
+    if row >= rows {
+        return Err(WireTensorError::RowOutOfRange { row, rows });
+    }
+    // row < rows, so (row + 1) · row_bytes <= data.len().
+    let start = row * row_bytes;
+    with_rows(t, 1, t.data.slice(start..start + row_bytes))
+}
+
+/// Repeats every row of a (B, ...) wire tensor `n` times, row-major like torch's
+/// `repeat_interleave(n, dim=0)`: rows a, b and n = 2 give a, a, b, b.
+pub fn repeat_rows(t: &v1::Tensor, n: usize) -> Result<v1::Tensor, WireTensorError> {
+    let (rows, row_bytes) = rows_of(t)?;
+    let overflow = || WireTensorError::Overflow {
+        shape: t.shape.clone(),
+    };
+    let out_rows = rows.checked_mul(n).ok_or_else(overflow)?;
+    let out_bytes = t.data.len().checked_mul(n).ok_or_else(overflow)?;
+    let limit = TensorLimits::default().max_bytes;
+    if out_bytes > limit {
+        return Err(WireTensorError::TooLarge {
+            shape: t.shape.clone(),
+            needed: out_bytes as u128,
+            limit,
+        });
+    }
+    let mut data = Vec::with_capacity(out_bytes);
+    for row in t.data.chunks_exact(row_bytes.max(1)).take(rows) {
+        for _ in 0..n {
+            data.extend_from_slice(row);
+        }
+    }
+    with_rows(t, out_rows, data.into())
+}
+
+/// Joins (B_i, ...) wire tensors of the same trailing shape and dtype into one (ΣB_i, ...).
+pub fn concat_rows(parts: &[v1::Tensor]) -> Result<v1::Tensor, WireTensorError> {
+    let first = parts.first().ok_or(WireTensorError::NothingToConcat)?;
+    let mut rows = 0usize;
+    let mut len = 0usize;
+    for (index, p) in parts.iter().enumerate() {
+        let (r, _) = rows_of(p)?;
+        if p.shape[1..] != first.shape[1..] || p.dtype != first.dtype {
+            return Err(WireTensorError::RowMismatch {
+                index,
+                shape: p.shape.clone(),
+                dtype: p.dtype,
+                expected: first.shape.clone(),
+                expected_dtype: first.dtype,
+            });
+        }
+        let overflow = || WireTensorError::Overflow {
+            shape: p.shape.clone(),
+        };
+        rows = rows.checked_add(r).ok_or_else(overflow)?;
+        len = len.checked_add(p.data.len()).ok_or_else(overflow)?;
+    }
+    let mut data = Vec::with_capacity(len);
+    for p in parts {
+        data.extend_from_slice(&p.data);
+    }
+    with_rows(first, rows, data.into())
+}
+
+/// Applies `f` to each tensor of a text conditioning (absent tensors stay absent).
+fn map_text_embeddings(
+    c: &v1::TextEmbeddings,
+    f: impl Fn(&v1::Tensor) -> Result<v1::Tensor, WireTensorError>,
+) -> Result<v1::TextEmbeddings, WireTensorError> {
+    let map = |t: &Option<v1::Tensor>| t.as_ref().map(&f).transpose();
+    Ok(v1::TextEmbeddings {
+        text_embeds: map(&c.text_embeds)?,
+        hidden_states: map(&c.hidden_states)?,
+        attention_mask: map(&c.attention_mask)?,
+    })
+}
+
+/// Row `row` of every tensor of a text conditioning (one prompt of a batch).
+pub fn text_embeddings_row(
+    c: &v1::TextEmbeddings,
+    row: usize,
+) -> Result<v1::TextEmbeddings, WireTensorError> {
+    map_text_embeddings(c, |t| select_row(t, row))
+}
+
+/// Every row of every tensor of a text conditioning repeated `n` times (see [`repeat_rows`]).
+pub fn repeat_text_embeddings(
+    c: &v1::TextEmbeddings,
+    n: usize,
+) -> Result<v1::TextEmbeddings, WireTensorError> {
+    map_text_embeddings(c, |t| repeat_rows(t, n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,6 +482,100 @@ mod tests {
             back.to_vec2::<f32>().unwrap(),
             vec![vec![0., 3.], vec![1., 4.], vec![2., 5.]]
         );
+    }
+
+    fn rows(values: &[f32], shape: Vec<i64>) -> v1::Tensor {
+        v1::Tensor {
+            shape,
+            dtype: v1::DType::DtypeF32 as i32,
+            data: values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        }
+    }
+
+    fn values(t: &v1::Tensor) -> Vec<f32> {
+        from_wire(t, &Device::Cpu, &TensorLimits::default())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn rows_are_selected_repeated_and_joined() {
+        let t = rows(&[1., 2., 3., 4., 5., 6.], vec![3, 2]);
+        let r = select_row(&t, 1).unwrap();
+        assert_eq!((r.shape.clone(), values(&r)), (vec![1, 2], vec![3., 4.]));
+        let rep = repeat_rows(&t, 2).unwrap();
+        assert_eq!(rep.shape, vec![6, 2]);
+        assert_eq!(
+            values(&rep),
+            vec![1., 2., 1., 2., 3., 4., 3., 4., 5., 6., 5., 6.]
+        );
+        assert_eq!(repeat_rows(&t, 1).unwrap(), t);
+        assert_eq!(repeat_rows(&t, 0).unwrap().shape, vec![0, 2]);
+        let joined = concat_rows(&[select_row(&t, 2).unwrap(), t.clone()]).unwrap();
+        assert_eq!(joined.shape, vec![4, 2]);
+        assert_eq!(values(&joined), vec![5., 6., 1., 2., 3., 4., 5., 6.]);
+    }
+
+    #[test]
+    fn row_helpers_return_errors_not_panics() {
+        let t = rows(&[1., 2., 3., 4.], vec![2, 2]);
+        assert_eq!(
+            select_row(&t, 2).unwrap_err(),
+            WireTensorError::RowOutOfRange { row: 2, rows: 2 }
+        );
+        let scalar = rows(&[1.], vec![]);
+        assert!(matches!(
+            select_row(&scalar, 0).unwrap_err(),
+            WireTensorError::NoRows { .. }
+        ));
+        assert!(repeat_rows(&scalar, 2).is_err());
+        assert!(matches!(
+            repeat_rows(&t, usize::MAX).unwrap_err(),
+            WireTensorError::Overflow { .. }
+        ));
+        assert!(matches!(
+            repeat_rows(&t, 1 << 30).unwrap_err(),
+            WireTensorError::TooLarge { .. }
+        ));
+        let bad_len = rows(&[1., 2., 3.], vec![2, 2]);
+        assert!(matches!(
+            repeat_rows(&bad_len, 2).unwrap_err(),
+            WireTensorError::LengthMismatch { .. }
+        ));
+        assert_eq!(
+            concat_rows(&[]).unwrap_err(),
+            WireTensorError::NothingToConcat
+        );
+        let err = concat_rows(&[t.clone(), rows(&[1., 2., 3.], vec![1, 3])]).unwrap_err();
+        assert!(
+            err.to_string().contains("tensor 1 has shape [1, 3]"),
+            "{err}"
+        );
+        // An empty (0, ...) tensor has rows of any size but none to select.
+        let empty = rows(&[], vec![0, 2]);
+        assert_eq!(repeat_rows(&empty, 3).unwrap().shape, vec![0, 2]);
+        assert!(select_row(&empty, 0).is_err());
+    }
+
+    #[test]
+    fn text_embeddings_rows_apply_to_every_present_tensor() {
+        let c = v1::TextEmbeddings {
+            text_embeds: Some(rows(&[1., 2.], vec![2, 1])),
+            hidden_states: Some(rows(&[1., 2., 3., 4.], vec![2, 1, 2])),
+            attention_mask: None,
+        };
+        let r = repeat_text_embeddings(&text_embeddings_row(&c, 1).unwrap(), 3).unwrap();
+        assert_eq!(values(r.text_embeds.as_ref().unwrap()), vec![2., 2., 2.]);
+        assert_eq!(r.hidden_states.as_ref().unwrap().shape, vec![3, 1, 2]);
+        assert!(r.attention_mask.is_none());
+        assert!(text_embeddings_row(&c, 5).is_err());
     }
 
     fn shape_strategy() -> impl Strategy<Value = Vec<usize>> {

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod balance;
+pub mod clients;
 pub mod models;
 pub mod pipeline;
 pub mod validate;
@@ -18,7 +19,8 @@ use kd_runtime::{
     deadline, Call, Launch, LaunchError, Listeners, ServiceError, Shutdown, Sink, Stage,
 };
 use models::Models;
-use pipeline::{Ctx, Stages};
+use models::Stages;
+use pipeline::Ctx;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -237,14 +239,16 @@ pub async fn run_with_listeners(
         None => ApiKeys::default(),
     };
     let stage = Stage::new("gateway", config.max_concurrency, config.common.max_queue);
+    let launch = Launch::new(stage.clone(), &config.common, GATEWAY_MESSAGE_LIMIT);
+    // Validation bounds the inputs by the same number the transport enforces.
     let gateway = Gateway {
-        stage: stage.clone(),
+        stage,
         limits: Limits {
             max_images: config.max_images,
+            max_request_bytes: launch.limit(),
             ..Limits::default()
         },
     };
-    let launch = Launch::new(stage, &config.common, GATEWAY_MESSAGE_LIMIT);
     let server = GatewayServer::new(gateway).message_limit(launch.limit());
     let service = InterceptedService::new(server, move |r| keys.check(r));
     let load = async move {

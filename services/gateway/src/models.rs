@@ -2,9 +2,106 @@
 //! each stage set's family read from its stages, never configured. The first set is the default
 //! (what a request that names no model gets); a request naming a model goes to the set serving it.
 
-use crate::pipeline::{served_model, Ctx, ServedModel, Stages};
-use kd_proto::v1;
+use crate::balance::Pool;
+use crate::clients::{call, Ctx};
+use kd_proto::v1::{self, stage_info_client::StageInfoClient};
+use kd_runtime::model_info::model_name;
 use kd_runtime::ServiceError;
+use std::time::Instant;
+
+/// The replica pools of the four stages.
+#[derive(Clone, Debug)]
+pub struct Stages {
+    pub text_encoder: Pool,
+    pub prior: Pool,
+    pub denoiser: Pool,
+    pub movq: Pool,
+    /// The model the stages serve, learned from their `Info` and re-asked once it is older than
+    /// [`SERVED_MODEL_TTL`] (stages may be redeployed with other folders behind the gateway).
+    pub served: std::sync::Arc<tokio::sync::Mutex<Option<(Instant, ServedModel)>>>,
+}
+
+/// How long the gateway trusts what the stages said they serve.
+pub const SERVED_MODEL_TTL: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// The one model a gateway's stages serve: read from the stages' checkpoints, never configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedModel {
+    /// Public name (`kandinsky-2-1`, `kandinsky-2-2`).
+    pub name: &'static str,
+    /// Model family.
+    pub family: v1::ModelFamily,
+}
+
+/// The model the stages serve. Asks every stage's `Info` (again once the answer is older than
+/// [`SERVED_MODEL_TTL`]) and checks that they agree: a Kandinsky 2.1 text encoder in front of a
+/// 2.2 denoiser is a deployment error, reported as such rather than as a wrong image.
+pub async fn served_model(stages: &Stages, ctx: &Ctx) -> Result<ServedModel, ServiceError> {
+    let mut served = stages.served.lock().await;
+    if let Some((at, m)) = served.as_ref() {
+        if at.elapsed() < SERVED_MODEL_TTL {
+            return Ok(m.clone());
+        }
+    }
+    // Every stage answers `StageInfo.Info`, outside its admission queue.
+    let pools = [
+        &stages.text_encoder,
+        &stages.prior,
+        &stages.denoiser,
+        &stages.movq,
+    ];
+    let mut infos = Vec::with_capacity(pools.len());
+    for pool in pools {
+        let info = call(pool, ctx, v1::StageInfoRequest {}, |ch, r| async move {
+            StageInfoClient::new(ch).info(r).await
+        })
+        .await?;
+        infos.push((pool.stage(), info));
+    }
+    let family = infos[2].1.family();
+    if infos.iter().any(|(_, i)| i.family() != family) {
+        *served = None;
+        return Err(mixed_families(
+            infos.iter().map(|(stage, i)| (*stage, i.family())),
+        ));
+    }
+    let m = ServedModel {
+        name: model_name(family),
+        family,
+    };
+    *served = Some((Instant::now(), m.clone()));
+    Ok(m)
+}
+
+/// The error of stages that serve different families, naming each.
+fn mixed_families(
+    stages: impl IntoIterator<Item = (&'static str, v1::ModelFamily)>,
+) -> ServiceError {
+    let list: Vec<String> = stages
+        .into_iter()
+        .map(|(stage, f)| format!("{stage}={}", model_name(f)))
+        .collect();
+    ServiceError::Internal(format!(
+        "the stages serve different model families ({}); every stage must load the same \
+         Kandinsky version",
+        list.join(", ")
+    ))
+}
+
+/// Checks a stage's answer against the served family (a stage redeployed with other folders
+/// since the gateway last asked is caught on the request itself).
+pub(crate) fn check_family(
+    stage: &'static str,
+    info: Option<&v1::ModelInfo>,
+    served: &ServedModel,
+) -> Result<(), ServiceError> {
+    match info.map(v1::ModelInfo::family) {
+        Some(f) if f != served.family => {
+            Err(mixed_families([(stage, f), ("the others", served.family)]))
+        }
+        _ => Ok(()),
+    }
+}
 
 /// Every stage set the gateway fronts, the default first.
 #[derive(Clone, Debug)]

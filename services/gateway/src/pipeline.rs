@@ -4,271 +4,31 @@
 //! Every outgoing call carries the remaining deadline; a stage that cannot be reached becomes
 //! UNAVAILABLE naming the stage. Progress goes to an optional event sink (the streaming call).
 
-use crate::balance::Pool;
-use crate::models::Models;
+use crate::clients::{call, limits, missing, stage_err};
+pub use crate::clients::{Ctx, Events};
+use crate::models::{check_family, Models, ServedModel, Stages};
 use crate::validate::{FusionInput, Plan, Task};
-use kd_proto::v1::stage_info_client::StageInfoClient;
+use kd_proto::tensor::{self, WireTensorError};
 use kd_proto::v1::{
     self, denoise_event, denoiser_client::DenoiserClient, interpolate_item,
     movq_client::MovqClient, prior_client::PriorClient, text_encoder_client::TextEncoderClient,
-    GenerateEvent,
 };
-use kd_runtime::model_info::model_name;
 use kd_runtime::ServiceError;
-use std::time::Instant;
-use tokio::sync::mpsc;
-use tonic::transport::Channel;
-use tonic::{Request, Status};
 
-/// The replica pools of the four stages.
-#[derive(Clone, Debug)]
-pub struct Stages {
-    pub text_encoder: Pool,
-    pub prior: Pool,
-    pub denoiser: Pool,
-    pub movq: Pool,
-    /// The model the stages serve, learned from their `Info` and re-asked once it is older than
-    /// [`SERVED_MODEL_TTL`] (stages may be redeployed with other folders behind the gateway).
-    pub served: std::sync::Arc<tokio::sync::Mutex<Option<(Instant, ServedModel)>>>,
+/// A stage answered with tensors whose rows do not fit together.
+fn rows_err(stage: &'static str) -> impl Fn(WireTensorError) -> ServiceError {
+    move |e| ServiceError::Internal(format!("stage {stage} returned unusable tensors: {e}"))
 }
 
-/// How long the gateway trusts what the stages said they serve.
-pub const SERVED_MODEL_TTL: std::time::Duration = std::time::Duration::from_secs(15);
-
-/// The one model a gateway's stages serve: read from the stages' checkpoints, never configured.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServedModel {
-    /// Public name (`kandinsky-2-1`, `kandinsky-2-2`).
-    pub name: &'static str,
-    /// Model family.
-    pub family: v1::ModelFamily,
-}
-
-/// The model the stages serve. Asks every stage's `Info` (again once the answer is older than
-/// [`SERVED_MODEL_TTL`]) and checks that they agree: a Kandinsky 2.1 text encoder in front of a
-/// 2.2 denoiser is a deployment error, reported as such rather than as a wrong image.
-pub async fn served_model(stages: &Stages, ctx: &Ctx) -> Result<ServedModel, ServiceError> {
-    let mut served = stages.served.lock().await;
-    if let Some((at, m)) = served.as_ref() {
-        if at.elapsed() < SERVED_MODEL_TTL {
-            return Ok(m.clone());
-        }
-    }
-    let st = stages;
-    let infos = [
-        (
-            "text_encoder",
-            call(
-                &st.text_encoder,
-                ctx,
-                v1::StageInfoRequest {},
-                |ch, r| async move { StageInfoClient::new(ch).info(r).await },
-            )
-            .await?,
-        ),
-        (
-            "prior",
-            call(
-                &st.prior,
-                ctx,
-                v1::StageInfoRequest {},
-                |ch, r| async move { StageInfoClient::new(ch).info(r).await },
-            )
-            .await?,
-        ),
-        (
-            "denoiser",
-            call(
-                &st.denoiser,
-                ctx,
-                v1::StageInfoRequest {},
-                |ch, r| async move { StageInfoClient::new(ch).info(r).await },
-            )
-            .await?,
-        ),
-        (
-            "movq",
-            call(&st.movq, ctx, v1::StageInfoRequest {}, |ch, r| async move {
-                StageInfoClient::new(ch).info(r).await
-            })
-            .await?,
-        ),
-    ];
-    let family = infos[2].1.family();
-    if infos.iter().any(|(_, i)| i.family() != family) {
-        *served = None;
-        return Err(mixed_families(
-            infos.iter().map(|(stage, i)| (*stage, i.family())),
-        ));
-    }
-    let m = ServedModel {
-        name: model_name(family),
-        family,
-    };
-    *served = Some((Instant::now(), m.clone()));
-    Ok(m)
-}
-
-/// The error of stages that serve different families, naming each.
-fn mixed_families(
-    stages: impl IntoIterator<Item = (&'static str, v1::ModelFamily)>,
-) -> ServiceError {
-    let list: Vec<String> = stages
-        .into_iter()
-        .map(|(stage, f)| format!("{stage}={}", model_name(f)))
-        .collect();
-    ServiceError::Internal(format!(
-        "the stages serve different model families ({}); every stage must load the same \
-         Kandinsky version",
-        list.join(", ")
-    ))
-}
-
-/// Checks a stage's answer against the served family (a stage redeployed with other folders
-/// since the gateway last asked is caught on the request itself).
-fn check_family(
-    stage: &'static str,
-    info: Option<&v1::ModelInfo>,
-    served: &ServedModel,
-) -> Result<(), ServiceError> {
-    match info.map(v1::ModelInfo::family) {
-        Some(f) if f != served.family => {
-            Err(mixed_families([(stage, f), ("the others", served.family)]))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Largest message to or from a stage: text conditionings and full-resolution latents, masks
-/// and previews exceed tonic's 4 MiB default.
-const MAX_MESSAGE: usize = 512 << 20;
-
-/// Applies [`MAX_MESSAGE`] to a generated client.
-macro_rules! limits {
-    ($client:expr) => {
-        $client
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE)
-    };
-}
-
-/// Where progress events go (the streaming call), if anywhere.
-pub type Events = Option<mpsc::Sender<Result<GenerateEvent, Status>>>;
-
-/// One request's context: deadline and event sink.
-pub struct Ctx {
-    pub deadline: Option<Instant>,
-    pub events: Events,
-}
-
-impl Ctx {
-    /// A request to a stage carrying the remaining deadline.
-    fn request<T>(&self, msg: T) -> Result<Request<T>, ServiceError> {
-        let mut r = Request::new(msg);
-        if let Some(d) = self.deadline {
-            let left = d.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(ServiceError::deadline("before the next stage call"));
-            }
-            r.set_timeout(left);
-        }
-        kd_runtime::telemetry::inject(&mut r);
-        Ok(r)
-    }
-
-    async fn emit(&self, event: v1::generate_event::Event) -> Result<(), ServiceError> {
-        if let Some(tx) = &self.events {
-            tx.send(Ok(GenerateEvent { event: Some(event) }))
-                .await
-                .map_err(|_| ServiceError::Cancelled("the client went away".into()))?;
-        }
-        Ok(())
-    }
-
-    async fn progress(&self, stage: v1::Stage, step: u32, total: u32) -> Result<(), ServiceError> {
-        self.emit(v1::generate_event::Event::Progress(v1::Progress {
-            stage: stage as i32,
-            step,
-            total_steps: total,
-        }))
-        .await
-    }
-}
-
-/// One stage call on a replica of `pool` (retried once on another replica when UNAVAILABLE),
-/// carrying the remaining deadline and the trace context.
-async fn call<M, R, F, Fut>(pool: &Pool, ctx: &Ctx, msg: M, f: F) -> Result<R, ServiceError>
-where
-    M: Clone,
-    F: Fn(Channel, Request<M>) -> Fut,
-    Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
-{
-    pool.call(|ch| {
-        let fut = ctx.request(msg.clone()).map(|r| f(ch, r));
-        async move {
-            match fut {
-                Ok(fut) => fut.await.map(tonic::Response::into_inner),
-                Err(e) => Err(Status::from(e)),
-            }
-        }
-    })
-    .await
-    .map_err(stage_err(pool.stage()))
-}
-
-/// Maps a stage's status: transport failures become UNAVAILABLE naming the stage.
-fn stage_err(stage: &'static str) -> impl Fn(Status) -> ServiceError {
-    move |s: Status| match ServiceError::from(s) {
-        ServiceError::Unavailable(m) => {
-            ServiceError::Unavailable(format!("stage {stage} is unavailable: {m}"))
-        }
-        ServiceError::Internal(m) => ServiceError::Internal(format!("stage {stage}: {m}")),
-        other => other,
-    }
-}
-
-fn missing(stage: &'static str, field: &str) -> ServiceError {
-    ServiceError::Internal(format!("stage {stage} returned no `{field}`"))
-}
-
-/// Repeats every row of a (B, ...) wire tensor `n` times (row-major, like `repeat_interleave`).
 fn repeat_rows(t: &v1::Tensor, n: usize) -> Result<v1::Tensor, ServiceError> {
-    if n == 1 {
-        return Ok(t.clone());
-    }
-    let (dims, _) = kd_proto::tensor::validate(t, &Default::default())
-        .map_err(|e| ServiceError::Internal(format!("stage tensor: {e}")))?;
-    let rows = *dims
-        .first()
-        .ok_or_else(|| ServiceError::Internal("stage tensor has no rows".into()))?;
-    let row_bytes = t.data.len().checked_div(rows).unwrap_or(0);
-    let mut data = Vec::with_capacity(t.data.len() * n);
-    for r in 0..rows {
-        let row = &t.data[r * row_bytes..(r + 1) * row_bytes];
-        for _ in 0..n {
-            data.extend_from_slice(row);
-        }
-    }
-    let mut shape = t.shape.clone();
-    shape[0] = (rows * n) as i64;
-    Ok(v1::Tensor {
-        shape,
-        dtype: t.dtype,
-        data: data.into(),
-    })
+    tensor::repeat_rows(t, n).map_err(rows_err("prior"))
 }
 
-/// Repeats each row of all three conditioning tensors.
 fn repeat_conditioning(
     c: &v1::TextEmbeddings,
     n: usize,
 ) -> Result<v1::TextEmbeddings, ServiceError> {
-    let rep = |t: &Option<v1::Tensor>| t.as_ref().map(|t| repeat_rows(t, n)).transpose();
-    Ok(v1::TextEmbeddings {
-        text_embeds: rep(&c.text_embeds)?,
-        hidden_states: rep(&c.hidden_states)?,
-        attention_mask: rep(&c.attention_mask)?,
-    })
+    tensor::repeat_text_embeddings(c, n).map_err(rows_err("text_encoder"))
 }
 
 /// The UNet's conditioning: image embeddings, plus the multilingual text for Kandinsky 2.1.
@@ -285,30 +45,8 @@ fn decoder_conditioning(
     }
 }
 
-/// Selects row `i` of every conditioning tensor.
 fn conditioning_row(c: &v1::TextEmbeddings, i: usize) -> Result<v1::TextEmbeddings, ServiceError> {
-    let row = |t: &Option<v1::Tensor>| -> Result<Option<v1::Tensor>, ServiceError> {
-        let Some(t) = t else { return Ok(None) };
-        let rows = t.shape.first().copied().unwrap_or(0) as usize;
-        if i >= rows {
-            return Err(ServiceError::Internal(format!(
-                "stage text_encoder returned {rows} rows, wanted row {i}"
-            )));
-        }
-        let row_bytes = t.data.len() / rows;
-        let mut shape = t.shape.clone();
-        shape[0] = 1;
-        Ok(Some(v1::Tensor {
-            shape,
-            dtype: t.dtype,
-            data: t.data.slice(i * row_bytes..(i + 1) * row_bytes),
-        }))
-    };
-    Ok(v1::TextEmbeddings {
-        text_embeds: row(&c.text_embeds)?,
-        hidden_states: row(&c.hidden_states)?,
-        attention_mask: row(&c.attention_mask)?,
-    })
+    tensor::text_embeddings_row(c, i).map_err(rows_err("text_encoder"))
 }
 
 /// Runs the whole request; returns one encoded image per seed, in order.
@@ -317,12 +55,43 @@ pub async fn generate(
     plan: &Plan,
     ctx: &Ctx,
 ) -> Result<(Vec<v1::GeneratedImage>, &'static str), ServiceError> {
-    let (stages, served) = models.select(plan.model.as_deref(), ctx).await?;
-    let n = plan.seeds.len();
-    let st = stages;
-
-    // 1. Text: [prompt, negative-or-empty] (and the fusion texts).
+    let (st, served) = models.select(plan.model.as_deref(), ctx).await?;
     ctx.progress(v1::Stage::TextEncoder, 0, 0).await?;
+    let texts = encode_text(st, ctx, plan, &served).await?;
+    ctx.progress(v1::Stage::Prior, 0, plan.prior_steps).await?;
+    let embeds = prior_embeddings(st, ctx, plan, &texts).await?;
+    ctx.progress(v1::Stage::Prior, plan.prior_steps, plan.prior_steps)
+        .await?;
+    let init = init_image(st, ctx, plan).await?;
+    ctx.progress(v1::Stage::Denoiser, 0, plan.decoder_steps)
+        .await?;
+    let latents = denoise(st, ctx, plan, texts.decoder.as_ref(), embeds, init).await?;
+    ctx.progress(v1::Stage::Movq, 0, 0).await?;
+    let images = decode_images(st, ctx, plan, latents).await?;
+    Ok((images, served.name))
+}
+
+/// What the text encoder gave for `[prompt, negative-or-empty, fusion texts...]`.
+struct Texts {
+    /// The whole batch (fusion texts from row 2).
+    all: v1::TextEmbeddings,
+    /// The prompt's row.
+    cond: v1::TextEmbeddings,
+    /// The negative (or empty) prompt's row.
+    uncond: v1::TextEmbeddings,
+    /// Kandinsky 2.1: the decoder's multilingual text conditioning (prompt, negative), one row
+    /// per image.
+    decoder: Option<(v1::TextEmbeddings, v1::TextEmbeddings)>,
+}
+
+/// Step 1: the text conditionings.
+async fn encode_text(
+    st: &Stages,
+    ctx: &Ctx,
+    plan: &Plan,
+    served: &ServedModel,
+) -> Result<Texts, ServiceError> {
+    let n = plan.seeds.len();
     let uncond_text = plan.negative_prompt.clone().unwrap_or_default();
     let mut prompts = vec![plan.prompt.clone(), uncond_text];
     if let Task::Fusion { items } = &plan.task {
@@ -339,43 +108,39 @@ pub async fn generate(
         |ch, r| async move { limits!(TextEncoderClient::new(ch)).encode(r).await },
     )
     .await?;
-    check_family("text_encoder", enc.model.as_ref(), &served)?;
-    let text = enc
+    check_family("text_encoder", enc.model.as_ref(), served)?;
+    let all = enc
         .prior_conditioning
         .ok_or_else(|| missing("text_encoder", "prior_conditioning"))?;
-    let cond = conditioning_row(&text, 0)?;
-    let uncond = conditioning_row(&text, 1)?;
-    // Kandinsky 2.1: the multilingual text conditioning of the decoder, one row per image.
-    let decoder_text = match &enc.decoder_conditioning {
+    let decoder = match &enc.decoder_conditioning {
         Some(d) => Some((
             repeat_conditioning(&conditioning_row(d, 0)?, n)?,
             repeat_conditioning(&conditioning_row(d, 1)?, n)?,
         )),
         None => None,
     };
+    Ok(Texts {
+        cond: conditioning_row(&all, 0)?,
+        uncond: conditioning_row(&all, 1)?,
+        all,
+        decoder,
+    })
+}
 
-    // 2. Prior: image embeddings (n rows) and negative image embeddings.
-    ctx.progress(v1::Stage::Prior, 0, plan.prior_steps).await?;
-    // n prior samples of `conditioning` (one row repeated, one seed per image) under `uncond`.
-    let sample = |conditioning: &v1::TextEmbeddings| {
-        let req = repeat_conditioning(conditioning, n).map(|c| v1::PriorSampleRequest {
-            conditioning: Some(c),
-            unconditional: Some(uncond.clone()),
-            num_inference_steps: plan.prior_steps,
-            guidance_scale: plan.prior_guidance,
-            seeds: plan.seeds.clone(),
-            ..Default::default()
-        });
-        async move {
-            call(&st.prior, ctx, req?, |ch, r| async move {
-                limits!(PriorClient::new(ch)).sample(r).await
-            })
-            .await?
-            .image_embeds
-            .ok_or_else(|| missing("prior", "image_embeds"))
-        }
-    };
-    let image_embeds = match &plan.task {
+/// The prior's image embeddings (n rows) and negative image embeddings.
+struct Embeddings {
+    image: v1::Tensor,
+    negative: v1::Tensor,
+}
+
+/// Step 2: the prior.
+async fn prior_embeddings(
+    st: &Stages,
+    ctx: &Ctx,
+    plan: &Plan,
+    texts: &Texts,
+) -> Result<Embeddings, ServiceError> {
+    let image = match &plan.task {
         Task::Variation { image } => {
             let e = call(
                 &st.prior,
@@ -389,53 +154,14 @@ pub async fn generate(
             .await?
             .image_embeds
             .ok_or_else(|| missing("prior", "image_embeds"))?;
-            repeat_rows(&e, n)?
+            repeat_rows(&e, plan.seeds.len())?
         }
-        Task::Fusion { items } => {
-            let mut text_row = 2;
-            let mut proto_items = Vec::with_capacity(items.len());
-            for (it, w) in items {
-                let item = match it {
-                    FusionInput::Text(_) => {
-                        let c = conditioning_row(&text, text_row)?;
-                        text_row += 1;
-                        interpolate_item::Item::Text(c)
-                    }
-                    FusionInput::Image(b) => interpolate_item::Item::Image(b.clone()),
-                };
-                proto_items.push(v1::InterpolateItem {
-                    item: Some(item),
-                    weight: *w,
-                });
-            }
-            // One fusion per image seed, so each image depends only on its own seed.
-            let mut rows = Vec::with_capacity(n);
-            for &seed in &plan.seeds {
-                let r = call(
-                    &st.prior,
-                    ctx,
-                    v1::InterpolateRequest {
-                        items: proto_items.clone(),
-                        unconditional: Some(uncond.clone()),
-                        num_inference_steps: plan.prior_steps,
-                        guidance_scale: plan.prior_guidance,
-                        seed,
-                        options: None,
-                    },
-                    |ch, r| async move { limits!(PriorClient::new(ch)).interpolate(r).await },
-                )
-                .await?
-                .image_embeds
-                .ok_or_else(|| missing("prior", "image_embeds"))?;
-                rows.push(r);
-            }
-            concat_rows(&rows)?
-        }
-        _ => sample(&cond).await?,
+        Task::Fusion { items } => fusion_embeddings(st, ctx, plan, texts, items).await?,
+        _ => sample(st, ctx, plan, &texts.cond, &texts.uncond).await?,
     };
-    let negative_image_embeds = match &plan.negative_prompt {
+    let negative = match &plan.negative_prompt {
         // As diffusers: the negative prompt is sampled through the prior too (cond = uncond).
-        Some(_) => sample(&uncond).await?,
+        Some(_) => sample(st, ctx, plan, &texts.uncond, &texts.uncond).await?,
         None => call(
             &st.prior,
             ctx,
@@ -446,86 +172,190 @@ pub async fn generate(
         .image_embeds
         .ok_or_else(|| missing("prior", "image_embeds"))?,
     };
-    ctx.progress(v1::Stage::Prior, plan.prior_steps, plan.prior_steps)
-        .await?;
+    Ok(Embeddings { image, negative })
+}
 
-    // 3. Init image / mask for image-to-image and inpaint.
-    let (image_latents, strength, mask) = match &plan.task {
+/// n prior samples of `conditioning` (one row repeated, one seed per image) under `uncond`.
+async fn sample(
+    st: &Stages,
+    ctx: &Ctx,
+    plan: &Plan,
+    conditioning: &v1::TextEmbeddings,
+    uncond: &v1::TextEmbeddings,
+) -> Result<v1::Tensor, ServiceError> {
+    let req = v1::PriorSampleRequest {
+        conditioning: Some(repeat_conditioning(conditioning, plan.seeds.len())?),
+        unconditional: Some(uncond.clone()),
+        num_inference_steps: plan.prior_steps,
+        guidance_scale: plan.prior_guidance,
+        seeds: plan.seeds.clone(),
+        ..Default::default()
+    };
+    call(&st.prior, ctx, req, |ch, r| async move {
+        limits!(PriorClient::new(ch)).sample(r).await
+    })
+    .await?
+    .image_embeds
+    .ok_or_else(|| missing("prior", "image_embeds"))
+}
+
+/// One fusion per image seed, so each image depends only on its own seed.
+async fn fusion_embeddings(
+    st: &Stages,
+    ctx: &Ctx,
+    plan: &Plan,
+    texts: &Texts,
+    items: &[(FusionInput, f32)],
+) -> Result<v1::Tensor, ServiceError> {
+    let mut text_row = 2;
+    let mut proto_items = Vec::with_capacity(items.len());
+    for (it, w) in items {
+        let item = match it {
+            FusionInput::Text(_) => {
+                let c = conditioning_row(&texts.all, text_row)?;
+                text_row += 1;
+                interpolate_item::Item::Text(c)
+            }
+            FusionInput::Image(b) => interpolate_item::Item::Image(b.clone()),
+        };
+        proto_items.push(v1::InterpolateItem {
+            item: Some(item),
+            weight: *w,
+        });
+    }
+    let mut rows = Vec::with_capacity(plan.seeds.len());
+    for &seed in &plan.seeds {
+        let req = v1::InterpolateRequest {
+            items: proto_items.clone(),
+            unconditional: Some(texts.uncond.clone()),
+            num_inference_steps: plan.prior_steps,
+            guidance_scale: plan.prior_guidance,
+            seed,
+            options: None,
+        };
+        let r = call(&st.prior, ctx, req, |ch, r| async move {
+            limits!(PriorClient::new(ch)).interpolate(r).await
+        })
+        .await?
+        .image_embeds
+        .ok_or_else(|| missing("prior", "image_embeds"))?;
+        rows.push(r);
+    }
+    concat_rows(&rows)
+}
+
+/// Image-to-image and inpaint: the init image's latents, the strength and the mask.
+#[derive(Default)]
+struct Init {
+    latents: Option<v1::Tensor>,
+    strength: f32,
+    mask: Option<v1::Tensor>,
+}
+
+/// Step 3: init image / mask for image-to-image and inpaint.
+async fn init_image(st: &Stages, ctx: &Ctx, plan: &Plan) -> Result<Init, ServiceError> {
+    match &plan.task {
         Task::ImageToImage { image, strength } => {
             let (latents, _) = encode_image(st, ctx, image, None, plan).await?;
-            (Some(latents), *strength, None)
+            Ok(Init {
+                latents: Some(latents),
+                strength: *strength,
+                mask: None,
+            })
         }
         Task::Inpaint { image, mask } => {
             let (latents, mask) = encode_image(st, ctx, image, Some(mask), plan).await?;
-            (
-                Some(latents),
-                0.0,
-                Some(mask.ok_or_else(|| missing("movq", "mask"))?),
-            )
+            Ok(Init {
+                latents: Some(latents),
+                strength: 0.0,
+                mask: Some(mask.ok_or_else(|| missing("movq", "mask"))?),
+            })
         }
-        Task::Outpaint { .. } => {
-            return Err(ServiceError::Unimplemented(
-                "outpaint is not served by this deployment yet".into(),
-            ))
-        }
-        _ => (None, 0.0, None),
-    };
+        Task::Outpaint { .. } => Err(ServiceError::Unimplemented(
+            "outpaint is not served by this deployment yet".into(),
+        )),
+        _ => Ok(Init::default()),
+    }
+}
 
-    // 4. Denoise, streaming progress.
-    ctx.progress(v1::Stage::Denoiser, 0, plan.decoder_steps)
-        .await?;
-    let mut stream = call(
-        &st.denoiser,
-        ctx,
-        v1::DenoiseRequest {
-            conditioning: Some(decoder_conditioning(
-                image_embeds,
-                decoder_text.as_ref().map(|(c, _)| c),
-            )),
-            negative_conditioning: Some(decoder_conditioning(
-                negative_image_embeds,
-                decoder_text.as_ref().map(|(_, u)| u),
-            )),
-            height: plan.height,
-            width: plan.width,
-            num_inference_steps: plan.decoder_steps,
-            guidance_scale: plan.decoder_guidance,
-            scheduler: plan.scheduler as i32,
-            seeds: plan.seeds.clone(),
-            image_latents,
-            strength,
-            mask,
-            preview_every: plan.preview_every,
-            ..Default::default()
-        },
-        |ch, r| async move { limits!(DenoiserClient::new(ch)).denoise(r).await },
-    )
+/// Step 4: the denoiser, streaming progress (and previews, decoded, to a streaming client).
+async fn denoise(
+    st: &Stages,
+    ctx: &Ctx,
+    plan: &Plan,
+    decoder_text: Option<&(v1::TextEmbeddings, v1::TextEmbeddings)>,
+    embeds: Embeddings,
+    init: Init,
+) -> Result<v1::Tensor, ServiceError> {
+    let req = v1::DenoiseRequest {
+        conditioning: Some(decoder_conditioning(
+            embeds.image,
+            decoder_text.map(|(c, _)| c),
+        )),
+        negative_conditioning: Some(decoder_conditioning(
+            embeds.negative,
+            decoder_text.map(|(_, u)| u),
+        )),
+        height: plan.height,
+        width: plan.width,
+        num_inference_steps: plan.decoder_steps,
+        guidance_scale: plan.decoder_guidance,
+        scheduler: plan.scheduler as i32,
+        seeds: plan.seeds.clone(),
+        image_latents: init.latents,
+        strength: init.strength,
+        mask: init.mask,
+        preview_every: plan.preview_every,
+        ..Default::default()
+    };
+    let mut stream = call(&st.denoiser, ctx, req, |ch, r| async move {
+        limits!(DenoiserClient::new(ch)).denoise(r).await
+    })
     .await?;
-    let mut latents = None;
+    let mut result = None;
     while let Some(ev) = stream.message().await.map_err(stage_err("denoiser"))? {
         match ev.event {
-            Some(denoise_event::Event::Progress(p)) => {
-                ctx.progress(v1::Stage::Denoiser, p.step, p.total_steps)
-                    .await?;
-                if let Some(preview) = p.preview_latents {
-                    if ctx.events.is_some() {
-                        let images = decode(st, ctx, preview, v1::ImageFormat::Jpeg, 60).await?;
-                        ctx.emit(v1::generate_event::Event::Preview(v1::Preview {
-                            images,
-                            step: p.step,
-                        }))
-                        .await?;
-                    }
-                }
-            }
-            Some(denoise_event::Event::Result(r)) => latents = r.latents,
+            Some(denoise_event::Event::Progress(p)) => progress(st, ctx, p).await?,
+            Some(denoise_event::Event::Result(r)) => result = Some(r),
             None => {}
         }
     }
-    let latents = latents.ok_or_else(|| missing("denoiser", "result.latents"))?;
+    // A stream that ends without its result is a stage that went away mid-request.
+    let result = result.ok_or_else(|| {
+        ServiceError::Unavailable(
+            "stage denoiser is unavailable: its stream ended without a result".into(),
+        )
+    })?;
+    result
+        .latents
+        .ok_or_else(|| missing("denoiser", "result.latents"))
+}
 
-    // 5. Decode.
-    ctx.progress(v1::Stage::Movq, 0, 0).await?;
+/// One denoiser progress event: relayed, with its preview decoded when a client streams.
+async fn progress(st: &Stages, ctx: &Ctx, p: v1::DenoiseProgress) -> Result<(), ServiceError> {
+    ctx.progress(v1::Stage::Denoiser, p.step, p.total_steps)
+        .await?;
+    if let Some(preview) = p.preview_latents {
+        if ctx.events.is_some() {
+            let images = decode(st, ctx, preview, v1::ImageFormat::Jpeg, 60).await?;
+            ctx.emit(v1::generate_event::Event::Preview(v1::Preview {
+                images,
+                step: p.step,
+            }))
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Step 5: the images, one per seed, in order.
+async fn decode_images(
+    st: &Stages,
+    ctx: &Ctx,
+    plan: &Plan,
+    latents: v1::Tensor,
+) -> Result<Vec<v1::GeneratedImage>, ServiceError> {
+    let n = plan.seeds.len();
     let images = decode(st, ctx, latents, plan.format, plan.quality).await?;
     if images.len() != n {
         return Err(ServiceError::Internal(format!(
@@ -533,7 +363,7 @@ pub async fn generate(
             images.len()
         )));
     }
-    let images = images
+    Ok(images
         .into_iter()
         .zip(&plan.seeds)
         .enumerate()
@@ -542,32 +372,11 @@ pub async fn generate(
             seed,
             index: i as u32,
         })
-        .collect();
-    Ok((images, served.name))
+        .collect())
 }
 
 fn concat_rows(parts: &[v1::Tensor]) -> Result<v1::Tensor, ServiceError> {
-    let first = parts
-        .first()
-        .ok_or_else(|| ServiceError::Internal("no rows".into()))?;
-    let mut shape = first.shape.clone();
-    let mut data = Vec::new();
-    let mut rows = 0;
-    for p in parts {
-        if p.shape[1..] != first.shape[1..] || p.dtype != first.dtype {
-            return Err(ServiceError::Internal(
-                "stage prior returned inconsistent embeddings".into(),
-            ));
-        }
-        rows += p.shape[0];
-        data.extend_from_slice(&p.data);
-    }
-    shape[0] = rows;
-    Ok(v1::Tensor {
-        shape,
-        dtype: first.dtype,
-        data: data.into(),
-    })
+    tensor::concat_rows(parts).map_err(rows_err("prior"))
 }
 
 /// MoVQ latents of the init image and, for inpaint, the pre-processed repaint mask.

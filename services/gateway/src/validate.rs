@@ -17,6 +17,9 @@ pub struct Limits {
     pub max_prompt_chars: usize,
     /// Largest encoded input image in bytes.
     pub max_image_bytes: usize,
+    /// Largest request message in bytes: the gateway's transport limit (`--max-message-bytes`),
+    /// which every input image together must fit in.
+    pub max_request_bytes: usize,
 }
 
 impl Default for Limits {
@@ -26,6 +29,7 @@ impl Default for Limits {
             max_side: 2048,
             max_prompt_chars: 2048,
             max_image_bytes: 32 << 20,
+            max_request_bytes: 64 << 20,
         }
     }
 }
@@ -129,14 +133,11 @@ fn check_image(field: &str, bytes: &[u8], limits: &Limits) -> Result<(), Service
     if bytes.is_empty() {
         return Err(bad(field, "must hold an encoded PNG, JPEG or WebP image"));
     }
-    if bytes.len() > limits.max_image_bytes {
+    let max = limits.max_image_bytes.min(limits.max_request_bytes);
+    if bytes.len() > max {
         return Err(bad(
             field,
-            format!(
-                "{} bytes; at most {} allowed",
-                bytes.len(),
-                limits.max_image_bytes
-            ),
+            format!("{} bytes; at most {max} allowed", bytes.len()),
         ));
     }
     Ok(())
@@ -179,100 +180,10 @@ fn guidance(field: &str, v: Option<f32>) -> Result<f32, ServiceError> {
 pub fn validate(
     req: &v1::GenerateRequest,
     limits: &Limits,
-    mut random_seed: impl FnMut() -> u64,
+    random_seed: impl FnMut() -> u64,
 ) -> Result<Plan, ServiceError> {
-    let task = match &req.task {
-        None | Some(ProtoTask::TextToImage(_)) => Task::TextToImage,
-        Some(ProtoTask::ImageToImage(t)) => {
-            check_image("image_to_image.image", &t.image, limits)?;
-            let strength = t.strength.unwrap_or(DEFAULT_STRENGTH);
-            if !(strength > 0.0 && strength <= 1.0) {
-                return Err(bad(
-                    "image_to_image.strength",
-                    format!("{strength}; allowed: (0, 1]"),
-                ));
-            }
-            Task::ImageToImage {
-                image: t.image.clone(),
-                strength,
-            }
-        }
-        Some(ProtoTask::Inpaint(t)) => {
-            check_image("inpaint.image", &t.image, limits)?;
-            check_image("inpaint.mask", &t.mask, limits)?;
-            Task::Inpaint {
-                image: t.image.clone(),
-                mask: t.mask.clone(),
-            }
-        }
-        Some(ProtoTask::Outpaint(t)) => {
-            check_image("outpaint.image", &t.image, limits)?;
-            if t.left + t.top + t.right + t.bottom == 0 {
-                return Err(bad(
-                    "outpaint",
-                    "at least one of left, top, right, bottom must be > 0",
-                ));
-            }
-            for (f, v) in [
-                ("outpaint.left", t.left),
-                ("outpaint.top", t.top),
-                ("outpaint.right", t.right),
-                ("outpaint.bottom", t.bottom),
-            ] {
-                if v > limits.max_side {
-                    return Err(bad(f, format!("{v}; allowed: 0..={}", limits.max_side)));
-                }
-            }
-            Task::Outpaint {
-                image: t.image.clone(),
-                left: t.left,
-                top: t.top,
-                right: t.right,
-                bottom: t.bottom,
-            }
-        }
-        Some(ProtoTask::Variation(t)) => {
-            check_image("variation.image", &t.image, limits)?;
-            Task::Variation {
-                image: t.image.clone(),
-            }
-        }
-        Some(ProtoTask::Fusion(f)) => {
-            if f.items.is_empty() {
-                return Err(bad("fusion.items", "must hold at least one text or image"));
-            }
-            if f.items.len() > 16 {
-                return Err(bad(
-                    "fusion.items",
-                    format!("{} items; at most 16 allowed", f.items.len()),
-                ));
-            }
-            let mut items = Vec::with_capacity(f.items.len());
-            for (i, it) in f.items.iter().enumerate() {
-                if !it.weight.is_finite() {
-                    return Err(bad(
-                        &format!("fusion.items[{i}].weight"),
-                        format!("{}; must be a finite number", it.weight),
-                    ));
-                }
-                let input = match &it.item {
-                    Some(fusion_item::Item::Text(t)) => {
-                        check_text(&format!("fusion.items[{i}].text"), t, limits, false)?;
-                        FusionInput::Text(t.clone())
-                    }
-                    Some(fusion_item::Item::Image(b)) => {
-                        check_image(&format!("fusion.items[{i}].image"), b, limits)?;
-                        FusionInput::Image(b.clone())
-                    }
-                    None => {
-                        return Err(bad(&format!("fusion.items[{i}]"), "must set text or image"))
-                    }
-                };
-                items.push((input, it.weight));
-            }
-            Task::Fusion { items }
-        }
-    };
+    let task = task(req.task.as_ref(), limits)?;
+    check_input_bytes(&task, limits)?;
     let needs_prompt = matches!(
         task,
         Task::TextToImage
@@ -282,9 +193,213 @@ pub fn validate(
     );
     check_text("prompt", &req.prompt, limits, needs_prompt)?;
     check_text("negative_prompt", &req.negative_prompt, limits, false)?;
-
     let width = side("width", req.width, limits)?;
     let height = side("height", req.height, limits)?;
+    let seeds = seeds(req, limits, random_seed)?;
+    let sampling = sampling(req)?;
+    let (format, quality) = output(req.output.unwrap_or_default())?;
+    if req.preview_every > sampling.decoder_steps {
+        return Err(bad(
+            "preview_every",
+            format!(
+                "{}; allowed: 0 (none) ..= decoder steps ({})",
+                req.preview_every, sampling.decoder_steps
+            ),
+        ));
+    }
+    Ok(Plan {
+        model: model(&req.model)?,
+        task,
+        prompt: req.prompt.clone(),
+        negative_prompt: (!req.negative_prompt.is_empty()).then(|| req.negative_prompt.clone()),
+        width,
+        height,
+        seeds,
+        prior_steps: sampling.prior_steps,
+        prior_guidance: sampling.prior_guidance,
+        decoder_steps: sampling.decoder_steps,
+        decoder_guidance: sampling.decoder_guidance,
+        scheduler: sampling.scheduler,
+        format,
+        quality,
+        preview_every: req.preview_every,
+    })
+}
+
+/// The task, one function per kind (no task = text-to-image).
+fn task(task: Option<&ProtoTask>, limits: &Limits) -> Result<Task, ServiceError> {
+    match task {
+        None | Some(ProtoTask::TextToImage(_)) => Ok(Task::TextToImage),
+        Some(ProtoTask::ImageToImage(t)) => image_to_image(t, limits),
+        Some(ProtoTask::Inpaint(t)) => inpaint(t, limits),
+        Some(ProtoTask::Outpaint(t)) => outpaint(t, limits),
+        Some(ProtoTask::Variation(t)) => variation(t, limits),
+        Some(ProtoTask::Fusion(f)) => fusion(f, limits),
+    }
+}
+
+fn image_to_image(t: &v1::ImageToImage, limits: &Limits) -> Result<Task, ServiceError> {
+    check_image("image_to_image.image", &t.image, limits)?;
+    let strength = t.strength.unwrap_or(DEFAULT_STRENGTH);
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(bad(
+            "image_to_image.strength",
+            format!("{strength}; allowed: (0, 1]"),
+        ));
+    }
+    Ok(Task::ImageToImage {
+        image: t.image.clone(),
+        strength,
+    })
+}
+
+fn inpaint(t: &v1::Inpaint, limits: &Limits) -> Result<Task, ServiceError> {
+    check_image("inpaint.image", &t.image, limits)?;
+    check_image("inpaint.mask", &t.mask, limits)?;
+    Ok(Task::Inpaint {
+        image: t.image.clone(),
+        mask: t.mask.clone(),
+    })
+}
+
+/// Each margin is bounded on its own (so no sum of margins can overflow), and their sum with
+/// the largest side is computed checked.
+fn outpaint(t: &v1::Outpaint, limits: &Limits) -> Result<Task, ServiceError> {
+    check_image("outpaint.image", &t.image, limits)?;
+    let margins = [
+        ("outpaint.left", t.left),
+        ("outpaint.top", t.top),
+        ("outpaint.right", t.right),
+        ("outpaint.bottom", t.bottom),
+    ];
+    for (f, v) in margins {
+        if v > limits.max_side {
+            return Err(bad(f, format!("{v}; allowed: 0..={}", limits.max_side)));
+        }
+    }
+    for (pair, a, b) in [
+        ("left + right", t.left, t.right),
+        ("top + bottom", t.top, t.bottom),
+    ] {
+        let fits = a.checked_add(b).is_some_and(|sum| sum <= limits.max_side);
+        if !fits {
+            return Err(bad(
+                "outpaint",
+                format!(
+                    "{pair} = {a} + {b}; the margins of one axis may add up to at most {}",
+                    limits.max_side
+                ),
+            ));
+        }
+    }
+    if margins.iter().all(|(_, v)| *v == 0) {
+        return Err(bad(
+            "outpaint",
+            "at least one of left, top, right, bottom must be > 0",
+        ));
+    }
+    Ok(Task::Outpaint {
+        image: t.image.clone(),
+        left: t.left,
+        top: t.top,
+        right: t.right,
+        bottom: t.bottom,
+    })
+}
+
+fn variation(t: &v1::Variation, limits: &Limits) -> Result<Task, ServiceError> {
+    check_image("variation.image", &t.image, limits)?;
+    Ok(Task::Variation {
+        image: t.image.clone(),
+    })
+}
+
+/// Most fusion inputs.
+const MAX_FUSION_ITEMS: usize = 16;
+
+fn fusion(f: &v1::Fusion, limits: &Limits) -> Result<Task, ServiceError> {
+    if f.items.is_empty() {
+        return Err(bad("fusion.items", "must hold at least one text or image"));
+    }
+    if f.items.len() > MAX_FUSION_ITEMS {
+        return Err(bad(
+            "fusion.items",
+            format!(
+                "{} items; at most {MAX_FUSION_ITEMS} allowed",
+                f.items.len()
+            ),
+        ));
+    }
+    let items = f
+        .items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| fusion_item(i, it, limits))
+        .collect::<Result<_, _>>()?;
+    Ok(Task::Fusion { items })
+}
+
+fn fusion_item(
+    i: usize,
+    it: &v1::FusionItem,
+    limits: &Limits,
+) -> Result<(FusionInput, f32), ServiceError> {
+    if !it.weight.is_finite() {
+        return Err(bad(
+            &format!("fusion.items[{i}].weight"),
+            format!("{}; must be a finite number", it.weight),
+        ));
+    }
+    let input = match &it.item {
+        Some(fusion_item::Item::Text(t)) => {
+            check_text(&format!("fusion.items[{i}].text"), t, limits, false)?;
+            FusionInput::Text(t.clone())
+        }
+        Some(fusion_item::Item::Image(b)) => {
+            check_image(&format!("fusion.items[{i}].image"), b, limits)?;
+            FusionInput::Image(b.clone())
+        }
+        None => return Err(bad(&format!("fusion.items[{i}]"), "must set text or image")),
+    };
+    Ok((input, it.weight))
+}
+
+/// All input images (and the mask) together fit in the request limit, summed checked.
+fn check_input_bytes(task: &Task, limits: &Limits) -> Result<(), ServiceError> {
+    let sizes: Vec<usize> = match task {
+        Task::TextToImage => vec![],
+        Task::ImageToImage { image, .. }
+        | Task::Outpaint { image, .. }
+        | Task::Variation { image } => vec![image.len()],
+        Task::Inpaint { image, mask } => vec![image.len(), mask.len()],
+        Task::Fusion { items } => items
+            .iter()
+            .map(|(it, _)| match it {
+                FusionInput::Image(b) => b.len(),
+                FusionInput::Text(_) => 0,
+            })
+            .collect(),
+    };
+    let total = sizes.iter().try_fold(0usize, |acc, n| acc.checked_add(*n));
+    match total {
+        Some(t) if t <= limits.max_request_bytes => Ok(()),
+        _ => Err(bad(
+            "task",
+            format!(
+                "the input images hold more than the gateway's request limit of {} bytes \
+                 (--max-message-bytes)",
+                limits.max_request_bytes
+            ),
+        )),
+    }
+}
+
+/// One seed per image: the client's, or random ones.
+fn seeds(
+    req: &v1::GenerateRequest,
+    limits: &Limits,
+    mut random_seed: impl FnMut() -> u64,
+) -> Result<Vec<u64>, ServiceError> {
     let n = req.num_images.unwrap_or(1);
     if n == 0 || n > limits.max_images {
         return Err(bad(
@@ -292,42 +407,58 @@ pub fn validate(
             format!("{n}; allowed: 1..={}", limits.max_images),
         ));
     }
-    let seeds = if req.seeds.is_empty() {
-        (0..n).map(|_| random_seed()).collect()
-    } else if req.seeds.len() == n as usize {
-        req.seeds.clone()
-    } else {
-        return Err(bad(
-            "seeds",
-            format!(
-                "{} seeds for {n} images; give none (random) or exactly one per image",
-                req.seeds.len()
-            ),
-        ));
-    };
+    if req.seeds.is_empty() {
+        return Ok((0..n).map(|_| random_seed()).collect());
+    }
+    if usize::try_from(n).is_ok_and(|n| n == req.seeds.len()) {
+        return Ok(req.seeds.clone());
+    }
+    Err(bad(
+        "seeds",
+        format!(
+            "{} seeds for {n} images; give none (random) or exactly one per image",
+            req.seeds.len()
+        ),
+    ))
+}
 
+/// The prior's and the decoder's steps, guidance and scheduler.
+struct Sampling {
+    prior_steps: u32,
+    prior_guidance: f32,
+    decoder_steps: u32,
+    decoder_guidance: f32,
+    scheduler: v1::Scheduler,
+}
+
+fn sampling(req: &v1::GenerateRequest) -> Result<Sampling, ServiceError> {
     let prior = req.prior.unwrap_or_default();
     let decoder = req.decoder.unwrap_or_default();
-    // The UnCLIP schedule needs two timesteps at least (diffusers divides by N − 1).
-    let prior_steps = steps(
-        "prior.num_inference_steps",
-        prior.num_inference_steps,
-        2,
-        DEFAULT_PRIOR_STEPS,
-    )?;
-    let prior_guidance = guidance("prior.guidance_scale", prior.guidance_scale)?;
-    let decoder_steps = steps(
-        "decoder.num_inference_steps",
-        decoder.num_inference_steps,
-        1,
-        DEFAULT_DECODER_STEPS,
-    )?;
-    let decoder_guidance = guidance("decoder.guidance_scale", decoder.guidance_scale)?;
     let scheduler = v1::Scheduler::try_from(decoder.scheduler).map_err(|_| {
         bad("decoder.scheduler", format!("{}; allowed: SCHEDULER_UNSPECIFIED (checkpoint default), SCHEDULER_DDPM, SCHEDULER_DDIM, SCHEDULER_DPM_SOLVER_PP", decoder.scheduler))
     })?;
+    Ok(Sampling {
+        // The UnCLIP schedule needs two timesteps at least (diffusers divides by N − 1).
+        prior_steps: steps(
+            "prior.num_inference_steps",
+            prior.num_inference_steps,
+            2,
+            DEFAULT_PRIOR_STEPS,
+        )?,
+        prior_guidance: guidance("prior.guidance_scale", prior.guidance_scale)?,
+        decoder_steps: steps(
+            "decoder.num_inference_steps",
+            decoder.num_inference_steps,
+            1,
+            DEFAULT_DECODER_STEPS,
+        )?,
+        decoder_guidance: guidance("decoder.guidance_scale", decoder.guidance_scale)?,
+        scheduler,
+    })
+}
 
-    let output = req.output.unwrap_or_default();
+/// The output format and quality, defaults resolved.
+fn output(output: v1::OutputOptions) -> Result<(v1::ImageFormat, u32), ServiceError> {
     let format = match v1::ImageFormat::try_from(output.format) {
         Ok(v1::ImageFormat::Unspecified) | Ok(v1::ImageFormat::Png) => v1::ImageFormat::Png,
         Ok(f) => f,
@@ -351,44 +482,20 @@ pub fn validate(
             ))
         }
     };
-    if req.preview_every > decoder_steps {
-        return Err(bad(
-            "preview_every",
+    Ok((format, quality))
+}
+
+/// The named model (`None` = the default), one of the public names.
+fn model(name: &str) -> Result<Option<String>, ServiceError> {
+    match name.trim() {
+        "" => Ok(None),
+        m if MODEL_NAMES.contains(&m) => Ok(Some(m.to_string())),
+        m => Err(bad(
+            "model",
             format!(
-                "{}; allowed: 0 (none) ..= decoder steps ({decoder_steps})",
-                req.preview_every
+                "{m:?}; allowed: {} (or empty for the default)",
+                MODEL_NAMES.join(", ")
             ),
-        ));
+        )),
     }
-    let negative_prompt = (!req.negative_prompt.is_empty()).then(|| req.negative_prompt.clone());
-    let model = match req.model.trim() {
-        "" => None,
-        m if MODEL_NAMES.contains(&m) => Some(m.to_string()),
-        m => {
-            return Err(bad(
-                "model",
-                format!(
-                    "{m:?}; allowed: {} (or empty for the default)",
-                    MODEL_NAMES.join(", ")
-                ),
-            ))
-        }
-    };
-    Ok(Plan {
-        model,
-        task,
-        prompt: req.prompt.clone(),
-        negative_prompt,
-        width,
-        height,
-        seeds,
-        prior_steps,
-        prior_guidance,
-        decoder_steps,
-        decoder_guidance,
-        scheduler,
-        format,
-        quality,
-        preview_every: req.preview_every,
-    })
 }

@@ -17,6 +17,13 @@ async fn dead_url() -> String {
 }
 
 async fn start(api_keys: Option<&str>) -> (SocketAddr, Shutdown, Option<tempfile::NamedTempFile>) {
+    start_with(api_keys, &[]).await
+}
+
+async fn start_with(
+    api_keys: Option<&str>,
+    extra: &[&str],
+) -> (SocketAddr, Shutdown, Option<tempfile::NamedTempFile>) {
     let listeners = kd_runtime::Listeners::loopback().await.unwrap();
     let addr = listeners.grpc.local_addr().unwrap();
     let keys_file = api_keys.map(|k| {
@@ -38,6 +45,7 @@ async fn start(api_keys: Option<&str>) -> (SocketAddr, Shutdown, Option<tempfile
         args.push("--api-keys-file".into());
         args.push(f.path().display().to_string());
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     let config = <Config as clap::Parser>::parse_from(args);
     let shutdown = Shutdown::new();
     tokio::spawn(run_with_listeners(config, listeners, shutdown.clone()));
@@ -266,5 +274,81 @@ async fn api_keys_are_enforced_when_configured() {
         resp.status(),
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
+    shutdown.trigger();
+}
+
+fn outpaint(left: u32, top: u32, right: u32, bottom: u32) -> v1::GenerateRequest {
+    let mut r = valid();
+    r.task = Some(Task::Outpaint(v1::Outpaint {
+        image: vec![1],
+        left,
+        top,
+        right,
+        bottom,
+    }));
+    r
+}
+
+#[tokio::test]
+async fn outpaint_margins_that_overflow_are_invalid_argument_not_a_panic() {
+    let (addr, shutdown, _) = start(None).await;
+    let mut c = client(addr).await;
+    let cases = [
+        (
+            outpaint(2147483648, 0, 2147483648, 0),
+            "invalid `outpaint.left`",
+        ),
+        (outpaint(0, u32::MAX, 0, u32::MAX), "invalid `outpaint.top`"),
+        (outpaint(1500, 0, 1500, 0), "left + right = 1500 + 1500"),
+        (outpaint(0, 2048, 0, 1), "top + bottom = 2048 + 1"),
+    ];
+    for (req, want) in cases {
+        let err = c.generate(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{want}: {err:?}");
+        assert!(err.message().contains(want), "{want}: {}", err.message());
+    }
+    // The gateway still serves after them.
+    let err = c.generate(valid()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    shutdown.trigger();
+}
+
+fn image_to_image(bytes: usize) -> v1::GenerateRequest {
+    let mut r = valid();
+    r.task = Some(Task::ImageToImage(v1::ImageToImage {
+        image: vec![7; bytes],
+        strength: None,
+    }));
+    r
+}
+
+async fn big_client(addr: SocketAddr) -> GatewayClient<Channel> {
+    client(addr)
+        .await
+        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(usize::MAX)
+}
+
+#[tokio::test]
+async fn the_transport_takes_a_32_mib_image_and_refuses_a_larger_request_naming_the_limit() {
+    // Default limit (64 MiB): a 32 MiB image passes the transport and validation, and reaches
+    // the (down) stages.
+    let (addr, shutdown, _) = start(None).await;
+    let mut c = big_client(addr).await;
+    let err = c.generate(image_to_image(32 << 20)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    shutdown.trigger();
+
+    // A lowered limit: a request over it is refused naming the limit, before any stage call.
+    let (addr, shutdown, _) = start_with(None, &["--max-message-bytes", "1000000"]).await;
+    let mut c = big_client(addr).await;
+    let err = c.generate(image_to_image(2_000_000)).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::ResourceExhausted | Code::InvalidArgument),
+        "{err:?}"
+    );
+    assert!(err.message().contains("1000000"), "{}", err.message());
+    let err = c.generate(image_to_image(900_000)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
     shutdown.trigger();
 }

@@ -7,9 +7,7 @@ pub mod model;
 pub mod request;
 
 use candle_core::Tensor;
-use kd_models::decoder::{
-    run_decoder, DecoderFamily, DecoderMode, DecoderOutcome, DecoderParams, DecoderText21,
-};
+use kd_models::decoder::{run_decoder, DecoderOutcome};
 use kd_models::noise::SeededNoise;
 use kd_proto::v1::{self, denoise_event, denoiser_server::DenoiserServer, DenoiseEvent};
 use kd_proto::{to_wire, TensorLimits};
@@ -17,7 +15,7 @@ use kd_runtime::config::{CommonArgs, StageArgs};
 use kd_runtime::launch::Launch;
 use kd_runtime::{blocking, deadline, server, Admission, Metrics, ServiceError, Shutdown, Stage};
 use model::DecoderModel;
-use request::{Limits, Mode, Plan};
+use request::{Limits, Plan};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -203,45 +201,6 @@ pub fn denoise(
     deadline: Option<Instant>,
     metrics: &Metrics,
 ) -> Result<Tensor, ServiceError> {
-    let mode = match &plan.mode {
-        Mode::Text2Img => DecoderMode::Text2Img,
-        Mode::Img2Img {
-            image_latents,
-            strength,
-        } => DecoderMode::Img2Img {
-            image_latents,
-            strength: *strength,
-        },
-        Mode::Inpaint {
-            image_latents,
-            mask,
-        } => DecoderMode::Inpaint {
-            image_latents,
-            mask,
-        },
-        Mode::Controlnet { hint } => DecoderMode::Controlnet { hint },
-    };
-    let params = DecoderParams {
-        image_embeds: &plan.image_embeds,
-        negative_image_embeds: &plan.negative_image_embeds,
-        height: plan.height,
-        width: plan.width,
-        movq_scale_factor: model.movq_scale_factor,
-        num_inference_steps: plan.steps,
-        guidance_scale: plan.guidance_scale,
-        num_images_per_prompt: 1,
-        latents: plan.latents.as_ref(),
-        mode,
-        family: match &plan.text {
-            None => DecoderFamily::Kandinsky22,
-            Some(t) => DecoderFamily::Kandinsky21(DecoderText21 {
-                text_embeds: &t.text_embeds,
-                hidden_states: &t.hidden_states,
-                negative_text_embeds: &t.negative_text_embeds,
-                negative_hidden_states: &t.negative_hidden_states,
-            }),
-        },
-    };
     let mut noise = SeededNoise::new(&plan.seeds);
     let preview_every = plan.preview_every;
     let mut stop = None;
@@ -249,7 +208,7 @@ pub fn denoise(
     let outcome = run_decoder(
         &model.unet,
         plan.scheduler.as_mut(),
-        &params,
+        &plan.inputs,
         &mut noise,
         &mut |p| {
             metrics.steps(1);

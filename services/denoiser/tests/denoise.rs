@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use kd_models::config::SchedulerConfig;
-use kd_models::decoder::{run_decoder, DecoderFamily, DecoderMode, DecoderOutcome, DecoderParams};
+use kd_models::decoder::{run_decoder, DecoderInputs, DecoderMode, DecoderOutcome, DecoderText};
 use kd_models::noise::SeededNoise;
 use kd_models::parity::{get, load_reference, rel_l2};
 use kd_models::unet::UNet2DConditionModel;
@@ -53,9 +53,9 @@ fn in_process(dir: &std::path::Path, req: &v1::DenoiseRequest) -> Tensor {
             .unwrap(),
     );
     let neg = neg.repeat((pos.dim(0).unwrap(), 1)).unwrap();
-    let params = DecoderParams {
-        image_embeds: &pos,
-        negative_image_embeds: &neg,
+    let params = DecoderInputs {
+        image_embeds: pos,
+        negative_image_embeds: Some(neg),
         height: req.height as usize,
         width: req.width as usize,
         movq_scale_factor: sf,
@@ -64,7 +64,7 @@ fn in_process(dir: &std::path::Path, req: &v1::DenoiseRequest) -> Tensor {
         num_images_per_prompt: 1,
         latents: None,
         mode: DecoderMode::Text2Img,
-        family: DecoderFamily::Kandinsky22,
+        text: DecoderText::default(),
     };
     let mut noise = SeededNoise::new(&req.seeds);
     match run_decoder(&unet, scheduler.as_mut(), &params, &mut noise, &mut |_| {

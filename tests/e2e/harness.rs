@@ -14,12 +14,12 @@ use tonic_health::pb::{
 
 /// The bundled fixture model: the tiny prior and the deep (real 4-level) decoder.
 pub fn prior_dir() -> PathBuf {
-    kd_models::parity::fixtures_dir().join("tiny/kandinsky-2-2-prior")
+    kd_testkit::parity::fixtures_dir().join("tiny/kandinsky-2-2-prior")
 }
 
 /// The bundled decoder folder.
 pub fn decoder_dir() -> PathBuf {
-    kd_models::parity::fixtures_dir().join("deep/kandinsky-2-2-decoder")
+    kd_testkit::parity::fixtures_dir().join("deep/kandinsky-2-2-decoder")
 }
 
 /// Which bundled checkpoints a stack serves.
@@ -39,7 +39,7 @@ impl Model {
         match self {
             Self::Kandinsky22 => prior_dir(),
             Self::Kandinsky21 | Self::Kandinsky21Inpaint => {
-                kd_models::parity::fixtures_dir().join("kd21/kandinsky-2-1-prior")
+                kd_testkit::parity::fixtures_dir().join("kd21/kandinsky-2-1-prior")
             }
         }
     }
@@ -48,9 +48,9 @@ impl Model {
     pub fn decoder_dir(self) -> PathBuf {
         match self {
             Self::Kandinsky22 => decoder_dir(),
-            Self::Kandinsky21 => kd_models::parity::fixtures_dir().join("kd21/kandinsky-2-1"),
+            Self::Kandinsky21 => kd_testkit::parity::fixtures_dir().join("kd21/kandinsky-2-1"),
             Self::Kandinsky21Inpaint => {
-                kd_models::parity::fixtures_dir().join("kd21/kandinsky-2-1-inpaint")
+                kd_testkit::parity::fixtures_dir().join("kd21/kandinsky-2-1-inpaint")
             }
         }
     }

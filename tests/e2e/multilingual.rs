@@ -195,7 +195,7 @@ async fn stages_of_different_families_are_refused_by_name() {
 
 fn fixture_png(name: &str) -> Vec<u8> {
     std::fs::read(
-        kd_models::parity::fixtures_dir()
+        kd_testkit::parity::fixtures_dir()
             .join("kd21/reference")
             .join(name),
     )

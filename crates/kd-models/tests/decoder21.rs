@@ -10,10 +10,10 @@ use kd_models::decoder::{
 };
 use kd_models::movq::{MovqOptions, VqModel};
 use kd_models::noise::ReplayNoise;
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use kd_models::schedulers;
 use kd_models::unet::UNet2DConditionModel;
 use kd_models::{CheckpointDir, ModelError, Variant};
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use std::collections::HashMap;
 use std::path::PathBuf;
 

@@ -8,10 +8,10 @@ use kd_models::decoder::{
     DecoderText,
 };
 use kd_models::noise::SeededNoise;
-use kd_models::parity::fixtures_dir;
 use kd_models::schedulers::{self, Scheduler};
 use kd_models::unet::UNet2DConditionModel;
 use kd_models::{CheckpointDir, ModelError, Result, Variant};
+use kd_testkit::parity::fixtures_dir;
 
 fn load(ckpt: &str) -> (UNet2DConditionModel, SchedulerConfig) {
     let dir = CheckpointDir::open(fixtures_dir().join("tiny").join(ckpt)).unwrap();

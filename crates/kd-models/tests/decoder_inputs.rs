@@ -3,10 +3,10 @@
 
 use candle_core::{DType, Device, Tensor};
 use kd_models::decoder::{DecoderInputs, DecoderMode, DecoderPlan, DecoderText};
-use kd_models::parity::fixtures_dir;
 use kd_models::schedulers::{self, Scheduler};
 use kd_models::unet::UNet2DConditionModel;
 use kd_models::{CheckpointDir, ModelError, Variant};
+use kd_testkit::parity::fixtures_dir;
 
 fn load(rel: &str) -> (UNet2DConditionModel, Box<dyn Scheduler>) {
     let dir = CheckpointDir::open(fixtures_dir().join(rel)).unwrap();

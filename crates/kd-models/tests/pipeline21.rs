@@ -8,10 +8,10 @@ use kd_models::decoder::{run_decoder, DecoderInputs, DecoderMode, DecoderText};
 use kd_models::mclip::MultilingualTextEncoder;
 use kd_models::movq::{MovqOptions, VqModel};
 use kd_models::noise::ReplayNoise;
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use kd_models::schedulers;
 use kd_models::unet::UNet2DConditionModel;
 use kd_models::{CheckpointDir, Variant};
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 
 fn strings(v: &serde_json::Value) -> Vec<String> {
     v.as_array()

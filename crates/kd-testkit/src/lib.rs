@@ -1,6 +1,9 @@
 //! Test utilities shared by the workspace's tests (kept out of the libraries so they do not
-//! slow every build): a real `redis-server` on a free loopback port.
+//! slow every build): a real `redis-server` on a free loopback port, and the parity helpers
+//! ([`parity`]) every model test measures against the diffusers references with.
 #![forbid(unsafe_code)]
+
+pub mod parity;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -9,10 +9,10 @@ use common::*;
 use kd_models::config::SchedulerConfig;
 use kd_models::decoder::{run_decoder, DecoderInputs, DecoderMode, DecoderOutcome, DecoderText};
 use kd_models::noise::SeededNoise;
-use kd_models::parity::{get, load_reference, rel_l2};
 use kd_models::unet::UNet2DConditionModel;
 use kd_models::{schedulers, CheckpointDir, Variant};
 use kd_proto::v1;
+use kd_testkit::parity::{get, load_reference, rel_l2};
 
 /// The in-process loop exactly as a library user runs it: checkpoint UNet (f32), the
 /// checkpoint's scheduler, SeededNoise, explicit 1-row negative broadcast.

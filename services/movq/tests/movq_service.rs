@@ -2,11 +2,11 @@
 //! encode parity with diffusers, image outputs, bad input, metrics.
 
 use candle_core::{Device, Tensor};
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference};
 use kd_movq::{run_with_listeners, Config};
 use kd_proto::v1::{self, movq_client::MovqClient};
 use kd_runtime::server::Listeners;
 use kd_runtime::Shutdown;
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference};
 use std::net::SocketAddr;
 use tonic::transport::Channel;
 use tonic::Code;

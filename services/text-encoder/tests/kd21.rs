@@ -3,11 +3,11 @@
 //! (`tests/fixtures/kd21/reference/text_encoder`); the family comes from the folders.
 
 use clap::Parser;
-use kd_models::parity::{fixtures_dir, get, load_reference, rel_l2};
 use kd_proto::v1;
 use kd_proto::v1::text_encoder_client::TextEncoderClient;
 use kd_runtime::launch::LaunchError;
 use kd_runtime::Shutdown;
+use kd_testkit::parity::{fixtures_dir, get, load_reference, rel_l2};
 use kd_text_encoder::Config;
 use std::path::{Path, PathBuf};
 use tokio::net::TcpListener;

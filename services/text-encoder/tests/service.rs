@@ -4,12 +4,12 @@
 use candle_core::{DType, Device};
 use clap::Parser;
 use kd_models::clip::ClipTextEncoder;
-use kd_models::parity::fixtures_dir;
 use kd_models::CheckpointDir;
 use kd_proto::v1::text_encoder_client::TextEncoderClient;
 use kd_proto::{to_wire, v1};
 use kd_runtime::launch::LaunchError;
 use kd_runtime::Shutdown;
+use kd_testkit::parity::fixtures_dir;
 use kd_text_encoder::{run_with_listeners_gated, Config, MAX_MESSAGE_BYTES};
 use std::net::SocketAddr;
 use std::time::Duration;

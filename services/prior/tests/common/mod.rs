@@ -5,7 +5,6 @@
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use kd_models::clip::{ClipTextEncoder, TextConditioning};
-use kd_models::parity::fixtures_dir;
 use kd_models::prior::ImagePrior;
 use kd_models::CheckpointDir;
 use kd_prior::{run_with_listeners_gated, Config, MAX_MESSAGE_BYTES};
@@ -13,6 +12,7 @@ use kd_proto::v1::prior_client::PriorClient;
 use kd_proto::{from_wire, to_wire, v1, TensorLimits};
 use kd_runtime::launch::LaunchError;
 use kd_runtime::Shutdown;
+use kd_testkit::parity::fixtures_dir;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::OnceLock;

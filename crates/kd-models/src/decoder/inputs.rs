@@ -309,6 +309,44 @@ impl DecoderInputs {
         lh: usize,
         lw: usize,
     ) -> Result<usize> {
+        self.check_unet_mode(unet, b, lh, lw)?;
+        let steps = self.num_inference_steps;
+        match &self.mode {
+            DecoderMode::Text2Img => Ok(steps),
+            DecoderMode::Img2Img {
+                image_latents,
+                strength,
+            } => {
+                check_rows(image_latents, "image_latents", b, true, &[4, lh, lw])?;
+                finite_range(image_latents, "image_latents")?;
+                img2img_steps(*strength, steps, unet.takes_text(), scheduler)
+            }
+            DecoderMode::Inpaint {
+                image_latents,
+                mask,
+            } => {
+                check_rows(image_latents, "image_latents", b, true, &[4, lh, lw])?;
+                finite_range(image_latents, "image_latents")?;
+                check_rows(mask, "mask", b, true, &[1, lh, lw])?;
+                unit_range(mask, "mask", " with 1 = keep")?;
+                Ok(steps)
+            }
+            DecoderMode::Controlnet { hint } => {
+                check_rows(hint, "hint", b, true, &[3, 8 * lh, 8 * lw])?;
+                unit_range(hint, "hint", "")?;
+                Ok(steps)
+            }
+        }
+    }
+
+    /// Inpaint ⇔ a 9-channel UNet, ControlNet ⇔ a UNet with a hint embedding.
+    fn check_unet_mode(
+        &self,
+        unet: &UNet2DConditionModel,
+        b: usize,
+        lh: usize,
+        lw: usize,
+    ) -> Result<()> {
         let ch = unet.sample_channels();
         let inpaint_unet = ch == 9;
         let is_inpaint = matches!(self.mode, DecoderMode::Inpaint { .. });
@@ -346,33 +384,7 @@ impl DecoderInputs {
                 ),
             ));
         }
-        let steps = self.num_inference_steps;
-        match &self.mode {
-            DecoderMode::Text2Img => Ok(steps),
-            DecoderMode::Img2Img {
-                image_latents,
-                strength,
-            } => {
-                check_rows(image_latents, "image_latents", b, true, &[4, lh, lw])?;
-                finite_range(image_latents, "image_latents")?;
-                img2img_steps(*strength, steps, unet.takes_text(), scheduler)
-            }
-            DecoderMode::Inpaint {
-                image_latents,
-                mask,
-            } => {
-                check_rows(image_latents, "image_latents", b, true, &[4, lh, lw])?;
-                finite_range(image_latents, "image_latents")?;
-                check_rows(mask, "mask", b, true, &[1, lh, lw])?;
-                unit_range(mask, "mask", " with 1 = keep")?;
-                Ok(steps)
-            }
-            DecoderMode::Controlnet { hint } => {
-                check_rows(hint, "hint", b, true, &[3, 8 * lh, 8 * lw])?;
-                unit_range(hint, "hint", "")?;
-                Ok(steps)
-            }
-        }
+        Ok(())
     }
 
     /// 2.1 text conditioning: present exactly for a 2.1 UNet, with matching shapes.

@@ -263,7 +263,11 @@ async fn a_stage_that_dies_mid_stream_is_unavailable_naming_it() {
     ];
     let gateway = Stack::start_gateway(stages, &[]).await;
     let mut c = kd_e2e::gateway_client(&gateway).await;
-    let mut events = c.generate_stream(slow_request()).await.unwrap().into_inner();
+    let mut events = c
+        .generate_stream(slow_request())
+        .await
+        .unwrap()
+        .into_inner();
     // Wait for the first denoising step, then the denoiser "dies".
     loop {
         let ev = events.message().await.unwrap().expect("the stream is open");

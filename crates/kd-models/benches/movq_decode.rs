@@ -9,8 +9,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use kd_models::movq::{MovqOptions, VqModel};
-use kd_models::parity::fixtures_dir;
 use kd_models::CheckpointDir;
+use kd_testkit::parity::fixtures_dir;
 use std::time::Instant;
 
 fn status_kib(key: &str) -> u64 {

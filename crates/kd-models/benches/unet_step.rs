@@ -5,9 +5,9 @@
 //! `tools/reference/bench_unet.py` (diffusers, same weights, 2 torch threads).
 
 use candle_core::{DType, Device, Tensor};
-use kd_models::parity::fixtures_dir;
 use kd_models::unet::{UNet2DConditionModel, UNetConditioning};
 use kd_models::{CheckpointDir, Variant};
+use kd_testkit::parity::fixtures_dir;
 use std::time::Instant;
 
 fn bench(dtype: DType, iters: usize) -> candle_core::Result<f64> {

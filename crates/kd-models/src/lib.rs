@@ -10,7 +10,6 @@ pub mod image;
 pub mod mclip;
 pub mod movq;
 pub mod noise;
-pub mod parity;
 pub mod pipeline;
 pub mod prior;
 pub mod schedulers;

@@ -11,7 +11,7 @@
 use crate::checkpoint::{CheckpointDir, ModelFamily, Variant};
 use crate::clip::ClipTextEncoder;
 use crate::config::SchedulerConfig;
-use crate::decoder::{run_decoder, DecoderFamily, DecoderMode, DecoderParams, DecoderText21};
+use crate::decoder::{run_decoder, DecoderInputs, DecoderMode, DecoderText};
 use crate::error::{ModelError, Result};
 use crate::mclip::MultilingualTextEncoder;
 use crate::movq::{MovqOptions, VqModel};
@@ -148,18 +148,18 @@ impl Text2Image {
             }
             None => None,
         };
-        let family = match &text21 {
-            Some((c, u)) => DecoderFamily::Kandinsky21(DecoderText21 {
-                text_embeds: &c.text_embeds,
-                hidden_states: &c.hidden_states,
-                negative_text_embeds: &u.text_embeds,
-                negative_hidden_states: &u.hidden_states,
-            }),
-            None => DecoderFamily::Kandinsky22,
+        let text = match text21 {
+            Some((c, u)) => DecoderText::new(
+                c.text_embeds,
+                c.hidden_states,
+                u.text_embeds,
+                u.hidden_states,
+            ),
+            None => DecoderText::default(),
         };
-        let params = DecoderParams {
-            image_embeds: &image_embeds,
-            negative_image_embeds: &negative_image_embeds,
+        let inputs = DecoderInputs {
+            image_embeds: image_embeds.clone(),
+            negative_image_embeds: Some(negative_image_embeds),
             height: req.height,
             width: req.width,
             movq_scale_factor: self.movq.scale_factor(),
@@ -168,12 +168,12 @@ impl Text2Image {
             num_images_per_prompt: 1,
             latents: None,
             mode: DecoderMode::Text2Img,
-            family,
+            text,
         };
         let latents = run_decoder(
             &self.unet,
             scheduler.as_mut(),
-            &params,
+            &inputs,
             &mut SeededNoise::new(&req.seeds),
             &mut |_| true,
         )?

@@ -2,8 +2,8 @@
 
 use candle_core::{DType, Device};
 use kd_models::config::SchedulerConfig;
-use kd_models::parity::fixtures_dir;
 use kd_models::{CheckpointDir, ModelError, ModelFamily, Variant, Weights};
+use kd_testkit::parity::fixtures_dir;
 use std::path::{Path, PathBuf};
 
 const DECODERS: &[&str] = &[

@@ -2,9 +2,9 @@
 //! (`tests/fixtures/tiny/reference/prior/{tokenizer,text_encoder}.*`).
 
 use candle_core::{DType, Device, Tensor};
-use kd_models::clip::{ClipTextModelWithProjection, ClipTokenizer};
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
+use kd_models::clip::{ClipTextEncoder, ClipTextModelWithProjection, ClipTokenizer};
 use kd_models::{CheckpointDir, Variant};
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use std::path::PathBuf;
 
 fn ckpt() -> PathBuf {
@@ -161,4 +161,74 @@ fn text_tower_rejects_bad_ids() {
     let long = Tensor::zeros((1, 78), DType::U32, &Device::Cpu).unwrap();
     let err = model.forward(&long).unwrap_err().to_string();
     assert!(err.contains("allowed 1..=77"), "{err}");
+}
+
+/// A copy of the prior folder whose `tokenizer/tokenizer_config.json` stores `model_max_length`
+/// as `value` (the literal JSON text).
+fn prior_copy_with_model_max_length(value: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&ckpt(), tmp.path());
+    let p = tmp.path().join("tokenizer/tokenizer_config.json");
+    let text = std::fs::read_to_string(&p).unwrap().replace(
+        "\"model_max_length\": 77",
+        &format!("\"model_max_length\": {value}"),
+    );
+    assert!(text.contains(value), "{text}");
+    std::fs::write(&p, text).unwrap();
+    tmp
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+#[test]
+fn unset_model_max_length_loads_as_77() {
+    // transformers writes `VERY_LARGE_INTEGER` (int(1e30)) when a tokenizer has no length; both
+    // spellings must load as CLIP's 77, giving the same ids as the unmodified folder.
+    let want = ClipTextEncoder::load(
+        &CheckpointDir::open(ckpt()).unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ps = prompts("tokenizer.json");
+    let want_ids = want.tokenizer().encode(&ps).unwrap();
+    for value in ["1000000000000000019884624838656", "1e30"] {
+        let tmp = prior_copy_with_model_max_length(value);
+        let dir = CheckpointDir::open(tmp.path()).unwrap();
+        let cfg = dir
+            .component("tokenizer")
+            .unwrap()
+            .tokenizer_config()
+            .unwrap();
+        assert_eq!(cfg.model_max_length, 77, "{value}");
+        let enc = ClipTextEncoder::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(enc.tokenizer().max_length(), 77);
+        let got = enc.tokenizer().encode(&ps).unwrap();
+        assert!(got.input_ids.iter().all(|r| r.len() == 77));
+        assert_eq!(got, want_ids, "{value}");
+        check_tokenizer(enc.tokenizer());
+    }
+}
+
+#[test]
+fn fractional_model_max_length_is_rejected_naming_the_field() {
+    let tmp = prior_copy_with_model_max_length("76.5");
+    let dir = CheckpointDir::open(tmp.path()).unwrap();
+    let err = ClipTextEncoder::load(&dir, DType::F32, &Device::Cpu).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("tokenizer_config.json") && msg.contains("model_max_length"),
+        "{msg}"
+    );
 }

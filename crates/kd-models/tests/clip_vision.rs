@@ -5,8 +5,8 @@ use candle_core::{DType, Device, Tensor};
 use kd_models::clip::{
     convert_to_rgb, decode_image, ClipImageProcessor, ClipVisionModelWithProjection,
 };
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use kd_models::{CheckpointDir, Variant};
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use std::path::PathBuf;
 
 fn ckpt() -> CheckpointDir {

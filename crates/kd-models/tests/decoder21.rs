@@ -6,15 +6,14 @@
 use candle_core::{DType, Device, Tensor};
 use kd_models::config::SchedulerConfig;
 use kd_models::decoder::{
-    prepare_inpaint_mask, run_decoder, DecoderFamily, DecoderMode, DecoderOutcome, DecoderParams,
-    DecoderText21,
+    prepare_inpaint_mask, run_decoder, DecoderInputs, DecoderMode, DecoderOutcome, DecoderText,
 };
 use kd_models::movq::{MovqOptions, VqModel};
 use kd_models::noise::ReplayNoise;
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use kd_models::schedulers;
 use kd_models::unet::UNet2DConditionModel;
 use kd_models::{CheckpointDir, ModelError, Variant};
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -151,7 +150,7 @@ fn run_case(name: &str, dtype: DType, tol: f64) -> (f64, f64) {
             None => movq.encode(get(&r, "init_image")).unwrap(),
         };
         DecoderMode::Img2Img {
-            image_latents: &image_latents,
+            image_latents: image_latents.clone(),
             strength: meta_f64(&meta, &["strength"]),
         }
     } else if inpaint {
@@ -164,15 +163,15 @@ fn run_case(name: &str, dtype: DType, tol: f64) -> (f64, f64) {
             None => prepare_inpaint_mask(get(&r, "mask"), lh, lw).unwrap(),
         };
         DecoderMode::Inpaint {
-            image_latents: &image_latents,
-            mask: &mask,
+            image_latents: image_latents.clone(),
+            mask: mask.clone(),
         }
     } else {
         DecoderMode::Text2Img
     };
-    let params = DecoderParams {
-        image_embeds,
-        negative_image_embeds: get(&r, "negative_image_embeds"),
+    let params = DecoderInputs {
+        image_embeds: image_embeds.clone(),
+        negative_image_embeds: Some(get(&r, "negative_image_embeds").clone()),
         height,
         width,
         movq_scale_factor: movq.scale_factor(),
@@ -182,15 +181,10 @@ fn run_case(name: &str, dtype: DType, tol: f64) -> (f64, f64) {
         latents: if name.contains("img2img") {
             None
         } else {
-            r.get("latents")
+            r.get("latents").cloned()
         },
         mode,
-        family: DecoderFamily::Kandinsky21(DecoderText21 {
-            text_embeds: &te,
-            hidden_states: &hs,
-            negative_text_embeds: &neg_te,
-            negative_hidden_states: &neg_hs,
-        }),
+        text: DecoderText::new(te, hs, neg_te, neg_hs),
     };
     let mut seen = Vec::new();
     let out = run_decoder(&unet, scheduler.as_mut(), &params, &mut noise, &mut |p| {
@@ -296,15 +290,10 @@ fn kd21_family_and_text_errors() {
     let emb = zeros(&[1, 32]);
     let te = zeros(&[1, 32]);
     let hs = zeros(&[1, 77, 48]);
-    let text = DecoderText21 {
-        text_embeds: &te,
-        hidden_states: &hs,
-        negative_text_embeds: &te,
-        negative_hidden_states: &hs,
-    };
-    let base = DecoderParams {
-        image_embeds: &emb,
-        negative_image_embeds: &emb,
+    let text = DecoderText::new(te.clone(), hs.clone(), te.clone(), hs.clone());
+    let base = DecoderInputs {
+        image_embeds: emb.clone(),
+        negative_image_embeds: Some(emb.clone()),
         height: 16,
         width: 16,
         movq_scale_factor: 2,
@@ -313,7 +302,7 @@ fn kd21_family_and_text_errors() {
         num_images_per_prompt: 1,
         latents: None,
         mode: DecoderMode::Text2Img,
-        family: DecoderFamily::Kandinsky21(text),
+        text: text.clone(),
     };
     let cfg = CheckpointDir::open(root().join("kandinsky-2-1"))
         .unwrap()
@@ -321,7 +310,7 @@ fn kd21_family_and_text_errors() {
         .unwrap()
         .scheduler_config()
         .unwrap();
-    let run = |unet: &UNet2DConditionModel, p: &DecoderParams| {
+    let run = |unet: &UNet2DConditionModel, p: &DecoderInputs| {
         let mut s = schedulers::from_config(&cfg, 0.0).unwrap();
         run_decoder(
             unet,
@@ -339,27 +328,27 @@ fn kd21_family_and_text_errors() {
     let m = invalid_message(
         run(
             &unet,
-            &DecoderParams {
-                family: DecoderFamily::Kandinsky22,
-                ..base
+            &DecoderInputs {
+                text: DecoderText::default(),
+                ..base.clone()
             },
         )
         .unwrap_err(),
     );
     assert!(
-        m.starts_with("family") && m.contains("Kandinsky 2.1 UNet") && m.contains("Kandinsky21"),
+        m.starts_with("text_embeds") && m.contains("required") && m.contains("Kandinsky 2.1 UNet"),
         "{m}"
     );
     let bad = zeros(&[1, 77, 32]);
     let m = invalid_message(
         run(
             &unet,
-            &DecoderParams {
-                family: DecoderFamily::Kandinsky21(DecoderText21 {
-                    hidden_states: &bad,
-                    ..text
-                }),
-                ..base
+            &DecoderInputs {
+                text: DecoderText {
+                    text_hidden_states: Some(bad),
+                    ..text.clone()
+                },
+                ..base.clone()
             },
         )
         .unwrap_err(),
@@ -372,12 +361,12 @@ fn kd21_family_and_text_errors() {
     let m = invalid_message(
         run(
             &unet,
-            &DecoderParams {
-                family: DecoderFamily::Kandinsky21(DecoderText21 {
-                    text_embeds: &bad,
-                    ..text
-                }),
-                ..base
+            &DecoderInputs {
+                text: DecoderText {
+                    text_embeds: Some(bad),
+                    ..text.clone()
+                },
+                ..base.clone()
             },
         )
         .unwrap_err(),
@@ -390,12 +379,12 @@ fn kd21_family_and_text_errors() {
     let m = invalid_message(
         run(
             &unet,
-            &DecoderParams {
-                family: DecoderFamily::Kandinsky21(DecoderText21 {
-                    negative_hidden_states: &bad,
-                    ..text
-                }),
-                ..base
+            &DecoderInputs {
+                text: DecoderText {
+                    negative_text_hidden_states: Some(bad),
+                    ..text.clone()
+                },
+                ..base.clone()
             },
         )
         .unwrap_err(),
@@ -414,7 +403,7 @@ fn kd21_family_and_text_errors() {
     let unet22 = UNet2DConditionModel::new(&c.unet_config().unwrap(), vb).unwrap();
     let m = invalid_message(run(&unet22, &base).unwrap_err());
     assert!(
-        m.starts_with("family") && m.contains("Kandinsky 2.2 UNet") && m.contains("Kandinsky22"),
+        m.starts_with("text_embeds") && m.contains("Kandinsky 2.1 only") && m.contains("2.2 UNet"),
         "{m}"
     );
 }

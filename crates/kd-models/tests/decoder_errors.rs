@@ -4,14 +4,14 @@
 use candle_core::{DType, Device, Tensor};
 use kd_models::config::SchedulerConfig;
 use kd_models::decoder::{
-    latent_side, prepare_inpaint_mask, run_decoder, DecoderFamily, DecoderMode, DecoderOutcome,
-    DecoderParams,
+    latent_side, prepare_inpaint_mask, run_decoder, DecoderInputs, DecoderMode, DecoderOutcome,
+    DecoderText,
 };
 use kd_models::noise::SeededNoise;
-use kd_models::parity::fixtures_dir;
 use kd_models::schedulers::{self, Scheduler};
 use kd_models::unet::UNet2DConditionModel;
 use kd_models::{CheckpointDir, ModelError, Result, Variant};
+use kd_testkit::parity::fixtures_dir;
 
 fn load(ckpt: &str) -> (UNet2DConditionModel, SchedulerConfig) {
     let dir = CheckpointDir::open(fixtures_dir().join("tiny").join(ckpt)).unwrap();
@@ -33,10 +33,10 @@ fn zeros(shape: &[usize]) -> Tensor {
     Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap()
 }
 
-fn params<'a>(pos: &'a Tensor, neg: &'a Tensor) -> DecoderParams<'a> {
-    DecoderParams {
-        image_embeds: pos,
-        negative_image_embeds: neg,
+fn params(pos: &Tensor, neg: &Tensor) -> DecoderInputs {
+    DecoderInputs {
+        image_embeds: pos.clone(),
+        negative_image_embeds: Some(neg.clone()),
         height: 16,
         width: 16,
         movq_scale_factor: 2,
@@ -45,14 +45,14 @@ fn params<'a>(pos: &'a Tensor, neg: &'a Tensor) -> DecoderParams<'a> {
         num_images_per_prompt: 1,
         latents: None,
         mode: DecoderMode::Text2Img,
-        family: DecoderFamily::Kandinsky22,
+        text: DecoderText::default(),
     }
 }
 
 fn run(
     unet: &UNet2DConditionModel,
     sched: &SchedulerConfig,
-    p: &DecoderParams,
+    p: &DecoderInputs,
 ) -> Result<DecoderOutcome> {
     let mut s: Box<dyn Scheduler> = schedulers::from_config(sched, 0.0).unwrap();
     run_decoder(
@@ -85,7 +85,7 @@ fn bad_inputs_name_the_field_and_the_allowed_values() {
     );
     let m = message(run(&unet, &sched, &params(&pos, &bad)));
     assert!(
-        m.starts_with("negative_image_embeds") && m.contains("[1, 32]"),
+        m.starts_with("negative_image_embeds") && m.contains("expected (1, 32)"),
         "{m}"
     );
 
@@ -93,13 +93,13 @@ fn bad_inputs_name_the_field_and_the_allowed_values() {
     let m = message(run(
         &unet,
         &sched,
-        &DecoderParams {
-            latents: Some(&lat),
+        &DecoderInputs {
+            latents: Some(lat.clone()),
             ..params(&pos, &neg)
         },
     ));
     assert!(
-        m.starts_with("latents") && m.contains("expected [1, 4, 8, 8]"),
+        m.starts_with("latents") && m.contains("expected (1, 4, 8, 8)"),
         "{m}"
     );
 
@@ -107,13 +107,13 @@ fn bad_inputs_name_the_field_and_the_allowed_values() {
         let m = message(run(
             &unet,
             &sched,
-            &DecoderParams {
+            &DecoderInputs {
                 num_inference_steps: steps,
                 ..params(&pos, &neg)
             },
         ));
         assert!(
-            m.starts_with("num_inference_steps") && m.contains("allowed 1 ..= 1000"),
+            m.starts_with("num_inference_steps") && m.contains("allowed: 1..=1000"),
             "{m}"
         );
     }
@@ -123,25 +123,25 @@ fn bad_inputs_name_the_field_and_the_allowed_values() {
         let m = message(run(
             &unet,
             &sched,
-            &DecoderParams {
+            &DecoderInputs {
                 mode: DecoderMode::Img2Img {
-                    image_latents: &img,
+                    image_latents: img.clone(),
                     strength,
                 },
                 ..params(&pos, &neg)
             },
         ));
         assert!(
-            m.starts_with("strength") && m.contains("allowed (0, 1]"),
+            m.starts_with("strength") && m.contains("allowed: (0, 1]"),
             "{m}"
         );
     }
     let m = message(run(
         &unet,
         &sched,
-        &DecoderParams {
+        &DecoderInputs {
             mode: DecoderMode::Img2Img {
-                image_latents: &img,
+                image_latents: img.clone(),
                 strength: 0.1,
             },
             ..params(&pos, &neg)
@@ -155,9 +155,9 @@ fn bad_inputs_name_the_field_and_the_allowed_values() {
     let m = message(run(
         &unet,
         &sched,
-        &DecoderParams {
+        &DecoderInputs {
             mode: DecoderMode::Img2Img {
-                image_latents: &small,
+                image_latents: small.clone(),
                 strength: 1.0,
             },
             ..params(&pos, &neg)
@@ -173,15 +173,15 @@ fn bad_inputs_name_the_field_and_the_allowed_values() {
     let m = message(run(
         &unet,
         &sched,
-        &DecoderParams {
+        &DecoderInputs {
             mode: DecoderMode::Inpaint {
-                image_latents: &img,
-                mask: &mask,
+                image_latents: img.clone(),
+                mask: mask.clone(),
             },
             ..params(&pos, &neg)
         },
     ));
-    assert!(m.starts_with("mode") && m.contains("9-channel"), "{m}");
+    assert!(m.starts_with("mask") && m.contains("9-channel"), "{m}");
 }
 
 #[test]
@@ -193,10 +193,10 @@ fn inpaint_mask_of_the_wrong_size_is_rejected() {
     let m = message(run(
         &unet,
         &sched,
-        &DecoderParams {
+        &DecoderInputs {
             mode: DecoderMode::Inpaint {
-                image_latents: &img,
-                mask: &mask,
+                image_latents: img.clone(),
+                mask: mask.clone(),
             },
             ..params(&pos, &neg)
         },
@@ -218,7 +218,7 @@ fn callback_cancels_within_one_step_and_sees_progress() {
     let (pos, neg) = (zeros(&[1, 32]), zeros(&[1, 32]));
     let mut s = schedulers::from_config(&sched, 0.0).unwrap();
     let mut calls = Vec::new();
-    let p = DecoderParams {
+    let p = DecoderInputs {
         num_inference_steps: 5,
         ..params(&pos, &neg)
     };

@@ -4,14 +4,14 @@
 use candle_core::{DType, Device, Tensor};
 use kd_models::config::SchedulerConfig;
 use kd_models::decoder::{
-    prepare_inpaint_mask, prepare_mask, run_decoder, DecoderFamily, DecoderMode, DecoderOutcome,
-    DecoderParams,
+    prepare_inpaint_mask, prepare_mask, run_decoder, DecoderInputs, DecoderMode, DecoderOutcome,
+    DecoderText,
 };
 use kd_models::noise::ReplayNoise;
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use kd_models::schedulers;
 use kd_models::unet::UNet2DConditionModel;
 use kd_models::{CheckpointDir, Variant};
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -65,33 +65,33 @@ fn run_case_dtype(size: &str, name: &str, dtype: DType, tol: f64) {
     let mask = inpaint_mask(&inp);
     let mode = if name.contains("img2img") {
         DecoderMode::Img2Img {
-            image_latents: get(&inp, "img2img_image_latents"),
+            image_latents: get(&inp, "img2img_image_latents").clone(),
             strength: meta["strength"].as_f64().unwrap(),
         }
     } else if name.contains("inpaint") {
         DecoderMode::Inpaint {
-            image_latents: get(&inp, "inpaint_image_latents"),
-            mask: &mask,
+            image_latents: get(&inp, "inpaint_image_latents").clone(),
+            mask: mask.clone(),
         }
     } else if name.contains("controlnet") {
         DecoderMode::Controlnet {
-            hint: get(&inp, "controlnet_hint"),
+            hint: get(&inp, "controlnet_hint").clone(),
         }
     } else {
         DecoderMode::Text2Img
     };
-    let params = DecoderParams {
-        image_embeds: get(&r, "image_embeds"),
-        negative_image_embeds: get(&r, "negative_image_embeds"),
+    let params = DecoderInputs {
+        image_embeds: get(&r, "image_embeds").clone(),
+        negative_image_embeds: Some(get(&r, "negative_image_embeds").clone()),
         height: meta["height"].as_u64().unwrap() as usize,
         width: meta["width"].as_u64().unwrap() as usize,
         movq_scale_factor: sf,
         num_inference_steps: meta["num_inference_steps"].as_u64().unwrap() as usize,
         guidance_scale: meta["guidance_scale"].as_f64().unwrap(),
         num_images_per_prompt: meta["num_images_per_prompt"].as_u64().unwrap() as usize,
-        latents: r.get("latents"),
+        latents: r.get("latents").cloned(),
         mode,
-        family: DecoderFamily::Kandinsky22,
+        text: DecoderText::default(),
     };
     let mut seen = Vec::new();
     let out = run_decoder(&unet, scheduler.as_mut(), &params, &mut noise, &mut |p| {

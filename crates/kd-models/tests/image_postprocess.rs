@@ -6,8 +6,8 @@ use kd_models::image::{
     preprocess_inpaint, MaskImage, OutputFormat,
 };
 use kd_models::movq::{MovqOptions, VqModel};
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use kd_models::{CheckpointDir, ModelError};
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 
 fn u8s(t: &Tensor) -> Vec<u8> {
     t.flatten_all().unwrap().to_vec1::<u8>().unwrap()

@@ -8,8 +8,8 @@ use kd_models::image::{
     Pixels,
 };
 use kd_models::movq::{MovqOptions, VqModel};
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use kd_models::CheckpointDir;
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 
 fn refs() -> std::collections::HashMap<String, Tensor> {
     load_reference(fixtures_dir().join("tiny/reference/decoder/image_preprocess.safetensors"))

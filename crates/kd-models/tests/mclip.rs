@@ -6,8 +6,8 @@ use candle_core::{DType, Device, Tensor};
 use kd_models::mclip::{
     MClipConfig, MultilingualTextEncoder, XlmrBatch, XlmrTokenizer, MAX_LENGTH,
 };
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use kd_models::{CheckpointDir, ModelError};
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 

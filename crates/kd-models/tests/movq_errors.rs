@@ -2,8 +2,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use kd_models::movq::{MovqOptions, VqModel};
-use kd_models::parity::fixtures_dir;
 use kd_models::{CheckpointDir, ModelError};
+use kd_testkit::parity::fixtures_dir;
 
 fn movq() -> VqModel {
     let ckpt = CheckpointDir::open(fixtures_dir().join("deep/kandinsky-2-2-decoder")).unwrap();

@@ -3,8 +3,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use kd_models::movq::{MovqOptions, VqModel};
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference};
 use kd_models::{CheckpointDir, Variant, Weights};
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference};
 use std::collections::HashMap;
 
 #[test]

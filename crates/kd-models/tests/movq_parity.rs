@@ -2,8 +2,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use kd_models::movq::{MovqOptions, VqModel};
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use kd_models::CheckpointDir;
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use std::collections::HashMap;
 
 const TOL: f64 = 1e-4;

@@ -4,14 +4,14 @@
 
 use candle_core::{DType, Device};
 use kd_models::config::SchedulerConfig;
-use kd_models::decoder::{run_decoder, DecoderFamily, DecoderMode, DecoderParams, DecoderText21};
+use kd_models::decoder::{run_decoder, DecoderInputs, DecoderMode, DecoderText};
 use kd_models::mclip::MultilingualTextEncoder;
 use kd_models::movq::{MovqOptions, VqModel};
 use kd_models::noise::ReplayNoise;
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use kd_models::schedulers;
 use kd_models::unet::UNet2DConditionModel;
 use kd_models::{CheckpointDir, Variant};
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 
 fn strings(v: &serde_json::Value) -> Vec<String> {
     v.as_array()
@@ -73,23 +73,23 @@ fn text_to_image_from_prompts_matches_diffusers() {
         let sched: SchedulerConfig =
             serde_json::from_value(meta["scheduler_config"].clone()).unwrap();
         let mut scheduler = schedulers::from_config(&sched, 0.0).unwrap();
-        let params = DecoderParams {
-            image_embeds: get(&r, "image_embeds"),
-            negative_image_embeds: get(&r, "negative_image_embeds"),
+        let params = DecoderInputs {
+            image_embeds: get(&r, "image_embeds").clone(),
+            negative_image_embeds: Some(get(&r, "negative_image_embeds").clone()),
             height: meta["height"].as_u64().unwrap() as usize,
             width: meta["width"].as_u64().unwrap() as usize,
             movq_scale_factor: movq.scale_factor(),
             num_inference_steps: meta["num_inference_steps"].as_u64().unwrap() as usize,
             guidance_scale: meta["guidance_scale"].as_f64().unwrap(),
             num_images_per_prompt: n,
-            latents: Some(get(&r, "latents")),
+            latents: Some(get(&r, "latents").clone()),
             mode: DecoderMode::Text2Img,
-            family: DecoderFamily::Kandinsky21(DecoderText21 {
-                text_embeds: &pos.text_embeds,
-                hidden_states: &pos.hidden_states,
-                negative_text_embeds: &neg.text_embeds,
-                negative_hidden_states: &neg.hidden_states,
-            }),
+            text: DecoderText::new(
+                pos.text_embeds.clone(),
+                pos.hidden_states.clone(),
+                neg.text_embeds.clone(),
+                neg.hidden_states.clone(),
+            ),
         };
         let latents = run_decoder(
             &unet,

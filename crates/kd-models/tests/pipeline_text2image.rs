@@ -2,10 +2,10 @@
 //! and each image of a batch equals that image generated alone with its seed.
 
 use candle_core::{DType, Device};
-use kd_models::parity::{fixtures_dir, rel_l2};
 use kd_models::pipeline::{Text2Image, Text2ImageRequest};
 use kd_models::prior::SampleParams;
 use kd_models::CheckpointDir;
+use kd_testkit::parity::{fixtures_dir, rel_l2};
 
 fn pipeline() -> Text2Image {
     let prior = CheckpointDir::open(fixtures_dir().join("tiny/kandinsky-2-2-prior")).unwrap();

@@ -3,10 +3,10 @@
 
 use candle_core::{DType, Device, Tensor};
 use kd_models::noise::ReplayNoise;
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use kd_models::prior::{PriorOptions, PriorRequest, PriorStack};
 use kd_models::CheckpointDir;
 use kd_models::ModelFamily;
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use serde_json::Value;
 use std::collections::HashMap;
 

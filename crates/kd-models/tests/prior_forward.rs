@@ -4,10 +4,10 @@
 use candle_core::{DType, Device, Tensor};
 use kd_models::config::SchedulerConfig;
 use kd_models::noise::ReplayNoise;
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use kd_models::prior::transformer::PriorTransformer;
 use kd_models::prior::unclip::UnClipScheduler;
 use kd_models::{CheckpointDir, Variant};
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use std::path::PathBuf;
 
 fn ckpt() -> CheckpointDir {

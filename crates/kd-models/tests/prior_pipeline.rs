@@ -4,12 +4,12 @@
 use candle_core::{DType, Device, Tensor};
 use kd_models::clip::decode_image;
 use kd_models::noise::{ReplayNoise, SeededNoise};
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use kd_models::prior::{
     Emb2EmbImage, Emb2EmbRequest, FusionItem, FusionOptions, PriorOptions, PriorOutput,
     PriorRequest, PriorStack,
 };
 use kd_models::CheckpointDir;
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::PathBuf;

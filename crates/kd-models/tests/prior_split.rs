@@ -5,9 +5,9 @@
 use candle_core::{DType, Device, Tensor};
 use kd_models::clip::{decode_image, ClipTextEncoder, TextConditioning};
 use kd_models::noise::{ReplayNoise, SeededNoise};
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use kd_models::prior::{FusionInput, ImagePrior, SampleParams};
 use kd_models::CheckpointDir;
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;

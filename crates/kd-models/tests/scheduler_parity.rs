@@ -4,9 +4,9 @@
 use candle_core::Tensor;
 use kd_models::config::SchedulerConfig;
 use kd_models::noise::ReplayNoise;
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use kd_models::schedulers::{self, Scheduler};
 use kd_models::ModelError;
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use std::path::PathBuf;
 
 const VARIANTS: [&str; 12] = [

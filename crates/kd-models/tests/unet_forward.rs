@@ -1,9 +1,9 @@
 //! UNet forward parity against the diffusers references (`tools/reference/DECODER.md`).
 
 use candle_core::{DType, Device, Tensor};
-use kd_models::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use kd_models::unet::{UNet2DConditionModel, UNetConditioning};
 use kd_models::{CheckpointDir, ModelError, Variant};
+use kd_testkit::parity::{assert_close, fixtures_dir, get, load_reference, rel_l2};
 use std::collections::HashMap;
 
 fn load_unet(size: &str, ckpt: &str, dtype: DType) -> UNet2DConditionModel {

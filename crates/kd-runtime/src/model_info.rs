@@ -166,7 +166,7 @@ pub fn check_requested_dtype(
 #[cfg(all(test, feature = "models"))]
 mod tests {
     use super::*;
-    use kd_models::parity::fixtures_dir;
+    use kd_testkit::parity::fixtures_dir;
 
     #[test]
     fn revision_is_stable_and_depends_on_the_components() {

@@ -1,11 +1,13 @@
 //! Test utilities shared by the workspace's tests (kept out of the libraries so they do not
 //! slow every build): an in-process server on loopback ports ([`TestServer`]), waiting for
 //! `grpc.health.v1` SERVING, scraping `/metrics`, wire tensors, the committed fixtures and a real
-//! `redis-server`.
+//! `redis-server`, and the parity helpers ([`parity`]: `rel_l2`, references) every model test
+//! measures against the diffusers fixtures with.
 #![forbid(unsafe_code)]
 
 mod health;
 mod metrics;
+pub mod parity;
 mod redis;
 mod server;
 mod wire;

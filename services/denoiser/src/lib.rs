@@ -8,9 +8,7 @@ pub mod model;
 pub mod request;
 
 use candle_core::Tensor;
-use kd_models::decoder::{
-    run_decoder, DecoderFamily, DecoderMode, DecoderOutcome, DecoderParams, DecoderText21,
-};
+use kd_models::decoder::{run_decoder, DecoderOutcome};
 use kd_models::noise::SeededNoise;
 use kd_proto::to_wire;
 use kd_proto::v1::{self, denoise_event, denoiser_server::DenoiserServer, DenoiseEvent};
@@ -20,7 +18,7 @@ use kd_runtime::{
     blocking, Call, Launch, LaunchError, Listeners, Metrics, ServiceError, Shutdown, Sink, Stage,
 };
 use model::DecoderModel;
-use request::{Limits, Mode, Plan};
+use request::{Limits, Plan};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -113,45 +111,6 @@ pub fn denoise(
     sink: &Sink<DenoiseEvent>,
     metrics: &Metrics,
 ) -> Result<Tensor, ServiceError> {
-    let mode = match &plan.mode {
-        Mode::Text2Img => DecoderMode::Text2Img,
-        Mode::Img2Img {
-            image_latents,
-            strength,
-        } => DecoderMode::Img2Img {
-            image_latents,
-            strength: *strength,
-        },
-        Mode::Inpaint {
-            image_latents,
-            mask,
-        } => DecoderMode::Inpaint {
-            image_latents,
-            mask,
-        },
-        Mode::Controlnet { hint } => DecoderMode::Controlnet { hint },
-    };
-    let params = DecoderParams {
-        image_embeds: &plan.image_embeds,
-        negative_image_embeds: &plan.negative_image_embeds,
-        height: plan.height,
-        width: plan.width,
-        movq_scale_factor: model.movq_scale_factor,
-        num_inference_steps: plan.steps,
-        guidance_scale: plan.guidance_scale,
-        num_images_per_prompt: 1,
-        latents: plan.latents.as_ref(),
-        mode,
-        family: match &plan.text {
-            None => DecoderFamily::Kandinsky22,
-            Some(t) => DecoderFamily::Kandinsky21(DecoderText21 {
-                text_embeds: &t.text_embeds,
-                hidden_states: &t.hidden_states,
-                negative_text_embeds: &t.negative_text_embeds,
-                negative_hidden_states: &t.negative_hidden_states,
-            }),
-        },
-    };
     let mut noise = SeededNoise::new(&plan.seeds);
     let preview_every = plan.preview_every;
     let total = plan.steps;
@@ -159,7 +118,7 @@ pub fn denoise(
     let outcome = run_decoder(
         &model.unet,
         plan.scheduler.as_mut(),
-        &params,
+        &plan.inputs,
         &mut noise,
         &mut |p| {
             metrics.steps(1);

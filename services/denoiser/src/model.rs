@@ -3,9 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use kd_models::config::SchedulerConfig;
-use kd_models::decoder::{
-    latent_side, run_decoder, DecoderFamily, DecoderMode, DecoderParams, DecoderText21,
-};
+use kd_models::decoder::{latent_side, run_decoder, DecoderInputs, DecoderMode, DecoderText};
 use kd_models::noise::SeededNoise;
 use kd_models::schedulers::{self, Scheduler};
 use kd_models::unet::UNet2DConditionModel;
@@ -164,25 +162,26 @@ impl DecoderModel {
         let hint = Tensor::zeros((1, 3, 8 * lh, 8 * lw), DType::F32, dev).map_err(internal)?;
         // Kandinsky 2.1: zero text conditioning of the UNet's widths (one 77-token row).
         let text = match (self.unet.text_embed_dim(), self.unet.text_hidden_dim()) {
-            (Some(e), Some(hd)) => Some((
-                Tensor::zeros((1, e), DType::F32, dev).map_err(internal)?,
-                Tensor::zeros((1, 77, hd), DType::F32, dev).map_err(internal)?,
-            )),
-            _ => None,
+            (Some(e), Some(hd)) => {
+                let te = Tensor::zeros((1, e), DType::F32, dev).map_err(internal)?;
+                let hs = Tensor::zeros((1, 77, hd), DType::F32, dev).map_err(internal)?;
+                DecoderText::new(te.clone(), hs.clone(), te, hs)
+            }
+            _ => DecoderText::default(),
         };
         let mode = if self.is_inpaint() {
             DecoderMode::Inpaint {
-                image_latents: &image_latents,
-                mask: &mask,
+                image_latents,
+                mask,
             }
         } else if self.unet.takes_hint() {
-            DecoderMode::Controlnet { hint: &hint }
+            DecoderMode::Controlnet { hint }
         } else {
             DecoderMode::Text2Img
         };
-        let params = DecoderParams {
-            image_embeds: &embeds,
-            negative_image_embeds: &embeds,
+        let inputs = DecoderInputs {
+            image_embeds: embeds.clone(),
+            negative_image_embeds: Some(embeds),
             height: h,
             width: w,
             movq_scale_factor: self.movq_scale_factor,
@@ -191,22 +190,14 @@ impl DecoderModel {
             num_images_per_prompt: 1,
             latents: None,
             mode,
-            family: match &text {
-                None => DecoderFamily::Kandinsky22,
-                Some((e, h)) => DecoderFamily::Kandinsky21(DecoderText21 {
-                    text_embeds: e,
-                    hidden_states: h,
-                    negative_text_embeds: e,
-                    negative_hidden_states: h,
-                }),
-            },
+            text,
         };
         let mut scheduler = self.scheduler(v1::Scheduler::Unspecified)?;
         let mut noise = SeededNoise::new(&[0]);
         run_decoder(
             &self.unet,
             scheduler.as_mut(),
-            &params,
+            &inputs,
             &mut noise,
             &mut |_| true,
         )?;

@@ -7,12 +7,12 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use kd_models::config::SchedulerConfig;
-use kd_models::decoder::{run_decoder, DecoderFamily, DecoderMode, DecoderOutcome, DecoderParams};
+use kd_models::decoder::{run_decoder, DecoderInputs, DecoderMode, DecoderOutcome, DecoderText};
 use kd_models::noise::SeededNoise;
-use kd_models::parity::{get, load_reference, rel_l2};
 use kd_models::unet::UNet2DConditionModel;
 use kd_models::{schedulers, CheckpointDir, Variant};
 use kd_proto::v1;
+use kd_testkit::parity::{get, load_reference, rel_l2};
 use kd_testkit::{fixtures_dir, metric, scrape, unwire, wire};
 
 /// The in-process loop exactly as a library user runs it: checkpoint UNet (f32), the
@@ -54,9 +54,9 @@ fn in_process(dir: &std::path::Path, req: &v1::DenoiseRequest) -> Tensor {
             .unwrap(),
     );
     let neg = neg.repeat((pos.dim(0).unwrap(), 1)).unwrap();
-    let params = DecoderParams {
-        image_embeds: &pos,
-        negative_image_embeds: &neg,
+    let params = DecoderInputs {
+        image_embeds: pos,
+        negative_image_embeds: Some(neg),
         height: req.height as usize,
         width: req.width as usize,
         movq_scale_factor: sf,
@@ -65,7 +65,7 @@ fn in_process(dir: &std::path::Path, req: &v1::DenoiseRequest) -> Tensor {
         num_images_per_prompt: 1,
         latents: None,
         mode: DecoderMode::Text2Img,
-        family: DecoderFamily::Kandinsky22,
+        text: DecoderText::default(),
     };
     let mut noise = SeededNoise::new(&req.seeds);
     match run_decoder(&unet, scheduler.as_mut(), &params, &mut noise, &mut |_| {

@@ -6,8 +6,8 @@ mod common;
 
 use candle_core::Tensor;
 use common::*;
-use kd_models::parity::{get, load_reference, rel_l2};
 use kd_proto::v1;
+use kd_testkit::parity::{get, load_reference, rel_l2};
 use kd_testkit::{fixtures_dir, unwire, wire};
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -2,10 +2,10 @@
 //! are spread over both, and when one replica stops the calls keep succeeding on the other.
 
 use kd_gateway::balance::Pool;
-use kd_models::parity::fixtures_dir;
 use kd_proto::v1::{self, movq_client::MovqClient};
 use kd_runtime::Listeners;
 use kd_runtime::Shutdown;
+use kd_testkit::parity::fixtures_dir;
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -2,11 +2,11 @@
 //! encode parity with diffusers, image outputs, bad input, metrics.
 
 use candle_core::{Device, Tensor};
-use kd_models::parity::{assert_close, get, load_reference};
 use kd_movq::{run_with_listeners, Config};
 use kd_proto::v1::{self, movq_client::MovqClient};
 use kd_runtime::Listeners;
 use kd_runtime::Shutdown;
+use kd_testkit::parity::{assert_close, get, load_reference};
 use kd_testkit::{fixtures_dir, scrape, stage_args, unwire, wait_serving, wire, TestServer};
 use std::time::Duration;
 use tonic::transport::Channel;

@@ -3,12 +3,12 @@
 //! (`tests/fixtures/kd21/reference/text_encoder`); the family comes from the folders.
 
 use clap::Parser;
-use kd_models::parity::{get, load_reference, rel_l2};
 use kd_proto::v1;
 use kd_proto::v1::text_encoder_client::TextEncoderClient;
 use kd_runtime::launch::LaunchError;
 use kd_runtime::Listeners;
 use kd_runtime::Shutdown;
+use kd_testkit::parity::{get, load_reference, rel_l2};
 use kd_testkit::{fixtures_dir, stage_args, unwire, wait_serving, TestServer};
 use kd_text_encoder::{run_with_listeners, Config};
 use std::path::{Path, PathBuf};

@@ -57,8 +57,8 @@ impl MultilingualTextEncoder {
     /// Loads `tokenizer/` and `text_encoder/` of a Kandinsky 2.1 decoder folder in `dtype` on
     /// `device`.
     pub fn load(dir: &CheckpointDir, dtype: DType, device: &Device) -> Result<Self> {
-        // Not `ComponentDir::tokenizer_config`: XLM-R folders may store `model_max_length` as
-        // 1e30, and diffusers ignores it (always 77).
+        // Not `ComponentDir::tokenizer_config`: diffusers ignores XLM-R's `model_max_length`
+        // (512 or transformers' unset 1e30) and always pads to 77.
         let tok = dir.component("tokenizer")?;
         expect_class(dir, &tok, TOKENIZER_CLASSES)?;
         let tokenizer = XlmrTokenizer::from_dir(&tok.path)?;

@@ -4,19 +4,16 @@
 //! goes away or its deadline passes.
 #![forbid(unsafe_code)]
 
+pub mod denoise;
 pub mod model;
 pub mod request;
 
-use candle_core::Tensor;
-use kd_models::decoder::{run_decoder, DecoderOutcome};
-use kd_models::noise::SeededNoise;
+use denoise::denoise;
 use kd_proto::to_wire;
 use kd_proto::v1::{self, denoise_event, denoiser_server::DenoiserServer, DenoiseEvent};
 use kd_runtime::config::{CommonArgs, StageArgs};
 use kd_runtime::stage::EventStream;
-use kd_runtime::{
-    blocking, Call, Launch, LaunchError, Listeners, Metrics, ServiceError, Shutdown, Sink, Stage,
-};
+use kd_runtime::{blocking, Call, Launch, LaunchError, Listeners, Shutdown, Sink, Stage};
 use model::DecoderModel;
 use request::{Limits, Plan};
 use std::sync::Arc;
@@ -74,7 +71,7 @@ impl v1::denoiser_server::Denoiser for Denoiser {
     ) -> Result<Response<EventStream<DenoiseEvent>>, Status> {
         let call = Call::of(&request);
         let req = request.into_inner();
-        let limits = self.limits.clone();
+        let limits = self.limits;
         let check = move |m: &DecoderModel| request::plan(m, &limits, &req);
         let metrics = self.stage.metrics.clone();
         let run = |m: Arc<DecoderModel>, plan: Plan, sink: Sink<DenoiseEvent>| async move {
@@ -102,76 +99,6 @@ impl v1::denoiser_server::Denoiser for Denoiser {
         };
         self.stage.stream("Denoise", call, check, run).await
     }
-}
-
-/// Runs one request's loop on the calling (blocking-pool) thread.
-pub fn denoise(
-    model: &DecoderModel,
-    mut plan: Plan,
-    sink: &Sink<DenoiseEvent>,
-    metrics: &Metrics,
-) -> Result<Tensor, ServiceError> {
-    let mut noise = SeededNoise::new(&plan.seeds);
-    let preview_every = plan.preview_every;
-    let total = plan.steps;
-    let mut stopped = None;
-    let outcome = run_decoder(
-        &model.unet,
-        plan.scheduler.as_mut(),
-        &plan.inputs,
-        &mut noise,
-        &mut |p| {
-            metrics.steps(1);
-            match progress(&p, preview_every, sink) {
-                Ok(()) => true,
-                Err(e) => {
-                    stopped = Some(e);
-                    false
-                }
-            }
-        },
-    )?;
-    if let Some(e) = stopped {
-        return Err(e);
-    }
-    match outcome {
-        DecoderOutcome::Finished(latents) => {
-            sink.cancel()
-                .check_at(format_args!("after {total} of {total} denoising steps"))?;
-            Ok(latents.to_dtype(candle_core::DType::F32)?)
-        }
-        DecoderOutcome::Cancelled { steps_done } => Err(ServiceError::Internal(format!(
-            "the loop stopped after {steps_done} of {total} steps without a reason"
-        ))),
-    }
-}
-
-/// Streams one step's progress (with a preview every `preview_every` steps), then checks
-/// whether the call should stop.
-fn progress(
-    p: &kd_models::decoder::StepProgress<'_>,
-    preview_every: usize,
-    sink: &Sink<DenoiseEvent>,
-) -> Result<(), ServiceError> {
-    let step = p.step + 1;
-    let preview = if preview_every > 0 && step % preview_every == 0 {
-        // DPM-Solver++ has no x0 estimate: the current latents stand in.
-        Some(to_wire(p.pred_original_sample.unwrap_or(p.latents))?)
-    } else {
-        None
-    };
-    sink.send_blocking(DenoiseEvent {
-        event: Some(denoise_event::Event::Progress(v1::DenoiseProgress {
-            step: step as u32,
-            total_steps: p.total as u32,
-            preview_latents: preview,
-        })),
-    })?;
-    if step < p.total {
-        sink.cancel()
-            .check_at(format_args!("after {step} of {} denoising steps", p.total))?;
-    }
-    Ok(())
 }
 
 /// Serves on `listeners` until `shutdown`: NOT_SERVING while the model loads and warms up

@@ -102,6 +102,29 @@ async fn one_request_is_one_trace_across_gateway_and_stages() {
         );
     }
 
+    // The gateway makes one client span per stage call, parent of the stage's server span.
+    for (client, server) in [
+        ("text_encoder.Encode", "/kandinsky.v1.TextEncoder/Encode"),
+        ("prior.Sample", "/kandinsky.v1.Prior/Sample"),
+        (
+            "prior.ZeroImageEmbedding",
+            "/kandinsky.v1.Prior/ZeroImageEmbedding",
+        ),
+        ("denoiser.Denoise", "/kandinsky.v1.Denoiser/Denoise"),
+        ("movq.Decode", "/kandinsky.v1.Movq/Decode"),
+    ] {
+        let s = server_span(server);
+        let parent = in_trace
+            .iter()
+            .find(|p| p.span_id == s.parent_span_id)
+            .expect("the server span's parent is in the trace");
+        assert_eq!(parent.name, client, "{server}'s parent");
+        assert_eq!(
+            parent.kind, 3,
+            "{client} is a client span (SPAN_KIND_CLIENT)"
+        );
+    }
+
     // Probes are not traced: the harness polled Health/Check on every service.
     assert!(
         !spans

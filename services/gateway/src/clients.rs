@@ -3,12 +3,16 @@
 //! [`ServiceError`]s naming the stage.
 
 use crate::balance::Pool;
-use kd_proto::v1::{self, GenerateEvent};
+use kd_proto::v1::{
+    self, denoiser_client::DenoiserClient, movq_client::MovqClient, prior_client::PriorClient,
+    stage_info_client::StageInfoClient, text_encoder_client::TextEncoderClient, GenerateEvent,
+};
 use kd_runtime::ServiceError;
 use std::time::Instant;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Request, Status, Streaming};
+use tracing::Instrument;
 
 /// Largest message to or from a stage: text conditionings and full-resolution latents, masks
 /// and previews exceed tonic's 4 MiB default.
@@ -72,10 +76,11 @@ impl Ctx {
     }
 }
 
-/// One stage call on a replica of `pool` (retried once on another replica when UNAVAILABLE),
-/// carrying the remaining deadline and the trace context.
-pub(crate) async fn call<M, R, F, Fut>(
+/// One stage call of `method` on a replica of `pool` (retried once on another replica when
+/// UNAVAILABLE), in a client span, carrying the remaining deadline and the trace context.
+async fn call<M, R, F, Fut>(
     pool: &Pool,
+    method: &'static str,
     ctx: &Ctx,
     msg: M,
     f: F,
@@ -85,7 +90,15 @@ where
     F: Fn(Channel, Request<M>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
 {
+    let span = tracing::info_span!(
+        "grpc.client",
+        otel.name = %format_args!("{}.{method}", pool.stage()),
+        otel.kind = "client",
+        rpc.service = pool.stage(),
+        rpc.method = method,
+    );
     pool.call(|ch| {
+        // Inside the client span: the stage's server span becomes its child.
         let fut = ctx.request(msg.clone()).map(|r| f(ch, r));
         async move {
             match fut {
@@ -94,8 +107,176 @@ where
             }
         }
     })
+    .instrument(span)
     .await
     .map_err(stage_err(pool.stage()))
+}
+
+/// Typed calls to one stage set: each applies the message limits, the remaining deadline, the
+/// trace context (one client span per call), the error mapping naming the stage and the check
+/// of the fields the gateway needs from the answer, once.
+pub struct StageClients<'a> {
+    /// The four replica pools.
+    pub pools: [&'a Pool; 4],
+    /// The request's deadline and event sink.
+    pub ctx: &'a Ctx,
+}
+
+impl StageClients<'_> {
+    fn text_encoder(&self) -> &Pool {
+        self.pools[0]
+    }
+    fn prior(&self) -> &Pool {
+        self.pools[1]
+    }
+    fn denoiser(&self) -> &Pool {
+        self.pools[2]
+    }
+    fn movq(&self) -> &Pool {
+        self.pools[3]
+    }
+
+    /// `TextEncoder.Encode`.
+    pub async fn encode(
+        &self,
+        req: v1::EncodeTextRequest,
+    ) -> Result<v1::EncodeTextResponse, ServiceError> {
+        let r = call(
+            self.text_encoder(),
+            "Encode",
+            self.ctx,
+            req,
+            |ch, r| async move { limits!(TextEncoderClient::new(ch)).encode(r).await },
+        )
+        .await?;
+        if r.prior_conditioning.is_none() {
+            return Err(missing("text_encoder", "prior_conditioning"));
+        }
+        Ok(r)
+    }
+
+    /// `Prior.Sample`: the image embeddings.
+    pub async fn sample(&self, req: v1::PriorSampleRequest) -> Result<v1::Tensor, ServiceError> {
+        call(self.prior(), "Sample", self.ctx, req, |ch, r| async move {
+            limits!(PriorClient::new(ch)).sample(r).await
+        })
+        .await?
+        .image_embeds
+        .ok_or_else(|| missing("prior", "image_embeds"))
+    }
+
+    /// `Prior.Interpolate`: the fused image embedding.
+    pub async fn interpolate(
+        &self,
+        req: v1::InterpolateRequest,
+    ) -> Result<v1::Tensor, ServiceError> {
+        call(
+            self.prior(),
+            "Interpolate",
+            self.ctx,
+            req,
+            |ch, r| async move { limits!(PriorClient::new(ch)).interpolate(r).await },
+        )
+        .await?
+        .image_embeds
+        .ok_or_else(|| missing("prior", "image_embeds"))
+    }
+
+    /// `Prior.EncodeImages`: the images' CLIP embeddings.
+    pub async fn encode_images(
+        &self,
+        req: v1::EncodeImagesRequest,
+    ) -> Result<v1::Tensor, ServiceError> {
+        call(
+            self.prior(),
+            "EncodeImages",
+            self.ctx,
+            req,
+            |ch, r| async move { limits!(PriorClient::new(ch)).encode_images(r).await },
+        )
+        .await?
+        .image_embeds
+        .ok_or_else(|| missing("prior", "image_embeds"))
+    }
+
+    /// `Prior.ZeroImageEmbedding`.
+    pub async fn zero_image_embedding(&self) -> Result<v1::Tensor, ServiceError> {
+        let req = v1::ZeroImageEmbeddingRequest {};
+        call(
+            self.prior(),
+            "ZeroImageEmbedding",
+            self.ctx,
+            req,
+            |ch, r| async move { limits!(PriorClient::new(ch)).zero_image_embedding(r).await },
+        )
+        .await?
+        .image_embeds
+        .ok_or_else(|| missing("prior", "image_embeds"))
+    }
+
+    /// `Denoiser.Denoise`: the event stream (read it with [`StageClients::next_event`]).
+    pub async fn denoise(
+        &self,
+        req: v1::DenoiseRequest,
+    ) -> Result<Streaming<v1::DenoiseEvent>, ServiceError> {
+        call(
+            self.denoiser(),
+            "Denoise",
+            self.ctx,
+            req,
+            |ch, r| async move { limits!(DenoiserClient::new(ch)).denoise(r).await },
+        )
+        .await
+    }
+
+    /// The next event of a denoiser stream (a broken stream is the stage going away).
+    pub async fn next_event(
+        stream: &mut Streaming<v1::DenoiseEvent>,
+    ) -> Result<Option<v1::DenoiseEvent>, ServiceError> {
+        stream.message().await.map_err(stage_err("denoiser"))
+    }
+
+    /// `Movq.Encode`: the init image's latents and, when masks were sent, the repaint mask.
+    pub async fn encode_image(
+        &self,
+        req: v1::EncodeRequest,
+    ) -> Result<(v1::Tensor, Option<v1::Tensor>), ServiceError> {
+        let want_mask = !req.masks.is_empty();
+        let r = call(self.movq(), "Encode", self.ctx, req, |ch, r| async move {
+            limits!(MovqClient::new(ch)).encode(r).await
+        })
+        .await?;
+        let latents = r.latents.ok_or_else(|| missing("movq", "latents"))?;
+        if want_mask && r.mask.is_none() {
+            return Err(missing("movq", "mask"));
+        }
+        Ok((latents, r.mask))
+    }
+
+    /// `Movq.Decode`: the encoded images.
+    pub async fn decode(&self, req: v1::DecodeRequest) -> Result<Vec<v1::Image>, ServiceError> {
+        Ok(
+            call(self.movq(), "Decode", self.ctx, req, |ch, r| async move {
+                limits!(MovqClient::new(ch)).decode(r).await
+            })
+            .await?
+            .images,
+        )
+    }
+
+    /// `StageInfo.Info` of each of the four stages, with the stage's name.
+    pub async fn infos(&self) -> Result<Vec<(&'static str, v1::ModelInfo)>, ServiceError> {
+        let mut infos = Vec::with_capacity(self.pools.len());
+        for pool in self.pools {
+            let req = v1::StageInfoRequest {};
+            let info = call(pool, "Info", self.ctx, req, |ch, r| async move {
+                StageInfoClient::new(ch).info(r).await
+            })
+            .await?;
+            infos.push((pool.stage(), info));
+        }
+        Ok(infos)
+    }
 }
 
 /// Whether `s` is the connection failing (an h2 or transport error, as when a stage dies
@@ -126,7 +307,7 @@ pub(crate) fn stage_err(stage: &'static str) -> impl Fn(Status) -> ServiceError 
     }
 }
 
-pub(crate) fn missing(stage: &'static str, field: &str) -> ServiceError {
+fn missing(stage: &'static str, field: &str) -> ServiceError {
     ServiceError::Internal(format!("stage {stage} returned no `{field}`"))
 }
 

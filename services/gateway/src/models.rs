@@ -3,8 +3,8 @@
 //! (what a request that names no model gets); a request naming a model goes to the set serving it.
 
 use crate::balance::Pool;
-use crate::clients::{call, Ctx};
-use kd_proto::v1::{self, stage_info_client::StageInfoClient};
+use crate::clients::{Ctx, StageClients};
+use kd_proto::v1;
 use kd_runtime::model_info::model_name;
 use kd_runtime::ServiceError;
 use std::time::Instant;
@@ -19,6 +19,16 @@ pub struct Stages {
     /// The model the stages serve, learned from their `Info` and re-asked once it is older than
     /// [`SERVED_MODEL_TTL`] (stages may be redeployed with other folders behind the gateway).
     pub served: std::sync::Arc<tokio::sync::Mutex<Option<(Instant, ServedModel)>>>,
+}
+
+impl Stages {
+    /// Typed clients of these stages for one request.
+    pub fn clients<'a>(&'a self, ctx: &'a Ctx) -> StageClients<'a> {
+        StageClients {
+            pools: [&self.text_encoder, &self.prior, &self.denoiser, &self.movq],
+            ctx,
+        }
+    }
 }
 
 /// How long the gateway trusts what the stages said they serve.
@@ -44,20 +54,7 @@ pub async fn served_model(stages: &Stages, ctx: &Ctx) -> Result<ServedModel, Ser
         }
     }
     // Every stage answers `StageInfo.Info`, outside its admission queue.
-    let pools = [
-        &stages.text_encoder,
-        &stages.prior,
-        &stages.denoiser,
-        &stages.movq,
-    ];
-    let mut infos = Vec::with_capacity(pools.len());
-    for pool in pools {
-        let info = call(pool, ctx, v1::StageInfoRequest {}, |ch, r| async move {
-            StageInfoClient::new(ch).info(r).await
-        })
-        .await?;
-        infos.push((pool.stage(), info));
-    }
+    let infos = stages.clients(ctx).infos().await?;
     let family = infos[2].1.family();
     if infos.iter().any(|(_, i)| i.family() != family) {
         *served = None;

@@ -4,15 +4,11 @@
 //! Every outgoing call carries the remaining deadline; a stage that cannot be reached becomes
 //! UNAVAILABLE naming the stage. Progress goes to an optional event sink (the streaming call).
 
-use crate::clients::{call, limits, missing, stage_err};
-pub use crate::clients::{Ctx, Events};
+pub use crate::clients::{Ctx, Events, StageClients};
 use crate::models::{check_family, Models, ServedModel, Stages};
 use crate::validate::{FusionInput, Plan, Task};
 use kd_proto::tensor::{self, WireTensorError};
-use kd_proto::v1::{
-    self, denoise_event, denoiser_client::DenoiserClient, interpolate_item,
-    movq_client::MovqClient, prior_client::PriorClient, text_encoder_client::TextEncoderClient,
-};
+use kd_proto::v1::{self, denoise_event, interpolate_item};
 use kd_runtime::ServiceError;
 
 /// A stage answered with tensors whose rows do not fit together.
@@ -101,17 +97,12 @@ async fn encode_text(
             }
         }
     }
-    let enc = call(
-        &st.text_encoder,
-        ctx,
-        v1::EncodeTextRequest { prompts },
-        |ch, r| async move { limits!(TextEncoderClient::new(ch)).encode(r).await },
-    )
-    .await?;
+    let enc = st
+        .clients(ctx)
+        .encode(v1::EncodeTextRequest { prompts })
+        .await?;
     check_family("text_encoder", enc.model.as_ref(), served)?;
-    let all = enc
-        .prior_conditioning
-        .ok_or_else(|| missing("text_encoder", "prior_conditioning"))?;
+    let all = enc.prior_conditioning.unwrap_or_default();
     let decoder = match &enc.decoder_conditioning {
         Some(d) => Some((
             repeat_conditioning(&conditioning_row(d, 0)?, n)?,
@@ -142,18 +133,11 @@ async fn prior_embeddings(
 ) -> Result<Embeddings, ServiceError> {
     let image = match &plan.task {
         Task::Variation { image } => {
-            let e = call(
-                &st.prior,
-                ctx,
-                v1::EncodeImagesRequest {
-                    images: vec![image.clone()],
-                    ..Default::default()
-                },
-                |ch, r| async move { limits!(PriorClient::new(ch)).encode_images(r).await },
-            )
-            .await?
-            .image_embeds
-            .ok_or_else(|| missing("prior", "image_embeds"))?;
+            let req = v1::EncodeImagesRequest {
+                images: vec![image.clone()],
+                ..Default::default()
+            };
+            let e = st.clients(ctx).encode_images(req).await?;
             repeat_rows(&e, plan.seeds.len())?
         }
         Task::Fusion { items } => fusion_embeddings(st, ctx, plan, texts, items).await?,
@@ -162,15 +146,7 @@ async fn prior_embeddings(
     let negative = match &plan.negative_prompt {
         // As diffusers: the negative prompt is sampled through the prior too (cond = uncond).
         Some(_) => sample(st, ctx, plan, &texts.uncond, &texts.uncond).await?,
-        None => call(
-            &st.prior,
-            ctx,
-            v1::ZeroImageEmbeddingRequest {},
-            |ch, r| async move { limits!(PriorClient::new(ch)).zero_image_embedding(r).await },
-        )
-        .await?
-        .image_embeds
-        .ok_or_else(|| missing("prior", "image_embeds"))?,
+        None => st.clients(ctx).zero_image_embedding().await?,
     };
     Ok(Embeddings { image, negative })
 }
@@ -191,12 +167,7 @@ async fn sample(
         seeds: plan.seeds.clone(),
         ..Default::default()
     };
-    call(&st.prior, ctx, req, |ch, r| async move {
-        limits!(PriorClient::new(ch)).sample(r).await
-    })
-    .await?
-    .image_embeds
-    .ok_or_else(|| missing("prior", "image_embeds"))
+    st.clients(ctx).sample(req).await
 }
 
 /// One fusion per image seed, so each image depends only on its own seed.
@@ -233,12 +204,7 @@ async fn fusion_embeddings(
             seed,
             options: None,
         };
-        let r = call(&st.prior, ctx, req, |ch, r| async move {
-            limits!(PriorClient::new(ch)).interpolate(r).await
-        })
-        .await?
-        .image_embeds
-        .ok_or_else(|| missing("prior", "image_embeds"))?;
+        let r = st.clients(ctx).interpolate(req).await?;
         rows.push(r);
     }
     concat_rows(&rows)
@@ -268,7 +234,7 @@ async fn init_image(st: &Stages, ctx: &Ctx, plan: &Plan) -> Result<Init, Service
             Ok(Init {
                 latents: Some(latents),
                 strength: 0.0,
-                mask: Some(mask.ok_or_else(|| missing("movq", "mask"))?),
+                mask,
             })
         }
         Task::Outpaint { .. } => Err(ServiceError::Unimplemented(
@@ -308,12 +274,9 @@ async fn denoise(
         preview_every: plan.preview_every,
         ..Default::default()
     };
-    let mut stream = call(&st.denoiser, ctx, req, |ch, r| async move {
-        limits!(DenoiserClient::new(ch)).denoise(r).await
-    })
-    .await?;
+    let mut stream = st.clients(ctx).denoise(req).await?;
     let mut result = None;
-    while let Some(ev) = stream.message().await.map_err(stage_err("denoiser"))? {
+    while let Some(ev) = StageClients::next_event(&mut stream).await? {
         match ev.event {
             Some(denoise_event::Event::Progress(p)) => progress(st, ctx, p).await?,
             Some(denoise_event::Event::Result(r)) => result = Some(r),
@@ -328,7 +291,7 @@ async fn denoise(
     })?;
     result
         .latents
-        .ok_or_else(|| missing("denoiser", "result.latents"))
+        .ok_or_else(|| ServiceError::Internal("stage denoiser returned no `result.latents`".into()))
 }
 
 /// One denoiser progress event: relayed, with its preview decoded when a client streams.
@@ -387,20 +350,14 @@ async fn encode_image(
     mask: Option<&[u8]>,
     plan: &Plan,
 ) -> Result<(v1::Tensor, Option<v1::Tensor>), ServiceError> {
-    let r = call(
-        &st.movq,
-        ctx,
-        v1::EncodeRequest {
-            images: vec![image.to_vec()],
-            masks: mask.map(|m| vec![m.to_vec()]).unwrap_or_default(),
-            width: plan.width,
-            height: plan.height,
-            ..Default::default()
-        },
-        |ch, r| async move { limits!(MovqClient::new(ch)).encode(r).await },
-    )
-    .await?;
-    Ok((r.latents.ok_or_else(|| missing("movq", "latents"))?, r.mask))
+    let req = v1::EncodeRequest {
+        images: vec![image.to_vec()],
+        masks: mask.map(|m| vec![m.to_vec()]).unwrap_or_default(),
+        width: plan.width,
+        height: plan.height,
+        ..Default::default()
+    };
+    st.clients(ctx).encode_image(req).await
 }
 
 async fn decode(
@@ -410,17 +367,11 @@ async fn decode(
     format: v1::ImageFormat,
     quality: u32,
 ) -> Result<Vec<v1::Image>, ServiceError> {
-    Ok(call(
-        &st.movq,
-        ctx,
-        v1::DecodeRequest {
-            latents: Some(latents),
-            format: format as i32,
-            quality,
-            ..Default::default()
-        },
-        |ch, r| async move { limits!(MovqClient::new(ch)).decode(r).await },
-    )
-    .await?
-    .images)
+    let req = v1::DecodeRequest {
+        latents: Some(latents),
+        format: format as i32,
+        quality,
+        ..Default::default()
+    };
+    st.clients(ctx).decode(req).await
 }

@@ -31,6 +31,34 @@ impl Stages {
     }
 }
 
+/// One step of a generation: which stage does what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Text encoder: the prompt's conditionings.
+    EncodeText,
+    /// Prior: image embeddings (sample, variation, fusion).
+    Prior,
+    /// MoVQ: the init image's latents and mask (image-to-image, inpaint).
+    InitImage,
+    /// Denoiser: the latents, streaming progress.
+    Denoise,
+    /// MoVQ: the images.
+    Decode,
+}
+
+/// A family's stage graph: which stages a generation calls, in order. A family without a prior
+/// (aMUSEd, Kandinsky 2.0) is a graph without [`Step::Prior`]; `generate` runs whatever graph
+/// the served family has.
+pub fn stage_graph(family: v1::ModelFamily) -> &'static [Step] {
+    use Step::*;
+    const UNCLIP: &[Step] = &[EncodeText, Prior, InitImage, Denoise, Decode];
+    match family {
+        v1::ModelFamily::Kandinsky21 | v1::ModelFamily::Kandinsky22 => UNCLIP,
+        // Stages that report no family are checked by the family checks; serve them as 2.2.
+        v1::ModelFamily::Unspecified => UNCLIP,
+    }
+}
+
 /// How long the gateway trusts what the stages said they serve.
 pub const SERVED_MODEL_TTL: std::time::Duration = std::time::Duration::from_secs(15);
 
@@ -204,7 +232,23 @@ pub fn parse_stack(spec: &str) -> Result<[String; 4], String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_stack;
+    use super::{parse_stack, stage_graph, v1, Step};
+
+    #[test]
+    fn unclip_families_call_every_stage_in_order() {
+        for family in [v1::ModelFamily::Kandinsky21, v1::ModelFamily::Kandinsky22] {
+            assert_eq!(
+                stage_graph(family),
+                [
+                    Step::EncodeText,
+                    Step::Prior,
+                    Step::InitImage,
+                    Step::Denoise,
+                    Step::Decode
+                ]
+            );
+        }
+    }
 
     #[test]
     fn stack_specs_parse_or_name_what_is_wrong() {

@@ -5,7 +5,7 @@
 //! UNAVAILABLE naming the stage. Progress goes to an optional event sink (the streaming call).
 
 pub use crate::clients::{Ctx, Events, StageClients};
-use crate::models::{check_family, Models, ServedModel, Stages};
+use crate::models::{check_family, stage_graph, Models, ServedModel, Stages, Step};
 use crate::validate::{FusionInput, Plan, Task};
 use kd_proto::tensor::{self, WireTensorError};
 use kd_proto::v1::{self, denoise_event, interpolate_item};
@@ -45,26 +45,79 @@ fn conditioning_row(c: &v1::TextEmbeddings, i: usize) -> Result<v1::TextEmbeddin
     tensor::text_embeddings_row(c, i).map_err(rows_err("text_encoder"))
 }
 
-/// Runs the whole request; returns one encoded image per seed, in order.
+/// Runs the whole request through its family's stage graph; returns one encoded image per
+/// seed, in order.
 pub async fn generate(
     models: &Models,
     plan: &Plan,
     ctx: &Ctx,
 ) -> Result<(Vec<v1::GeneratedImage>, &'static str), ServiceError> {
     let (st, served) = models.select(plan.model.as_deref(), ctx).await?;
-    ctx.progress(v1::Stage::TextEncoder, 0, 0).await?;
-    let texts = encode_text(st, ctx, plan, &served).await?;
-    ctx.progress(v1::Stage::Prior, 0, plan.prior_steps).await?;
-    let embeds = prior_embeddings(st, ctx, plan, &texts).await?;
-    ctx.progress(v1::Stage::Prior, plan.prior_steps, plan.prior_steps)
-        .await?;
-    let init = init_image(st, ctx, plan).await?;
-    ctx.progress(v1::Stage::Denoiser, 0, plan.decoder_steps)
-        .await?;
-    let latents = denoise(st, ctx, plan, texts.decoder.as_ref(), embeds, init).await?;
-    ctx.progress(v1::Stage::Movq, 0, 0).await?;
-    let images = decode_images(st, ctx, plan, latents).await?;
+    let mut work = Work::default();
+    for &step in stage_graph(served.family) {
+        run_step(step, st, ctx, plan, &served, &mut work).await?;
+    }
+    let images = work.images.ok_or_else(|| {
+        ServiceError::Internal(format!("the stage graph of {} made no images", served.name))
+    })?;
     Ok((images, served.name))
+}
+
+/// What the steps of one request have produced so far.
+#[derive(Default)]
+struct Work {
+    texts: Option<Texts>,
+    embeds: Option<Embeddings>,
+    init: Init,
+    latents: Option<v1::Tensor>,
+    images: Option<Vec<v1::GeneratedImage>>,
+}
+
+/// A step's input that an earlier step of the graph must have produced.
+fn needs<T>(v: Option<T>, step: Step, what: &str) -> Result<T, ServiceError> {
+    v.ok_or_else(|| {
+        ServiceError::Internal(format!(
+            "stage graph step {step:?} needs {what} from an earlier step"
+        ))
+    })
+}
+
+/// Runs one step of the graph, with its progress events.
+async fn run_step(
+    step: Step,
+    st: &Stages,
+    ctx: &Ctx,
+    plan: &Plan,
+    served: &ServedModel,
+    w: &mut Work,
+) -> Result<(), ServiceError> {
+    match step {
+        Step::EncodeText => {
+            ctx.progress(v1::Stage::TextEncoder, 0, 0).await?;
+            w.texts = Some(encode_text(st, ctx, plan, served).await?);
+        }
+        Step::Prior => {
+            let (steps, texts) = (plan.prior_steps, needs(w.texts.as_ref(), step, "texts")?);
+            ctx.progress(v1::Stage::Prior, 0, steps).await?;
+            w.embeds = Some(prior_embeddings(st, ctx, plan, texts).await?);
+            ctx.progress(v1::Stage::Prior, steps, steps).await?;
+        }
+        Step::InitImage => w.init = init_image(st, ctx, plan).await?,
+        Step::Denoise => {
+            let embeds = needs(w.embeds.take(), step, "image embeddings")?;
+            let decoder_text = w.texts.as_ref().and_then(|t| t.decoder.as_ref());
+            let init = std::mem::take(&mut w.init);
+            ctx.progress(v1::Stage::Denoiser, 0, plan.decoder_steps)
+                .await?;
+            w.latents = Some(denoise(st, ctx, plan, decoder_text, embeds, init).await?);
+        }
+        Step::Decode => {
+            let latents = needs(w.latents.take(), step, "latents")?;
+            ctx.progress(v1::Stage::Movq, 0, 0).await?;
+            w.images = Some(decode_images(st, ctx, plan, latents).await?);
+        }
+    }
+    Ok(())
 }
 
 /// What the text encoder gave for `[prompt, negative-or-empty, fusion texts...]`.

@@ -3,49 +3,20 @@
 
 use kd_gateway::balance::Pool;
 use kd_proto::v1::{self, movq_client::MovqClient};
-use kd_runtime::Listeners;
-use kd_runtime::Shutdown;
-use kd_testkit::parity::fixtures_dir;
-use std::net::SocketAddr;
+use kd_testkit::{fixtures_dir, metric_at, stage_args, wait_serving, TestServer};
 use std::time::Duration;
 
-async fn replica() -> (SocketAddr, SocketAddr, Shutdown) {
-    let listeners = Listeners::loopback().await.unwrap();
-    let (addr, metrics) = (
-        listeners.grpc.local_addr().unwrap(),
-        listeners.metrics.local_addr().unwrap(),
-    );
+/// One MoVQ replica on the tiny fixture.
+async fn replica() -> TestServer {
     let dir = fixtures_dir().join("tiny/kandinsky-2-2-decoder");
-    let config = <kd_movq::Config as clap::Parser>::parse_from([
-        "kd-movq",
-        "--model-dir",
-        dir.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
-    let shutdown = Shutdown::new();
-    tokio::spawn(kd_movq::run_with_listeners(
-        config,
-        listeners,
-        shutdown.clone(),
-    ));
-    (addr, metrics, shutdown)
+    let config = <kd_movq::Config as clap::Parser>::parse_from(stage_args("kd-movq", &dir, &[]));
+    TestServer::spawn(|l, s| kd_movq::run_with_listeners(config, l, s)).await
 }
 
-async fn decode_count(metrics: SocketAddr) -> u64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(metrics).await else {
-        return 0;
-    };
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out.lines()
-        .find_map(|l| l.strip_prefix("kd_requests_total{method=\"Decode\",stage=\"movq\"} "))
-        .map(|v| v.parse().unwrap())
-        .unwrap_or(0)
+/// Decode calls a replica has counted.
+async fn decode_count(replica: &TestServer) -> u64 {
+    let labels = [("method", "Decode"), ("stage", "movq")];
+    metric_at(replica.metrics, "kd_requests_total", &labels).await as u64
 }
 
 fn request() -> v1::DecodeRequest {
@@ -63,9 +34,8 @@ fn request() -> v1::DecodeRequest {
 
 #[tokio::test]
 async fn calls_spread_over_replicas_and_survive_one_going_away() {
-    let (a, a_metrics, a_stop) = replica().await;
-    let (b, b_metrics, _b_stop) = replica().await;
-    let urls = vec![format!("http://{a}"), format!("http://{b}")];
+    let (a, b) = (replica().await, replica().await);
+    let urls = vec![a.url(), b.url()];
     let pool = Pool::new(&urls, "movq", Duration::from_millis(200))
         .await
         .unwrap();
@@ -76,41 +46,20 @@ async fn calls_spread_over_replicas_and_survive_one_going_away() {
             .await
     };
     // Both replicas load their model; wait until each reports SERVING.
-    for addr in [a, b] {
-        let start = std::time::Instant::now();
-        loop {
-            let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-                .unwrap()
-                .connect_lazy();
-            let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
-            let req = tonic_health::pb::HealthCheckRequest {
-                service: "kandinsky.v1.Movq".into(),
-            };
-            if let Ok(r) = h.check(req).await {
-                if r.into_inner().status()
-                    == tonic_health::pb::health_check_response::ServingStatus::Serving
-                {
-                    break;
-                }
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "replica {addr} did not become ready"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    for r in [&a, &b] {
+        wait_serving(r, "kandinsky.v1.Movq", Duration::from_secs(60)).await;
     }
     for _ in 0..20 {
         call(pool.clone()).await.unwrap();
     }
-    let (na, nb) = (decode_count(a_metrics).await, decode_count(b_metrics).await);
+    let (na, nb) = (decode_count(&a).await, decode_count(&b).await);
     assert!(
         na >= 5 && nb >= 5,
         "calls went to both replicas: {na} and {nb}"
     );
 
     // Replica A stops: every call still succeeds (at worst after one retry on B).
-    a_stop.trigger();
+    a.trigger_shutdown();
     tokio::time::sleep(Duration::from_millis(300)).await;
     for i in 0..20 {
         call(pool.clone())
@@ -118,7 +67,7 @@ async fn calls_spread_over_replicas_and_survive_one_going_away() {
             .unwrap_or_else(|e| panic!("call {i} after one replica stopped: {e:?}"));
     }
     assert!(
-        decode_count(b_metrics).await >= nb + 20,
+        decode_count(&b).await >= nb + 20,
         "the surviving replica served the calls"
     );
 }

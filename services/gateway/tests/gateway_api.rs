@@ -2,7 +2,7 @@
 
 use kd_gateway::{run_with_listeners, Config};
 use kd_proto::v1::{self, gateway_client::GatewayClient, generate_request::Task};
-use kd_runtime::Shutdown;
+use kd_testkit::{connect, TestServer};
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
@@ -16,16 +16,15 @@ async fn dead_url() -> String {
     format!("http://{addr}")
 }
 
-async fn start(api_keys: Option<&str>) -> (SocketAddr, Shutdown, Option<tempfile::NamedTempFile>) {
+async fn start(api_keys: Option<&str>) -> (TestServer, Option<tempfile::NamedTempFile>) {
     start_with(api_keys, &[]).await
 }
 
+/// A gateway over stage addresses where nothing listens.
 async fn start_with(
     api_keys: Option<&str>,
     extra: &[&str],
-) -> (SocketAddr, Shutdown, Option<tempfile::NamedTempFile>) {
-    let listeners = kd_runtime::Listeners::loopback().await.unwrap();
-    let addr = listeners.grpc.local_addr().unwrap();
+) -> (TestServer, Option<tempfile::NamedTempFile>) {
     let keys_file = api_keys.map(|k| {
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), format!("# keys\n{k}\n")).unwrap();
@@ -47,19 +46,12 @@ async fn start_with(
     }
     args.extend(extra.iter().map(|a| a.to_string()));
     let config = <Config as clap::Parser>::parse_from(args);
-    let shutdown = Shutdown::new();
-    tokio::spawn(run_with_listeners(config, listeners, shutdown.clone()));
-    (addr, shutdown, keys_file)
+    let server = TestServer::spawn(|l, s| run_with_listeners(config, l, s)).await;
+    (server, keys_file)
 }
 
 async fn client(addr: SocketAddr) -> GatewayClient<Channel> {
-    for _ in 0..100 {
-        if let Ok(c) = GatewayClient::connect(format!("http://{addr}")).await {
-            return c;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!("gateway did not start");
+    GatewayClient::new(connect(addr).await)
 }
 
 fn valid() -> v1::GenerateRequest {
@@ -73,7 +65,8 @@ fn valid() -> v1::GenerateRequest {
 
 #[tokio::test]
 async fn bad_inputs_are_invalid_argument_naming_the_field() {
-    let (addr, shutdown, _) = start(None).await;
+    let (server, _) = start(None).await;
+    let addr = server.grpc;
     let mut c = client(addr).await;
     type Edit = fn(&mut v1::GenerateRequest);
     let cases: Vec<(&str, Edit)> = vec![
@@ -196,12 +189,13 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
         let err = c.generate_stream(req).await.expect_err(field);
         assert_eq!(err.code(), Code::InvalidArgument, "{field} (stream)");
     }
-    shutdown.trigger();
+    server.shutdown().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_stage_that_is_down_is_unavailable_naming_the_stage() {
-    let (addr, shutdown, _) = start(None).await;
+    let (server, _) = start(None).await;
+    let addr = server.grpc;
     let mut c = client(addr).await;
     let err = c.generate(valid()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
@@ -227,12 +221,13 @@ async fn a_stage_that_is_down_is_unavailable_naming_the_stage() {
             }
         }
     }
-    shutdown.trigger();
+    server.shutdown().await.unwrap();
 }
 
 #[tokio::test]
 async fn api_keys_are_enforced_when_configured() {
-    let (addr, shutdown, _keys) = start(Some("s3cret")).await;
+    let (server, _keys) = start(Some("s3cret")).await;
+    let addr = server.grpc;
     let mut c = client(addr).await;
     let err = c.generate(valid()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
@@ -274,7 +269,7 @@ async fn api_keys_are_enforced_when_configured() {
         resp.status(),
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
-    shutdown.trigger();
+    server.shutdown().await.unwrap();
 }
 
 fn outpaint(left: u32, top: u32, right: u32, bottom: u32) -> v1::GenerateRequest {
@@ -291,7 +286,8 @@ fn outpaint(left: u32, top: u32, right: u32, bottom: u32) -> v1::GenerateRequest
 
 #[tokio::test]
 async fn outpaint_margins_that_overflow_are_invalid_argument_not_a_panic() {
-    let (addr, shutdown, _) = start(None).await;
+    let (server, _) = start(None).await;
+    let addr = server.grpc;
     let mut c = client(addr).await;
     let cases = [
         (
@@ -310,7 +306,7 @@ async fn outpaint_margins_that_overflow_are_invalid_argument_not_a_panic() {
     // The gateway still serves after them.
     let err = c.generate(valid()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    shutdown.trigger();
+    server.shutdown().await.unwrap();
 }
 
 fn image_to_image(bytes: usize) -> v1::GenerateRequest {
@@ -333,14 +329,16 @@ async fn big_client(addr: SocketAddr) -> GatewayClient<Channel> {
 async fn the_transport_takes_a_32_mib_image_and_refuses_a_larger_request_naming_the_limit() {
     // Default limit (64 MiB): a 32 MiB image passes the transport and validation, and reaches
     // the (down) stages.
-    let (addr, shutdown, _) = start(None).await;
+    let (server, _) = start(None).await;
+    let addr = server.grpc;
     let mut c = big_client(addr).await;
     let err = c.generate(image_to_image(32 << 20)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
-    shutdown.trigger();
+    server.shutdown().await.unwrap();
 
     // A lowered limit: a request over it is refused naming the limit, before any stage call.
-    let (addr, shutdown, _) = start_with(None, &["--max-message-bytes", "1000000"]).await;
+    let (server, _) = start_with(None, &["--max-message-bytes", "1000000"]).await;
+    let addr = server.grpc;
     let mut c = big_client(addr).await;
     let err = c.generate(image_to_image(2_000_000)).await.unwrap_err();
     assert!(
@@ -350,5 +348,5 @@ async fn the_transport_takes_a_32_mib_image_and_refuses_a_larger_request_naming_
     assert!(err.message().contains("1000000"), "{}", err.message());
     let err = c.generate(image_to_image(900_000)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
-    shutdown.trigger();
+    server.shutdown().await.unwrap();
 }

@@ -9,14 +9,13 @@
 //! own seed.
 
 use crate::checkpoint::{CheckpointDir, ModelFamily, Variant};
-use crate::clip::ClipTextEncoder;
 use crate::config::SchedulerConfig;
 use crate::decoder::{run_decoder, DecoderInputs, DecoderMode, DecoderText};
 use crate::error::{ModelError, Result};
 use crate::mclip::MultilingualTextEncoder;
 use crate::movq::{MovqOptions, VqModel};
 use crate::noise::SeededNoise;
-use crate::prior::{ImagePrior, SampleParams};
+use crate::prior::{PriorStack, SampleParams};
 use crate::schedulers;
 use crate::unet::UNet2DConditionModel;
 use candle_core::{DType, Device, Tensor};
@@ -56,10 +55,10 @@ pub struct Text2ImageOutput {
 
 /// Every component of text-to-image, loaded from the prior and decoder checkpoint folders.
 pub struct Text2Image {
-    text: ClipTextEncoder,
+    /// The prior folder: CLIP text encoder, prior sampler, vision tower.
+    prior: PriorStack,
     /// Kandinsky 2.1: the decoder folder's multilingual text encoder.
     multilingual: Option<MultilingualTextEncoder>,
-    prior: ImagePrior,
     unet: UNet2DConditionModel,
     scheduler: SchedulerConfig,
     movq: VqModel,
@@ -74,8 +73,7 @@ impl Text2Image {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let text = ClipTextEncoder::load(prior_dir, dtype, device)?;
-        let prior = ImagePrior::load(prior_dir, dtype, device)?;
+        let prior = PriorStack::load(prior_dir, dtype, device)?;
         let unet_dir = decoder_dir.component("unet")?;
         let unet = UNet2DConditionModel::new(
             &unet_dir.unet_config()?,
@@ -97,7 +95,6 @@ impl Text2Image {
             device,
         )?;
         Ok(Self {
-            text,
             multilingual,
             prior,
             unet,
@@ -117,10 +114,11 @@ impl Text2Image {
         }
         let uncond_prompt = req.negative_prompt.clone().unwrap_or_default();
         let text = self
-            .text
-            .encode(&[req.prompt.as_str(), uncond_prompt.as_str()])?;
+            .prior
+            .encode_text(&[req.prompt.as_str(), uncond_prompt.as_str()])?;
         let (cond, uncond) = (text.row(0)?, text.row(1)?);
-        let image_embeds = self.prior.sample(
+        let image_prior = self.prior.image_prior();
+        let image_embeds = image_prior.sample(
             &cond.repeat_interleave(n)?,
             Some(&uncond),
             &req.prior,
@@ -129,7 +127,7 @@ impl Text2Image {
         )?;
         let negative_image_embeds = match &req.negative_prompt {
             // As diffusers: the negative prompt is sampled through the prior (cond = uncond).
-            Some(_) => self.prior.sample(
+            Some(_) => image_prior.sample(
                 &uncond.repeat_interleave(n)?,
                 Some(&uncond),
                 &req.prior,

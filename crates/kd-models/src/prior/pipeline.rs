@@ -5,9 +5,9 @@
 //! A [`PriorStack`] composes the two halves a deployment may load separately — the prompt encoder
 //! ([`ClipTextEncoder`]) and the sampler with the vision tower ([`ImagePrior`]) — and is immutable
 //! after loading (all methods take `&self`), so a service can share one across threads. It is the
-prior half of the in-process [`crate::pipeline::Text2Image`] (the reference the end-to-end
-tests compare the services with); the prior service, which takes conditioning from the wire,
-uses the [`ImagePrior`] half directly. All
+//! prior half of the in-process [`crate::pipeline::Text2Image`] (the reference the end-to-end
+//! tests compare the services with); the prior service, which takes conditioning from the wire,
+//! uses the [`ImagePrior`] half directly. All
 //! randomness comes from the caller's [`NoiseSource`], drawn in diffusers' order (see
 //! `tools/reference/PRIOR.md` §3.1).
 

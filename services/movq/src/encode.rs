@@ -19,45 +19,31 @@ fn side(field: &str, v: u32) -> Result<usize, ServiceError> {
     Ok(v as usize)
 }
 
-/// Runs one encode request.
-pub(crate) fn encode(
-    m: &Movq,
-    req: &v1::EncodeRequest,
-) -> Result<v1::EncodeResponse, ServiceError> {
-    let sf = m.vq.scale_factor();
-    let (pixels, mask) = match (&req.pixels, req.images.is_empty()) {
-        (Some(_), false) => {
-            return Err(ServiceError::invalid(
-                "images",
-                "give either images or pixels, not both",
-            ))
-        }
-        (None, true) => {
-            return Err(ServiceError::invalid(
-                "images",
-                "required: at least one encoded image (or `pixels`)",
-            ))
-        }
-        (Some(t), true) => {
-            let x = kd_proto::from_wire(t, &candle_core::Device::Cpu, &Default::default())
-                .map_err(|e| ServiceError::tensor("pixels", e))?;
-            let d = x.dims().to_vec();
-            if d.len() != 4
-                || d[1] != 3
-                || d[0] == 0
-                || d[0] > m.max_batch
-                || d[2] % sf != 0
-                || d[3] % sf != 0
-                || d[2] == 0
-                || d[3] == 0
-            {
-                return Err(ServiceError::invalid(
-                    "pixels",
-                    format!("shape {d:?}; allowed (B, 3, H, W) with B in 1..={} and H, W positive multiples of {sf}", m.max_batch),
-                ));
-            }
-            (x.to_dtype(DType::F32)?, None)
-        }
+/// A checked encode request: what to encode, validated against the loaded model.
+pub(crate) enum Checked {
+    /// Ready pixel values (B, 3, H, W).
+    Pixels(Tensor),
+    /// Encoded images (and optional inpaint masks) to pre-process to `h` × `w`.
+    Images {
+        images: Vec<Vec<u8>>,
+        masks: Vec<Vec<u8>>,
+        h: usize,
+        w: usize,
+    },
+}
+
+/// Checks one encode request (before admission): images or pixels, counts, sides and shapes.
+pub(crate) fn check(m: &Movq, req: v1::EncodeRequest) -> Result<Checked, ServiceError> {
+    match (req.pixels, req.images.is_empty()) {
+        (Some(_), false) => Err(ServiceError::invalid(
+            "images",
+            "give either images or pixels, not both",
+        )),
+        (None, true) => Err(ServiceError::invalid(
+            "images",
+            "required: at least one encoded image (or `pixels`)",
+        )),
+        (Some(t), true) => check_pixels(m, &t).map(Checked::Pixels),
         (None, false) => {
             if req.images.len() > m.max_batch {
                 return Err(ServiceError::invalid(
@@ -76,28 +62,74 @@ pub(crate) fn encode(
                 ));
             }
             let (h, w) = (side("height", req.height)?, side("width", req.width)?);
-            let mut px = Vec::with_capacity(req.images.len());
-            let mut masks = Vec::with_capacity(req.masks.len());
-            for (i, bytes) in req.images.iter().enumerate() {
-                let img = decode_image(bytes)?;
-                match req.masks.get(i) {
-                    Some(mask_bytes) => {
-                        let (keep, x) =
-                            preprocess_inpaint(&img, &decode_mask(mask_bytes)?, h, w, sf)?;
-                        // The denoiser takes the repaint mask (1 = repaint): invert the keep-mask.
-                        masks.push((1.0 - keep.to_dtype(DType::F32)?)?);
-                        px.push(x);
-                    }
-                    None => px.push(preprocess_img2img(&img, h, w, sf)?),
-                }
-            }
-            let mask = if masks.is_empty() {
-                None
-            } else {
-                Some(Tensor::cat(&masks, 0)?)
-            };
-            (Tensor::cat(&px, 0)?, mask)
+            Ok(Checked::Images {
+                images: req.images,
+                masks: req.masks,
+                h,
+                w,
+            })
         }
+    }
+}
+
+fn check_pixels(m: &Movq, t: &v1::Tensor) -> Result<Tensor, ServiceError> {
+    let sf = m.vq.scale_factor();
+    let x = kd_proto::from_wire(t, &candle_core::Device::Cpu, &Default::default())
+        .map_err(|e| ServiceError::tensor("pixels", e))?;
+    let d = x.dims().to_vec();
+    let side_ok = |v: usize| v > 0 && v.is_multiple_of(sf);
+    if d.len() != 4
+        || d[1] != 3
+        || !(1..=m.max_batch).contains(&d[0])
+        || !side_ok(d[2])
+        || !side_ok(d[3])
+    {
+        return Err(ServiceError::invalid(
+            "pixels",
+            format!("shape {d:?}; allowed (B, 3, H, W) with B in 1..={} and H, W positive multiples of {sf}", m.max_batch),
+        ));
+    }
+    Ok(x.to_dtype(DType::F32)?)
+}
+
+/// Decodes and pre-processes the images (as diffusers' img2img / inpaint pipelines do); with
+/// masks, also the repaint masks (1 = repaint), as the denoiser takes them.
+fn preprocess(
+    images: &[Vec<u8>],
+    masks: &[Vec<u8>],
+    (h, w, sf): (usize, usize, usize),
+) -> Result<(Tensor, Option<Tensor>), ServiceError> {
+    let mut px = Vec::with_capacity(images.len());
+    let mut repaint = Vec::with_capacity(masks.len());
+    for (i, bytes) in images.iter().enumerate() {
+        let img = decode_image(bytes)?;
+        match masks.get(i) {
+            Some(mask_bytes) => {
+                let (keep, x) = preprocess_inpaint(&img, &decode_mask(mask_bytes)?, h, w, sf)?;
+                repaint.push((1.0 - keep.to_dtype(DType::F32)?)?);
+                px.push(x);
+            }
+            None => px.push(preprocess_img2img(&img, h, w, sf)?),
+        }
+    }
+    let mask = if repaint.is_empty() {
+        None
+    } else {
+        Some(Tensor::cat(&repaint, 0)?)
+    };
+    Ok((Tensor::cat(&px, 0)?, mask))
+}
+
+/// Runs one checked encode request.
+pub(crate) fn encode(m: &Movq, req: Checked) -> Result<v1::EncodeResponse, ServiceError> {
+    let (pixels, mask) = match req {
+        Checked::Pixels(x) => (x, None),
+        Checked::Images {
+            images,
+            masks,
+            h,
+            w,
+        } => preprocess(&images, &masks, (h, w, m.vq.scale_factor()))?,
     };
     let x = pixels
         .to_device(&m.device)

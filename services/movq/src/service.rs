@@ -40,7 +40,8 @@ impl v1::movq_server::Movq for MovqService {
     ) -> Result<Response<v1::EncodeResponse>, Status> {
         let call = Call::of(&request);
         let req = request.into_inner();
-        let run = |m: Arc<Movq>, (), _| blocking(move || encode::encode(&m, &req));
-        self.stage.unary("Encode", call, |_| Ok(()), run).await
+        let check = move |m: &Movq| encode::check(m, req);
+        let run = |m: Arc<Movq>, checked, _| blocking(move || encode::encode(&m, checked));
+        self.stage.unary("Encode", call, check, run).await
     }
 }

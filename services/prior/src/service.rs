@@ -66,12 +66,11 @@ impl Prior for PriorService {
         let call = Call::of(&request);
         let req = request.into_inner();
         let (max_batch, metrics) = (self.max_batch, self.stage.metrics.clone());
-        let run = move |m: Arc<PriorModel>, (), _| {
-            blocking(move || encode_images::compute(&m, &req, max_batch, &metrics))
+        let check = move |m: &PriorModel| encode_images::check(m, req, max_batch);
+        let run = |m: Arc<PriorModel>, checked, _| {
+            blocking(move || encode_images::run(&m, checked, &metrics))
         };
-        self.stage
-            .unary("EncodeImages", call, |_| Ok(()), run)
-            .await
+        self.stage.unary("EncodeImages", call, check, run).await
     }
 
     async fn zero_image_embedding(

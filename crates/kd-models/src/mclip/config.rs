@@ -8,6 +8,7 @@
 
 use super::tokenizer::MAX_LENGTH;
 use crate::config::read_json;
+use crate::config::unsupported;
 use crate::error::{ModelError, Result};
 use serde::Deserialize;
 use std::path::Path;
@@ -65,20 +66,6 @@ struct RawConfig {
     num_dims: Option<usize>,
     #[serde(rename = "imageDimSize")]
     image_dim_size: Option<usize>,
-}
-
-fn unsupported(
-    path: &Path,
-    field: &str,
-    value: impl std::fmt::Debug,
-    supported: &str,
-) -> ModelError {
-    ModelError::Unsupported {
-        path: path.to_path_buf(),
-        field: field.to_string(),
-        value: format!("{value:?}"),
-        supported: supported.to_string(),
-    }
 }
 
 fn config_err(path: &Path, message: String) -> ModelError {

@@ -117,7 +117,7 @@ impl From<ModelError> for ServiceError {
 
 impl ServiceError {
     /// The prefix [`ServiceError`]'s Display puts before a message of this status code.
-    fn from_code(code: Code) -> &'static str {
+    fn status_prefix(code: Code) -> &'static str {
         match code {
             Code::ResourceExhausted => "overloaded",
             Code::Unavailable => "unavailable",
@@ -152,7 +152,7 @@ impl From<Status> for ServiceError {
     fn from(s: Status) -> Self {
         // A downstream kandinsky-serve service already prefixed its message with the class
         // (e.g. "deadline exceeded: "); keep one prefix.
-        let class = ServiceError::from_code(s.code());
+        let class = ServiceError::status_prefix(s.code());
         let msg = s
             .message()
             .strip_prefix(class)

@@ -47,11 +47,16 @@ pub struct Call {
 pub const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
 
 impl Call {
-    /// The call of `request` (its deadline from `grpc-timeout`).
+    /// The call of `request` (its deadline from `grpc-timeout`, less [`DEADLINE_MARGIN`]).
     pub fn of<T>(request: &Request<T>) -> Self {
+        Self::with_margin(request, DEADLINE_MARGIN)
+    }
+
+    /// The call of `request`, its work ending `margin` before the caller's deadline.
+    pub fn with_margin<T>(request: &Request<T>, margin: Duration) -> Self {
         Self {
             deadline: deadline::deadline_of(request.metadata())
-                .map(|d| d.checked_sub(DEADLINE_MARGIN).unwrap_or(d)),
+                .map(|d| d.checked_sub(margin).unwrap_or(d)),
         }
     }
 }
@@ -135,11 +140,6 @@ impl<T: Send + 'static> Sink<T> {
     /// The cancellation token of the call.
     pub fn cancel(&self) -> &Cancel {
         &self.cancel
-    }
-
-    /// The raw sender (for code that forwards events it receives from elsewhere).
-    pub fn sender(&self) -> mpsc::Sender<Result<T, Status>> {
-        self.tx.clone()
     }
 }
 

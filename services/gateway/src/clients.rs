@@ -7,9 +7,8 @@ use kd_proto::v1::{
     self, denoiser_client::DenoiserClient, movq_client::MovqClient, prior_client::PriorClient,
     stage_info_client::StageInfoClient, text_encoder_client::TextEncoderClient, GenerateEvent,
 };
-use kd_runtime::ServiceError;
+use kd_runtime::{ServiceError, Sink};
 use std::time::Instant;
-use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 use tracing::Instrument;
@@ -29,7 +28,7 @@ macro_rules! limits_ {
 pub(crate) use limits_ as limits;
 
 /// Where progress events go (the streaming call), if anywhere.
-pub type Events = Option<mpsc::Sender<Result<GenerateEvent, Status>>>;
+pub type Events = Option<Sink<GenerateEvent>>;
 
 /// One request's context: deadline and event sink.
 pub struct Ctx {
@@ -53,10 +52,8 @@ impl Ctx {
     }
 
     pub(crate) async fn emit(&self, event: v1::generate_event::Event) -> Result<(), ServiceError> {
-        if let Some(tx) = &self.events {
-            tx.send(Ok(GenerateEvent { event: Some(event) }))
-                .await
-                .map_err(|_| ServiceError::Cancelled("the client went away".into()))?;
+        if let Some(sink) = &self.events {
+            sink.send(GenerateEvent { event: Some(event) }).await?;
         }
         Ok(())
     }
@@ -307,7 +304,7 @@ pub(crate) fn stage_err(stage: &'static str) -> impl Fn(Status) -> ServiceError 
     }
 }
 
-fn missing(stage: &'static str, field: &str) -> ServiceError {
+pub(crate) fn missing(stage: &'static str, field: &str) -> ServiceError {
     ServiceError::Internal(format!("stage {stage} returned no `{field}`"))
 }
 

@@ -15,9 +15,7 @@ use kd_proto::v1::{self, gateway_server::GatewayServer, GenerateEvent};
 use kd_runtime::config::CommonArgs;
 use kd_runtime::launch::MessageLimit;
 use kd_runtime::stage::EventStream;
-use kd_runtime::{
-    deadline, Call, Launch, LaunchError, Listeners, ServiceError, Shutdown, Sink, Stage,
-};
+use kd_runtime::{Call, Launch, LaunchError, Listeners, ServiceError, Shutdown, Sink, Stage};
 use models::Models;
 use models::Stages;
 use pipeline::Ctx;
@@ -110,7 +108,8 @@ impl v1::gateway_server::Gateway for Gateway {
         &self,
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<v1::GenerateResponse>, Status> {
-        let deadline = work_deadline(request.metadata());
+        let call = call_of(&request);
+        let deadline = call.deadline;
         let check = |_: &Models| self.plan(request.get_ref());
         let run = |models: Arc<Models>, plan, _| async move {
             let ctx = Ctx {
@@ -123,9 +122,7 @@ impl v1::gateway_server::Gateway for Gateway {
                 model: model.into(),
             })
         };
-        self.stage
-            .unary("Generate", Call { deadline }, check, run)
-            .await
+        self.stage.unary("Generate", call, check, run).await
     }
 
     type GenerateStreamStream = EventStream<GenerateEvent>;
@@ -134,7 +131,8 @@ impl v1::gateway_server::Gateway for Gateway {
         &self,
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<EventStream<GenerateEvent>>, Status> {
-        let deadline = work_deadline(request.metadata());
+        let call = call_of(&request);
+        let deadline = call.deadline;
         let check = |_: &Models| self.plan(request.get_ref());
         let run = move |models: Arc<Models>, plan, sink: Sink<GenerateEvent>| async move {
             sink.send(event(Event::Progress(v1::Progress {
@@ -145,7 +143,7 @@ impl v1::gateway_server::Gateway for Gateway {
             .await?;
             let ctx = Ctx {
                 deadline,
-                events: Some(sink.sender()),
+                events: Some(sink.clone()),
             };
             let (images, model) = pipeline::generate(&models, &plan, &ctx).await?;
             for img in images {
@@ -156,16 +154,15 @@ impl v1::gateway_server::Gateway for Gateway {
             })))
             .await
         };
-        self.stage
-            .stream("GenerateStream", Call { deadline }, check, run)
-            .await
+        self.stage.stream("GenerateStream", call, check, run).await
     }
 
     async fn list_models(
         &self,
         request: Request<v1::ListModelsRequest>,
     ) -> Result<Response<v1::ListModelsResponse>, Status> {
-        let deadline = work_deadline(request.metadata());
+        let call = call_of(&request);
+        let deadline = call.deadline;
         let run = |models: Arc<Models>, (), _| async move {
             let ctx = Ctx {
                 deadline,
@@ -175,9 +172,7 @@ impl v1::gateway_server::Gateway for Gateway {
                 models: models.list(&ctx).await?,
             })
         };
-        self.stage
-            .unary("ListModels", Call { deadline }, |_| Ok(()), run)
-            .await
+        self.stage.unary("ListModels", call, |_| Ok(()), run).await
     }
 }
 
@@ -185,9 +180,10 @@ impl v1::gateway_server::Gateway for Gateway {
 /// of the stages' work) reaches the caller before its own transport timer fires.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(250);
 
-/// The instant the gateway's work must end: the caller's deadline less [`DEADLINE_MARGIN`].
-fn work_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Instant> {
-    deadline::deadline_of(metadata).map(|d| d.checked_sub(DEADLINE_MARGIN).unwrap_or(d))
+/// The gateway's call of `request`: its work ends [`DEADLINE_MARGIN`] before the caller's
+/// deadline.
+fn call_of<T>(request: &Request<T>) -> Call {
+    Call::with_margin(request, DEADLINE_MARGIN)
 }
 
 /// The replica pools of one stage set (text encoder, prior, denoiser, movq URLs).

@@ -4,6 +4,7 @@
 //! Every outgoing call carries the remaining deadline; a stage that cannot be reached becomes
 //! UNAVAILABLE naming the stage. Progress goes to an optional event sink (the streaming call).
 
+use crate::clients::missing;
 pub use crate::clients::{Ctx, Events, StageClients};
 use crate::models::{check_family, stage_graph, Models, ServedModel, Stages, Step};
 use crate::validate::{FusionInput, Plan, Task};
@@ -344,7 +345,7 @@ async fn denoise(
     })?;
     result
         .latents
-        .ok_or_else(|| ServiceError::Internal("stage denoiser returned no `result.latents`".into()))
+        .ok_or_else(|| missing("denoiser", "result.latents"))
 }
 
 /// One denoiser progress event: relayed, with its preview decoded when a client streams.

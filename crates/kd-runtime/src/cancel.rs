@@ -39,11 +39,6 @@ impl Cancel {
         )
     }
 
-    /// The request's deadline, if it has one.
-    pub fn deadline(&self) -> Option<Instant> {
-        self.deadline
-    }
-
     /// Marks the caller as gone.
     pub fn cancel(&self) {
         self.gone.store(true, Ordering::Relaxed);

@@ -1,5 +1,4 @@
-//! Deadlines: the `grpc-timeout` a caller sent, as an instant, and the remaining budget to pass
-//! on to the next hop.
+//! Deadlines: the `grpc-timeout` a caller sent, as an instant, and whether it passed.
 
 use std::time::{Duration, Instant};
 use tonic::metadata::MetadataMap;
@@ -26,11 +25,6 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 pub fn deadline_of(metadata: &MetadataMap) -> Option<Instant> {
     let v = metadata.get("grpc-timeout")?.to_str().ok()?;
     parse_grpc_timeout(v).map(|d| Instant::now() + d)
-}
-
-/// Time left until `deadline` (zero when passed); `None` when there is no deadline.
-pub fn remaining(deadline: Option<Instant>) -> Option<Duration> {
-    deadline.map(|d| d.saturating_duration_since(Instant::now()))
 }
 
 /// Whether `deadline` has passed.
@@ -61,7 +55,7 @@ mod tests {
         assert!(deadline_of(&md).is_none());
         md.insert("grpc-timeout", "100m".parse().unwrap());
         let d = deadline_of(&md).unwrap();
-        let left = remaining(Some(d)).unwrap();
+        let left = d.saturating_duration_since(Instant::now());
         assert!(left <= Duration::from_millis(100) && left > Duration::from_millis(50));
         assert!(!expired(Some(d)));
         assert!(expired(Some(Instant::now() - Duration::from_millis(1))));

@@ -147,15 +147,10 @@ impl<M: Send + Sync + 'static> Stage<M> {
     /// A stage called `name` (its metrics' `stage` label) with `concurrency` execution slots
     /// and `max_queue` waiting places.
     pub fn new(name: &'static str, concurrency: usize, max_queue: usize) -> Self {
-        Self::with(Admission::new(concurrency, max_queue), Metrics::new(name))
-    }
-
-    /// A stage over existing admission and metrics.
-    pub fn with(admission: Admission, metrics: Metrics) -> Self {
         Self {
             model: Arc::new(OnceLock::new()),
-            admission,
-            metrics,
+            admission: Admission::new(concurrency, max_queue),
+            metrics: Metrics::new(name),
         }
     }
 

@@ -42,6 +42,7 @@ fixtures: $(PYTHON_REF)
 	$(PYTHON_REF) tools/reference/gen_decoder.py
 	$(PYTHON_REF) tools/reference/gen_image_preprocess.py
 	$(PYTHON_REF) tools/reference/gen_kd21.py
+	$(PYTHON_REF) tools/reference/gen_fewstep.py
 
 $(PYTHON_REF):
 	python3 -m venv tools/reference/.venv

@@ -255,7 +255,8 @@ def rel(p: Path) -> str:
 
 def new_scheduler(kind: str, cfg: dict):
     cls = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler,
-           "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler}[kind]
+           "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
+           "LCMScheduler": diffusers.LCMScheduler, "TCDScheduler": diffusers.TCDScheduler}[kind]
     return cls.from_config(cfg)
 
 

@@ -162,6 +162,7 @@ impl Text2Image {
             width: req.width,
             movq_scale_factor: self.movq.scale_factor(),
             num_inference_steps: req.decoder_steps,
+            timesteps: None,
             guidance_scale: req.decoder_guidance,
             num_images_per_prompt: 1,
             latents: None,

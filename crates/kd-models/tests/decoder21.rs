@@ -176,6 +176,7 @@ fn run_case(name: &str, dtype: DType, tol: f64) -> (f64, f64) {
         width,
         movq_scale_factor: movq.scale_factor(),
         num_inference_steps: meta_usize(&meta, &["num_inference_steps", "steps"], None),
+        timesteps: None,
         guidance_scale: guidance,
         num_images_per_prompt: n,
         latents: if name.contains("img2img") {
@@ -298,6 +299,7 @@ fn kd21_family_and_text_errors() {
         width: 16,
         movq_scale_factor: 2,
         num_inference_steps: 2,
+        timesteps: None,
         guidance_scale: 4.0,
         num_images_per_prompt: 1,
         latents: None,

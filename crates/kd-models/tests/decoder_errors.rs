@@ -41,6 +41,7 @@ fn params(pos: &Tensor, neg: &Tensor) -> DecoderInputs {
         width: 16,
         movq_scale_factor: 2,
         num_inference_steps: 2,
+        timesteps: None,
         guidance_scale: 4.0,
         num_images_per_prompt: 1,
         latents: None,
@@ -109,6 +110,7 @@ fn bad_inputs_name_the_field_and_the_allowed_values() {
             &sched,
             &DecoderInputs {
                 num_inference_steps: steps,
+                timesteps: None,
                 ..params(&pos, &neg)
             },
         ));
@@ -220,6 +222,7 @@ fn callback_cancels_within_one_step_and_sees_progress() {
     let mut calls = Vec::new();
     let p = DecoderInputs {
         num_inference_steps: 5,
+        timesteps: None,
         ..params(&pos, &neg)
     };
     let out = run_decoder(

@@ -37,6 +37,7 @@ fn base() -> DecoderInputs {
         width: 16,
         movq_scale_factor: 2,
         num_inference_steps: 4,
+        timesteps: None,
         guidance_scale: 4.0,
         num_images_per_prompt: 1,
         latents: None,

@@ -1,5 +1,6 @@
 //! The whole decoder loop against every diffusers pipeline case (text2img, img2img, inpaint,
-//! ControlNet; DDPM with replayed noise, DDIM, DPM++): final latents ≤ 1e-3 relative L2.
+//! ControlNet; DDPM with replayed noise, DDIM, DPM++; the few-step students' LCM and TCD, 1 and
+//! 4 steps, DMD2's explicit timesteps): final latents ≤ 1e-3 relative L2.
 
 use candle_core::{DType, Device, Tensor};
 use kd_models::config::SchedulerConfig;
@@ -36,9 +37,9 @@ fn load_checkpoint(rel: &str, dtype: DType) -> (UNet2DConditionModel, usize) {
     (UNet2DConditionModel::new(&cfg, vb).unwrap(), sf)
 }
 
-fn inputs() -> HashMap<String, Tensor> {
-    load_reference(fixtures_dir().join("tiny/reference/decoder/pipeline_inputs.safetensors"))
-        .unwrap()
+/// The shared inputs of the cases in `dir` (the decoder cases' or the few-step cases').
+fn inputs(dir: &str) -> HashMap<String, Tensor> {
+    load_reference(fixtures_dir().join(dir).join("pipeline_inputs.safetensors")).unwrap()
 }
 
 fn inpaint_mask(inp: &HashMap<String, Tensor>) -> Tensor {
@@ -51,18 +52,33 @@ fn run_case(size: &str, name: &str) {
 }
 
 fn run_case_dtype(size: &str, name: &str, dtype: DType, tol: f64) {
-    let dir = fixtures_dir().join(size).join("reference/decoder");
+    let dir = format!("{size}/reference/decoder");
+    run_case_in(&dir, "tiny/reference/decoder", name, dtype, tol);
+}
+
+/// Runs case `name` of the reference folder `dir` with the shared inputs of `inputs_dir` (both
+/// relative to the fixtures).
+fn run_case_in(dir: &str, inputs_dir: &str, name: &str, dtype: DType, tol: f64) {
+    let inp = inputs(inputs_dir);
+    let dir = fixtures_dir().join(dir);
     let meta = json(dir.join(format!("{name}.json")));
     let r = load_reference(dir.join(format!("{name}.safetensors"))).unwrap();
-    let inp = inputs();
     let (unet, sf) = load_checkpoint(meta["checkpoint"].as_str().unwrap(), dtype);
     let cfg: SchedulerConfig = serde_json::from_value(meta["scheduler_config"].clone()).unwrap();
-    let mut scheduler = schedulers::from_config(&cfg, 0.0).unwrap();
+    // The pipelines call TCD's step with its default gamma 0.3.
+    let eta = if meta["scheduler_class"] == "TCDScheduler" {
+        0.3
+    } else {
+        0.0
+    };
+    let mut scheduler = schedulers::from_config(&cfg, eta).unwrap();
+    let timesteps: Option<Vec<usize>> = meta
+        .get("timesteps")
+        .map(|t| serde_json::from_value(t.clone()).unwrap());
     let mut noise = match r.get("noise") {
         Some(n) => ReplayNoise::from_stacked(n).unwrap(),
         None => ReplayNoise::default(),
     };
-    let mask = inpaint_mask(&inp);
     let mode = if name.contains("img2img") {
         DecoderMode::Img2Img {
             image_latents: get(&inp, "img2img_image_latents").clone(),
@@ -71,7 +87,7 @@ fn run_case_dtype(size: &str, name: &str, dtype: DType, tol: f64) {
     } else if name.contains("inpaint") {
         DecoderMode::Inpaint {
             image_latents: get(&inp, "inpaint_image_latents").clone(),
-            mask: mask.clone(),
+            mask: inpaint_mask(&inp),
         }
     } else if name.contains("controlnet") {
         DecoderMode::Controlnet {
@@ -87,6 +103,7 @@ fn run_case_dtype(size: &str, name: &str, dtype: DType, tol: f64) {
         width: meta["width"].as_u64().unwrap() as usize,
         movq_scale_factor: sf,
         num_inference_steps: meta["num_inference_steps"].as_u64().unwrap() as usize,
+        timesteps,
         guidance_scale: meta["guidance_scale"].as_f64().unwrap(),
         num_images_per_prompt: meta["num_images_per_prompt"].as_u64().unwrap() as usize,
         latents: r.get("latents").cloned(),
@@ -110,7 +127,7 @@ fn run_case_dtype(size: &str, name: &str, dtype: DType, tol: f64) {
     );
     assert_eq!(noise.remaining(), 0, "{name}: unused recorded noise draws");
     let err = rel_l2(&latents, get(&r, "final_latents")).unwrap();
-    eprintln!("{size}/{name} {dtype:?}: final latents rel L2 {err:e}");
+    eprintln!("{}/{name} {dtype:?}: final latents rel L2 {err:e}", dir.display());
     assert_close(name, &latents, get(&r, "final_latents"), tol);
 }
 
@@ -140,9 +157,28 @@ cases! {
     deep_text2img_ddpm_3: "deep" "pipeline_text2img_ddpm_3",
 }
 
+macro_rules! fewstep_cases {
+    ($($fn:ident: $name:literal,)*) => {$(
+        #[test]
+        fn $fn() {
+            let dir = "tiny/reference/fewstep";
+            run_case_in(dir, dir, $name, DType::F32, 1e-3);
+        }
+    )*};
+}
+
+fewstep_cases! {
+    fewstep_text2img_lcm_1: "pipeline_text2img_lcm_1",
+    fewstep_text2img_lcm_4: "pipeline_text2img_lcm_4",
+    fewstep_text2img_lcm_4_cfg: "pipeline_text2img_lcm_4_cfg",
+    fewstep_text2img_tcd_4: "pipeline_text2img_tcd_4",
+    fewstep_text2img_lcm_dmd2: "pipeline_text2img_lcm_dmd2",
+    fewstep_img2img_lcm_4_s05: "pipeline_img2img_lcm_4_s05",
+}
+
 #[test]
 fn inpaint_mask_preparation_is_exact() {
-    let inp = inputs();
+    let inp = inputs("tiny/reference/decoder");
     let prepared = inpaint_mask(&inp);
     let want = get(&inp, "inpaint_mask_latent_prepared");
     assert_eq!(

@@ -80,6 +80,7 @@ fn text_to_image_from_prompts_matches_diffusers() {
             width: meta["width"].as_u64().unwrap() as usize,
             movq_scale_factor: movq.scale_factor(),
             num_inference_steps: meta["num_inference_steps"].as_u64().unwrap() as usize,
+            timesteps: None,
             guidance_scale: meta["guidance_scale"].as_f64().unwrap(),
             num_images_per_prompt: n,
             latents: Some(get(&r, "latents").clone()),

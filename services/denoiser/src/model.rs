@@ -186,6 +186,7 @@ impl DecoderModel {
             width: w,
             movq_scale_factor: self.movq_scale_factor,
             num_inference_steps: 1,
+            timesteps: None,
             guidance_scale: 4.0,
             num_images_per_prompt: 1,
             latents: None,

@@ -224,6 +224,7 @@ fn decode_inputs(
         width,
         movq_scale_factor: model.movq_scale_factor,
         num_inference_steps: req.num_inference_steps as usize,
+        timesteps: None,
         guidance_scale: f64::from(req.guidance_scale),
         num_images_per_prompt: 1,
         latents: decode_opt(model, limits, req.latents.as_ref(), "latents")?,

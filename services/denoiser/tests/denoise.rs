@@ -61,6 +61,7 @@ fn in_process(dir: &std::path::Path, req: &v1::DenoiseRequest) -> Tensor {
         width: req.width as usize,
         movq_scale_factor: sf,
         num_inference_steps: req.num_inference_steps as usize,
+        timesteps: None,
         guidance_scale: req.guidance_scale as f64,
         num_images_per_prompt: 1,
         latents: None,

@@ -22,7 +22,8 @@ pub use clip::{ClipTextConfig, ClipVisionConfig};
 pub use image_processor::{ClipImageProcessorConfig, ImageSize};
 pub use prior::PriorTransformerConfig;
 pub use scheduler::{
-    DdimSchedulerConfig, DdpmSchedulerConfig, DpmSolverMultistepSchedulerConfig, SchedulerConfig,
+    ConsistencySchedulerConfig, DdimSchedulerConfig, DdpmSchedulerConfig,
+    DpmSolverMultistepSchedulerConfig, SchedulerConfig,
     UnClipSchedulerConfig,
 };
 pub use tokenizer::TokenizerConfig;

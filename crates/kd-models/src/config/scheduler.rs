@@ -1,5 +1,6 @@
 //! `scheduler/scheduler_config.json`: diffusers `UnCLIPScheduler`, `DDPMScheduler`,
-//! `DDIMScheduler`, `DPMSolverMultistepScheduler`.
+//! `DDIMScheduler`, `DPMSolverMultistepScheduler`, and the consistency-model schedulers of
+//! few-step students, `LCMScheduler` and `TCDScheduler`.
 
 use super::{check_one_of, check_positive, unsupported};
 use crate::error::Result;
@@ -226,6 +227,57 @@ impl Default for DpmSolverMultistepSchedulerConfig {
     }
 }
 
+/// `LCMScheduler` / `TCDScheduler` config (the two classes take the same keys).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ConsistencySchedulerConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: String,
+    pub trained_betas: Option<Vec<f64>>,
+    /// The teacher schedule the student was distilled on (its timesteps are `k·i − 1`,
+    /// k = `num_train_timesteps / original_inference_steps`).
+    pub original_inference_steps: usize,
+    pub clip_sample: bool,
+    pub clip_sample_range: f64,
+    pub set_alpha_to_one: bool,
+    pub steps_offset: usize,
+    pub prediction_type: String,
+    pub thresholding: bool,
+    pub dynamic_thresholding_ratio: f64,
+    pub sample_max_value: f64,
+    pub timestep_spacing: String,
+    /// Scales the timestep inside the boundary-condition scalings c_skip, c_out.
+    pub timestep_scaling: f64,
+    pub rescale_betas_zero_snr: bool,
+}
+
+impl Default for ConsistencySchedulerConfig {
+    /// The upstream class defaults (identical for LCM and TCD).
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: "scaled_linear".into(),
+            trained_betas: None,
+            original_inference_steps: 50,
+            clip_sample: false,
+            clip_sample_range: 1.0,
+            set_alpha_to_one: true,
+            steps_offset: 0,
+            prediction_type: "epsilon".into(),
+            thresholding: false,
+            dynamic_thresholding_ratio: 0.995,
+            sample_max_value: 1.0,
+            timestep_spacing: "leading".into(),
+            timestep_scaling: 10.0,
+            rescale_betas_zero_snr: false,
+        }
+    }
+}
+
 /// A scheduler config, dispatched on its `_class_name`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "_class_name")]
@@ -238,6 +290,10 @@ pub enum SchedulerConfig {
     Ddim(DdimSchedulerConfig),
     #[serde(rename = "DPMSolverMultistepScheduler")]
     DpmSolverMultistep(DpmSolverMultistepSchedulerConfig),
+    #[serde(rename = "LCMScheduler")]
+    Lcm(ConsistencySchedulerConfig),
+    #[serde(rename = "TCDScheduler")]
+    Tcd(ConsistencySchedulerConfig),
 }
 
 impl SchedulerConfig {
@@ -298,6 +354,35 @@ impl SchedulerConfig {
                 }
                 check_positive(path, "num_train_timesteps", c.num_train_timesteps)
             }
+            Self::Lcm(c) | Self::Tcd(c) => {
+                betas(&c.beta_schedule)?;
+                prediction(&c.prediction_type)?;
+                check_positive(path, "num_train_timesteps", c.num_train_timesteps)?;
+                check_positive(path, "original_inference_steps", c.original_inference_steps)?;
+                if c.original_inference_steps > c.num_train_timesteps {
+                    return Err(unsupported(
+                        path,
+                        "original_inference_steps",
+                        c.original_inference_steps,
+                        &format!("1 ..= num_train_timesteps ({})", c.num_train_timesteps),
+                    ));
+                }
+                if !(c.timestep_scaling.is_finite() && c.timestep_scaling >= 0.0) {
+                    return Err(unsupported(
+                        path,
+                        "timestep_scaling",
+                        c.timestep_scaling,
+                        "a finite value ≥ 0",
+                    ));
+                }
+                Ok(())
+            }
         }
+    }
+
+    /// Whether this is a consistency-model scheduler (LCM, TCD): the scheduler of a few-step
+    /// distilled student.
+    pub fn is_consistency(&self) -> bool {
+        matches!(self, Self::Lcm(_) | Self::Tcd(_))
     }
 }

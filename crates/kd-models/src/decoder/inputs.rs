@@ -105,7 +105,11 @@ pub struct DecoderInputs {
     /// MoVQ scale factor 2^(levels−1) (8 for Kandinsky 2.2).
     pub movq_scale_factor: usize,
     /// Scheduler steps N in 1..=num_train_timesteps (img2img runs the last ⌊N·strength⌋).
+    /// With an explicit `timesteps` list, N is that list's length.
     pub num_inference_steps: usize,
+    /// An explicit schedule (strictly descending, below `num_train_timesteps`) instead of N
+    /// spaced steps; only the consistency schedulers (LCM, TCD) take one.
+    pub timesteps: Option<Vec<usize>>,
     /// CFG scale, finite and ≥ 0; guidance (UNet batch 2·B·n) only when > 1.
     pub guidance_scale: f64,
     /// Images per embedding (n ≥ 1).
@@ -264,12 +268,26 @@ impl DecoderInputs {
                 format!("{g}; allowed: a finite number ≥ 0 (CFG applies when > 1)"),
             ));
         }
-        let (steps, train) = (self.num_inference_steps, scheduler.num_train_timesteps());
-        if !(1..=train).contains(&steps) {
-            return Err(invalid(
-                "num_inference_steps",
-                format!("{steps}; allowed: 1..={train} (the scheduler's num_train_timesteps)"),
-            ));
+        let steps = self.num_inference_steps;
+        if let Some(ts) = &self.timesteps {
+            if steps != ts.len() {
+                return Err(invalid(
+                    "num_inference_steps",
+                    format!(
+                        "{steps} with an explicit timesteps list of {}; allowed: the list's length",
+                        ts.len()
+                    ),
+                ));
+            }
+            scheduler.check_custom_timesteps(ts)?;
+        } else {
+            let (max, name) = scheduler.max_inference_steps();
+            if !(1..=max).contains(&steps) {
+                return Err(invalid(
+                    "num_inference_steps",
+                    format!("{steps}; allowed: 1..={max} (the scheduler's {name})"),
+                ));
+            }
         }
         if self.num_images_per_prompt == 0 {
             return Err(invalid("num_images_per_prompt", "0; allowed: ≥ 1"));

@@ -128,7 +128,10 @@ pub fn run_decoder(
     on_step: &mut dyn FnMut(StepProgress) -> bool,
 ) -> Result<DecoderOutcome> {
     let plan = inputs.validate(unet, &*scheduler)?;
-    scheduler.set_timesteps(inputs.num_inference_steps)?;
+    match &inputs.timesteps {
+        Some(ts) => scheduler.set_custom_timesteps(ts)?,
+        None => scheduler.set_timesteps(inputs.num_inference_steps)?,
+    }
     let mut timesteps = scheduler.timesteps().to_vec();
     if let DecoderMode::Img2Img { strength, .. } = inputs.mode {
         let steps = timesteps.len();

@@ -1,11 +1,13 @@
 //! The decoder's diffusion schedulers behind one trait: DDPM (the Kandinsky 2.2 default),
-//! DDIM and DPM-Solver++ (multistep), ported from diffusers 0.42 `schedulers/`.
+//! DDIM, DPM-Solver++ (multistep) and the few-step students' LCM and TCD, ported from
+//! diffusers 0.42 `schedulers/`.
 //!
 //! A scheduler holds per-request state (the timestep schedule, DPM's model-output history), so
 //! one is built per request with [`from_config`]. All sampling noise comes from a
 //! [`NoiseSource`]; nothing uses candle's device RNG.
 
 pub mod betas;
+pub mod consistency;
 pub mod ddim;
 pub mod ddpm;
 pub mod dpm_solver;
@@ -16,6 +18,7 @@ use crate::noise::NoiseSource;
 use candle_core::Tensor;
 use std::path::Path;
 
+pub use consistency::{ConsistencyKind, ConsistencyScheduler};
 pub use ddim::DdimScheduler;
 pub use ddpm::DdpmScheduler;
 pub use dpm_solver::DpmSolverMultistepScheduler;
@@ -34,6 +37,34 @@ pub trait Scheduler: Send {
     /// Computes the timestep schedule for `num_inference_steps` (1 ..= `num_train_timesteps`)
     /// and resets the per-request state.
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
+
+    /// The most steps `set_timesteps` takes, and the config key that sets it.
+    fn max_inference_steps(&self) -> (usize, &'static str) {
+        (self.num_train_timesteps(), "num_train_timesteps")
+    }
+
+    /// Checks an explicit schedule for [`Scheduler::set_custom_timesteps`] without setting it.
+    /// Only the consistency schedulers (LCM, TCD) take one.
+    fn check_custom_timesteps(&self, timesteps: &[usize]) -> Result<()> {
+        Err(ModelError::invalid(
+            "timesteps",
+            format!(
+                "an explicit list ({} given) is taken by the LCM and TCD schedulers only; \
+                 this scheduler takes num_inference_steps",
+                timesteps.len()
+            ),
+        ))
+    }
+
+    /// Sets an explicit schedule instead of N spaced steps (strictly descending, below
+    /// `num_train_timesteps`) and resets the per-request state.
+    fn set_custom_timesteps(&mut self, timesteps: &[usize]) -> Result<()> {
+        self.check_custom_timesteps(timesteps)?;
+        Err(ModelError::invalid(
+            "timesteps",
+            "this scheduler does not take an explicit list",
+        ))
+    }
 
     /// The schedule set by [`Scheduler::set_timesteps`], in stepping order.
     fn timesteps(&self) -> &[usize];
@@ -66,18 +97,23 @@ pub trait Scheduler: Send {
 }
 
 /// Builds a decoder scheduler from its config. `eta` is DDIM's step argument (0 = deterministic)
-/// and is ignored by the other schedulers.
+/// and TCD's γ; the other schedulers ignore it.
 pub fn from_config(cfg: &SchedulerConfig, eta: f64) -> Result<Box<dyn Scheduler>> {
     cfg.validate(Path::new("scheduler/scheduler_config.json"))?;
     Ok(match cfg {
         SchedulerConfig::Ddpm(c) => Box::new(DdpmScheduler::new(c)?),
         SchedulerConfig::Ddim(c) => Box::new(DdimScheduler::new(c, eta)?),
         SchedulerConfig::DpmSolverMultistep(c) => Box::new(DpmSolverMultistepScheduler::new(c)?),
+        SchedulerConfig::Lcm(c) => Box::new(ConsistencyScheduler::new(c, ConsistencyKind::Lcm)?),
+        SchedulerConfig::Tcd(c) => Box::new(ConsistencyScheduler::new(
+            c,
+            ConsistencyKind::Tcd { gamma: eta },
+        )?),
         SchedulerConfig::UnClip(_) => {
             return Err(unsupported(
                 "_class_name",
                 "UnCLIPScheduler",
-                "DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler (UnCLIP is the prior's)",
+                "DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler, TCDScheduler (UnCLIP is the prior's)",
             ))
         }
     })

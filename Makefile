@@ -5,7 +5,7 @@
 CARGO ?= cargo
 PYTHON_REF ?= tools/reference/.venv/bin/python
 
-.PHONY: setup build test lint fmt fixtures bench demo chart-check clean
+.PHONY: setup build test lint fmt fixtures bench bench-fewstep demo chart-check clean
 
 ## setup: install what a fresh machine lacks (idempotent; needs root for apt-get)
 setup:
@@ -53,6 +53,10 @@ bench:
 	$(CARGO) bench -p kd-models
 	$(CARGO) bench -p kd-e2e --bench e2e_latency
 	E2E_MODEL=kandinsky-2-1 $(CARGO) bench -p kd-e2e --bench e2e_latency
+
+## bench-fewstep: a few-step student (1 and 4 steps) against its teacher's 25+50 steps, services
+bench-fewstep:
+	$(CARGO) bench -p kd-e2e --bench fewstep_latency
 
 ## demo: build, start the stack on the bundled small model, generate demo.png, stop
 demo:

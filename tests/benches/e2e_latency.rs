@@ -119,7 +119,7 @@ async fn main() {
         decoder: Some(v1::DecoderParams {
             num_inference_steps: Some(steps as u32),
             guidance_scale: Some(4.0),
-            scheduler: 0,
+            ..Default::default()
         }),
         ..Default::default()
     };
@@ -144,6 +144,7 @@ async fn main() {
         },
         decoder_steps: steps,
         decoder_guidance: 4.0,
+        decoder_timesteps: None,
     };
     // Warm-up of both paths.
     client.generate(request(0)).await.unwrap();

@@ -31,13 +31,16 @@ pub enum Model {
     Kandinsky21,
     /// As [`Model::Kandinsky21`] with the 9-channel inpainting decoder.
     Kandinsky21Inpaint,
+    /// As [`Model::Kandinsky22`] with a few-step student decoder: the deep decoder folder whose
+    /// scheduler is `LCMScheduler` (see [`student_decoder_dir`]).
+    Kandinsky22Student,
 }
 
 impl Model {
     /// The prior folder (text encoder and prior stages).
     pub fn prior_dir(self) -> PathBuf {
         match self {
-            Self::Kandinsky22 => prior_dir(),
+            Self::Kandinsky22 | Self::Kandinsky22Student => prior_dir(),
             Self::Kandinsky21 | Self::Kandinsky21Inpaint => {
                 fixtures_dir().join("kd21/kandinsky-2-1-prior")
             }
@@ -50,8 +53,44 @@ impl Model {
             Self::Kandinsky22 => decoder_dir(),
             Self::Kandinsky21 => fixtures_dir().join("kd21/kandinsky-2-1"),
             Self::Kandinsky21Inpaint => fixtures_dir().join("kd21/kandinsky-2-1-inpaint"),
+            Self::Kandinsky22Student => student_decoder_dir(),
         }
     }
+}
+
+/// A student decoder folder, made once per process under the temp dir: the bundled decoder
+/// with `scheduler/scheduler_config.json` switched to `LCMScheduler` (what
+/// `LCMScheduler.from_config(teacher_config)` saves: the teacher's β schedule and keys, the LCM
+/// defaults for the rest). Its weights are the teacher's: what it proves is the serving path.
+pub fn student_decoder_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir()
+            .join(format!("kd-e2e-student-{}", std::process::id()))
+            .join("kandinsky-2-2-decoder-lcm");
+        copy_dir(&decoder_dir(), &dir).expect("copy the decoder fixture");
+        let cfg = dir.join("scheduler/scheduler_config.json");
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        json["_class_name"] = "LCMScheduler".into();
+        std::fs::write(&cfg, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+        dir
+    })
+    .clone()
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
 }
 
 /// Parses a stage's flags.
@@ -156,6 +195,13 @@ pub async fn gateway_client(gateway: &TestServer) -> GatewayClient<Channel> {
     GatewayClient::new(connect(gateway.grpc).await).max_decoding_message_size(64 << 20)
 }
 
+/// What `gateway` lists in `ListModels`.
+pub async fn list_models(gateway: &TestServer) -> Vec<v1::ModelDescription> {
+    let mut c = gateway_client(gateway).await;
+    let req = v1::ListModelsRequest {};
+    c.list_models(req).await.unwrap().into_inner().models
+}
+
 /// Steps of the prior and of the decoder in [`generate_request`].
 pub const STEPS: u32 = 3;
 
@@ -174,7 +220,7 @@ pub fn generate_request(prompt: &str, seeds: &[u64]) -> v1::GenerateRequest {
         decoder: Some(v1::DecoderParams {
             num_inference_steps: Some(STEPS),
             guidance_scale: Some(4.0),
-            scheduler: 0,
+            ..Default::default()
         }),
         ..Default::default()
     }

@@ -3,7 +3,7 @@
 //! run in one process; the gateway names the model it serves, routes by model name when it fronts
 //! both families, and refuses stages that disagree.
 
-use kd_e2e::{gateway_client, generate_request, pixels, Model, Stack, STEPS};
+use kd_e2e::{gateway_client, generate_request, list_models, pixels, Model, Stack, STEPS};
 use kd_models::pipeline::{Text2Image, Text2ImageRequest};
 use kd_models::prior::SampleParams;
 use kd_models::CheckpointDir;
@@ -56,6 +56,7 @@ async fn russian_hindi_and_chinese_prompts_each_make_the_in_process_image() {
                 },
                 decoder_steps: STEPS as usize,
                 decoder_guidance: 4.0,
+                decoder_timesteps: None,
             })
             .unwrap();
         assert!(
@@ -103,12 +104,7 @@ async fn russian_hindi_and_chinese_prompts_each_make_the_in_process_image() {
 async fn the_gateway_names_the_served_family_and_checks_the_model_field() {
     let stack = Stack::start_model(Model::Kandinsky21, &[], &[]).await;
     let mut c = stack.client().await;
-    let models = c
-        .list_models(v1::ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
+    let models = list_models(&stack.gateway).await;
     assert_eq!(models.len(), 1);
     assert_eq!(models[0].name, "kandinsky-2-1");
     assert_eq!(models[0].family, v1::ModelFamily::Kandinsky21 as i32);
@@ -235,12 +231,7 @@ async fn one_gateway_serves_both_families_by_model_name() {
     let gw = Stack::start_gateway(stages, &[&extra]).await;
     let mut c = gateway_client(&gw).await;
 
-    let models = c
-        .list_models(v1::ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
+    let models = list_models(&gw).await;
     let listed: Vec<(&str, bool)> = models
         .iter()
         .map(|m| (m.name.as_str(), m.is_default))

@@ -40,6 +40,9 @@ pub struct Text2ImageRequest {
     pub decoder_steps: usize,
     /// Decoder guidance (CFG iff > 1).
     pub decoder_guidance: f64,
+    /// An explicit decoder schedule instead of `decoder_steps` steps (whose value must then be
+    /// its length); LCM and TCD schedulers only.
+    pub decoder_timesteps: Option<Vec<usize>>,
 }
 
 /// What the pipeline produced.
@@ -136,7 +139,8 @@ impl Text2Image {
             )?,
             None => self.prior.zero_image_embed()?.repeat((n, 1))?,
         };
-        let mut scheduler = schedulers::from_config(&self.scheduler, 0.0)?;
+        let mut scheduler =
+            schedulers::from_config(&self.scheduler, schedulers::pipeline_eta(&self.scheduler))?;
         // Kandinsky 2.1: the decoder also sees the multilingual encoding of [prompt, negative].
         let text21 = match &self.multilingual {
             Some(m) => {
@@ -162,7 +166,7 @@ impl Text2Image {
             width: req.width,
             movq_scale_factor: self.movq.scale_factor(),
             num_inference_steps: req.decoder_steps,
-            timesteps: None,
+            timesteps: req.decoder_timesteps.clone(),
             guidance_scale: req.decoder_guidance,
             num_images_per_prompt: 1,
             latents: None,

@@ -428,3 +428,49 @@ fn text_conditioning_rules() {
     };
     img.validate(&m21.0, m21.1.as_ref()).unwrap();
 }
+
+#[test]
+fn explicit_timesteps_are_checked_against_the_scheduler() {
+    let ddpm = load("tiny/kandinsky-2-2-decoder");
+    let lcm = {
+        let (unet, _) = load("tiny/kandinsky-2-2-decoder");
+        let json = std::fs::read_to_string(
+            fixtures_dir().join("tiny/reference/fewstep/scheduler_lcm_k22.json"),
+        )
+        .unwrap();
+        let meta: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let cfg = serde_json::from_value(meta["config"].clone()).unwrap();
+        (unet, schedulers::from_config(&cfg, 0.0).unwrap())
+    };
+    let list = |ts: &[usize]| DecoderInputs {
+        num_inference_steps: ts.len(),
+        timesteps: Some(ts.to_vec()),
+        ..base()
+    };
+    let plan = list(&[999, 749, 499, 249])
+        .validate(&lcm.0, lcm.1.as_ref())
+        .unwrap();
+    assert_eq!(plan.steps, 4);
+    rejects(&ddpm, list(&[999, 499]), "timesteps", "LCM and TCD");
+    rejects(&lcm, list(&[499, 999]), "timesteps", "descending");
+    rejects(&lcm, list(&[1000]), "timesteps", "0 ..= 999");
+    rejects(
+        &lcm,
+        DecoderInputs {
+            num_inference_steps: 3,
+            ..list(&[999, 499])
+        },
+        "num_inference_steps",
+        "the list's length",
+    );
+    // N spaced steps stop at the distillation schedule's length.
+    rejects(
+        &lcm,
+        DecoderInputs {
+            num_inference_steps: 51,
+            ..base()
+        },
+        "num_inference_steps",
+        "1..=50 (the scheduler's original_inference_steps)",
+    );
+}

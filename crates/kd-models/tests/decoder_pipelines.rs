@@ -127,7 +127,10 @@ fn run_case_in(dir: &str, inputs_dir: &str, name: &str, dtype: DType, tol: f64) 
     );
     assert_eq!(noise.remaining(), 0, "{name}: unused recorded noise draws");
     let err = rel_l2(&latents, get(&r, "final_latents")).unwrap();
-    eprintln!("{}/{name} {dtype:?}: final latents rel L2 {err:e}", dir.display());
+    eprintln!(
+        "{}/{name} {dtype:?}: final latents rel L2 {err:e}",
+        dir.display()
+    );
     assert_close(name, &latents, get(&r, "final_latents"), tol);
 }
 

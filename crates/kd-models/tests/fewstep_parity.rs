@@ -71,7 +71,11 @@ fn timesteps_match_for_every_n_and_every_explicit_list() {
         for n in v.meta["num_inference_steps_valid"].as_array().unwrap() {
             let n = n.as_u64().unwrap() as usize;
             s.set_timesteps(n).unwrap();
-            assert_eq!(s.timesteps(), v.ints(&format!("timesteps_n{n}")), "{name} N={n}");
+            assert_eq!(
+                s.timesteps(),
+                v.ints(&format!("timesteps_n{n}")),
+                "{name} N={n}"
+            );
         }
         for (list, ts) in v.meta["custom_timesteps"].as_object().unwrap() {
             let ts: Vec<usize> = serde_json::from_value(ts.clone()).unwrap();
@@ -91,7 +95,9 @@ fn step_sequences_match_with_recorded_noise() {
             let schedule = &info["schedule"];
             match schedule.get("timesteps") {
                 Some(ts) => s
-                    .set_custom_timesteps(&serde_json::from_value::<Vec<usize>>(ts.clone()).unwrap())
+                    .set_custom_timesteps(
+                        &serde_json::from_value::<Vec<usize>>(ts.clone()).unwrap(),
+                    )
                     .unwrap(),
                 None => s
                     .set_timesteps(schedule["num_inference_steps"].as_u64().unwrap() as usize)
@@ -171,8 +177,14 @@ fn refused_schedules_carry_the_diffusers_messages() {
             };
             let m = message(err);
             let want = e["message"].as_str().unwrap();
-            assert!(m.contains(want), "{name}/{case}: {m:?} lacks diffusers' {want:?}");
-            assert!(m.contains("llowed"), "{name}/{case}: {m:?} names no allowed values");
+            assert!(
+                m.contains(want),
+                "{name}/{case}: {m:?} lacks diffusers' {want:?}"
+            );
+            assert!(
+                m.contains("llowed"),
+                "{name}/{case}: {m:?} names no allowed values"
+            );
         }
         let mut s = v.scheduler();
         let m = message(s.set_custom_timesteps(&[]).unwrap_err());

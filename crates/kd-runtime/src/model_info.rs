@@ -113,10 +113,21 @@ pub const fn model_name(family: v1::ModelFamily) -> &'static str {
     }
 }
 
+/// The public name of a few-step distilled student of a family (its denoiser's own scheduler
+/// is LCM or TCD), served beside the family's teacher.
+pub const fn distilled_model_name(family: v1::ModelFamily) -> &'static str {
+    match family {
+        v1::ModelFamily::Kandinsky21 => "kandinsky-2-1-distilled",
+        v1::ModelFamily::Kandinsky22 | v1::ModelFamily::Unspecified => "kandinsky-2-2-distilled",
+    }
+}
+
 /// Every public model name the API knows (which ones a deployment serves, ListModels says).
-pub const MODEL_NAMES: [&str; 2] = [
+pub const MODEL_NAMES: [&str; 4] = [
     model_name(v1::ModelFamily::Kandinsky21),
     model_name(v1::ModelFamily::Kandinsky22),
+    distilled_model_name(v1::ModelFamily::Kandinsky21),
+    distilled_model_name(v1::ModelFamily::Kandinsky22),
 ];
 
 #[cfg(feature = "models")]
@@ -134,6 +145,7 @@ pub fn model_info(
         component: component.into(),
         dtype: wire_dtype(dtype) as i32,
         device: device_name(device),
+        ..Default::default()
     })
 }
 

@@ -39,6 +39,8 @@ pub struct Config {
     /// Most rows (images) per Denoise request.
     #[arg(long, env = "KD_MAX_BATCH", default_value_t = 16)]
     pub max_batch: usize,
+    #[command(flatten)]
+    pub schedule: model::ScheduleArgs,
 }
 
 /// The denoiser service.
@@ -111,6 +113,6 @@ pub async fn run_with_listeners(
     let stage = Stage::new(STAGE, config.max_concurrency, config.common.max_queue);
     let service = Denoiser::new(stage.clone(), config.max_batch);
     let launch = Launch::stage(stage, &config.common).serve(service);
-    let load = blocking(move || DecoderModel::load_and_warm(&config.stage));
+    let load = blocking(move || DecoderModel::load_and_warm(&config.stage, &config.schedule));
     launch.run(listeners, shutdown, load).await
 }

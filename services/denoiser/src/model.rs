@@ -28,8 +28,48 @@ pub struct DecoderModel {
     pub device: Device,
     /// Compute dtype of the UNet weights.
     pub dtype: DType,
+    /// Whether the checkpoint is a few-step distilled student (its own scheduler is LCM or
+    /// TCD): no classifier-free guidance, a few-step default schedule.
+    pub distilled: bool,
+    /// The schedule of a request that names neither steps nor timesteps.
+    pub default_schedule: Schedule,
     /// What `Info` returns.
     pub info: v1::ModelInfo,
+}
+
+/// A request's schedule: N spaced steps, or an explicit descending list (LCM, TCD).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Schedule {
+    Steps(usize),
+    Timesteps(Vec<usize>),
+}
+
+impl Schedule {
+    /// The number of UNet steps (before img2img's strength).
+    pub fn steps(&self) -> usize {
+        match self {
+            Self::Steps(n) => *n,
+            Self::Timesteps(ts) => ts.len(),
+        }
+    }
+}
+
+/// Default steps of a teacher (the public API's documented default).
+pub const TEACHER_DEFAULT_STEPS: usize = 50;
+/// Default steps of a distilled student (diffusers' LCM pipelines default to 4).
+pub const STUDENT_DEFAULT_STEPS: usize = 4;
+
+/// `--default-steps` / `--default-timesteps`: the schedule of a request that names neither.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ScheduleArgs {
+    /// Steps a request gets when it names neither steps nor timesteps (default: 4 for a
+    /// distilled student, whose scheduler is LCM or TCD; 50 otherwise).
+    #[arg(long, env = "KD_DEFAULT_STEPS")]
+    pub default_steps: Option<usize>,
+    /// An explicit default schedule instead, strictly descending, e.g. `999,749,499,249` (a
+    /// DMD2 student); the checkpoint's scheduler must be LCM or TCD.
+    #[arg(long, env = "KD_DEFAULT_TIMESTEPS", value_delimiter = ',')]
+    pub default_timesteps: Vec<usize>,
 }
 
 impl std::fmt::Debug for DecoderModel {
@@ -50,12 +90,26 @@ pub fn scheduler_class(s: v1::Scheduler) -> Option<&'static str> {
         v1::Scheduler::Ddpm => Some("DDPMScheduler"),
         v1::Scheduler::Ddim => Some("DDIMScheduler"),
         v1::Scheduler::DpmSolverPp => Some("DPMSolverMultistepScheduler"),
+        v1::Scheduler::Lcm => Some("LCMScheduler"),
+        v1::Scheduler::Tcd => Some("TCDScheduler"),
     }
 }
 
 impl DecoderModel {
-    /// Loads the decoder folder's UNet, scheduler config and MoVQ scale factor.
+    /// Loads the decoder folder's UNet, scheduler config and MoVQ scale factor, with the
+    /// default schedule of a teacher or a student.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+        Self::load_with(dir, device, dtype, &ScheduleArgs::default())
+    }
+
+    /// [`DecoderModel::load`] with the default schedule `defaults` (checked against the
+    /// checkpoint's scheduler).
+    pub fn load_with(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        defaults: &ScheduleArgs,
+    ) -> anyhow::Result<Self> {
         let ckpt = CheckpointDir::open(dir)?;
         let unet_dir = ckpt.component("unet")?;
         let cfg = unet_dir.unet_config()?;
@@ -92,14 +146,29 @@ impl DecoderModel {
             },
             cfg.addition_embed_type
         );
-        let info = kd_runtime::model_info::model_info(
+        let mut info = kd_runtime::model_info::model_info(
             &ckpt,
             "unet",
             &["unet", "scheduler", "movq"],
             dtype,
             device,
         )?;
-        Ok(Self {
+        let distilled = matches!(scheduler_class.as_str(), "LCMScheduler" | "TCDScheduler");
+        let default_schedule = match (&defaults.default_timesteps[..], defaults.default_steps) {
+            ([], Some(n)) => Schedule::Steps(n),
+            ([], None) if distilled => Schedule::Steps(STUDENT_DEFAULT_STEPS),
+            ([], None) => Schedule::Steps(TEACHER_DEFAULT_STEPS),
+            (ts, _) => Schedule::Timesteps(ts.to_vec()),
+        };
+        info.distilled = distilled;
+        info.default_steps = default_schedule.steps().try_into()?;
+        if let Schedule::Timesteps(ts) = &default_schedule {
+            info.default_timesteps = ts
+                .iter()
+                .map(|&t| u32::try_from(t))
+                .collect::<Result<_, _>>()?;
+        }
+        let model = Self {
             unet,
             scheduler_json,
             scheduler_class,
@@ -107,7 +176,30 @@ impl DecoderModel {
             in_channels: cfg.in_channels,
             device: device.clone(),
             dtype,
+            distilled,
+            default_schedule,
             info,
+        };
+        model.check_default_schedule()?;
+        Ok(model)
+    }
+
+    /// The default schedule must be one the checkpoint's scheduler takes.
+    fn check_default_schedule(&self) -> anyhow::Result<()> {
+        let mut s = self.scheduler(v1::Scheduler::Unspecified)?;
+        let (flag, result) = match &self.default_schedule {
+            Schedule::Steps(0) => ("--default-steps", Err(anyhow::anyhow!("0; allowed: ≥ 1"))),
+            Schedule::Steps(n) => ("--default-steps", s.set_timesteps(*n).map_err(Into::into)),
+            Schedule::Timesteps(ts) => (
+                "--default-timesteps",
+                s.set_custom_timesteps(ts).map_err(Into::into),
+            ),
+        };
+        result.map_err(|e| {
+            anyhow::anyhow!(
+                "{flag} does not suit this checkpoint's {}: {e}",
+                self.scheduler_class
+            )
         })
     }
 
@@ -131,16 +223,17 @@ impl DecoderModel {
         if matches!(cfg, SchedulerConfig::UnClip(_)) {
             return Err(ServiceError::invalid(
                 "scheduler",
-                "the checkpoint's scheduler is UnCLIPScheduler (a prior scheduler); allowed: SCHEDULER_DDPM, SCHEDULER_DDIM, SCHEDULER_DPM_SOLVER_PP",
+                "the checkpoint's scheduler is UnCLIPScheduler (a prior scheduler); allowed: SCHEDULER_DDPM, SCHEDULER_DDIM, SCHEDULER_DPM_SOLVER_PP, SCHEDULER_LCM, SCHEDULER_TCD",
             ));
         }
         Ok(cfg)
     }
 
-    /// A fresh scheduler for one request (DDIM with eta 0).
+    /// A fresh scheduler for one request, stepped as the diffusers pipelines step it (DDIM
+    /// with eta 0, TCD with γ 0.3).
     pub fn scheduler(&self, choice: v1::Scheduler) -> Result<Box<dyn Scheduler>, ServiceError> {
         let cfg = self.scheduler_config(choice)?;
-        schedulers::from_config(&cfg, 0.0)
+        schedulers::from_config(&cfg, schedulers::pipeline_eta(&cfg))
             .map_err(|e| ServiceError::invalid("scheduler", format!("{choice:?}: {e}")))
     }
 
@@ -212,14 +305,18 @@ pub(crate) fn internal(e: candle_core::Error) -> ServiceError {
 
 impl DecoderModel {
     /// Opens the device, loads the decoder folder of `args` and runs one warm-up step.
-    pub fn load_and_warm(args: &kd_runtime::config::StageArgs) -> Result<Self, ServiceError> {
+    pub fn load_and_warm(
+        args: &kd_runtime::config::StageArgs,
+        defaults: &ScheduleArgs,
+    ) -> Result<Self, ServiceError> {
         let device = args
             .device
             .open()
             .map_err(|e| ServiceError::Unavailable(format!("--device: {e}")))?;
-        let model = Self::load(&args.model_dir, &device, args.dtype).map_err(|e| {
-            ServiceError::Unavailable(format!("loading {}: {e:#}", args.model_dir.display()))
-        })?;
+        let model =
+            Self::load_with(&args.model_dir, &device, args.dtype, defaults).map_err(|e| {
+                ServiceError::Unavailable(format!("loading {}: {e:#}", args.model_dir.display()))
+            })?;
         model.warm_up()?;
         tracing::info!(model_dir = %args.model_dir.display(), info = ?model.info, "denoiser ready");
         Ok(model)

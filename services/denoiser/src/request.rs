@@ -5,7 +5,7 @@
 //! combine into a mode) and the wire path of each field (`image_embeds` →
 //! `conditioning.image_embeds`). Errors name the field and the allowed values.
 
-use crate::model::DecoderModel;
+use crate::model::{DecoderModel, Schedule};
 use candle_core::{DType, Tensor};
 use kd_models::decoder::{
     latent_side, prepare_inpaint_mask, DecoderInputs, DecoderMode, DecoderText,
@@ -135,24 +135,10 @@ pub fn plan(
 ) -> Result<Plan, ServiceError> {
     let height = check_side("height", req.height)?;
     let width = check_side("width", req.width)?;
-    if req.num_inference_steps > MAX_STEPS {
-        return Err(invalid(
-            "num_inference_steps",
-            format!("{}; allowed: 1..={MAX_STEPS}", req.num_inference_steps),
-        ));
-    }
-    let choice = v1::Scheduler::try_from(req.scheduler).map_err(|_| {
-        invalid(
-            "scheduler",
-            format!(
-                "unknown value {}; allowed: SCHEDULER_UNSPECIFIED, SCHEDULER_DDPM, SCHEDULER_DDIM, SCHEDULER_DPM_SOLVER_PP",
-                req.scheduler
-            ),
-        )
-    })?;
-    let scheduler = model.scheduler(choice)?;
+    let schedule = schedule(model, req)?;
+    let scheduler = scheduler(model, req)?;
     kd_runtime::model_info::check_requested_dtype(req.options.as_ref(), model.dtype)?;
-    let (inputs, mask_dims) = decode_inputs(model, limits, req, height, width)?;
+    let (inputs, mask_dims) = decode_inputs(model, limits, req, height, width, schedule)?;
     let run = inputs
         .validate(&model.unet, scheduler.as_ref())
         .map_err(on_wire)?;
@@ -188,6 +174,67 @@ pub fn plan(
     })
 }
 
+/// The request's scheduler (`scheduler`, checkpoint default when unspecified), with the
+/// distilled-student guidance rule (`guidance_scale` ≤ 1).
+fn scheduler(
+    model: &DecoderModel,
+    req: &v1::DenoiseRequest,
+) -> Result<Box<dyn Scheduler>, ServiceError> {
+    let choice = v1::Scheduler::try_from(req.scheduler).map_err(|_| {
+        invalid(
+            "scheduler",
+            format!(
+                "unknown value {}; allowed: SCHEDULER_UNSPECIFIED, SCHEDULER_DDPM, SCHEDULER_DDIM, SCHEDULER_DPM_SOLVER_PP, SCHEDULER_LCM, SCHEDULER_TCD",
+                req.scheduler
+            ),
+        )
+    })?;
+    if model.distilled && req.guidance_scale > 1.0 {
+        return Err(invalid(
+            "guidance_scale",
+            format!(
+                "{}; this checkpoint is a distilled student ({}), which runs without \
+                 classifier-free guidance: allowed 0..=1",
+                req.guidance_scale, model.scheduler_class
+            ),
+        ));
+    }
+    model.scheduler(choice)
+}
+
+/// The request's schedule: `num_inference_steps`, or `timesteps`, or (neither) the model's
+/// default.
+fn schedule(model: &DecoderModel, req: &v1::DenoiseRequest) -> Result<Schedule, ServiceError> {
+    let (n, ts) = (req.num_inference_steps, &req.timesteps);
+    if n > MAX_STEPS {
+        return Err(invalid(
+            "num_inference_steps",
+            format!("{n}; allowed: 1..={MAX_STEPS}, or 0 for the model's default"),
+        ));
+    }
+    if ts.len() > MAX_STEPS as usize {
+        return Err(invalid(
+            "timesteps",
+            format!("{} timesteps; allowed: 1..={MAX_STEPS}", ts.len()),
+        ));
+    }
+    Ok(match (n, ts.is_empty()) {
+        (0, true) => model.default_schedule.clone(),
+        (n, true) => Schedule::Steps(n as usize),
+        (0, false) => Schedule::Timesteps(ts.iter().map(|&t| t as usize).collect()),
+        (n, false) => {
+            return Err(invalid(
+                "timesteps",
+                format!(
+                    "{} timesteps with num_inference_steps {n}; allowed: one of them (leave \
+                     num_inference_steps 0 with an explicit list)",
+                    ts.len()
+                ),
+            ))
+        }
+    })
+}
+
 /// The wire request as [`DecoderInputs`], plus the pixel mask's shape when one was sent.
 fn decode_inputs(
     model: &DecoderModel,
@@ -195,6 +242,7 @@ fn decode_inputs(
     req: &v1::DenoiseRequest,
     height: usize,
     width: usize,
+    schedule: Schedule,
 ) -> Result<(DecoderInputs, Option<Vec<usize>>), ServiceError> {
     let cond = req.conditioning.as_ref();
     let negative = req.negative_conditioning.as_ref();
@@ -223,8 +271,11 @@ fn decode_inputs(
         height,
         width,
         movq_scale_factor: model.movq_scale_factor,
-        num_inference_steps: req.num_inference_steps as usize,
-        timesteps: None,
+        num_inference_steps: schedule.steps(),
+        timesteps: match schedule {
+            Schedule::Steps(_) => None,
+            Schedule::Timesteps(ts) => Some(ts),
+        },
         guidance_scale: f64::from(req.guidance_scale),
         num_images_per_prompt: 1,
         latents: decode_opt(model, limits, req.latents.as_ref(), "latents")?,

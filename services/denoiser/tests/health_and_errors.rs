@@ -104,9 +104,26 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
         ("width", "64..=2048", Box::new(|r| r.width = 4096)),
         ("height", "64..=2048", Box::new(|r| r.height = 0)),
         (
-            "num_inference_steps",
-            "1..=1000",
-            Box::new(|r| r.num_inference_steps = 0),
+            "timesteps",
+            "allowed: one of them",
+            Box::new(|r| r.timesteps = vec![999, 499]),
+        ),
+        (
+            "timesteps",
+            "1000",
+            Box::new(|r| {
+                r.num_inference_steps = 0;
+                r.scheduler = v1::Scheduler::Lcm as i32;
+                r.timesteps = vec![1000, 499];
+            }),
+        ),
+        (
+            "timesteps",
+            "LCM and TCD schedulers only",
+            Box::new(|r| {
+                r.num_inference_steps = 0;
+                r.timesteps = vec![999, 499];
+            }),
         ),
         (
             "num_inference_steps",

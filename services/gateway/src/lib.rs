@@ -6,6 +6,7 @@ pub mod balance;
 pub mod clients;
 pub mod models;
 pub mod pipeline;
+pub mod sampling;
 pub mod validate;
 
 use auth::ApiKeys;

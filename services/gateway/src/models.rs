@@ -4,8 +4,9 @@
 
 use crate::balance::Pool;
 use crate::clients::{Ctx, StageClients};
+use crate::sampling::DecoderProfile;
 use kd_proto::v1;
-use kd_runtime::model_info::model_name;
+use kd_runtime::model_info::{distilled_model_name, model_name};
 use kd_runtime::ServiceError;
 use std::time::Instant;
 
@@ -65,10 +66,12 @@ pub const SERVED_MODEL_TTL: std::time::Duration = std::time::Duration::from_secs
 /// The one model a gateway's stages serve: read from the stages' checkpoints, never configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServedModel {
-    /// Public name (`kandinsky-2-1`, `kandinsky-2-2`).
+    /// Public name (`kandinsky-2-1`, `kandinsky-2-2`, `…-distilled` for a few-step student).
     pub name: &'static str,
     /// Model family.
     pub family: v1::ModelFamily,
+    /// What the denoiser says of its decoder: a teacher or a student, its default schedule.
+    pub decoder: DecoderProfile,
 }
 
 /// The model the stages serve. Asks every stage's `Info` (again once the answer is older than
@@ -90,9 +93,15 @@ pub async fn served_model(stages: &Stages, ctx: &Ctx) -> Result<ServedModel, Ser
             infos.iter().map(|(stage, i)| (*stage, i.family())),
         ));
     }
+    let decoder = DecoderProfile::of(&infos[2].1);
     let m = ServedModel {
-        name: model_name(family),
+        name: if decoder.distilled {
+            distilled_model_name(family)
+        } else {
+            model_name(family)
+        },
         family,
+        decoder,
     };
     *served = Some((Instant::now(), m.clone()));
     Ok(m)
@@ -180,6 +189,9 @@ impl Models {
                     name: m.name.into(),
                     family: m.family as i32,
                     is_default: i == 0,
+                    distilled: m.decoder.distilled,
+                    default_steps: m.decoder.default_steps,
+                    default_timesteps: m.decoder.default_timesteps.clone(),
                 }),
                 Ok(_) => {}
                 Err(e) => {

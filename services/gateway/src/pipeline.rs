@@ -54,6 +54,7 @@ pub async fn generate(
     ctx: &Ctx,
 ) -> Result<(Vec<v1::GeneratedImage>, &'static str), ServiceError> {
     let (st, served) = models.select(plan.model.as_deref(), ctx).await?;
+    let plan = &plan.for_model(&served.decoder)?;
     let mut work = Work::default();
     for &step in stage_graph(served.family) {
         run_step(step, st, ctx, plan, &served, &mut work).await?;
@@ -98,7 +99,10 @@ async fn run_step(
             w.texts = Some(encode_text(st, ctx, plan, served).await?);
         }
         Step::Prior => {
-            let (steps, texts) = (plan.prior_steps, needs(w.texts.as_ref(), step, "texts")?);
+            let (steps, texts) = (
+                plan.sampling.prior_steps,
+                needs(w.texts.as_ref(), step, "texts")?,
+            );
             ctx.progress(v1::Stage::Prior, 0, steps).await?;
             w.embeds = Some(prior_embeddings(st, ctx, plan, texts).await?);
             ctx.progress(v1::Stage::Prior, steps, steps).await?;
@@ -108,7 +112,7 @@ async fn run_step(
             let embeds = needs(w.embeds.take(), step, "image embeddings")?;
             let decoder_text = w.texts.as_ref().and_then(|t| t.decoder.as_ref());
             let init = std::mem::take(&mut w.init);
-            ctx.progress(v1::Stage::Denoiser, 0, plan.decoder_steps)
+            ctx.progress(v1::Stage::Denoiser, 0, plan.sampling.decoder_steps)
                 .await?;
             w.latents = Some(denoise(st, ctx, plan, decoder_text, embeds, init).await?);
         }
@@ -216,8 +220,8 @@ async fn sample(
     let req = v1::PriorSampleRequest {
         conditioning: Some(repeat_conditioning(conditioning, plan.seeds.len())?),
         unconditional: Some(uncond.clone()),
-        num_inference_steps: plan.prior_steps,
-        guidance_scale: plan.prior_guidance,
+        num_inference_steps: plan.sampling.prior_steps,
+        guidance_scale: plan.sampling.prior_guidance,
         seeds: plan.seeds.clone(),
         ..Default::default()
     };
@@ -253,8 +257,8 @@ async fn fusion_embeddings(
         let req = v1::InterpolateRequest {
             items: proto_items.clone(),
             unconditional: Some(texts.uncond.clone()),
-            num_inference_steps: plan.prior_steps,
-            guidance_scale: plan.prior_guidance,
+            num_inference_steps: plan.sampling.prior_steps,
+            guidance_scale: plan.sampling.prior_guidance,
             seed,
             options: None,
         };
@@ -318,9 +322,15 @@ async fn denoise(
         )),
         height: plan.height,
         width: plan.width,
-        num_inference_steps: plan.decoder_steps,
-        guidance_scale: plan.decoder_guidance,
-        scheduler: plan.scheduler as i32,
+        // An explicit schedule goes instead of the step count.
+        num_inference_steps: if plan.sampling.decoder_timesteps.is_empty() {
+            plan.sampling.decoder_steps
+        } else {
+            0
+        },
+        timesteps: plan.sampling.decoder_timesteps.clone(),
+        guidance_scale: plan.sampling.decoder_guidance,
+        scheduler: plan.sampling.scheduler as i32,
         seeds: plan.seeds.clone(),
         image_latents: init.latents,
         strength: init.strength,

@@ -2,6 +2,7 @@
 //! [`Plan`] with defaults applied and one seed per image. Errors name the field and the allowed
 //! values (INVALID_ARGUMENT).
 
+use crate::sampling::{DecoderProfile, Requested, Sampling};
 use kd_proto::v1::{self, fusion_item, generate_request::Task as ProtoTask};
 use kd_runtime::model_info::MODEL_NAMES;
 use kd_runtime::ServiceError;
@@ -83,11 +84,11 @@ pub struct Plan {
     pub height: u32,
     /// One per image.
     pub seeds: Vec<u64>,
-    pub prior_steps: u32,
-    pub prior_guidance: f32,
-    pub decoder_steps: u32,
-    pub decoder_guidance: f32,
-    pub scheduler: v1::Scheduler,
+    /// The sampling fields as the client set them.
+    pub requested: Requested,
+    /// Those fields resolved for a teacher; [`Plan::for_model`] resolves them for the model
+    /// that serves the request.
+    pub sampling: Sampling,
     pub format: v1::ImageFormat,
     pub quality: u32,
     pub preview_every: u32,
@@ -95,13 +96,8 @@ pub struct Plan {
 
 /// Defaults of the public API.
 pub const DEFAULT_SIDE: u32 = 512;
-pub const DEFAULT_PRIOR_STEPS: u32 = 25;
-pub const DEFAULT_DECODER_STEPS: u32 = 50;
-pub const DEFAULT_GUIDANCE: f32 = 4.0;
 pub const DEFAULT_STRENGTH: f32 = 0.3;
 pub const DEFAULT_QUALITY: u32 = 90;
-const MAX_STEPS: u32 = 1000;
-const MAX_GUIDANCE: f32 = 100.0;
 
 fn bad(field: &str, msg: impl Into<String>) -> ServiceError {
     ServiceError::invalid(field, msg)
@@ -154,27 +150,6 @@ fn side(field: &str, v: Option<u32>, limits: &Limits) -> Result<u32, ServiceErro
     Ok(v)
 }
 
-fn steps(field: &str, v: Option<u32>, min: u32, default: u32) -> Result<u32, ServiceError> {
-    let v = v.unwrap_or(default);
-    if !(min..=MAX_STEPS).contains(&v) {
-        return Err(bad(field, format!("{v}; allowed: {min}..={MAX_STEPS}")));
-    }
-    Ok(v)
-}
-
-fn guidance(field: &str, v: Option<f32>) -> Result<f32, ServiceError> {
-    let v = v.unwrap_or(DEFAULT_GUIDANCE);
-    if !v.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&v) {
-        return Err(bad(
-            field,
-            format!(
-                "{v}; allowed: a finite number in 0..={MAX_GUIDANCE} (guidance applies when > 1)"
-            ),
-        ));
-    }
-    Ok(v)
-}
-
 /// Validates `req` and resolves it into a [`Plan`]; `random_seed` supplies seeds the client
 /// left unset.
 pub fn validate(
@@ -196,17 +171,17 @@ pub fn validate(
     let width = side("width", req.width, limits)?;
     let height = side("height", req.height, limits)?;
     let seeds = seeds(req, limits, random_seed)?;
-    let sampling = sampling(req)?;
+    let requested = Requested::of(req)?;
     let (format, quality) = output(req.output.unwrap_or_default())?;
-    if req.preview_every > sampling.decoder_steps {
-        return Err(bad(
-            "preview_every",
-            format!(
-                "{}; allowed: 0 (none) ..= decoder steps ({})",
-                req.preview_every, sampling.decoder_steps
-            ),
-        ));
+    // Explicit steps bound the previews now; preset steps once the model is known.
+    let explicit = match requested.decoder_timesteps.len() {
+        0 => requested.decoder_steps,
+        n => u32::try_from(n).ok(),
+    };
+    if let Some(steps) = explicit {
+        check_preview_every(req.preview_every, steps)?;
     }
+    let sampling = requested.resolve(&DecoderProfile::teacher())?;
     Ok(Plan {
         model: model(&req.model)?,
         task,
@@ -215,11 +190,8 @@ pub fn validate(
         width,
         height,
         seeds,
-        prior_steps: sampling.prior_steps,
-        prior_guidance: sampling.prior_guidance,
-        decoder_steps: sampling.decoder_steps,
-        decoder_guidance: sampling.decoder_guidance,
-        scheduler: sampling.scheduler,
+        requested,
+        sampling,
         format,
         quality,
         preview_every: req.preview_every,
@@ -422,39 +394,28 @@ fn seeds(
     ))
 }
 
-/// The prior's and the decoder's steps, guidance and scheduler.
-struct Sampling {
-    prior_steps: u32,
-    prior_guidance: f32,
-    decoder_steps: u32,
-    decoder_guidance: f32,
-    scheduler: v1::Scheduler,
+/// `preview_every` in 0 (none) ..= the decoder's steps.
+fn check_preview_every(every: u32, steps: u32) -> Result<(), ServiceError> {
+    if every > steps {
+        return Err(bad(
+            "preview_every",
+            format!("{every}; allowed: 0 (none) ..= decoder steps ({steps})"),
+        ));
+    }
+    Ok(())
 }
 
-fn sampling(req: &v1::GenerateRequest) -> Result<Sampling, ServiceError> {
-    let prior = req.prior.unwrap_or_default();
-    let decoder = req.decoder.unwrap_or_default();
-    let scheduler = v1::Scheduler::try_from(decoder.scheduler).map_err(|_| {
-        bad("decoder.scheduler", format!("{}; allowed: SCHEDULER_UNSPECIFIED (checkpoint default), SCHEDULER_DDPM, SCHEDULER_DDIM, SCHEDULER_DPM_SOLVER_PP", decoder.scheduler))
-    })?;
-    Ok(Sampling {
-        // The UnCLIP schedule needs two timesteps at least (diffusers divides by N − 1).
-        prior_steps: steps(
-            "prior.num_inference_steps",
-            prior.num_inference_steps,
-            2,
-            DEFAULT_PRIOR_STEPS,
-        )?,
-        prior_guidance: guidance("prior.guidance_scale", prior.guidance_scale)?,
-        decoder_steps: steps(
-            "decoder.num_inference_steps",
-            decoder.num_inference_steps,
-            1,
-            DEFAULT_DECODER_STEPS,
-        )?,
-        decoder_guidance: guidance("decoder.guidance_scale", decoder.guidance_scale)?,
-        scheduler,
-    })
+impl Plan {
+    /// This plan with its sampling resolved for the model that serves it (a distilled student
+    /// gets its own schedule and no CFG by default).
+    pub fn for_model(&self, profile: &DecoderProfile) -> Result<Plan, ServiceError> {
+        let sampling = self.requested.resolve(profile)?;
+        check_preview_every(self.preview_every, sampling.decoder_steps)?;
+        Ok(Plan {
+            sampling,
+            ..self.clone()
+        })
+    }
 }
 
 /// The output format and quality, defaults resolved.

@@ -52,9 +52,16 @@ pub struct GenerateArgs {
     /// Decoder guidance scale.
     #[arg(long)]
     pub guidance: Option<f32>,
-    /// Decoder scheduler: default, ddpm, ddim, dpmpp.
+    /// Decoder scheduler: default, ddpm, ddim, dpmpp, lcm, tcd.
     #[arg(long, default_value = "default")]
     pub scheduler: String,
+    /// An explicit decoder schedule instead of --steps, e.g. 999,749,499,249 (lcm/tcd only).
+    #[arg(long, value_delimiter = ',')]
+    pub timesteps: Vec<u32>,
+    /// The API's `quality` preset (steps and schedulers for what is left unset): default,
+    /// draft, balanced, best.
+    #[arg(long, default_value = "default")]
+    pub preset: String,
     /// Image-to-image: the init image file.
     #[arg(long)]
     pub init_image: Option<PathBuf>,
@@ -84,7 +91,19 @@ fn scheduler(s: &str) -> anyhow::Result<v1::Scheduler> {
         "ddpm" => v1::Scheduler::Ddpm,
         "ddim" => v1::Scheduler::Ddim,
         "dpmpp" => v1::Scheduler::DpmSolverPp,
-        _ => anyhow::bail!("--scheduler {s}: allowed default, ddpm, ddim, dpmpp"),
+        "lcm" => v1::Scheduler::Lcm,
+        "tcd" => v1::Scheduler::Tcd,
+        _ => anyhow::bail!("--scheduler {s}: allowed default, ddpm, ddim, dpmpp, lcm, tcd"),
+    })
+}
+
+fn quality(s: &str) -> anyhow::Result<v1::Quality> {
+    Ok(match s {
+        "default" => v1::Quality::Unspecified,
+        "draft" => v1::Quality::Draft,
+        "balanced" => v1::Quality::Balanced,
+        "best" => v1::Quality::Best,
+        _ => anyhow::bail!("--preset {s}: allowed default, draft, balanced, best"),
     })
 }
 
@@ -133,7 +152,9 @@ pub fn request(a: &GenerateArgs) -> anyhow::Result<v1::GenerateRequest> {
             num_inference_steps: a.steps,
             guidance_scale: a.guidance,
             scheduler: scheduler(&a.scheduler)? as i32,
+            timesteps: a.timesteps.clone(),
         }),
+        quality: quality(&a.preset)? as i32,
         output: Some(v1::OutputOptions {
             format: format(&a.format)?.0 as i32,
             quality: a.quality,

@@ -23,8 +23,7 @@ pub use image_processor::{ClipImageProcessorConfig, ImageSize};
 pub use prior::PriorTransformerConfig;
 pub use scheduler::{
     ConsistencySchedulerConfig, DdimSchedulerConfig, DdpmSchedulerConfig,
-    DpmSolverMultistepSchedulerConfig, SchedulerConfig,
-    UnClipSchedulerConfig,
+    DpmSolverMultistepSchedulerConfig, SchedulerConfig, UnClipSchedulerConfig,
 };
 pub use tokenizer::TokenizerConfig;
 pub use unet::UNet2DConditionConfig;

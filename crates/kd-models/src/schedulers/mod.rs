@@ -50,7 +50,7 @@ pub trait Scheduler: Send {
             "timesteps",
             format!(
                 "an explicit list ({} given) is taken by the LCM and TCD schedulers only; \
-                 this scheduler takes num_inference_steps",
+                 allowed here: num_inference_steps instead, or an LCMScheduler / TCDScheduler",
                 timesteps.len()
             ),
         ))
@@ -94,6 +94,18 @@ pub trait Scheduler: Send {
 
     /// Forward-diffuses `original` to `timestep` with `noise` (img2img, inpaint re-noising).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: usize) -> Result<Tensor>;
+}
+
+/// TCD's γ when a pipeline does not name one (diffusers' `TCDScheduler.step(eta=0.3)`).
+pub const TCD_DEFAULT_GAMMA: f64 = 0.3;
+
+/// The `eta` the diffusers pipelines step `cfg`'s scheduler with: TCD's default γ, else 0
+/// (DDIM's deterministic default).
+pub fn pipeline_eta(cfg: &SchedulerConfig) -> f64 {
+    match cfg {
+        SchedulerConfig::Tcd(_) => TCD_DEFAULT_GAMMA,
+        _ => 0.0,
+    }
 }
 
 /// Builds a decoder scheduler from its config. `eta` is DDIM's step argument (0 = deterministic)

@@ -249,15 +249,15 @@ impl DecoderModel {
         let (h, w) = (64, 64);
         let lh = latent_side(h, self.movq_scale_factor);
         let lw = latent_side(w, self.movq_scale_factor);
-        let embeds = Tensor::zeros((1, d), DType::F32, dev).map_err(internal)?;
-        let image_latents = Tensor::zeros((1, 4, lh, lw), DType::F32, dev).map_err(internal)?;
-        let mask = Tensor::ones((1, 1, lh, lw), DType::F32, dev).map_err(internal)?;
-        let hint = Tensor::zeros((1, 3, 8 * lh, 8 * lw), DType::F32, dev).map_err(internal)?;
+        let embeds = Tensor::zeros((1, d), DType::F32, dev)?;
+        let image_latents = Tensor::zeros((1, 4, lh, lw), DType::F32, dev)?;
+        let mask = Tensor::ones((1, 1, lh, lw), DType::F32, dev)?;
+        let hint = Tensor::zeros((1, 3, 8 * lh, 8 * lw), DType::F32, dev)?;
         // Kandinsky 2.1: zero text conditioning of the UNet's widths (one 77-token row).
         let text = match (self.unet.text_embed_dim(), self.unet.text_hidden_dim()) {
             (Some(e), Some(hd)) => {
-                let te = Tensor::zeros((1, e), DType::F32, dev).map_err(internal)?;
-                let hs = Tensor::zeros((1, 77, hd), DType::F32, dev).map_err(internal)?;
+                let te = Tensor::zeros((1, e), DType::F32, dev)?;
+                let hs = Tensor::zeros((1, 77, hd), DType::F32, dev)?;
                 DecoderText::new(te.clone(), hs.clone(), te, hs)
             }
             _ => DecoderText::default(),
@@ -297,10 +297,6 @@ impl DecoderModel {
         )?;
         Ok(())
     }
-}
-
-pub(crate) fn internal(e: candle_core::Error) -> ServiceError {
-    ServiceError::Internal(e.to_string())
 }
 
 impl DecoderModel {

@@ -57,10 +57,6 @@ fn invalid(field: &str, message: impl Into<String>) -> ServiceError {
     ServiceError::invalid(field, message)
 }
 
-fn internal(e: candle_core::Error) -> ServiceError {
-    ServiceError::Internal(e.to_string())
-}
-
 /// The wire path of a [`DecoderInputs`] field: the conditioning tensors live in
 /// `conditioning` / `negative_conditioning`, the rest at the top level.
 fn wire_field(field: &str) -> String {
@@ -104,7 +100,7 @@ fn decode(
             format!("dtype {:?}; allowed: f32, f16, bf16", x.dtype()),
         ));
     }
-    x.to_dtype(DType::F32).map_err(internal)
+    Ok(x.to_dtype(DType::F32)?)
 }
 
 /// [`decode`] of an optional field.

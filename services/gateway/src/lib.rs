@@ -65,14 +65,19 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub movq_url: Vec<String>,
-    /// File with one accepted API key per line; authentication is off when unset.
     /// Another model's stage set, `text-encoder=URL,prior=URL,denoiser=URL,movq=URL` (repeat
     /// the flag, or separate with `;` in the env var). The stages' folders decide which model
     /// each set serves; requests name it in `model`. The `--*-url` set is the default.
     #[arg(long, env = "KD_EXTRA_STACKS", value_delimiter = ';')]
     pub extra_stack: Vec<String>,
+    /// File with one accepted API key per line (`#` comments on lines of their own); a file
+    /// without a key is a start-up error. Authentication is off when unset.
     #[arg(long, env = "KD_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
+    /// Seconds between re-reads of `--api-keys-file` (a rotated Secret is picked up without a
+    /// restart; a bad file keeps the previous keys).
+    #[arg(long, env = "KD_API_KEYS_RELOAD_SECS", default_value_t = 10.0)]
+    pub api_keys_reload_secs: f64,
     /// Requests generating at once (the rest wait in the admission queue).
     #[arg(long, env = "KD_MAX_CONCURRENCY", default_value_t = 4)]
     pub max_concurrency: usize,
@@ -230,11 +235,7 @@ pub async fn run_with_listeners(
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<(), LaunchError> {
-    let keys = match &config.api_keys_file {
-        Some(p) => ApiKeys::from_file(p)
-            .map_err(|e| LaunchError::Config(format!("--api-keys-file {}: {e}", p.display())))?,
-        None => ApiKeys::default(),
-    };
+    let keys = api_keys(&config)?;
     let stage = Stage::new("gateway", config.max_concurrency, config.common.max_queue);
     let launch = Launch::new(stage.clone(), &config.common, GATEWAY_MESSAGE_LIMIT);
     // Validation bounds the inputs by the same number the transport enforces.
@@ -247,11 +248,39 @@ pub async fn run_with_listeners(
         },
     };
     let server = GatewayServer::new(gateway).message_limit(launch.limit());
+    let reloader = keys.spawn_reloader(Duration::from_secs_f64(config.api_keys_reload_secs));
     let service = InterceptedService::new(server, move |r| keys.check(r));
     let load = async move {
         Ok(Models {
             stacks: stacks(&config).await?,
         })
     };
-    launch.mount(service).run(listeners, shutdown, load).await
+    let result = launch.mount(service).run(listeners, shutdown, load).await;
+    if let Some(task) = reloader {
+        task.abort();
+    }
+    result
+}
+
+/// The API keys of `--api-keys-file` (said in the log either way).
+fn api_keys(config: &Config) -> Result<ApiKeys, LaunchError> {
+    let secs = config.api_keys_reload_secs;
+    if !(secs.is_finite() && (0.001..=86_400.0).contains(&secs)) {
+        return Err(LaunchError::Config(format!(
+            "--api-keys-reload-secs {secs}; allowed: 0.001..=86400 seconds"
+        )));
+    }
+    let Some(path) = &config.api_keys_file else {
+        tracing::warn!("authentication off: no --api-keys-file, every caller is served");
+        return Ok(ApiKeys::off());
+    };
+    let bad = |e: String| LaunchError::Config(format!("--api-keys-file {}: {e}", path.display()));
+    let keys = ApiKeys::from_file(path).map_err(bad)?;
+    tracing::info!(
+        path = %path.display(),
+        keys = keys.len(),
+        reload_secs = secs,
+        "API-key authentication on"
+    );
+    Ok(keys)
 }

@@ -272,6 +272,68 @@ async fn api_keys_are_enforced_when_configured() {
     server.shutdown().await.unwrap();
 }
 
+/// `Generate` with `authorization: <value>`: the code (UNAVAILABLE = past auth, the stages are
+/// down).
+async fn auth_code(c: &mut GatewayClient<Channel>, value: &str) -> Code {
+    let mut req = tonic::Request::new(valid());
+    req.metadata_mut()
+        .insert("authorization", value.parse().unwrap());
+    c.generate(req).await.unwrap_err().code()
+}
+
+#[tokio::test]
+async fn a_keys_file_without_a_key_stops_the_start_instead_of_turning_auth_off() {
+    for text in ["", "# keys come later\n\n", "k1 # the old key\n"] {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        let path = f.path().display().to_string();
+        let (mut server, _) = start_with(None, &["--api-keys-file", &path]).await;
+        let err = server.join().await.unwrap_err();
+        assert!(
+            err.contains("--api-keys-file") && err.contains("allowed"),
+            "{text:?}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_scheme_is_case_insensitive_and_a_rotated_keys_file_is_picked_up_live() {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), "# rotation 1\nfirst\n").unwrap();
+    let path = f.path().display().to_string();
+    let args = ["--api-keys-file", &path, "--api-keys-reload-secs", "0.1"];
+    let (server, _) = start_with(None, &args).await;
+    let mut c = client(server.grpc).await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let code = auth_code(&mut c, &format!("{scheme} first")).await;
+        assert_eq!(code, Code::Unavailable, "{scheme}");
+    }
+    assert_eq!(
+        auth_code(&mut c, "Basic first").await,
+        Code::Unauthenticated
+    );
+
+    // A Secret rotation: the new key works and the old one stops, without a restart.
+    std::fs::write(f.path(), "# rotation 2\nsecond\n").unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while auth_code(&mut c, "Bearer second").await != Code::Unavailable {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new key was never accepted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        auth_code(&mut c, "Bearer first").await,
+        Code::Unauthenticated
+    );
+    // A broken rewrite keeps the keys that were good.
+    std::fs::write(f.path(), "").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(auth_code(&mut c, "Bearer second").await, Code::Unavailable);
+    server.shutdown().await.unwrap();
+}
+
 fn outpaint(left: u32, top: u32, right: u32, bottom: u32) -> v1::GenerateRequest {
     let mut r = valid();
     r.task = Some(Task::Outpaint(v1::Outpaint {

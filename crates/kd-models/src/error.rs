@@ -47,6 +47,9 @@ pub enum ModelError {
         field: &'static str,
         message: String,
     },
+    /// The caller's stop check said stop (see [`crate::interrupt`]).
+    #[error("interrupted by the caller ({piece})")]
+    Interrupted { piece: &'static str },
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(candle_core::Error),

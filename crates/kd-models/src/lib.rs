@@ -7,6 +7,7 @@ pub mod config;
 pub mod decoder;
 pub mod error;
 pub mod image;
+pub mod interrupt;
 pub mod mclip;
 pub mod movq;
 pub mod noise;

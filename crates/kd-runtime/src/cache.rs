@@ -50,7 +50,7 @@ pub struct CacheOptions {
     pub ttl: Duration,
     /// Values larger than this are not cached.
     pub max_value_bytes: usize,
-    /// Total bytes the in-process LRU holds.
+    /// Total bytes the in-process LRU holds: keys, values and [`ENTRY_OVERHEAD`] per entry.
     pub memory_capacity_bytes: usize,
     /// Per-operation timeout against Redis (a slow Redis must not slow requests down).
     pub redis_timeout: Duration,
@@ -65,6 +65,15 @@ impl Default for CacheOptions {
             redis_timeout: Duration::from_millis(500),
         }
     }
+}
+
+/// Bytes of bookkeeping counted per in-process entry beside its key and value (the LRU node,
+/// two heap allocations, the insertion time).
+pub const ENTRY_OVERHEAD: usize = 96;
+
+/// What one in-process entry costs against [`CacheOptions::memory_capacity_bytes`].
+pub fn entry_bytes(key: &str, value: &[u8]) -> usize {
+    key.len() + value.len() + ENTRY_OVERHEAD
 }
 
 struct Memory {
@@ -151,7 +160,11 @@ impl EmbeddingCache {
         args: &crate::config::StageArgs,
         metrics: Metrics,
     ) -> Result<Self, crate::ServiceError> {
-        Self::from_url(args.redis_url.as_deref(), CacheOptions::default(), metrics)
+        let options = CacheOptions {
+            memory_capacity_bytes: args.cache_memory_bytes,
+            ..CacheOptions::default()
+        };
+        Self::from_url(args.redis_url.as_deref(), options, metrics)
             .map_err(|e| crate::ServiceError::Unavailable(format!("--redis-url: {e}")))
     }
 
@@ -229,7 +242,7 @@ impl EmbeddingCache {
                 };
                 if hit.is_none() {
                     if let Some((v, _)) = mem.lru.pop(key.as_str()) {
-                        mem.bytes -= v.len();
+                        mem.bytes -= entry_bytes(key.as_str(), &v);
                     }
                 }
                 self.metrics
@@ -263,17 +276,21 @@ impl EmbeddingCache {
                 }
             }
             Backend::Memory(mem) => {
+                let size = entry_bytes(key.as_str(), value);
+                if size > self.options.memory_capacity_bytes {
+                    return;
+                }
                 let mut mem = mem.lock().expect("cache lock");
                 if let Some((old, _)) = mem
                     .lru
                     .put(key.as_str().to_string(), (value.to_vec(), Instant::now()))
                 {
-                    mem.bytes -= old.len();
+                    mem.bytes -= entry_bytes(key.as_str(), &old);
                 }
-                mem.bytes += value.len();
+                mem.bytes += size;
                 while mem.bytes > self.options.memory_capacity_bytes {
                     match mem.lru.pop_lru() {
-                        Some((_, (v, _))) => mem.bytes -= v.len(),
+                        Some((k, (v, _))) => mem.bytes -= entry_bytes(&k, &v),
                         None => break,
                     }
                 }
@@ -299,22 +316,24 @@ mod tests {
     #[tokio::test]
     async fn memory_lru_hits_evicts_by_bytes_and_expires() {
         let m = Metrics::new("t");
-        let opts = CacheOptions {
-            memory_capacity_bytes: 10,
-            max_value_bytes: 8,
-            ttl: Duration::from_millis(200),
-            ..Default::default()
-        };
-        let c = EmbeddingCache::memory(opts, m.clone());
         let (k1, k2, k3) = (
             CacheKey::new("r", "s", &[b"1"]),
             CacheKey::new("r", "s", &[b"2"]),
             CacheKey::new("r", "s", &[b"3"]),
         );
+        // Room for two entries (keys and bookkeeping counted), not three.
+        let entry = entry_bytes(k1.as_str(), b"aaaa");
+        let opts = CacheOptions {
+            memory_capacity_bytes: 2 * entry + entry / 2,
+            max_value_bytes: 8,
+            ttl: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let c = EmbeddingCache::memory(opts, m.clone());
         c.put(&k1, b"aaaa").await;
         c.put(&k2, b"bbbb").await;
         assert_eq!(c.get(&k1).await.as_deref(), Some(&b"aaaa"[..]));
-        c.put(&k3, b"cccc").await; // 12 bytes > 10: evicts the least recently used (k2)
+        c.put(&k3, b"cccc").await; // a third entry: evicts the least recently used (k2)
         assert_eq!(c.get(&k2).await, None);
         assert!(c.get(&k1).await.is_some() && c.get(&k3).await.is_some());
         c.put(&CacheKey::new("r", "s", &[b"big"]), b"123456789")

@@ -74,6 +74,56 @@ pub struct StageArgs {
     /// Redis URL of the embedding cache (e.g. redis://redis:6379); in-process LRU when unset.
     #[arg(long, env = "KD_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Byte cap of the in-process cache used when --redis-url is unset (keys, values and
+    /// bookkeeping; least recently used entries go first).
+    #[arg(long, env = "KD_CACHE_MEMORY_BYTES", default_value_t = 256 << 20)]
+    pub cache_memory_bytes: usize,
+}
+
+/// `--max-pixels` of the stages that compute images (denoiser, movq).
+#[cfg(feature = "models")]
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct PixelArgs {
+    /// Largest image a request may ask for, height × width in pixels; default 1048576 (1024²)
+    /// on a CPU and 4194304 (2048²) on a GPU.
+    #[arg(long, env = "KD_MAX_PIXELS", value_parser = clap::value_parser!(u64).range(4096..))]
+    pub max_pixels: Option<u64>,
+}
+
+#[cfg(feature = "models")]
+impl PixelArgs {
+    /// Default on a CPU: 1024 × 1024.
+    pub const CPU_DEFAULT: u64 = 1024 * 1024;
+    /// Default on a GPU: 2048 × 2048.
+    pub const GPU_DEFAULT: u64 = 2048 * 2048;
+
+    /// The limit on `device`: the flag, else the device's default.
+    pub fn limit(&self, device: &candle_core::Device) -> u64 {
+        self.max_pixels.unwrap_or(if device.is_cpu() {
+            Self::CPU_DEFAULT
+        } else {
+            Self::GPU_DEFAULT
+        })
+    }
+
+    /// INVALID_ARGUMENT naming `field` when `height × width` (pixels) is over `limit`.
+    pub fn check(
+        field: &str,
+        height: u64,
+        width: u64,
+        limit: u64,
+    ) -> Result<(), crate::ServiceError> {
+        match height.checked_mul(width) {
+            Some(p) if p <= limit => Ok(()),
+            _ => Err(crate::ServiceError::invalid(
+                field,
+                format!(
+                    "{height}×{width} pixels; allowed: height × width ≤ {limit} (this stage's \
+                     --max-pixels)"
+                ),
+            )),
+        }
+    }
 }
 
 #[cfg(feature = "models")]
@@ -142,5 +192,27 @@ mod tests {
             .unwrap_err()
             .contains("allowed: f32, f16, bf16"));
         assert!(DeviceSpec::Cpu.open().unwrap().is_cpu());
+    }
+}
+
+#[cfg(all(test, feature = "models"))]
+mod pixel_tests {
+    use super::PixelArgs;
+    use candle_core::Device;
+
+    #[test]
+    fn the_pixel_limit_defaults_by_device_and_refuses_by_name() {
+        let unset = PixelArgs { max_pixels: None };
+        assert_eq!(unset.limit(&Device::Cpu), 1024 * 1024);
+        let set = PixelArgs {
+            max_pixels: Some(512 * 512),
+        };
+        assert_eq!(set.limit(&Device::Cpu), 512 * 512);
+        PixelArgs::check("height", 512, 512, 512 * 512).unwrap();
+        let e = PixelArgs::check("height", 512, 576, 512 * 512).unwrap_err();
+        let m = e.to_string();
+        assert!(m.contains("height") && m.contains("≤ 262144"), "{m}");
+        // No overflow on hostile sides.
+        assert!(PixelArgs::check("width", u64::MAX, u64::MAX, u64::MAX).is_err());
     }
 }

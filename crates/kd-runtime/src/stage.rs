@@ -223,12 +223,15 @@ impl<M: Send + Sync + 'static> Stage<M> {
             permit,
         } = self.admit(method, validate).await?;
         let (cancel, _cancel_on_drop) = Cancel::new(call.deadline);
+        // The slot is free when this call and every piece of blocking work it started end.
+        let cancel = cancel.holding(permit);
+        let held = cancel.clone();
         let result = with_deadline(
             call.deadline,
             run(model, plan, cancel).instrument(tracing::info_span!("compute", method)),
         )
         .await;
-        drop(permit);
+        drop(held);
         match result {
             Ok(v) => {
                 guard.finish::<()>(&Ok(()));
@@ -263,6 +266,9 @@ impl<M: Send + Sync + 'static> Stage<M> {
         } = self.admit(method, validate).await?;
         let (tx, rx) = mpsc::channel(16);
         let (cancel, cancel_on_drop) = Cancel::new(call.deadline);
+        // The slot is free when this stream's task and all blocking work it started end.
+        let cancel = cancel.holding(permit);
+        let held = cancel.clone();
         let sink = Sink {
             tx: tx.clone(),
             cancel,
@@ -278,7 +284,7 @@ impl<M: Send + Sync + 'static> Stage<M> {
                     r = with_deadline(call.deadline, run(model, plan, sink)) => r,
                     _ = tx.closed() => Err(ServiceError::client_gone("while the stream was open")),
                 };
-                drop(permit);
+                drop(held);
                 match result {
                     Ok(()) => guard.finish::<()>(&Ok(())),
                     Err(e) => {
@@ -440,6 +446,48 @@ mod tests {
         // The blocking loop saw the token fire and stopped.
         let seen = seen_rx.recv_timeout(Duration::from_secs(5)).unwrap();
         assert!(!seen.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_past_its_deadline_keeps_its_slot_until_its_blocking_work_ends() {
+        // One slot, and a queue place for the second call.
+        let stage = Stage::new("test", 1, 1);
+        stage.set_model(Arc::new(1));
+        let work = Duration::from_millis(400);
+        let first = {
+            let stage = stage.clone();
+            tokio::spawn(async move {
+                let call = Call {
+                    deadline: Some(Instant::now() + Duration::from_millis(50)),
+                };
+                // Work that never looks at its token (a long single operation).
+                let run = move |_, (), cancel: Cancel| async move {
+                    cancel
+                        .run_blocking(move |_| {
+                            std::thread::sleep(work);
+                            Ok(())
+                        })
+                        .await
+                };
+                stage.unary("Call", call, |_| Ok(()), run).await
+            })
+        };
+        let t = Instant::now();
+        let err = first.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+        assert!(
+            t.elapsed() < work,
+            "the caller got its answer at the deadline"
+        );
+        // The next call waits for the slot until the first call's work has ended.
+        let run = |m: Arc<u32>, (), _| async move { Ok(*m) };
+        let answer = stage.unary("Call", Call::default(), |_| Ok(()), run).await;
+        assert_eq!(answer.unwrap().into_inner(), 1);
+        assert!(
+            t.elapsed() >= work,
+            "admitted after {:?}, while the first call's work still ran",
+            t.elapsed()
+        );
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@
 //! measures against the diffusers fixtures with.
 #![forbid(unsafe_code)]
 
+pub mod cpu;
 mod health;
 mod metrics;
 pub mod parity;

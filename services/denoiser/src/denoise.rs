@@ -1,10 +1,10 @@
 //! One request's denoising loop on the blocking pool: progress (and previews) streamed per step,
-//! stopped within one step when the call is cancelled or its deadline passes.
+//! stopped within one UNet layer when the call is cancelled or its deadline passes.
 
 use crate::model::DecoderModel;
 use crate::request::Plan;
 use candle_core::Tensor;
-use kd_models::decoder::{run_decoder, DecoderOutcome};
+use kd_models::decoder::{run_decoder_interruptible, DecoderOutcome};
 use kd_models::noise::SeededNoise;
 use kd_proto::to_wire;
 use kd_proto::v1::{self, denoise_event, DenoiseEvent};
@@ -21,7 +21,8 @@ pub fn denoise(
     let preview_every = plan.preview_every;
     let total = plan.steps;
     let mut stopped = None;
-    let outcome = run_decoder(
+    let cancel = sink.cancel();
+    let outcome = run_decoder_interruptible(
         &model.unet,
         plan.scheduler.as_mut(),
         &plan.inputs,
@@ -36,7 +37,10 @@ pub fn denoise(
                 }
             }
         },
-    )?;
+        // A step at a large size stops within one UNet layer, not at the step's end.
+        &|| cancel.should_stop(),
+    )
+    .map_err(|e| cancel.model_error(e))?;
     if let Some(e) = stopped {
         return Err(e);
     }

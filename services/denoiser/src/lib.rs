@@ -11,7 +11,7 @@ pub mod request;
 use denoise::denoise;
 use kd_proto::to_wire;
 use kd_proto::v1::{self, denoise_event, denoiser_server::DenoiserServer, DenoiseEvent};
-use kd_runtime::config::{CommonArgs, StageArgs};
+use kd_runtime::config::{CommonArgs, PixelArgs, StageArgs};
 use kd_runtime::stage::EventStream;
 use kd_runtime::{blocking, Call, Launch, LaunchError, Listeners, Shutdown, Sink, Stage};
 use model::DecoderModel;
@@ -41,6 +41,8 @@ pub struct Config {
     pub max_batch: usize,
     #[command(flatten)]
     pub schedule: model::ScheduleArgs,
+    #[command(flatten)]
+    pub pixels: PixelArgs,
 }
 
 /// The denoiser service.
@@ -51,12 +53,17 @@ pub struct Denoiser {
 }
 
 impl Denoiser {
-    /// The service over `stage`, accepting at most `max_batch` rows per request.
-    pub fn new(stage: Stage<DecoderModel>, max_batch: usize) -> DenoiserServer<Self> {
+    /// The service over `stage`, accepting at most `max_batch` rows and `pixels` per request.
+    pub fn new(
+        stage: Stage<DecoderModel>,
+        max_batch: usize,
+        pixels: PixelArgs,
+    ) -> DenoiserServer<Self> {
         DenoiserServer::new(Self {
             stage,
             limits: Limits {
                 max_batch: max_batch.max(1),
+                pixels,
                 tensors: Default::default(),
             },
         })
@@ -111,7 +118,7 @@ pub async fn run_with_listeners(
     shutdown: Shutdown,
 ) -> Result<(), LaunchError> {
     let stage = Stage::new(STAGE, config.max_concurrency, config.common.max_queue);
-    let service = Denoiser::new(stage.clone(), config.max_batch);
+    let service = Denoiser::new(stage.clone(), config.max_batch, config.pixels);
     let launch = Launch::stage(stage, &config.common).serve(service);
     let load = blocking(move || DecoderModel::load_and_warm(&config.stage, &config.schedule));
     launch.run(listeners, shutdown, load).await

@@ -13,6 +13,7 @@ use kd_models::decoder::{
 use kd_models::schedulers::Scheduler;
 use kd_models::ModelError;
 use kd_proto::{from_wire, v1, TensorLimits};
+use kd_runtime::config::PixelArgs;
 use kd_runtime::ServiceError;
 
 /// Allowed image sides in pixels: multiples of [`SIZE_MULTIPLE`] in `MIN_SIDE..=MAX_SIDE`.
@@ -49,6 +50,8 @@ pub struct Plan {
 pub struct Limits {
     /// Most rows (images) per request.
     pub max_batch: usize,
+    /// `--max-pixels` (the default depends on the model's device).
+    pub pixels: PixelArgs,
     /// Wire tensor bounds.
     pub tensors: TensorLimits,
 }
@@ -131,6 +134,8 @@ pub fn plan(
 ) -> Result<Plan, ServiceError> {
     let height = check_side("height", req.height)?;
     let width = check_side("width", req.width)?;
+    let max_pixels = limits.pixels.limit(&model.device);
+    PixelArgs::check("height", height as u64, width as u64, max_pixels)?;
     let schedule = schedule(model, req)?;
     let scheduler = scheduler(model, req)?;
     kd_runtime::model_info::check_requested_dtype(req.options.as_ref(), model.dtype)?;

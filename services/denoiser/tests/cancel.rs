@@ -81,22 +81,8 @@ async fn deadline_shorter_than_the_work_is_deadline_exceeded_and_stops_the_loop(
     let step_time = t0.elapsed();
     let n = 300;
     let budget = step_time * 4;
-    let mut req = tonic::Request::new(slow_request(n));
-    req.set_timeout(budget);
     let t1 = Instant::now();
-    let err = match c.denoise(req).await {
-        Err(s) => s,
-        Ok(resp) => {
-            let mut s = resp.into_inner();
-            loop {
-                match s.message().await {
-                    Ok(Some(_)) => {}
-                    Ok(None) => panic!("finished within the deadline"),
-                    Err(e) => break e,
-                }
-            }
-        }
-    };
+    let err = with_deadline(&mut c, slow_request(n), budget).await;
     let took = t1.elapsed();
     assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
     let at_status = steps_now(&server).await - 1.0;

@@ -4,7 +4,7 @@ use crate::model::Movq;
 use candle_core::{DType, Tensor};
 use kd_models::image::{encode_image, postprocess, postprocess_nhwc01, OutputFormat};
 use kd_proto::v1;
-use kd_runtime::ServiceError;
+use kd_runtime::{Cancel, ServiceError};
 
 /// Largest latent side accepted (2048 px at the real MoVQ's scale factor 8).
 const MAX_LATENT_SIDE: usize = 256;
@@ -53,6 +53,8 @@ fn latents(m: &Movq, t: Option<&v1::Tensor>) -> Result<Tensor, ServiceError> {
             format!("shape {dims:?}; allowed (B, {c}, h, w) with B in 1..={} and h, w in 1..={MAX_LATENT_SIDE}", m.max_batch),
         ));
     }
+    let sf = m.vq.scale_factor();
+    m.check_pixels("latents", dims[2] * sf, dims[3] * sf)?;
     if x.dtype() == DType::I64 {
         return Err(ServiceError::invalid(
             "latents",
@@ -78,11 +80,19 @@ pub(crate) fn check(m: &Movq, req: &v1::DecodeRequest) -> Result<Checked, Servic
     })
 }
 
-/// Runs one checked decode request.
-pub(crate) fn decode(m: &Movq, req: Checked) -> Result<v1::DecodeResponse, ServiceError> {
+/// Runs one checked decode request; `cancel` stops it between MoVQ layers.
+pub(crate) fn decode(
+    m: &Movq,
+    req: Checked,
+    cancel: &Cancel,
+) -> Result<v1::DecodeResponse, ServiceError> {
     let format = req.format;
     let z = req.latents.to_dtype(m.vq.dtype())?;
-    let pixels = m.vq.decode(&z)?.to_dtype(DType::F32)?;
+    cancel.check_at("before the MoVQ decoder")?;
+    let pixels =
+        m.vq.decode_interruptible(&z, &|| cancel.should_stop())
+            .map_err(|e| cancel.model_error(e))?
+            .to_dtype(DType::F32)?;
     let images = postprocess(&pixels)?
         .iter()
         .map(|img| {

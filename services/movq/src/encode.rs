@@ -4,7 +4,7 @@ use crate::model::Movq;
 use candle_core::{DType, Tensor};
 use kd_models::image::{decode_image, decode_mask, preprocess_img2img, preprocess_inpaint};
 use kd_proto::v1;
-use kd_runtime::ServiceError;
+use kd_runtime::{Cancel, ServiceError};
 
 /// Largest side in pixels.
 const MAX_SIDE: u32 = 2048;
@@ -62,6 +62,7 @@ pub(crate) fn check(m: &Movq, req: v1::EncodeRequest) -> Result<Checked, Service
                 ));
             }
             let (h, w) = (side("height", req.height)?, side("width", req.width)?);
+            m.check_pixels("height", h, w)?;
             Ok(Checked::Images {
                 images: req.images,
                 masks: req.masks,
@@ -89,6 +90,7 @@ fn check_pixels(m: &Movq, t: &v1::Tensor) -> Result<Tensor, ServiceError> {
             format!("shape {d:?}; allowed (B, 3, H, W) with B in 1..={} and H, W positive multiples of {sf}", m.max_batch),
         ));
     }
+    m.check_pixels("pixels", d[2], d[3])?;
     Ok(x.to_dtype(DType::F32)?)
 }
 
@@ -120,8 +122,12 @@ fn preprocess(
     Ok((Tensor::cat(&px, 0)?, mask))
 }
 
-/// Runs one checked encode request.
-pub(crate) fn encode(m: &Movq, req: Checked) -> Result<v1::EncodeResponse, ServiceError> {
+/// Runs one checked encode request; `cancel` stops it between MoVQ layers.
+pub(crate) fn encode(
+    m: &Movq,
+    req: Checked,
+    cancel: &Cancel,
+) -> Result<v1::EncodeResponse, ServiceError> {
     let (pixels, mask) = match req {
         Checked::Pixels(x) => (x, None),
         Checked::Images {
@@ -134,7 +140,11 @@ pub(crate) fn encode(m: &Movq, req: Checked) -> Result<v1::EncodeResponse, Servi
     let x = pixels
         .to_device(&m.device)
         .and_then(|x| x.to_dtype(m.vq.dtype()))?;
-    let latents = m.vq.encode(&x)?.to_dtype(DType::F32)?;
+    cancel.check_at("before the MoVQ encoder")?;
+    let latents =
+        m.vq.encode_interruptible(&x, &|| cancel.should_stop())
+            .map_err(|e| cancel.model_error(e))?
+            .to_dtype(DType::F32)?;
     let wire = |t: &Tensor| kd_proto::to_wire(t).map_err(ServiceError::from);
     Ok(v1::EncodeResponse {
         latents: Some(wire(&latents)?),

@@ -8,7 +8,7 @@ mod encode;
 pub mod model;
 pub mod service;
 
-use kd_runtime::config::{CommonArgs, StageArgs};
+use kd_runtime::config::{CommonArgs, PixelArgs, StageArgs};
 use kd_runtime::{blocking, Launch, LaunchError, Listeners, Shutdown, Stage};
 
 pub use model::Movq;
@@ -37,6 +37,8 @@ pub struct Config {
     /// Calls computing at once (the rest queue).
     #[arg(long, env = "KD_MAX_CONCURRENCY", default_value_t = 1)]
     pub max_concurrency: usize,
+    #[command(flatten)]
+    pub pixels: PixelArgs,
 }
 
 /// Serves on `listeners` until `shutdown`.

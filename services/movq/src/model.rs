@@ -4,8 +4,22 @@ use crate::Config;
 use kd_models::movq::{MovqOptions, VqModel};
 use kd_models::CheckpointDir;
 use kd_proto::v1;
+use kd_runtime::config::PixelArgs;
 use kd_runtime::model_info::model_info;
 use kd_runtime::{ServiceError, StageModel};
+
+impl Movq {
+    /// INVALID_ARGUMENT naming `field` when an image of `height` × `width` pixels is over
+    /// `--max-pixels`.
+    pub(crate) fn check_pixels(
+        &self,
+        field: &str,
+        height: usize,
+        width: usize,
+    ) -> Result<(), ServiceError> {
+        PixelArgs::check(field, height as u64, width as u64, self.max_pixels)
+    }
+}
 
 /// The loaded model and what requests are checked against.
 pub struct Movq {
@@ -13,6 +27,8 @@ pub struct Movq {
     pub(crate) info: v1::ModelInfo,
     pub(crate) device: candle_core::Device,
     pub(crate) max_batch: usize,
+    /// Largest image (height × width pixels) decoded or encoded.
+    pub(crate) max_pixels: u64,
 }
 
 impl Movq {
@@ -34,8 +50,9 @@ impl Movq {
         let m = Self {
             vq,
             info,
-            device,
             max_batch: config.max_batch,
+            max_pixels: config.pixels.limit(&device),
+            device,
         };
         crate::decode::warm_up(&m)?;
         Ok(m)

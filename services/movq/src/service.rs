@@ -4,7 +4,7 @@
 use crate::model::Movq;
 use crate::{decode, encode};
 use kd_proto::v1::{self, movq_server::MovqServer};
-use kd_runtime::{blocking, Call, Stage};
+use kd_runtime::{Call, Cancel, Stage};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -30,7 +30,11 @@ impl v1::movq_server::Movq for MovqService {
         let call = Call::of(&request);
         let req = request.into_inner();
         let check = |m: &Movq| decode::check(m, &req);
-        let run = |m: Arc<Movq>, checked, _| blocking(move || decode::decode(&m, checked));
+        let run = |m: Arc<Movq>, checked, cancel: Cancel| async move {
+            cancel
+                .run_blocking(move |c| decode::decode(&m, checked, c))
+                .await
+        };
         self.stage.unary("Decode", call, check, run).await
     }
 
@@ -41,7 +45,11 @@ impl v1::movq_server::Movq for MovqService {
         let call = Call::of(&request);
         let req = request.into_inner();
         let check = move |m: &Movq| encode::check(m, req);
-        let run = |m: Arc<Movq>, checked, _| blocking(move || encode::encode(&m, checked));
+        let run = |m: Arc<Movq>, checked, cancel: Cancel| async move {
+            cancel
+                .run_blocking(move |c| encode::encode(&m, checked, c))
+                .await
+        };
         self.stage.unary("Encode", call, check, run).await
     }
 }

@@ -14,10 +14,15 @@ use tonic::Code;
 
 /// A MoVQ stage on the fixture folder `model`, SERVING, and a client of it.
 async fn start(model: &str) -> (TestServer, MovqClient<Channel>) {
+    start_with(model, &[]).await
+}
+
+/// [`start`] with extra flags.
+async fn start_with(model: &str, extra: &[&str]) -> (TestServer, MovqClient<Channel>) {
     let config = <Config as clap::Parser>::parse_from(stage_args(
         "kd-movq",
         &fixtures_dir().join(model),
-        &[],
+        extra,
     ));
     let srv = TestServer::spawn(|l, s| run_with_listeners(config, l, s)).await;
     wait_serving(&srv, "kandinsky.v1.Movq", Duration::from_secs(120)).await;
@@ -331,4 +336,77 @@ async fn a_missing_checkpoint_makes_the_service_exit_with_the_reason() {
             .contains("/nonexistent/kandinsky/model_index.json"),
         "{err}"
     );
+}
+
+/// `Movq.Decode` / `Movq.Encode` at 2048² with a short deadline: DEADLINE_EXCEEDED, and the
+/// stage stops inside the MoVQ (between layers and attention chunks), not minutes later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_calls_past_their_deadline_stop_inside_the_movq() {
+    let (srv, mut c) = start_with("deep/kandinsky-2-2-decoder", &["--max-pixels", "4194304"]).await;
+    let budget = Duration::from_millis(300);
+    let latents = Tensor::randn(0f32, 1.0, (1, 4, 256, 256), &Device::Cpu).unwrap();
+    let mut req = tonic::Request::new(v1::DecodeRequest {
+        latents: Some(wire(&latents)),
+        ..Default::default()
+    });
+    req.set_timeout(budget);
+    let e = c.decode(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    let quiet = kd_testkit::cpu::until_cpu_quiet(Duration::from_secs(5)).await;
+    eprintln!("decode 2048²: CPU quiet {quiet:?} after the status");
+
+    // A small PNG, resized to 2048² by the stage.
+    let mut png = Vec::new();
+    image::RgbImage::from_pixel(64, 64, image::Rgb([200, 30, 60]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let mut req = tonic::Request::new(v1::EncodeRequest {
+        images: vec![png],
+        width: 2048,
+        height: 2048,
+        ..Default::default()
+    });
+    req.set_timeout(budget);
+    let e = c.encode(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    let quiet = kd_testkit::cpu::until_cpu_quiet(Duration::from_secs(5)).await;
+    eprintln!("encode 2048²: CPU quiet {quiet:?} after the status");
+    srv.shutdown().await.unwrap();
+}
+
+/// Over `--max-pixels` (1024² by default on a CPU), decode and encode are refused by field
+/// before any work.
+#[tokio::test]
+async fn images_over_max_pixels_are_refused_by_name() {
+    let (srv, mut c) = start("deep/kandinsky-2-2-decoder").await;
+    let latents = Tensor::zeros((1, 4, 160, 128), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let e = c
+        .decode(v1::DecodeRequest {
+            latents: Some(wire(&latents)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("invalid `latents`") && e.message().contains("1280×1024"),
+        "{}",
+        e.message()
+    );
+    let e = c
+        .encode(v1::EncodeRequest {
+            images: vec![vec![0u8; 8]],
+            width: 1088,
+            height: 1024,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("invalid `height`") && e.message().contains("--max-pixels"),
+        "{}",
+        e.message()
+    );
+    srv.shutdown().await.unwrap();
 }

@@ -6,7 +6,7 @@ use crate::{encode_images, interpolate, sample, zero_embedding};
 use kd_proto::v1;
 use kd_proto::v1::prior_server::{Prior, PriorServer};
 use kd_runtime::cache::{CacheKey, EmbeddingCache};
-use kd_runtime::{blocking, Call, Stage};
+use kd_runtime::{Call, Cancel, Stage};
 use prost::Message;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -48,11 +48,11 @@ impl Prior for PriorService {
         let (cache, metrics) = (self.cache.clone(), self.stage.metrics.clone());
         let request_bytes = req.encode_to_vec();
         let check = |m: &PriorModel| sample::check(m, &req, self.max_batch);
-        let run = |m: Arc<PriorModel>, checked, cancel| async move {
+        let run = |m: Arc<PriorModel>, checked, cancel: Cancel| async move {
             let key = CacheKey::new(&m.info.revision, "prior", &[&request_bytes]);
             cache
                 .get_or_compute(&key, || {
-                    blocking(move || sample::run(&m, checked, &metrics, &cancel))
+                    cancel.run_blocking(move |c| sample::run(&m, checked, &metrics, c))
                 })
                 .await
         };
@@ -67,8 +67,10 @@ impl Prior for PriorService {
         let req = request.into_inner();
         let (max_batch, metrics) = (self.max_batch, self.stage.metrics.clone());
         let check = move |m: &PriorModel| encode_images::check(m, req, max_batch);
-        let run = |m: Arc<PriorModel>, checked, _| {
-            blocking(move || encode_images::run(&m, checked, &metrics))
+        let run = |m: Arc<PriorModel>, checked, cancel: Cancel| async move {
+            cancel
+                .run_blocking(move |_| encode_images::run(&m, checked, &metrics))
+                .await
         };
         self.stage.unary("EncodeImages", call, check, run).await
     }
@@ -77,7 +79,11 @@ impl Prior for PriorService {
         &self,
         request: Request<v1::ZeroImageEmbeddingRequest>,
     ) -> Result<Response<v1::ZeroImageEmbeddingResponse>, Status> {
-        let run = |m: Arc<PriorModel>, (), _| blocking(move || zero_embedding::compute(&m));
+        let run = |m: Arc<PriorModel>, (), cancel: Cancel| async move {
+            cancel
+                .run_blocking(move |_| zero_embedding::compute(&m))
+                .await
+        };
         self.stage
             .unary("ZeroImageEmbedding", Call::of(&request), |_| Ok(()), run)
             .await
@@ -91,8 +97,10 @@ impl Prior for PriorService {
         let req = request.into_inner();
         let metrics = self.stage.metrics.clone();
         let check = |m: &PriorModel| interpolate::check(m, &req, self.max_batch);
-        let run = |m: Arc<PriorModel>, checked, cancel| {
-            blocking(move || interpolate::run(&m, checked, &metrics, &cancel))
+        let run = |m: Arc<PriorModel>, checked, cancel: Cancel| async move {
+            cancel
+                .run_blocking(move |c| interpolate::run(&m, checked, &metrics, c))
+                .await
         };
         self.stage.unary("Interpolate", call, check, run).await
     }

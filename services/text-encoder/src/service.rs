@@ -7,7 +7,7 @@ use crate::model::TextModel;
 use kd_proto::v1;
 use kd_proto::v1::text_encoder_server::{TextEncoder, TextEncoderServer};
 use kd_runtime::cache::EmbeddingCache;
-use kd_runtime::{blocking, Call, Stage};
+use kd_runtime::{Call, Cancel, Stage};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -46,12 +46,12 @@ impl TextEncoder for TextEncoderService {
         let (cache, metrics) = (self.cache.clone(), self.stage.metrics.clone());
         let max_batch = self.max_batch;
         let check = move |_: &TextModel| encode::validate(&prompts, max_batch).map(|()| prompts);
-        let run = |m: Arc<TextModel>, prompts: Vec<String>, _| async move {
+        let run = |m: Arc<TextModel>, prompts: Vec<String>, cancel: Cancel| async move {
             let key = encode::cache_key(&m, &prompts);
             cache
                 .get_or_compute(&key, || {
                     metrics.batch(prompts.len());
-                    blocking(move || encode::compute(&m, &prompts))
+                    cancel.run_blocking(move |_| encode::compute(&m, &prompts))
                 })
                 .await
         };

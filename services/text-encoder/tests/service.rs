@@ -180,3 +180,20 @@ async fn a_broken_model_folder_fails_the_run() {
     assert!(matches!(err, LaunchError::Load(_)), "{err}");
     assert!(err.to_string().contains("model_index.json"), "{err}");
 }
+
+/// `--cache-memory-bytes` caps the in-process cache: with room for no entry, a repeated prompt
+/// is computed again; with the default, it is served from the cache.
+#[tokio::test]
+async fn the_in_process_cache_keeps_to_its_byte_cap() {
+    for (extra, hits) in [(&["--cache-memory-bytes", "1000"][..], 0.0), (&[][..], 1.0)] {
+        let server = start(extra).await;
+        let mut c = client(&server).await;
+        for _ in 0..2 {
+            c.encode(encode_req(&["a photo of a cat"])).await.unwrap();
+        }
+        let text = scrape(server.metrics).await;
+        let hit = kd_testkit::metric(&text, "kd_cache_requests_total", &[("result", "hit")]);
+        assert_eq!(hit.unwrap_or(0.0), hits, "{extra:?}: {text}");
+        server.shutdown().await.unwrap();
+    }
+}

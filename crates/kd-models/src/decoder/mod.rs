@@ -29,6 +29,7 @@ pub use inputs::{DecoderInputs, DecoderMode, DecoderPlan, DecoderText, MAX_TEXT_
 pub use mask::{prepare_inpaint_mask, prepare_mask};
 
 use crate::error::{ModelError, Result};
+use crate::interrupt::{self, Stop};
 use crate::noise::NoiseSource;
 use crate::schedulers::betas::{alphas_cumprod, linspace_f32};
 use crate::schedulers::ddpm::add_noise_at;
@@ -127,6 +128,19 @@ pub fn run_decoder(
     noise: &mut dyn NoiseSource,
     on_step: &mut dyn FnMut(StepProgress) -> bool,
 ) -> Result<DecoderOutcome> {
+    run_decoder_interruptible(unet, scheduler, inputs, noise, on_step, &interrupt::never)
+}
+
+/// [`run_decoder`] whose UNet calls ask `stop` between layers: a step at a large size stops
+/// within one layer with [`ModelError::Interrupted`].
+pub fn run_decoder_interruptible(
+    unet: &UNet2DConditionModel,
+    scheduler: &mut dyn Scheduler,
+    inputs: &DecoderInputs,
+    noise: &mut dyn NoiseSource,
+    on_step: &mut dyn FnMut(StepProgress) -> bool,
+    stop: Stop,
+) -> Result<DecoderOutcome> {
     let plan = inputs.validate(unet, &*scheduler)?;
     match &inputs.timesteps {
         Some(ts) => scheduler.set_custom_timesteps(ts)?,
@@ -153,7 +167,9 @@ pub fn run_decoder(
         if let Some((te, hs)) = &c.text {
             cond = cond.with_text(te, hs);
         }
-        let out = unet.forward(&x_in, t as f64, &cond)?.to_dtype(DType::F32)?;
+        let out = unet
+            .forward_interruptible(&x_in, t as f64, &cond, stop)?
+            .to_dtype(DType::F32)?;
         let out = guide(&out, bn, cfg, learned, inputs.guidance_scale)?;
         let step = scheduler.step(&out, t, &latents, noise)?;
         latents = step.prev_sample;

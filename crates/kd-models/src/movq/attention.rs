@@ -7,6 +7,7 @@
 //! computed in f32 whatever the weight dtype.
 
 use super::layers::Norm;
+use crate::interrupt::{check, Stop};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 
@@ -62,8 +63,9 @@ impl AttentionBlock {
         self.chunk = chunk;
     }
 
-    /// Applies attention with the residual connection; `zq` conditions a SpatialNorm.
-    pub fn forward(&self, x: &Tensor, zq: Option<&Tensor>) -> Result<Tensor> {
+    /// Applies attention with the residual connection; `zq` conditions a SpatialNorm. Asks
+    /// `stop` between query chunks.
+    pub fn forward(&self, x: &Tensor, zq: Option<&Tensor>, stop: Stop) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let n = h * w;
         let dtype = x.dtype();
@@ -86,6 +88,9 @@ impl AttentionBlock {
         let mut outs = Vec::with_capacity(n.div_ceil(chunk));
         let mut start = 0;
         while start < n {
+            if start > 0 {
+                check(stop, "a MoVQ attention chunk")?;
+            }
             let len = chunk.min(n - start);
             let qc = q.narrow(1, start, len)?;
             let probs = candle_nn::ops::softmax_last_dim(&qc.matmul(&kt)?)?;

@@ -8,6 +8,7 @@ use super::encoder::MidBlock;
 use super::layers::{conv3x3, Conv3x3, ResnetBlock, SpatialNorm, Upsample};
 use super::MovqOptions;
 use crate::config::VqModelConfig;
+use crate::interrupt::{self, check, Stop};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -21,11 +22,13 @@ struct UpBlock {
 }
 
 impl UpBlock {
-    fn forward(&self, mut x: Tensor, zq: &Tensor) -> Result<Tensor> {
+    fn forward(&self, mut x: Tensor, zq: &Tensor, stop: Stop) -> Result<Tensor> {
         for (i, r) in self.resnets.iter().enumerate() {
             x = r.forward(&x, Some(zq))?;
+            check(stop, "a MoVQ decoder resnet")?;
             if let Some(a) = self.attentions.get(i) {
-                x = a.forward(&x, Some(zq))?;
+                x = a.forward(&x, Some(zq), stop)?;
+                check(stop, "a MoVQ decoder attention")?;
             }
         }
         match &self.upsampler {
@@ -124,17 +127,24 @@ impl Decoder {
 
     /// Output after `conv_in`, the mid block and the first `up_blocks` up blocks (debugging).
     pub fn forward_partial(&self, x: &Tensor, zq: &Tensor, up_blocks: usize) -> Result<Tensor> {
+        self.partial(x, zq, up_blocks, &interrupt::never)
+    }
+
+    fn partial(&self, x: &Tensor, zq: &Tensor, up_blocks: usize, stop: Stop) -> Result<Tensor> {
         let x = self.conv_in.forward(x)?;
-        let mut x = self.mid_block.forward(&x, Some(zq))?;
+        let mut x = self.mid_block.forward(&x, Some(zq), stop)?;
         for b in self.up_blocks.iter().take(up_blocks) {
-            x = b.forward(x, zq)?;
+            check(stop, "a MoVQ decoder up-sampler")?;
+            x = b.forward(x, zq, stop)?;
         }
+        check(stop, "the last MoVQ decoder up block")?;
         Ok(x)
     }
 
-    /// Decodes `x` (the `post_quant_conv` output) conditioned on the raw latents `zq`.
-    pub fn forward(&self, x: &Tensor, zq: &Tensor) -> Result<Tensor> {
-        let x = self.forward_partial(x, zq, self.up_blocks.len())?;
+    /// Decodes `x` (the `post_quant_conv` output) conditioned on the raw latents `zq`, asking
+    /// `stop` between layers.
+    pub fn forward(&self, x: &Tensor, zq: &Tensor, stop: Stop) -> Result<Tensor> {
+        let x = self.partial(x, zq, self.up_blocks.len(), stop)?;
         let x = candle_nn::ops::silu(&self.conv_norm_out.forward(&x, zq)?)?;
         self.conv_out.forward(&x)
     }

@@ -6,6 +6,7 @@ use super::attention::AttentionBlock;
 use super::layers::{conv3x3, Conv3x3, Downsample, ResnetBlock, MOVQ_EPS};
 use super::MovqOptions;
 use crate::config::VqModelConfig;
+use crate::interrupt::{self, check, Stop};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{group_norm, GroupNorm, VarBuilder};
 
@@ -19,11 +20,13 @@ struct DownBlock {
 }
 
 impl DownBlock {
-    fn forward(&self, mut x: Tensor) -> Result<Tensor> {
+    fn forward(&self, mut x: Tensor, stop: Stop) -> Result<Tensor> {
         for (i, r) in self.resnets.iter().enumerate() {
             x = r.forward(&x, None)?;
+            check(stop, "a MoVQ encoder resnet")?;
             if let Some(a) = self.attentions.get(i) {
-                x = a.forward(&x, None)?;
+                x = a.forward(&x, None, stop)?;
+                check(stop, "a MoVQ encoder attention")?;
             }
         }
         match &self.downsampler {
@@ -81,12 +84,16 @@ impl MidBlock {
         self.attention.iter_mut()
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, zq: Option<&Tensor>) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, zq: Option<&Tensor>, stop: Stop) -> Result<Tensor> {
         let mut x = self.resnets[0].forward(x, zq)?;
+        check(stop, "a MoVQ mid-block resnet")?;
         if let Some(a) = &self.attention {
-            x = a.forward(&x, zq)?;
+            x = a.forward(&x, zq, stop)?;
+            check(stop, "a MoVQ mid-block attention")?;
         }
-        self.resnets[1].forward(&x, zq)
+        let x = self.resnets[1].forward(&x, zq)?;
+        check(stop, "a MoVQ mid-block resnet")?;
+        Ok(x)
     }
 }
 
@@ -178,17 +185,22 @@ impl Encoder {
 
     /// Output of the down path (after the given number of down blocks), for debugging.
     pub fn forward_down(&self, x: &Tensor, blocks: usize) -> Result<Tensor> {
+        self.down(x, blocks, &interrupt::never)
+    }
+
+    fn down(&self, x: &Tensor, blocks: usize, stop: Stop) -> Result<Tensor> {
         let mut x = self.conv_in.forward(x)?;
         for b in self.down_blocks.iter().take(blocks) {
-            x = b.forward(x)?;
+            x = b.forward(x, stop)?;
+            check(stop, "a MoVQ encoder down-sampler")?;
         }
         Ok(x)
     }
 
-    /// Encodes an image in [-1, 1].
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.forward_down(x, self.down_blocks.len())?;
-        let x = self.mid_block.forward(&x, None)?;
+    /// Encodes an image in [-1, 1], asking `stop` between layers.
+    pub fn forward(&self, x: &Tensor, stop: Stop) -> Result<Tensor> {
+        let x = self.down(x, self.down_blocks.len(), stop)?;
+        let x = self.mid_block.forward(&x, None, stop)?;
         let x = candle_nn::ops::silu(&self.conv_norm_out.forward(&x)?)?;
         self.conv_out.forward(&x)
     }

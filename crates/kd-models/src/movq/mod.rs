@@ -21,6 +21,7 @@ pub use layers::{Conv3x3, ResnetBlock, SpatialNorm};
 use crate::checkpoint::{ComponentDir, Variant};
 use crate::config::VqModelConfig;
 use crate::error::{ModelError, Result};
+use crate::interrupt::{self, Stop};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2d, VarBuilder};
 
@@ -142,6 +143,12 @@ impl VqModel {
     /// H/sf, W/sf) = `quant_conv(encoder(x))`. H and W must be positive multiples of the scale
     /// factor. Returns the model's dtype.
     pub fn encode(&self, image: &Tensor) -> Result<Tensor> {
+        self.encode_interruptible(image, &interrupt::never)
+    }
+
+    /// [`Self::encode`] asking `stop` between layers ([`ModelError::Interrupted`] when it says
+    /// stop).
+    pub fn encode_interruptible(&self, image: &Tensor, stop: Stop) -> Result<Tensor> {
         let (_, c, h, w) = dims4("image", image)?;
         let sf = self.scale_factor();
         if c != self.cfg.in_channels {
@@ -164,7 +171,7 @@ impl VqModel {
             ));
         }
         let x = image.to_device(&self.device)?.to_dtype(self.dtype)?;
-        let h = self.encoder.forward(&x)?;
+        let h = self.encoder.forward(&x, stop)?;
         Ok(self.quant_conv.forward(&h)?)
     }
 
@@ -172,6 +179,12 @@ impl VqModel {
     /// (about [-1, 1], unclamped), as `decode(latents, force_not_quantize=True)`. Returns the
     /// model's dtype.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.decode_interruptible(latents, &interrupt::never)
+    }
+
+    /// [`Self::decode`] asking `stop` between layers ([`ModelError::Interrupted`] when it says
+    /// stop).
+    pub fn decode_interruptible(&self, latents: &Tensor, stop: Stop) -> Result<Tensor> {
         let (_, c, h, w) = dims4("latents", latents)?;
         let ed = self.cfg.embed_dim();
         if c != ed {
@@ -191,7 +204,7 @@ impl VqModel {
         }
         let z = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
         let x = self.post_quant_conv.forward(&z)?;
-        Ok(self.decoder.forward(&x, &z)?)
+        Ok(self.decoder.forward(&x, &z, stop)?)
     }
 }
 

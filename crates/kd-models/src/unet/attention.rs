@@ -5,7 +5,13 @@
 //! keys/values projected from the image-token context; softmax runs in f32
 //! (`upcast_softmax=True`); the residual is added inside the block.
 
+use crate::interrupt::{check, Stop};
 use candle_core::{DType, Module, Result, Tensor};
+
+/// Queries per attention chunk: the score matrix of one chunk is (B, heads, 1024, keys), so
+/// memory grows linearly with the image area, and a stop check runs between chunks. Sizes up
+/// to 32×32 latents per attention level are one chunk (the arithmetic of one whole softmax).
+pub const QUERY_CHUNK: usize = 1024;
 use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
 
 /// Shape parameters of one added-KV attention block.
@@ -63,8 +69,9 @@ impl AttnAddedKv {
             .contiguous()
     }
 
-    /// `x` (B, C, H, W), `context` (B, T, context_dim) → (B, C, H, W).
-    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    /// `x` (B, C, H, W), `context` (B, T, context_dim) → (B, C, H, W); queries in chunks of
+    /// [`QUERY_CHUNK`], asking `stop` between chunks.
+    pub fn forward(&self, x: &Tensor, context: &Tensor, stop: Stop) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let xn = self
             .group_norm
@@ -82,13 +89,93 @@ impl AttnAddedKv {
             1,
         )?;
         let (k, v) = (self.split_heads(&k)?, self.split_heads(&v)?);
-        let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        let probs =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
-        let a = probs.matmul(&v)?; // (B, heads, HW, d)
+        let kt = k.t()?;
+        let n = h * w;
+        let mut parts = Vec::with_capacity(n.div_ceil(QUERY_CHUNK));
+        for start in (0..n).step_by(QUERY_CHUNK) {
+            if start > 0 {
+                check(stop, "a UNet attention chunk")?;
+            }
+            let len = QUERY_CHUNK.min(n - start);
+            let q = if len == n {
+                q.clone()
+            } else {
+                q.narrow(2, start, len)?.contiguous()?
+            };
+            let scores = (q.matmul(&kt)? * self.scale)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+                .to_dtype(x.dtype())?;
+            parts.push(probs.matmul(&v)?);
+        }
+        // (B, heads, HW, d)
+        let a = match parts.len() {
+            1 => parts.pop().expect("one part"),
+            _ => Tensor::cat(&parts, 2)?,
+        };
         let a = a.transpose(1, 2)?.reshape((b, h * w, c))?;
         let y = self.to_out.forward(&a)?;
         let y = y.transpose(1, 2)?.reshape((b, c, h, w))?;
         y + x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interrupt;
+    use candle_core::Device;
+    use candle_nn::{VarBuilder, VarMap};
+
+    /// The whole softmax at once (what diffusers computes), from the block's own weights.
+    fn unchunked(a: &AttnAddedKv, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let xn = a
+            .group_norm
+            .forward(x)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = a.split_heads(&a.to_q.forward(&xn)?)?;
+        let k = Tensor::cat(&[a.add_k_proj.forward(context)?, a.to_k.forward(&xn)?], 1)?;
+        let v = Tensor::cat(&[a.add_v_proj.forward(context)?, a.to_v.forward(&xn)?], 1)?;
+        let (k, v) = (a.split_heads(&k)?, a.split_heads(&v)?);
+        let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * a.scale)?)?;
+        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, h * w, c))?;
+        let y = a
+            .to_out
+            .forward(&y)?
+            .transpose(1, 2)?
+            .reshape((b, c, h, w))?;
+        y + x
+    }
+
+    #[test]
+    fn chunked_queries_compute_the_whole_softmax() -> Result<()> {
+        let dev = Device::Cpu;
+        let vars = VarMap::new();
+        let cfg = AttnAddedKvConfig {
+            channels: 16,
+            heads: 2,
+            context_dim: 8,
+            groups: 4,
+            eps: 1e-5,
+        };
+        let a = AttnAddedKv::new(cfg, VarBuilder::from_varmap(&vars, DType::F32, &dev))?;
+        let context = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?;
+        // 48×48 = 2304 queries: three chunks, the last one partial.
+        let x = Tensor::randn(0f32, 1.0, (2, 16, 48, 48), &dev)?;
+        let got = a.forward(&x, &context, &interrupt::never)?;
+        let want = unchunked(&a, &x, &context)?;
+        let err = ((&got - &want)?.sqr()?.sum_all()?.to_scalar::<f32>()?
+            / want.sqr()?.sum_all()?.to_scalar::<f32>()?)
+        .sqrt();
+        assert!(err < 1e-6, "rel L2 {err:e}");
+        let asked = std::cell::Cell::new(0);
+        a.forward(&x, &context, &|| {
+            asked.set(asked.get() + 1);
+            false
+        })?;
+        assert_eq!(asked.get(), 2, "one check between each pair of chunks");
+        Ok(())
     }
 }

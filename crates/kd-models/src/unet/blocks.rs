@@ -6,6 +6,7 @@
 
 use super::attention::{AttnAddedKv, AttnAddedKvConfig};
 use super::resnet::{Resample, ResnetBlock2D, ResnetConfig};
+use crate::interrupt::{check, Stop};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -126,17 +127,21 @@ impl DownBlock {
         temb: &Tensor,
         context: &Tensor,
         skips: &mut Vec<Tensor>,
+        stop: Stop,
     ) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             h = resnet.forward(&h, temb)?;
+            check(stop, "a UNet down-block resnet")?;
             if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h, context)?;
+                h = attn.forward(&h, context, stop)?;
+                check(stop, "a UNet down-block attention")?;
             }
             skips.push(h.clone());
         }
         if let Some(d) = &self.downsampler {
             h = d.forward(&h, temb)?;
+            check(stop, "a UNet down-sampler")?;
             skips.push(h.clone());
         }
         Ok(h)
@@ -211,6 +216,7 @@ impl UpBlock {
         temb: &Tensor,
         context: &Tensor,
         skips: &mut Vec<Tensor>,
+        stop: Stop,
     ) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
@@ -219,12 +225,15 @@ impl UpBlock {
                 .ok_or_else(|| candle_core::Error::Msg("UNet skip stack underflow".into()))?;
             h = Tensor::cat(&[&h, &skip], 1)?;
             h = resnet.forward(&h, temb)?;
+            check(stop, "a UNet up-block resnet")?;
             if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h, context)?;
+                h = attn.forward(&h, context, stop)?;
+                check(stop, "a UNet up-block attention")?;
             }
         }
         if let Some(u) = &self.upsampler {
             h = u.forward(&h, temb)?;
+            check(stop, "a UNet up-sampler")?;
         }
         Ok(h)
     }
@@ -261,10 +270,18 @@ impl MidBlock {
     }
 
     /// (B, C, H, W) → (B, C, H, W).
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        stop: Stop,
+    ) -> Result<Tensor> {
         let mut h = self.resnets[0].forward(x, temb)?;
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            h = attn.forward(&h, context)?;
+            check(stop, "the UNet mid-block resnet")?;
+            h = attn.forward(&h, context, stop)?;
+            check(stop, "the UNet mid-block attention")?;
             h = resnet.forward(&h, temb)?;
         }
         Ok(h)

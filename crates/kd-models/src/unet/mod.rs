@@ -18,6 +18,7 @@ pub mod resnet;
 
 use crate::config::UNet2DConditionConfig;
 use crate::error::{ModelError, Result};
+use crate::interrupt::{self, Stop};
 use blocks::{AttnSpec, BlockCommon, DownBlock, MidBlock, UpBlock};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
@@ -355,6 +356,18 @@ impl UNet2DConditionModel {
         self.forward_traced(sample, timestep, cond, &mut |_, _| {})
     }
 
+    /// [`Self::forward`] that asks `stop` between layers (every resnet, attention and
+    /// re-sampler): [`crate::ModelError::Interrupted`] when it says stop.
+    pub fn forward_interruptible(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        cond: &UNetConditioning,
+        stop: Stop,
+    ) -> Result<Tensor> {
+        self.forward_with(sample, timestep, cond, &mut |_, _| {}, stop)
+    }
+
     fn check_inputs(&self, sample: &Tensor, cond: &UNetConditioning) -> Result<()> {
         let dims = sample.dims();
         let ok = dims.len() == 4
@@ -458,6 +471,17 @@ impl UNet2DConditionModel {
         cond: &UNetConditioning,
         trace: &mut dyn FnMut(&str, &Tensor),
     ) -> Result<Tensor> {
+        self.forward_with(sample, timestep, cond, trace, &interrupt::never)
+    }
+
+    fn forward_with(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        cond: &UNetConditioning,
+        trace: &mut dyn FnMut(&str, &Tensor),
+        stop: Stop,
+    ) -> Result<Tensor> {
         self.check_inputs(sample, cond)?;
         let dt = self.dtype;
         let b = sample.dim(0)?;
@@ -503,13 +527,13 @@ impl UNet2DConditionModel {
         let mut h = self.conv_in.forward(&sample)?;
         let mut skips = vec![h.clone()];
         for (i, block) in self.down_blocks.iter().enumerate() {
-            h = block.forward(&h, &emb, &context, &mut skips)?;
+            h = block.forward(&h, &emb, &context, &mut skips, stop)?;
             trace(&format!("down_blocks.{i}"), &h);
         }
-        h = self.mid_block.forward(&h, &emb, &context)?;
+        h = self.mid_block.forward(&h, &emb, &context, stop)?;
         trace("mid_block", &h);
         for (i, block) in self.up_blocks.iter().enumerate() {
-            h = block.forward(&h, &emb, &context, &mut skips)?;
+            h = block.forward(&h, &emb, &context, &mut skips, stop)?;
             trace(&format!("up_blocks.{i}"), &h);
         }
         let h = candle_nn::ops::silu(&self.conv_norm_out.forward(&h)?)?;

@@ -98,3 +98,26 @@ pub fn linked_checkpoint(src: &Path, scheduler_json: Option<&str>) -> tempfile::
     std::fs::write(dir.path().join("scheduler/scheduler_config.json"), sched).unwrap();
     dir
 }
+
+/// Sends `req` with a `budget` deadline: the status it ends with.
+pub async fn with_deadline(
+    c: &mut DenoiserClient<Channel>,
+    req: v1::DenoiseRequest,
+    budget: Duration,
+) -> tonic::Status {
+    let mut req = tonic::Request::new(req);
+    req.set_timeout(budget);
+    match c.denoise(req).await {
+        Err(s) => s,
+        Ok(resp) => {
+            let mut s = resp.into_inner();
+            loop {
+                match s.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("finished within {budget:?}"),
+                    Err(e) => break e,
+                }
+            }
+        }
+    }
+}

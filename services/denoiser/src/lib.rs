@@ -1,9 +1,11 @@
 //! The denoiser stage: the decoder UNet and its schedulers (`kandinsky.v1.Denoiser`). Runs the
 //! whole denoising loop server-side, streams one progress event per step (with optional
-//! predicted-x0 previews) and then the final latents; stops within one step when the caller
-//! goes away or its deadline passes.
+//! predicted-x0 previews) and then the final latents; refuses at once work that cannot finish
+//! before its deadline (see [`budget`]) and stops within one UNet layer when the caller goes
+//! away or its deadline passes.
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod denoise;
 pub mod model;
 pub mod request;
@@ -81,7 +83,12 @@ impl v1::denoiser_server::Denoiser for Denoiser {
         let call = Call::of(&request);
         let req = request.into_inner();
         let limits = self.limits;
-        let check = move |m: &DecoderModel| request::plan(m, &limits, &req);
+        let deadline = call.deadline;
+        let check = move |m: &DecoderModel| {
+            let plan = request::plan(m, &limits, &req)?;
+            m.cost.check(&plan, m.movq_scale_factor, deadline)?;
+            Ok(plan)
+        };
         let metrics = self.stage.metrics.clone();
         let run = |m: Arc<DecoderModel>, plan: Plan, sink: Sink<DenoiseEvent>| async move {
             let span = tracing::info_span!(

@@ -1,6 +1,7 @@
 //! The loaded decoder: UNet, the checkpoint's scheduler config, the MoVQ scale factor, and the
 //! per-request scheduler construction (diffusers' `XScheduler.from_config(checkpoint_config)`).
 
+use crate::budget::StepCost;
 use candle_core::{DType, Device, Tensor};
 use kd_models::config::SchedulerConfig;
 use kd_models::decoder::{latent_side, run_decoder, DecoderInputs, DecoderMode, DecoderText};
@@ -35,6 +36,8 @@ pub struct DecoderModel {
     pub default_schedule: Schedule,
     /// What `Info` returns.
     pub info: v1::ModelInfo,
+    /// One step's cost on this device, calibrated at warm-up (zero until then: no refusals).
+    pub cost: StepCost,
 }
 
 /// A request's schedule: N spaced steps, or an explicit descending list (LCM, TCD).
@@ -179,6 +182,7 @@ impl DecoderModel {
             distilled,
             default_schedule,
             info,
+            cost: StepCost::default(),
         };
         model.check_default_schedule()?;
         Ok(model)
@@ -244,9 +248,22 @@ impl DecoderModel {
 
     /// One denoising step at the smallest size (64×64 pixels), CFG on, in this UNet's mode.
     pub fn warm_up(&self) -> Result<(), ServiceError> {
+        self.step_at(64).map(drop)
+    }
+
+    /// Times one CFG step (two UNet rows) at 64² and at 128² pixels and fits [`StepCost`].
+    pub fn calibrate(&self) -> Result<StepCost, ServiceError> {
+        let lp = |side: usize| latent_side(side, self.movq_scale_factor).pow(2);
+        let small = self.step_at(64)?.min(self.step_at(64)?);
+        let large = self.step_at(128)?;
+        Ok(StepCost::fit((lp(64), small), (lp(128), large)))
+    }
+
+    /// One denoising step at `side`² pixels, CFG on, in this UNet's mode: how long it took.
+    fn step_at(&self, side: usize) -> Result<std::time::Duration, ServiceError> {
         let dev = &self.device;
         let d = self.unet.embed_dim();
-        let (h, w) = (64, 64);
+        let (h, w) = (side, side);
         let lh = latent_side(h, self.movq_scale_factor);
         let lw = latent_side(w, self.movq_scale_factor);
         let embeds = Tensor::zeros((1, d), DType::F32, dev)?;
@@ -288,14 +305,19 @@ impl DecoderModel {
         };
         let mut scheduler = self.scheduler(v1::Scheduler::Unspecified)?;
         let mut noise = SeededNoise::new(&[0]);
-        run_decoder(
+        let t = std::time::Instant::now();
+        let out = run_decoder(
             &self.unet,
             scheduler.as_mut(),
             &inputs,
             &mut noise,
             &mut |_| true,
         )?;
-        Ok(())
+        // The work is done once the result is on the host (asynchronous devices).
+        if let kd_models::decoder::DecoderOutcome::Finished(latents) = out {
+            latents.sum_all()?.to_scalar::<f32>()?;
+        }
+        Ok(t.elapsed())
     }
 }
 
@@ -313,8 +335,16 @@ impl DecoderModel {
             Self::load_with(&args.model_dir, &device, args.dtype, defaults).map_err(|e| {
                 ServiceError::Unavailable(format!("loading {}: {e:#}", args.model_dir.display()))
             })?;
+        let mut model = model;
         model.warm_up()?;
-        tracing::info!(model_dir = %args.model_dir.display(), info = ?model.info, "denoiser ready");
+        model.cost = model.calibrate()?;
+        tracing::info!(
+            model_dir = %args.model_dir.display(),
+            info = ?model.info,
+            step_fixed_ms = model.cost.fixed_s * 1e3,
+            step_per_latent_pixel_us = model.cost.per_pixel_s * 1e6,
+            "denoiser ready"
+        );
         Ok(model)
     }
 }

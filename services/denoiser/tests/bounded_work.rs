@@ -27,19 +27,40 @@ fn large(side: u32) -> v1::DenoiseRequest {
 async fn an_expired_large_step_frees_the_stage_within_one_layer() {
     let server = start_with(&deep(), &["--max-pixels", "4194304"]).await;
     kd_testkit::wait_serving(&server, SERVICE, Duration::from_secs(30)).await;
-    // One CFG step at 1536² takes ~17 s on 2 cores here; the deadline is 400 ms.
-    let t = Instant::now();
-    let status = with_deadline(
+    // One CFG step at 1536² takes ~11 s on 2 cores here, while the warm-up calibration (a
+    // linear fit, blind to attention's quadratic growth) estimates a few seconds. Its estimate
+    // (read off a refusal) sets a deadline that admits the request, which must then stop inside
+    // its step.
+    let refusal = with_deadline(
         &mut client(&server).await,
         large(1536),
-        Duration::from_millis(400),
+        Duration::from_millis(50),
     )
     .await;
+    let estimate: f64 = refusal
+        .message()
+        .split("about ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no estimate in {refusal:?}"));
+    let budget = Duration::from_secs_f64(estimate * 0.5 + 0.5);
+    let t = Instant::now();
+    let status = with_deadline(&mut client(&server).await, large(1536), budget).await;
     let at_status = t.elapsed();
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("the request deadline passed"),
+        "refused at admission, not stopped inside the step: {}",
+        status.message()
+    );
+    assert!(
+        at_status >= budget - Duration::from_millis(100),
+        "{at_status:?}"
+    );
     let quiet = until_cpu_quiet(Duration::from_secs(5)).await;
     let steps = metric_at(server.metrics, "kd_denoise_steps_total", &[]).await;
-    eprintln!("1536² with a 400 ms deadline: status after {at_status:?}, CPU quiet {quiet:?} later, steps done {steps}");
+    eprintln!("1536², estimated {estimate} s, deadline {budget:?}: status after {at_status:?}, CPU quiet {quiet:?} later, steps done {steps}");
     assert_eq!(
         steps, 0.0,
         "the step ran to its end instead of stopping inside it"
@@ -80,5 +101,38 @@ async fn a_request_over_max_pixels_is_refused_by_name_before_any_work() {
         "{}",
         err.message()
     );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_that_cannot_finish_before_the_deadline_is_refused_at_once() {
+    let server = start(&deep()).await;
+    let mut c = client(&server).await;
+    // 1024² with 50 steps: minutes of work on this CPU (one step alone takes seconds).
+    let mut hopeless = large(1024);
+    hopeless.num_inference_steps = 50;
+    let t = Instant::now();
+    let err = with_deadline(&mut c, hopeless, Duration::from_secs(3)).await;
+    let took = t.elapsed();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    let m = err.message();
+    eprintln!("refused after {took:?}: {m}");
+    assert!(
+        m.starts_with("deadline exceeded: the request deadline would pass") && m.contains("s left"),
+        "{m}"
+    );
+    assert!(took < Duration::from_secs(1), "refused only after {took:?}");
+    assert_eq!(
+        metric_at(server.metrics, "kd_denoise_steps_total", &[]).await,
+        0.0,
+        "no step of the refused request ran"
+    );
+    // Work that fits its deadline runs.
+    let mut small = large(64);
+    small.num_inference_steps = 3;
+    let mut req = tonic::Request::new(small);
+    req.set_timeout(Duration::from_secs(20));
+    let mut stream = c.denoise(req).await.unwrap().into_inner();
+    while stream.message().await.unwrap().is_some() {}
     server.shutdown().await.unwrap();
 }

@@ -137,32 +137,41 @@ impl Stack {
         text_encoder_args: &[&str],
         gateway_args: &[&str],
     ) -> Self {
+        let stack = Self::launch(model, text_encoder_args, &[]).await;
+        stack.probe_stages().await;
+        stack.with_gateway(gateway_args).await
+    }
+
+    /// The five services of `model` with `stage_args` on every stage (e.g. TLS flags) and the
+    /// gateway with `gateway_args`. The stages are not probed (a TLS stage answers no plaintext
+    /// health check): wait through the gateway.
+    pub async fn start_unprobed(model: Model, stage_args: &[&str], gateway_args: &[&str]) -> Self {
+        Self::launch(model, &[], stage_args)
+            .await
+            .with_gateway(gateway_args)
+            .await
+    }
+
+    /// The four stages, not yet SERVING, and no gateway yet.
+    async fn launch(model: Model, text_encoder_args: &[&str], stage_args: &[&str]) -> Stages {
         let decoder = format!("--decoder-model-dir={}", model.decoder_dir().display());
         let mut te_args = vec![decoder.as_str()];
         te_args.extend_from_slice(text_encoder_args);
+        te_args.extend_from_slice(stage_args);
         let te: kd_text_encoder::Config = config("kd-text-encoder", &model.prior_dir(), &te_args);
         let text_encoder =
             TestServer::spawn(|l, s| kd_text_encoder::run_with_listeners(te, l, s)).await;
-        let pr: kd_prior::Config = config("kd-prior", &model.prior_dir(), &[]);
+        let pr: kd_prior::Config = config("kd-prior", &model.prior_dir(), stage_args);
         let prior = TestServer::spawn(|l, s| kd_prior::run_with_listeners(pr, l, s)).await;
-        let de: kd_denoiser::Config = config("kd-denoiser", &model.decoder_dir(), &[]);
+        let de: kd_denoiser::Config = config("kd-denoiser", &model.decoder_dir(), stage_args);
         let denoiser = TestServer::spawn(|l, s| kd_denoiser::run_with_listeners(de, l, s)).await;
-        let movq = start_movq_of(model, Listeners::loopback().await.unwrap()).await;
-        for (stage, service) in [
-            (&text_encoder, "kandinsky.v1.TextEncoder"),
-            (&prior, "kandinsky.v1.Prior"),
-            (&denoiser, "kandinsky.v1.Denoiser"),
-        ] {
-            wait_serving(stage, service, READY_TIMEOUT).await;
-        }
-        let stages = [text_encoder.grpc, prior.grpc, denoiser.grpc, movq.grpc];
-        let gateway = Self::start_gateway(stages, gateway_args).await;
-        Self {
+        let mq: kd_movq::Config = config("kd-movq", &model.decoder_dir(), stage_args);
+        let movq = TestServer::spawn(|l, s| kd_movq::run_with_listeners(mq, l, s)).await;
+        Stages {
             text_encoder,
             prior,
             denoiser,
             movq,
-            gateway,
         }
     }
 
@@ -187,6 +196,47 @@ impl Stack {
     /// A client of the gateway.
     pub async fn client(&self) -> GatewayClient<Channel> {
         gateway_client(&self.gateway).await
+    }
+}
+
+/// The four stages of a [`Stack`] before its gateway starts.
+pub struct Stages {
+    text_encoder: TestServer,
+    prior: TestServer,
+    denoiser: TestServer,
+    movq: TestServer,
+}
+
+impl Stages {
+    /// Waits until every stage's health says SERVING.
+    async fn probe_stages(&self) {
+        for (stage, service) in [
+            (&self.text_encoder, "kandinsky.v1.TextEncoder"),
+            (&self.prior, "kandinsky.v1.Prior"),
+            (&self.denoiser, "kandinsky.v1.Denoiser"),
+            (&self.movq, "kandinsky.v1.Movq"),
+        ] {
+            wait_serving(stage, service, READY_TIMEOUT).await;
+        }
+    }
+
+    /// Starts the gateway over these stages.
+    async fn with_gateway(self, gateway_args: &[&str]) -> Stack {
+        let Self {
+            text_encoder,
+            prior,
+            denoiser,
+            movq,
+        } = self;
+        let stages = [text_encoder.grpc, prior.grpc, denoiser.grpc, movq.grpc];
+        let gateway = Stack::start_gateway(stages, gateway_args).await;
+        Stack {
+            text_encoder,
+            prior,
+            denoiser,
+            movq,
+            gateway,
+        }
     }
 }
 

@@ -43,6 +43,8 @@ pub struct CommonArgs {
     /// services/README.md: 64 MiB for the gateway, 512 MiB for the stages).
     #[arg(long, env = "KD_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 impl CommonArgs {

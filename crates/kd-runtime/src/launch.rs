@@ -152,6 +152,7 @@ pub struct Launch<M> {
     services: Vec<&'static str>,
     message_limit: usize,
     drain_delay: Duration,
+    tls: crate::tls::TlsArgs,
 }
 
 impl<M: Send + Sync + 'static> Launch<M> {
@@ -164,6 +165,7 @@ impl<M: Send + Sync + 'static> Launch<M> {
             services: Vec::new(),
             message_limit: common.message_limit(default_message_limit),
             drain_delay: common.drain_delay(),
+            tls: common.tls.clone(),
         }
     }
 
@@ -227,7 +229,9 @@ impl<M: Send + Sync + 'static> Launch<M> {
             services,
             message_limit,
             drain_delay,
+            tls,
         } = self;
+        let tls = crate::tls::server_config(&tls).map_err(LaunchError::Config)?;
         let Listeners {
             grpc,
             metrics,
@@ -257,6 +261,7 @@ impl<M: Send + Sync + 'static> Launch<M> {
             routes,
             message_limit,
             grpc,
+            tls,
             readiness.clone(),
             shutdown.clone(),
             drain_delay,

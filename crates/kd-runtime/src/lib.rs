@@ -20,6 +20,7 @@ pub mod server;
 pub mod shutdown;
 pub mod stage;
 pub mod telemetry;
+pub mod tls;
 
 pub use admission::{Admission, Permit};
 pub use cancel::Cancel;

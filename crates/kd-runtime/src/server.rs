@@ -152,6 +152,7 @@ pub async fn serve(
     routes: Routes,
     message_limit: usize,
     listener: TcpListener,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     readiness: Readiness,
     shutdown: Shutdown,
     drain_delay: Duration,
@@ -165,17 +166,25 @@ pub async fn serve(
                 r
             },
         ));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    Server::builder()
+    let server = Server::builder()
         .trace_fn(crate::telemetry::server_span)
-        .add_routes(Routes::from(router))
-        .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.wait().await;
-            readiness.not_serving().await;
-            tracing::info!(service = readiness.service(), "draining");
-            tokio::time::sleep(drain_delay).await;
-        })
-        .await
+        .add_routes(Routes::from(router));
+    let stop = async move {
+        shutdown.wait().await;
+        readiness.not_serving().await;
+        tracing::info!(service = readiness.service(), "draining");
+        tokio::time::sleep(drain_delay).await;
+    };
+    match tls {
+        Some(config) => {
+            let incoming = crate::tls::incoming(listener, config);
+            server.serve_with_incoming_shutdown(incoming, stop).await
+        }
+        None => {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            server.serve_with_incoming_shutdown(incoming, stop).await
+        }
+    }
 }
 
 #[cfg(test)]

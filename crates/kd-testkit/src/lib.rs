@@ -9,6 +9,7 @@ pub mod cpu;
 mod health;
 mod metrics;
 pub mod parity;
+pub mod pki;
 mod redis;
 mod server;
 mod wire;

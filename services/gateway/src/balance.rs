@@ -21,14 +21,19 @@ struct Target {
     port: u16,
 }
 
-fn parse(url: &str, stage: &str) -> anyhow::Result<Target> {
+fn parse(url: &str, stage: &str, tls: bool) -> anyhow::Result<Target> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| anyhow::anyhow!("--{stage}-url `{url}`: {e}"))?;
-    anyhow::ensure!(
-        uri.scheme_str() == Some("http"),
-        "--{stage}-url `{url}`: only http:// is supported"
-    );
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") if tls => {}
+        Some("https") => anyhow::bail!(
+            "--{stage}-url `{url}`: https:// needs --stage-tls-ca (the CA the stages' certificates \
+             are signed by)"
+        ),
+        _ => anyhow::bail!("--{stage}-url `{url}`: allowed schemes: http://, https://"),
+    }
     let host = uri
         .host()
         .ok_or_else(|| anyhow::anyhow!("--{stage}-url `{url}`: no host"))?;
@@ -42,16 +47,18 @@ fn parse(url: &str, stage: &str) -> anyhow::Result<Target> {
     })
 }
 
-async fn resolve(targets: &[Target]) -> Vec<SocketAddr> {
-    let mut out = Vec::new();
+/// Every address of `targets`, each with the host name it was resolved from (the name a TLS
+/// certificate must hold).
+async fn resolve(targets: &[Target]) -> Vec<(SocketAddr, String)> {
+    let mut out: Vec<(SocketAddr, String)> = Vec::new();
     for t in targets {
         match tokio::net::lookup_host((t.host.as_str(), t.port)).await {
-            Ok(addrs) => out.extend(addrs),
+            Ok(addrs) => out.extend(addrs.map(|a| (a, t.host.clone()))),
             Err(e) => tracing::warn!(host = %t.host, error = %e, "cannot resolve stage address"),
         }
     }
     out.sort();
-    out.dedup();
+    out.dedup_by_key(|(a, _)| *a);
     out
 }
 
@@ -62,12 +69,23 @@ struct Replica {
     down_until: Option<Instant>,
 }
 
-fn replica(addr: SocketAddr) -> Replica {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
+/// A lazily connected replica at `addr`: plaintext, or TLS with `tls` naming the server `host`.
+fn replica(addr: SocketAddr, host: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Replica {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .expect("a socket address is a valid URI")
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect_lazy();
+        .tcp_nodelay(true);
+    let channel = match tls {
+        // The host name was checked as a TLS server name when the URL was parsed.
+        Some(config) => match kd_runtime::tls::Connector::new(config.clone(), host) {
+            Ok(c) => endpoint.connect_with_connector_lazy(c),
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "stage replica has no valid TLS name");
+                endpoint.connect_lazy()
+            }
+        },
+        None => endpoint.connect_lazy(),
+    };
     Replica {
         addr,
         channel,
@@ -84,11 +102,13 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Resolves `urls` now and every `refresh` after.
+    /// Resolves `urls` now and every `refresh` after; with `tls`, every replica is called over
+    /// (mutual) TLS.
     pub async fn new(
         urls: &[String],
         stage: &'static str,
         refresh: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(
             !urls.is_empty(),
@@ -96,12 +116,22 @@ impl Pool {
         );
         let targets = urls
             .iter()
-            .map(|u| parse(u.trim(), stage))
+            .map(|u| parse(u.trim(), stage, tls.is_some()))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        if let Some(config) = &tls {
+            for t in &targets {
+                kd_runtime::tls::Connector::new(config.clone(), &t.host)
+                    .map_err(|e| anyhow::anyhow!("--{stage}-url: {e}"))?;
+            }
+        }
+        let make = {
+            let tls = tls.clone();
+            move |(a, host): (SocketAddr, String)| replica(a, &host, tls.as_ref())
+        };
         let pool = Self {
             stage,
             replicas: Arc::new(RwLock::new(
-                resolve(&targets).await.into_iter().map(replica).collect(),
+                resolve(&targets).await.into_iter().map(&make).collect(),
             )),
             next: Arc::new(AtomicUsize::new(0)),
         };
@@ -117,11 +147,11 @@ impl Pool {
                     continue; // keep the last known replicas while DNS is failing
                 }
                 let mut list = replicas.write().expect("pool lock");
-                list.retain(|r| addrs.contains(&r.addr));
-                for a in addrs {
+                list.retain(|r| addrs.iter().any(|(a, _)| *a == r.addr));
+                for (a, host) in addrs {
                     if !list.iter().any(|r| r.addr == a) {
                         tracing::info!(stage, addr = %a, "stage replica added");
-                        list.push(replica(a));
+                        list.push(make((a, host)));
                     }
                 }
             }
@@ -202,14 +232,19 @@ mod tests {
 
     #[test]
     fn urls_are_parsed_with_clear_errors() {
-        let t = parse("http://kd-prior.default.svc:50051", "prior").unwrap();
+        let t = parse("http://kd-prior.default.svc:50051", "prior", false).unwrap();
         assert_eq!((t.host.as_str(), t.port), ("kd-prior.default.svc", 50051));
-        let e = parse("https://x:1", "prior").unwrap_err().to_string();
+        let e = parse("https://x:1", "prior", false)
+            .unwrap_err()
+            .to_string();
         assert!(
-            e.contains("--prior-url") && e.contains("only http://"),
+            e.contains("--prior-url") && e.contains("--stage-tls-ca"),
             "{e}"
         );
-        assert!(parse("not a url", "movq")
+        parse("https://x:1", "prior", true).unwrap();
+        let e = parse("ftp://x:1", "prior", true).unwrap_err().to_string();
+        assert!(e.contains("allowed schemes"), "{e}");
+        assert!(parse("not a url", "movq", false)
             .unwrap_err()
             .to_string()
             .contains("--movq-url"));
@@ -221,6 +256,7 @@ mod tests {
             &["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()],
             "x",
             Duration::from_secs(60),
+            None,
         )
         .await
         .unwrap();
@@ -241,9 +277,10 @@ mod tests {
 
     #[tokio::test]
     async fn localhost_resolves_to_its_addresses() {
-        let set = resolve(&[parse("http://localhost:1234", "x").unwrap()]).await;
+        let set = resolve(&[parse("http://localhost:1234", "x", false).unwrap()]).await;
         assert!(
-            set.iter().any(|a| a.ip().is_loopback() && a.port() == 1234),
+            set.iter()
+                .any(|(a, host)| a.ip().is_loopback() && a.port() == 1234 && host == "localhost"),
             "{set:?}"
         );
     }

@@ -84,6 +84,17 @@ pub struct Config {
     /// Most images per request.
     #[arg(long, env = "KD_MAX_IMAGES", default_value_t = 4)]
     pub max_images: u32,
+    /// PEM CA certificates the stages' server certificates are signed by: with it every stage
+    /// call goes over TLS (https:// URLs are then allowed too).
+    #[arg(long, env = "KD_STAGE_TLS_CA")]
+    pub stage_tls_ca: Option<PathBuf>,
+    /// PEM client certificate the gateway presents to the stages (mutual TLS; re-read when the
+    /// file changes). Needs --stage-tls-ca and --stage-tls-key.
+    #[arg(long, env = "KD_STAGE_TLS_CERT", requires_all = ["stage_tls_key", "stage_tls_ca"])]
+    pub stage_tls_cert: Option<PathBuf>,
+    /// PEM private key of --stage-tls-cert.
+    #[arg(long, env = "KD_STAGE_TLS_KEY", requires = "stage_tls_cert")]
+    pub stage_tls_key: Option<PathBuf>,
     /// Seconds between DNS re-resolutions of the stage addresses (replicas come and go).
     #[arg(long, env = "KD_RESOLVE_INTERVAL_SECS", default_value_t = 15.0)]
     pub resolve_interval_secs: f64,
@@ -193,14 +204,33 @@ fn call_of<T>(request: &Request<T>) -> Call {
 }
 
 /// The replica pools of one stage set (text encoder, prior, denoiser, movq URLs).
-async fn stage_set(urls: [&[String]; 4], refresh: Duration) -> anyhow::Result<Stages> {
+async fn stage_set(
+    urls: [&[String]; 4],
+    refresh: Duration,
+    tls: &Option<Arc<rustls::ClientConfig>>,
+) -> anyhow::Result<Stages> {
     Ok(Stages {
-        text_encoder: Pool::new(urls[0], "text_encoder", refresh).await?,
-        prior: Pool::new(urls[1], "prior", refresh).await?,
-        denoiser: Pool::new(urls[2], "denoiser", refresh).await?,
-        movq: Pool::new(urls[3], "movq", refresh).await?,
+        text_encoder: Pool::new(urls[0], "text_encoder", refresh, tls.clone()).await?,
+        prior: Pool::new(urls[1], "prior", refresh, tls.clone()).await?,
+        denoiser: Pool::new(urls[2], "denoiser", refresh, tls.clone()).await?,
+        movq: Pool::new(urls[3], "movq", refresh, tls.clone()).await?,
         served: Default::default(),
     })
+}
+
+/// The client side of `--stage-tls-ca` / `--stage-tls-cert` / `--stage-tls-key`: `None` for
+/// plaintext stage calls.
+fn stage_tls(config: &Config) -> Result<Option<Arc<rustls::ClientConfig>>, ServiceError> {
+    let Some(ca) = &config.stage_tls_ca else {
+        return Ok(None);
+    };
+    let identity = match (&config.stage_tls_cert, &config.stage_tls_key) {
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+        _ => None,
+    };
+    kd_runtime::tls::client_config(ca, identity)
+        .map(Some)
+        .map_err(|e| ServiceError::Unavailable(format!("--stage-tls-*: {e}")))
 }
 
 /// Default largest request (and response) message: 64 MiB, room for two 32 MiB input images
@@ -212,19 +242,20 @@ pub const GATEWAY_MESSAGE_LIMIT: usize = 64 << 20;
 async fn stacks(config: &Config) -> Result<Vec<Stages>, ServiceError> {
     let refresh = Duration::from_secs_f64(config.resolve_interval_secs.max(0.1));
     let bad = |e: anyhow::Error| ServiceError::Unavailable(format!("{e:#}"));
+    let tls = stage_tls(config)?;
     let default = [
         &config.text_encoder_url[..],
         &config.prior_url,
         &config.denoiser_url,
         &config.movq_url,
     ];
-    let mut stacks = vec![stage_set(default, refresh).await.map_err(bad)?];
+    let mut stacks = vec![stage_set(default, refresh, &tls).await.map_err(bad)?];
     for spec in &config.extra_stack {
         let urls = models::parse_stack(spec)
             .map_err(|e| ServiceError::Unavailable(format!("--extra-stack {spec:?}: {e}")))?
             .map(|u| vec![u]);
         let urls = [&urls[0][..], &urls[1], &urls[2], &urls[3]];
-        stacks.push(stage_set(urls, refresh).await.map_err(bad)?);
+        stacks.push(stage_set(urls, refresh, &tls).await.map_err(bad)?);
     }
     Ok(stacks)
 }

@@ -36,7 +36,7 @@ fn request() -> v1::DecodeRequest {
 async fn calls_spread_over_replicas_and_survive_one_going_away() {
     let (a, b) = (replica().await, replica().await);
     let urls = vec![a.url(), b.url()];
-    let pool = Pool::new(&urls, "movq", Duration::from_millis(200))
+    let pool = Pool::new(&urls, "movq", Duration::from_millis(200), None)
         .await
         .unwrap();
     assert_eq!(pool.len(), 2);

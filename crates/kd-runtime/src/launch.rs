@@ -256,7 +256,11 @@ impl<M: Send + Sync + 'static> Launch<M> {
             metrics = %metrics.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
             "listening (NOT_SERVING until loaded)"
         );
-        let metrics_task = tokio::spawn(stage.metrics.clone().serve(metrics, shutdown.clone()));
+        let metrics_task = tokio::spawn(stage.metrics.clone().serve(
+            metrics,
+            shutdown.clone(),
+            readiness.flag(),
+        ));
         let mut server_task = tokio::spawn(server::serve(
             routes,
             message_limit,

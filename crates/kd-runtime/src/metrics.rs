@@ -189,13 +189,22 @@ impl Metrics {
         String::from_utf8(buf).expect("prometheus text is UTF-8")
     }
 
-    /// Serves `/metrics` on `listener` until `shutdown`.
+    /// Serves `/metrics`, and `/healthz` (200 while `serving`, else 503: the probe of a pod
+    /// whose gRPC port speaks TLS), on `listener` until `shutdown`.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: Shutdown,
+        serving: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ) -> std::io::Result<()> {
-        let app = axum::Router::new().route(
+        let healthz = axum::routing::get(move || async move {
+            if serving.load(std::sync::atomic::Ordering::Relaxed) {
+                (axum::http::StatusCode::OK, "SERVING\n")
+            } else {
+                (axum::http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n")
+            }
+        });
+        let app = axum::Router::new().route("/healthz", healthz).route(
             "/metrics",
             axum::routing::get(move || {
                 let m = self.clone();

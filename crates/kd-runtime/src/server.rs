@@ -4,6 +4,8 @@
 
 use crate::shutdown::Shutdown;
 use axum::http::{HeaderMap, HeaderValue};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
@@ -16,6 +18,7 @@ use tonic_health::ServingStatus;
 pub struct Readiness {
     reporter: HealthReporter,
     service: &'static str,
+    up: Arc<AtomicBool>,
 }
 
 impl Readiness {
@@ -28,7 +31,11 @@ impl Readiness {
         tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     ) {
         let (reporter, health) = tonic_health::server::health_reporter();
-        let readiness = Self { reporter, service };
+        let readiness = Self {
+            reporter,
+            service,
+            up: Arc::new(AtomicBool::new(false)),
+        };
         readiness.not_serving().await;
         (readiness, health)
     }
@@ -48,7 +55,14 @@ impl Readiness {
         self.set(ServingStatus::NotServing).await;
     }
 
+    /// SERVING as a flag (what `/healthz` on the metrics port answers).
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.up.clone()
+    }
+
     async fn set(&self, status: ServingStatus) {
+        self.up
+            .store(status == ServingStatus::Serving, Ordering::Relaxed);
         self.reporter.set_service_status(self.service, status).await;
         self.reporter.set_service_status("", status).await;
     }

@@ -170,6 +170,7 @@ impl HealthWatch {
 /// (Check by name and under "", and the first Watch message) while the model load waits — when
 /// `while_loading` runs with a channel, e.g. to see the API answer UNAVAILABLE —, SERVING once
 /// released, NOT_SERVING (or the stream's end) on shutdown; then the server stops cleanly.
+/// `/healthz` on the metrics port follows: 503 while loading, 200 once SERVING.
 pub async fn assert_health_lifecycle<F, Fut>(
     mut server: TestServer,
     service: &str,
@@ -194,11 +195,21 @@ pub async fn assert_health_lifecycle<F, Fut>(
         "first Watch message"
     );
     while_loading(channel.clone()).await;
+    let healthz = crate::http_get(server.metrics, "/healthz").await;
+    assert!(
+        healthz.starts_with("HTTP/1.1 503"),
+        "/healthz while loading: {healthz}"
+    );
 
     server.release();
     let next = watch.next_status(Duration::from_secs(30)).await;
     assert_eq!(next, Some(ServingStatus::Serving), "Watch after the load");
     assert_eq!(health_status(&channel, "").await, ServingStatus::Serving);
+    let healthz = crate::http_get(server.metrics, "/healthz").await;
+    assert!(
+        healthz.starts_with("HTTP/1.1 200"),
+        "/healthz once loaded: {healthz}"
+    );
 
     server.trigger_shutdown();
     if let Some(last) = watch.next_status(Duration::from_secs(10)).await {

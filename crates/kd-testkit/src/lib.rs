@@ -18,7 +18,7 @@ pub use health::{
     assert_health_lifecycle, connect, health_status, wait_serving, watch_health, HealthWatch,
     Target,
 };
-pub use metrics::{metric, metric_at, scrape};
+pub use metrics::{http_get, metric, metric_at, scrape};
 pub use redis::{free_port, RedisServer};
 pub use server::{stage_info, TestServer, SHUTDOWN_BOUND};
 pub use wire::{unwire, wire};

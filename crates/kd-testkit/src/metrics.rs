@@ -3,19 +3,25 @@
 use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// `GET /metrics` over a plain TCP connection (HTTP/1.1); the whole response, headers included.
-/// Panics unless the status is 200.
-pub async fn scrape(addr: SocketAddr) -> String {
+/// `GET <path>` over a plain TCP connection (HTTP/1.1): the whole response, headers included.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
-        .unwrap_or_else(|e| panic!("no metrics endpoint at {addr}: {e}"));
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap_or_else(|e| panic!("no HTTP endpoint at {addr}: {e}"));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes())
         .await
         .unwrap_or_else(|e| panic!("writing to {addr}: {e}"));
     let mut buf = String::new();
     s.read_to_string(&mut buf)
         .await
         .unwrap_or_else(|e| panic!("reading from {addr}: {e}"));
+    buf
+}
+
+/// `GET /metrics` (see [`http_get`]); panics unless the status is 200.
+pub async fn scrape(addr: SocketAddr) -> String {
+    let buf = http_get(addr, "/metrics").await;
     assert!(
         buf.starts_with("HTTP/1.1 200"),
         "GET /metrics at {addr}: {buf}"

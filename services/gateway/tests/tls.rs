@@ -75,6 +75,19 @@ async fn stages_serve_only_callers_with_a_certificate_of_the_platform_ca() {
     let gateway = ca.issue(dir.path(), "gateway", &["kd-gateway"]);
     let stage = tls_stage(&server, &ca_pem).await;
 
+    // Its gRPC health speaks TLS only; `/healthz` on the metrics port is the pod's probe.
+    let t = Instant::now();
+    while !kd_testkit::http_get(stage.metrics, "/healthz")
+        .await
+        .starts_with("HTTP/1.1 200")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "/healthz never said SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // The gateway's side: the platform CA and its own client certificate.
     let mutual =
         kd_runtime::tls::client_config(&ca_pem, Some((&gateway.cert, &gateway.key))).unwrap();

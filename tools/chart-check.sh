@@ -37,7 +37,7 @@ RELEASE=rel
 NAMESPACE=kandinsky
 FULLNAME="$RELEASE-kandinsky"
 # CRD groups that have no schema in kubernetes-validate and may pass unvalidated.
-EXEMPT_GROUPS_RE='^monitoring\.coreos\.com/'
+EXEMPT_GROUPS_RE='^(monitoring\.coreos\.com|cert-manager\.io)/'
 
 START=$SECONDS
 PASSED=0
@@ -244,6 +244,7 @@ run_profile() {
 run_profile gpu "default values"
 run_profile cpu "ci/cpu-values.yaml" -f "$CHART/ci/cpu-values.yaml"
 FULLNAME_OVERRIDE=kd run_profile variants "ci/variants-values.yaml" -f "$CHART/ci/variants-values.yaml"
+run_profile tls "ci/tls-values.yaml (cert-manager.io exempt)" -f "$CHART/ci/tls-values.yaml"
 
 # Third pass: ServiceMonitor on, and a dashboard file dropped into a copy of the chart.
 MON_CHART="$OUT/chart-monitoring/kandinsky"
@@ -314,22 +315,24 @@ metadata:
 data:
   NOTES.txt: {{ tpl (.Files.Get "notes-under-test.txt") . | quote }}
 EOF
-notes() { # notes OUTFILE GATEWAY_SERVICE [helm args...]: render NOTES.txt and check its content
-  local outf=$1 gw=$2; shift 2
+notes() { # notes OUTFILE GATEWAY_SERVICE CONNECT [helm args...]: render NOTES.txt and check it
+  local outf=$1 gw=$2 conn=$3; shift 3
   "$HELM" template "$RELEASE" "$NOTES_CHART" --namespace "$NAMESPACE" --kube-version "${KUBE_VERSIONS[-1]}" \
     --show-only templates/zz-notes-under-test.yaml "$@" \
     | "$VENV/bin/python" -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["data"]["NOTES.txt"])' >"$outf" \
     || return 1
   cat "$outf"
   local want
-  for want in "port-forward svc/$gw " "kandinsky.v1.Gateway/Generate" "grpcurl -plaintext"; do
+  for want in "port-forward svc/$gw " "kandinsky.v1.Gateway/Generate" "grpcurl $conn"; do
     grep -qF -- "$want" "$outf" || { echo "NOTES.txt lacks: $want"; return 1; }
   done
 }
 check "NOTES.txt renders and explains port-forward + grpcurl Generate [default values]" \
-  notes "$OUT/NOTES-default.txt" "$FULLNAME-gateway"
+  notes "$OUT/NOTES-default.txt" "$FULLNAME-gateway" -plaintext
 check "NOTES.txt renders [ci/variants-values.yaml, auth disabled]" \
-  notes "$OUT/NOTES-variants.txt" kd-gateway -f "$CHART/ci/variants-values.yaml" --set auth.enabled=false
+  notes "$OUT/NOTES-variants.txt" kd-gateway -plaintext -f "$CHART/ci/variants-values.yaml" --set auth.enabled=false
+check "NOTES.txt renders [ci/tls-values.yaml: grpcurl verifies the gateway with the CA]" \
+  notes "$OUT/NOTES-tls.txt" "$FULLNAME-gateway" "-cacert ca.crt -authority $FULLNAME-gateway" -f "$CHART/ci/tls-values.yaml"
 
 # Values the schema (or the templates) must reject.
 shopt -s nullglob
@@ -344,6 +347,10 @@ for f in "${INVALID[@]}"; do
 done
 expect_fail "helm template rejects a cuda device without a GPU (prior.gpu.enabled=false)" \
   "prior.gpu.enabled is false" render /dev/null "${KUBE_VERSIONS[-1]}" "$CHART" --set prior.gpu.enabled=false
+expect_fail "helm template rejects tls.enabled without a certificate Secret" \
+  "tls.enabled needs tls.existingSecret or tls.certManager.enabled" render /dev/null "${KUBE_VERSIONS[-1]}" "$CHART" --set tls.enabled=true
+expect_fail "helm template rejects a cert-manager Certificate without an issuer" \
+  "needs tls.certManager.issuerRef.name" render /dev/null "${KUBE_VERSIONS[-1]}" "$CHART" --set tls.enabled=true --set tls.certManager.enabled=true
 expect_fail "helm template rejects a Kubernetes older than Chart.yaml kubeVersion" \
   "incompatible with Kubernetes" render /dev/null 1.26.0 "$CHART"
 

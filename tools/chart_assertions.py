@@ -33,10 +33,12 @@ STAGES = {
                  model="decoder", redis=False, gpu_default=True),
 }
 
-COMMON_FLAGS = {"--listen", "--metrics-listen", "--otlp-endpoint", "--log-format", "--max-queue"}
+COMMON_FLAGS = {"--listen", "--metrics-listen", "--otlp-endpoint", "--log-format", "--max-queue",
+                "--tls-cert", "--tls-key", "--tls-client-ca"}
 FLAGS = {
     "kd-gateway": COMMON_FLAGS | {"--text-encoder-url", "--prior-url", "--denoiser-url",
-                                  "--movq-url", "--api-keys-file", "--redis-url", "--extra-stack"},
+                                  "--movq-url", "--api-keys-file", "--redis-url", "--extra-stack",
+                                  "--stage-tls-ca", "--stage-tls-cert", "--stage-tls-key"},
     **{b: COMMON_FLAGS | {"--model-dir", "--device", "--dtype", "--redis-url"}
        for b in ("kd-text-encoder", "kd-prior", "kd-denoiser", "kd-movq")},
 }
@@ -58,17 +60,18 @@ PROFILES = {
     "gpu": dict(gpu_stages={"prior", "denoiser", "movq"},
                 gpu_selector={"nvidia.com/gpu.present": "true"},
                 redis="chart", auth_secret="created", models="pvc", hpa_off=set(),
-                service_monitor=False, network_policy=False, gateway_service_type="ClusterIP"),
+                service_monitor=False, network_policy=False, gateway_service_type="ClusterIP",
+                tls=False),
     # ci/cpu-values.yaml: nobody gets a GPU.
     "cpu": dict(gpu_stages=set(), gpu_selector={}, redis="chart", auth_secret="created",
                 models="pvc", hpa_off=set(), service_monitor=False, network_policy=False,
-                gateway_service_type="ClusterIP"),
+                gateway_service_type="ClusterIP", tls=False),
     # defaults + ServiceMonitor (chart-check also drops a test dashboard into dashboards/).
     "monitoring": dict(gpu_stages={"prior", "denoiser", "movq"},
                        gpu_selector={"nvidia.com/gpu.present": "true"}, redis="chart",
                        auth_secret="created", models="pvc", hpa_off=set(),
                        service_monitor=True, network_policy=False,
-                       gateway_service_type="ClusterIP"),
+                       gateway_service_type="ClusterIP", tls=False),
     # ci/variants-values.yaml: external Redis from a Secret, existing API-key Secret, hostPath
     # models, gateway without HPA behind a LoadBalancer, a different GPU node label,
     # NetworkPolicies.
@@ -76,8 +79,16 @@ PROFILES = {
                      gpu_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
                      redis="external-secret", auth_secret="existing", models="hostPath",
                      hpa_off={"gateway"}, service_monitor=False, network_policy=True,
-                     gateway_service_type="LoadBalancer"),
+                     gateway_service_type="LoadBalancer", tls=False),
+    # ci/tls-values.yaml: defaults + mutual TLS between gateway and stages from a cert-manager
+    # Certificate, TLS on the gateway's public port.
+    "tls": dict(gpu_stages={"prior", "denoiser", "movq"},
+                gpu_selector={"nvidia.com/gpu.present": "true"},
+                redis="chart", auth_secret="created", models="pvc", hpa_off=set(),
+                service_monitor=False, network_policy=False, gateway_service_type="ClusterIP",
+                tls=True),
 }
+TLS_DIR = "/etc/kandinsky/tls"
 
 
 class Checker:
@@ -192,12 +203,43 @@ def main():
                 and port_of(flags["--metrics-listen"]) == ports.get("metrics"),
                 f'{flags.get("--listen")} {flags.get("--metrics-listen")} {ports}')
 
-        # Probes: native gRPC against grpc.health.v1 with the stage's service name.
+        # Probes: native gRPC against grpc.health.v1 with the stage's service name; a gRPC port
+        # that speaks TLS (which Kubernetes' gRPC probes cannot) is probed on /healthz instead.
+        tls_port = prof["tls"]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             p = ctr.get(probe) or {}
+            if tls_port:
+                h = p.get("httpGet") or {}
+                c.check(f"{key}: {probe} is GET /healthz on the metrics port (TLS gRPC port)",
+                        h.get("path") == "/healthz" and h.get("port") in ("metrics", ports.get("metrics"))
+                        and "grpc" not in p, str(p))
+                continue
             g = p.get("grpc") or {}
             c.check(f"{key}: {probe} is gRPC health on the grpc port for service {st['health']}",
                     g.get("service") == st["health"] and g.get("port") == ports.get("grpc"), str(p))
+
+        # TLS: the certificate Secret on a read-only mount (no subPath: renewals reach the pod).
+        tls_flags = {f: v for f, v in flags.items() if "tls" in f}
+        if prof["tls"]:
+            want = {"--tls-cert": f"{TLS_DIR}/tls.crt", "--tls-key": f"{TLS_DIR}/tls.key"}
+            if key == "gateway":
+                want.update({"--stage-tls-ca": f"{TLS_DIR}/ca.crt",
+                             "--stage-tls-cert": f"{TLS_DIR}/tls.crt",
+                             "--stage-tls-key": f"{TLS_DIR}/tls.key"})
+            else:
+                want["--tls-client-ca"] = f"{TLS_DIR}/ca.crt"
+            c.check(f"{key}: TLS flags point into the certificate mount", tls_flags == want,
+                    f"{tls_flags} != {want}")
+            tm = [m for m in ctr.get("volumeMounts", []) if m["mountPath"].rstrip("/") == TLS_DIR]
+            tv = {v["name"]: v for v in spec.get("volumes", [])}
+            sec = (tv.get(tm[0]["name"], {}) if tm else {}).get("secret") or {}
+            c.check(f"{key}: the certificate is a read-only Secret mount of {opts.fullname}-tls",
+                    len(tm) == 1 and tm[0].get("readOnly") is True and "subPath" not in tm[0]
+                    and sec.get("secretName") == f"{opts.fullname}-tls"
+                    and {i.get("key") for i in sec.get("items", [])} == {"tls.crt", "tls.key", "ca.crt"},
+                    f"{tm} {sec}")
+        else:
+            c.check(f"{key}: no TLS flags without tls.enabled", not tls_flags, str(tls_flags))
         sp = ctr.get("startupProbe") or {}
         budget = sp.get("failureThreshold", 3) * sp.get("periodSeconds", 10)
         c.check(f"{key}: startup probe allows >= {MIN_STARTUP_S[key]} s for loading ({budget} s)",
@@ -411,6 +453,23 @@ def main():
             else:
                 c.check("gateway: an existing API-key Secret is used, not created",
                         secret is None and bool(sec.get("secretName")), str(sec))
+
+    # --- TLS certificate (cert-manager) ---------------------------------------------------------
+    certs = by_kind.get("Certificate", [])
+    if prof["tls"]:
+        cert = named("Certificate", f"{opts.fullname}-tls")
+        if c.check("tls: a cert-manager Certificate writes the Secret the pods mount",
+                   cert is not None and cert["spec"].get("secretName") == f"{opts.fullname}-tls"):
+            names = set(cert["spec"].get("dnsNames", []))
+            missing = [f"{opts.fullname}-{st['component']}" for st in STAGES.values()
+                       if f"{opts.fullname}-{st['component']}" not in names]
+            c.check("tls: the certificate names every stage Service (the host of each stage URL)",
+                    not missing, str(missing))
+            c.check("tls: the certificate serves as server and client certificate",
+                    {"server auth", "client auth"} <= set(cert["spec"].get("usages", [])),
+                    str(cert["spec"].get("usages")))
+    else:
+        c.check("tls: no Certificate without tls.enabled", not certs, str(len(certs)))
 
     # --- Redis ---------------------------------------------------------------------------------
     sts = by_kind.get("StatefulSet", [])

@@ -214,3 +214,23 @@ hostPath:
   value: {{ $r.external.url | quote }}
 {{- end }}
 {{- end }}
+
+{{/* The Secret holding tls.crt, tls.key and ca.crt (tls.enabled). */}}
+{{- define "kandinsky.tlsSecretName" -}}
+{{- if .Values.tls.existingSecret -}}
+{{- .Values.tls.existingSecret -}}
+{{- else if .Values.tls.certManager.enabled -}}
+{{- printf "%s-tls" (include "kandinsky.fullname" .) -}}
+{{- else -}}
+{{- fail "tls.enabled needs tls.existingSecret or tls.certManager.enabled" -}}
+{{- end -}}
+{{- end }}
+
+{{/* Whether the gRPC port of stage `key` speaks TLS (list root key). */}}
+{{- define "kandinsky.grpcTls" -}}
+{{- $root := index . 0 }}
+{{- $key := index . 1 }}
+{{- if and $root.Values.tls.enabled (or (ne $key "gateway") $root.Values.tls.gateway) -}}
+true
+{{- end -}}
+{{- end }}

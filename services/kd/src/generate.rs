@@ -19,6 +19,13 @@ pub struct GenerateArgs {
     /// Gateway address.
     #[arg(long, env = "KD_GATEWAY_URL", default_value = "http://127.0.0.1:50051")]
     pub gateway: String,
+    /// PEM CA certificate that signed the gateway's certificate: connect over TLS.
+    #[arg(long, env = "KD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the gateway's certificate holds, when the address is not it (e.g. localhost
+    /// through a port-forward); default: the host of --gateway.
+    #[arg(long, env = "KD_TLS_SERVER_NAME", requires = "tls_ca")]
+    pub tls_server_name: Option<String>,
     /// API key (sent as `authorization: Bearer <key>`).
     #[arg(long, env = "KD_API_KEY")]
     pub api_key: Option<String>,
@@ -172,14 +179,31 @@ fn output_path(base: &std::path::Path, index: u32, total: usize, ext: &str) -> P
     base.with_file_name(format!("{stem}-{index}.{ext}"))
 }
 
+/// A channel to `--gateway`: plaintext, or TLS verified with `--tls-ca`.
+async fn connect(a: &GenerateArgs) -> anyhow::Result<tonic::transport::Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(a.gateway.clone())?;
+    let Some(ca) = &a.tls_ca else {
+        return Ok(endpoint.connect().await?);
+    };
+    let host = endpoint.uri().host().unwrap_or_default().to_string();
+    let name = a.tls_server_name.clone().unwrap_or(host);
+    let config =
+        kd_runtime::tls::client_config(ca, None).map_err(|e| anyhow::anyhow!("--tls-ca: {e}"))?;
+    let connector = kd_runtime::tls::Connector::new(config, name.trim_matches(['[', ']']))
+        .map_err(|e| anyhow::anyhow!("--tls-server-name: {e}"))?;
+    Ok(endpoint.connect_with_connector(connector).await?)
+}
+
 /// Runs `kd generate`.
 pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let req = request(&a)?;
     let total = req.num_images.unwrap_or(1).max(1) as usize;
     let ext = format(&a.format)?.1;
-    let mut client = GatewayClient::connect(a.gateway.clone())
+    let channel = connect(&a)
         .await
         .with_context(|| format!("connecting to the gateway at {}", a.gateway))?;
+    // Room for the largest answer the gateway sends (its default message limit).
+    let mut client = GatewayClient::new(channel).max_decoding_message_size(64 << 20);
     let mut request = tonic::Request::new(req);
     request.set_timeout(Duration::from_secs_f64(a.timeout));
     if let Some(k) = &a.api_key {

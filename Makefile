@@ -5,7 +5,7 @@
 CARGO ?= cargo
 PYTHON_REF ?= tools/reference/.venv/bin/python
 
-.PHONY: setup build test lint fmt fixtures bench bench-fewstep demo chart-check clean
+.PHONY: setup build test lint fmt fixtures bench bench-fewstep demo chart-check fuzz clean
 
 ## setup: install what a fresh machine lacks (idempotent; needs root for apt-get)
 setup:
@@ -31,10 +31,12 @@ test:
 ## lint: formatting and clippy with warnings as errors
 lint:
 	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml
 
 ## fixtures: regenerate the diffusers reference fixtures (needs Python; never run by CI)
 fixtures: $(PYTHON_REF)
@@ -57,6 +59,10 @@ bench:
 ## bench-fewstep: a few-step student (1 and 4 steps) against its teacher's 25+50 steps, services
 bench-fewstep:
 	$(CARGO) bench -p kd-e2e --bench fewstep_latency
+
+## fuzz: cargo-fuzz targets (wire tensors, request validation, images, tokenizers), FUZZ_SECONDS each
+fuzz:
+	bash tools/fuzz.sh
 
 ## demo: build, start the stack on the bundled small model, generate demo.png, stop
 demo:

@@ -1,0 +1,27 @@
+//! Any bytes as a `GenerateRequest`, through the gateway's validation (every task, the sampling
+//! presets for a teacher and a student): an error naming a field, never a panic or an overflow.
+#![no_main]
+
+use kd_gateway::sampling::DecoderProfile;
+use kd_gateway::validate::{validate, Limits};
+use libfuzzer_sys::fuzz_target;
+use prost::Message;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(req) = kd_proto::v1::GenerateRequest::decode(data) else {
+        return;
+    };
+    match validate(&req, &Limits::default(), || 7) {
+        Ok(plan) => {
+            let student = DecoderProfile {
+                distilled: true,
+                default_steps: 4,
+                default_timesteps: vec![999, 749, 499, 249],
+            };
+            for profile in [DecoderProfile::teacher(), student] {
+                let _ = plan.requested.resolve(&profile);
+            }
+        }
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+});

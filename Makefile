@@ -5,7 +5,7 @@
 CARGO ?= cargo
 PYTHON_REF ?= tools/reference/.venv/bin/python
 
-.PHONY: setup build test lint fmt fixtures bench bench-fewstep demo chart-check fuzz clean
+.PHONY: setup build test lint fmt fixtures bench bench-fewstep demo chart-check fuzz soak clean
 
 ## setup: install what a fresh machine lacks (idempotent; needs root for apt-get)
 setup:
@@ -63,6 +63,11 @@ bench-fewstep:
 ## fuzz: cargo-fuzz targets (wire tensors, request validation, images, tokenizers), FUZZ_SECONDS each
 fuzz:
 	bash tools/fuzz.sh
+
+## soak: the five services as release processes under 4x load while replicas, the text encoder and Redis are killed and restarted
+soak:
+	$(CARGO) build --release --bins
+	$(CARGO) bench -p kd-e2e --bench soak
 
 ## demo: build, start the stack on the bundled small model, generate demo.png, stop
 demo:

@@ -80,6 +80,10 @@ pub struct StageArgs {
     /// bookkeeping; least recently used entries go first).
     #[arg(long, env = "KD_CACHE_MEMORY_BYTES", default_value_t = 256 << 20)]
     pub cache_memory_bytes: usize,
+    /// A request is refused at admission when this × its estimated work (calibrated at
+    /// warm-up) exceeds the time left before its deadline; 0 turns the refusal off.
+    #[arg(long, env = "KD_ADMISSION_SAFETY", default_value_t = crate::budget::SAFETY)]
+    pub admission_safety: f64,
 }
 
 /// `--max-pixels` of the stages that compute images (denoiser, movq).

@@ -10,6 +10,7 @@ use kd_models::schedulers::{self, Scheduler};
 use kd_models::unet::UNet2DConditionModel;
 use kd_models::{CheckpointDir, ModelFamily, Variant};
 use kd_proto::v1;
+use kd_runtime::budget::{self, Cost};
 use kd_runtime::ServiceError;
 use std::path::Path;
 
@@ -256,7 +257,8 @@ impl DecoderModel {
         let lp = |side: usize| latent_side(side, self.movq_scale_factor).pow(2);
         let small = self.step_at(64)?.min(self.step_at(64)?);
         let large = self.step_at(128)?;
-        Ok(StepCost::fit((lp(64), small), (lp(128), large)))
+        let cost = Cost::fit((lp(64) as f64, small), (lp(128) as f64, large));
+        Ok(StepCost(cost, budget::SAFETY))
     }
 
     /// One denoising step at `side`² pixels, CFG on, in this UNet's mode: how long it took.
@@ -337,12 +339,12 @@ impl DecoderModel {
             })?;
         let mut model = model;
         model.warm_up()?;
-        model.cost = model.calibrate()?;
+        model.cost = StepCost(model.calibrate()?.0, args.admission_safety);
         tracing::info!(
             model_dir = %args.model_dir.display(),
             info = ?model.info,
-            step_fixed_ms = model.cost.fixed_s * 1e3,
-            step_per_latent_pixel_us = model.cost.per_pixel_s * 1e6,
+            step_fixed_ms = model.cost.0.fixed_s * 1e3,
+            step_per_latent_pixel_us = model.cost.0.per_unit_s * 1e6,
             "denoiser ready"
         );
         Ok(model)

@@ -25,42 +25,24 @@ fn large(side: u32) -> v1::DenoiseRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_large_step_frees_the_stage_within_one_layer() {
-    let server = start_with(&deep(), &["--max-pixels", "4194304"]).await;
+    // Admitted whatever the estimate (--admission-safety 0): one CFG step at 1536² takes ~11 s
+    // on 2 cores here, the deadline is 400 ms.
+    let flags = ["--max-pixels", "4194304", "--admission-safety", "0"];
+    let server = start_with(&deep(), &flags).await;
     kd_testkit::wait_serving(&server, SERVICE, Duration::from_secs(30)).await;
-    // One CFG step at 1536² takes ~11 s on 2 cores here, while the warm-up calibration (a
-    // linear fit, blind to attention's quadratic growth) estimates a few seconds. Its estimate
-    // (read off a refusal) sets a deadline that admits the request, which must then stop inside
-    // its step.
-    let refusal = with_deadline(
-        &mut client(&server).await,
-        large(1536),
-        Duration::from_millis(50),
-    )
-    .await;
-    let estimate: f64 = refusal
-        .message()
-        .split("about ")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no estimate in {refusal:?}"));
-    let budget = Duration::from_secs_f64(estimate * 0.5 + 0.5);
     let t = Instant::now();
+    let budget = Duration::from_millis(400);
     let status = with_deadline(&mut client(&server).await, large(1536), budget).await;
     let at_status = t.elapsed();
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     assert!(
         status.message().contains("the request deadline passed"),
-        "refused at admission, not stopped inside the step: {}",
+        "{}",
         status.message()
-    );
-    assert!(
-        at_status >= budget - Duration::from_millis(100),
-        "{at_status:?}"
     );
     let quiet = until_cpu_quiet(Duration::from_secs(5)).await;
     let steps = metric_at(server.metrics, "kd_denoise_steps_total", &[]).await;
-    eprintln!("1536², estimated {estimate} s, deadline {budget:?}: status after {at_status:?}, CPU quiet {quiet:?} later, steps done {steps}");
+    eprintln!("1536², deadline {budget:?}: status after {at_status:?}, CPU quiet {quiet:?} later, steps done {steps}");
     assert_eq!(
         steps, 0.0,
         "the step ran to its end instead of stopping inside it"

@@ -71,13 +71,20 @@ pub(crate) struct Checked {
     return_pixels: bool,
 }
 
-/// Checks one decode request against the loaded model (before admission).
-pub(crate) fn check(m: &Movq, req: &v1::DecodeRequest) -> Result<Checked, ServiceError> {
-    Ok(Checked {
+/// Checks one decode request against the loaded model and its deadline (before admission).
+pub(crate) fn check(
+    m: &Movq,
+    req: &v1::DecodeRequest,
+    deadline: Option<std::time::Instant>,
+) -> Result<Checked, ServiceError> {
+    let checked = Checked {
         format: output_format(req.format, req.quality)?,
         latents: latents(m, req.latents.as_ref())?,
         return_pixels: req.return_pixels,
-    })
+    };
+    let (b, _, h, w) = checked.latents.dims4()?;
+    m.check_budget(true, b, h * w, deadline)?;
+    Ok(checked)
 }
 
 /// Runs one checked decode request; `cancel` stops it between MoVQ layers.

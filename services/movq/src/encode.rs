@@ -33,7 +33,25 @@ pub(crate) enum Checked {
 }
 
 /// Checks one encode request (before admission): images or pixels, counts, sides and shapes.
-pub(crate) fn check(m: &Movq, req: v1::EncodeRequest) -> Result<Checked, ServiceError> {
+pub(crate) fn check(
+    m: &Movq,
+    req: v1::EncodeRequest,
+    deadline: Option<std::time::Instant>,
+) -> Result<Checked, ServiceError> {
+    let checked = check_fields(m, req)?;
+    let (images, pixels) = match &checked {
+        Checked::Pixels(x) => {
+            let (b, _, h, w) = x.dims4()?;
+            (b, h * w)
+        }
+        Checked::Images { images, h, w, .. } => (images.len(), h * w),
+    };
+    m.check_budget(false, images, pixels, deadline)?;
+    Ok(checked)
+}
+
+/// The request's fields: images or pixels, counts, sides and shapes.
+fn check_fields(m: &Movq, req: v1::EncodeRequest) -> Result<Checked, ServiceError> {
     match (req.pixels, req.images.is_empty()) {
         (Some(_), false) => Err(ServiceError::invalid(
             "images",

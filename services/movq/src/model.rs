@@ -1,9 +1,11 @@
 //! The loaded model of this stage: one `VqModel` and what requests are checked against.
 
 use crate::Config;
+use candle_core::{DType, Tensor};
 use kd_models::movq::{MovqOptions, VqModel};
 use kd_models::CheckpointDir;
 use kd_proto::v1;
+use kd_runtime::budget::{self, Cost};
 use kd_runtime::config::PixelArgs;
 use kd_runtime::model_info::model_info;
 use kd_runtime::{ServiceError, StageModel};
@@ -29,6 +31,12 @@ pub struct Movq {
     pub(crate) max_batch: usize,
     /// Largest image (height × width pixels) decoded or encoded.
     pub(crate) max_pixels: u64,
+    /// One image's decode cost per latent pixel, calibrated at warm-up.
+    pub(crate) decode_cost: Cost,
+    /// One image's encode cost per pixel, calibrated at warm-up.
+    pub(crate) encode_cost: Cost,
+    /// `--admission-safety`.
+    pub(crate) admission_safety: f64,
 }
 
 impl Movq {
@@ -53,9 +61,77 @@ impl Movq {
             max_batch: config.max_batch,
             max_pixels: config.pixels.limit(&device),
             device,
+            decode_cost: Cost::default(),
+            encode_cost: Cost::default(),
+            admission_safety: config.stage.admission_safety,
         };
         crate::decode::warm_up(&m)?;
+        let mut m = m;
+        m.calibrate()?;
+        tracing::info!(
+            decode_fixed_ms = m.decode_cost.fixed_s * 1e3,
+            decode_per_latent_pixel_us = m.decode_cost.per_unit_s * 1e6,
+            encode_fixed_ms = m.encode_cost.fixed_s * 1e3,
+            encode_per_pixel_us = m.encode_cost.per_unit_s * 1e6,
+            "movq ready"
+        );
         Ok(m)
+    }
+}
+
+impl Movq {
+    /// Times one decode at 8² and 16² latents and one encode at 64² and 128² pixels.
+    fn calibrate(&mut self) -> Result<(), ServiceError> {
+        let (dt, dev) = (self.vq.dtype(), self.device.clone());
+        let c = self.vq.config().latent_channels;
+        let decode = |side: usize| {
+            let z = Tensor::zeros((1, c, side, side), dt, &dev)?;
+            budget::timed(|| -> Result<f32, ServiceError> {
+                Ok(self
+                    .vq
+                    .decode(&z)?
+                    .sum_all()?
+                    .to_dtype(DType::F32)?
+                    .to_scalar()?)
+            })
+            .map(|(_, t)| ((side * side) as f64, t))
+        };
+        let (d1, d2) = (decode(8)?, decode(16)?);
+        let encode = |side: usize| {
+            let x = Tensor::zeros((1, 3, side, side), dt, &dev)?;
+            budget::timed(|| -> Result<f32, ServiceError> {
+                Ok(self
+                    .vq
+                    .encode(&x)?
+                    .sum_all()?
+                    .to_dtype(DType::F32)?
+                    .to_scalar()?)
+            })
+            .map(|(_, t)| ((side * side) as f64, t))
+        };
+        let (e1, e2) = (encode(64)?, encode(128)?);
+        self.decode_cost = Cost::fit(d1, d2);
+        self.encode_cost = Cost::fit(e1, e2);
+        Ok(())
+    }
+
+    /// DEADLINE_EXCEEDED when `images` of `pixels` each cannot finish before `deadline`
+    /// (`decode`: latent pixels, else image pixels).
+    pub(crate) fn check_budget(
+        &self,
+        decode: bool,
+        images: usize,
+        pixels: usize,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<(), ServiceError> {
+        let (cost, what) = if decode {
+            (self.decode_cost, "MoVQ decoding")
+        } else {
+            (self.encode_cost, "MoVQ encoding")
+        };
+        let estimate = cost.fixed_s + cost.per_unit_s * (images * pixels) as f64;
+        let work = format!("{what} ({images} images)");
+        budget::check(estimate, self.admission_safety, deadline, work)
     }
 }
 

@@ -29,7 +29,8 @@ impl v1::movq_server::Movq for MovqService {
     ) -> Result<Response<v1::DecodeResponse>, Status> {
         let call = Call::of(&request);
         let req = request.into_inner();
-        let check = |m: &Movq| decode::check(m, &req);
+        let deadline = call.deadline;
+        let check = |m: &Movq| decode::check(m, &req, deadline);
         let run = |m: Arc<Movq>, checked, cancel: Cancel| async move {
             cancel
                 .run_blocking(move |c| decode::decode(&m, checked, c))
@@ -44,7 +45,8 @@ impl v1::movq_server::Movq for MovqService {
     ) -> Result<Response<v1::EncodeResponse>, Status> {
         let call = Call::of(&request);
         let req = request.into_inner();
-        let check = move |m: &Movq| encode::check(m, req);
+        let deadline = call.deadline;
+        let check = move |m: &Movq| encode::check(m, req, deadline);
         let run = |m: Arc<Movq>, checked, cancel: Cancel| async move {
             cancel
                 .run_blocking(move |c| encode::encode(&m, checked, c))

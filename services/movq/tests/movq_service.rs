@@ -338,39 +338,75 @@ async fn a_missing_checkpoint_makes_the_service_exit_with_the_reason() {
     );
 }
 
-/// `Movq.Decode` / `Movq.Encode` at 2048² with a short deadline: DEADLINE_EXCEEDED, and the
-/// stage stops inside the MoVQ (between layers and attention chunks), not minutes later.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_calls_past_their_deadline_stop_inside_the_movq() {
-    let (srv, mut c) = start_with("deep/kandinsky-2-2-decoder", &["--max-pixels", "4194304"]).await;
-    let budget = Duration::from_millis(300);
+/// 2048² latents to decode and a small PNG to encode at 2048², each with `budget`.
+fn large_calls(
+    budget: Duration,
+) -> (
+    tonic::Request<v1::DecodeRequest>,
+    tonic::Request<v1::EncodeRequest>,
+) {
     let latents = Tensor::randn(0f32, 1.0, (1, 4, 256, 256), &Device::Cpu).unwrap();
-    let mut req = tonic::Request::new(v1::DecodeRequest {
+    let mut decode = tonic::Request::new(v1::DecodeRequest {
         latents: Some(wire(&latents)),
         ..Default::default()
     });
-    req.set_timeout(budget);
-    let e = c.decode(req).await.unwrap_err();
-    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
-    let quiet = kd_testkit::cpu::until_cpu_quiet(Duration::from_secs(5)).await;
-    eprintln!("decode 2048²: CPU quiet {quiet:?} after the status");
-
-    // A small PNG, resized to 2048² by the stage.
+    decode.set_timeout(budget);
     let mut png = Vec::new();
     image::RgbImage::from_pixel(64, 64, image::Rgb([200, 30, 60]))
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .unwrap();
-    let mut req = tonic::Request::new(v1::EncodeRequest {
+    let mut encode = tonic::Request::new(v1::EncodeRequest {
         images: vec![png],
         width: 2048,
         height: 2048,
         ..Default::default()
     });
-    req.set_timeout(budget);
-    let e = c.encode(req).await.unwrap_err();
+    encode.set_timeout(budget);
+    (decode, encode)
+}
+
+/// `Movq.Decode` / `Movq.Encode` at 2048² with a deadline far below the warm-up estimate:
+/// refused at once, naming the estimate.
+#[tokio::test]
+async fn large_calls_that_cannot_finish_in_time_are_refused_at_once() {
+    let (srv, mut c) = start_with("deep/kandinsky-2-2-decoder", &["--max-pixels", "4194304"]).await;
+    let (decode, encode) = large_calls(Duration::from_millis(300));
+    let t = std::time::Instant::now();
+    let e = c.decode(decode).await.unwrap_err();
+    let e2 = c.encode(encode).await.unwrap_err();
+    for e in [e, e2] {
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+        let m = e.message();
+        assert!(
+            m.starts_with(
+                "deadline exceeded: the request deadline would pass before its work ends"
+            ) && m.contains("MoVQ"),
+            "{m}"
+        );
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "refused after {:?}",
+        t.elapsed()
+    );
+    srv.shutdown().await.unwrap();
+}
+
+/// A decode admitted whatever its estimate (`--admission-safety 0`): past its deadline the
+/// stage stops inside the MoVQ (between layers and attention chunks), not minutes later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_calls_past_their_deadline_stop_inside_the_movq() {
+    let flags = ["--max-pixels", "4194304", "--admission-safety", "0"];
+    let (srv, mut c) = start_with("deep/kandinsky-2-2-decoder", &flags).await;
+    // 1 s: time for the 1 MB of latents to arrive and be checked on a busy machine.
+    let (decode, _) = large_calls(Duration::from_secs(1));
+    let e = c.decode(decode).await.unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
     let quiet = kd_testkit::cpu::until_cpu_quiet(Duration::from_secs(5)).await;
-    eprintln!("encode 2048²: CPU quiet {quiet:?} after the status");
+    eprintln!("decode 2048²: CPU quiet {quiet:?} after the status");
+    // Encode stops between layers the same way (kd-models' interrupt tests), but its first
+    // piece at 2048² (conv_in and the first resnet at full resolution) runs ~12 s on 2 CPU
+    // cores in one go: not asserted here until that piece is split.
     srv.shutdown().await.unwrap();
 }
 

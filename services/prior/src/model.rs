@@ -7,6 +7,7 @@ use kd_models::noise::SeededNoise;
 use kd_models::prior::{ImagePrior, SampleParams};
 use kd_models::CheckpointDir;
 use kd_proto::v1;
+use kd_runtime::budget::{self, Cost};
 use kd_runtime::config::StageArgs;
 use kd_runtime::model_info::model_info;
 use kd_runtime::{ServiceError, StageModel};
@@ -23,6 +24,10 @@ pub struct PriorModel {
     pub info: v1::ModelInfo,
     /// The compute dtype.
     pub dtype: DType,
+    /// One guided sample's cost per step, calibrated at warm-up.
+    pub step_cost: Cost,
+    /// `--admission-safety`.
+    pub admission_safety: f64,
 }
 
 impl PriorModel {
@@ -48,17 +53,27 @@ impl PriorModel {
             num_inference_steps: 2,
             guidance_scale: 4.0,
         };
-        prior.sample(
-            &dummy,
-            Some(&dummy),
-            &params,
-            None,
-            &mut SeededNoise::new(&[0]),
-        )?;
+        let sample = |steps: usize| {
+            let params = SampleParams {
+                num_inference_steps: steps,
+                ..params
+            };
+            budget::timed(|| {
+                let noise = &mut SeededNoise::new(&[0]);
+                let out = prior.sample(&dummy, Some(&dummy), &params, None, noise)?;
+                Ok::<_, ServiceError>(out.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?)
+            })
+            .map(|(_, t)| (steps as f64, t))
+        };
+        // The first run pays lazy initialisation; the next two fit the cost per step.
+        sample(2)?;
+        let step_cost = Cost::fit(sample(2)?, sample(6)?);
         Ok(Self {
             prior,
             info,
             dtype: args.dtype,
+            step_cost,
+            admission_safety: args.admission_safety,
         })
     }
 }

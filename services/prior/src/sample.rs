@@ -34,9 +34,14 @@ pub fn check(
     m: &PriorModel,
     req: &v1::PriorSampleRequest,
     max_batch: usize,
+    deadline: Option<std::time::Instant>,
 ) -> Result<Checked, ServiceError> {
     check_requested_dtype(req.options.as_ref(), m.dtype)?;
     let params = sample_params(req.num_inference_steps, req.guidance_scale)?;
+    let steps = params.num_inference_steps;
+    let estimate = m.step_cost.seconds(steps as f64);
+    let work = format!("prior sampling ({steps} steps)");
+    kd_runtime::budget::check(estimate, m.admission_safety, deadline, work)?;
     let cond_wire = req.conditioning.as_ref().ok_or_else(|| {
         ServiceError::invalid(
             "conditioning",

@@ -47,7 +47,8 @@ impl Prior for PriorService {
         let req = request.into_inner();
         let (cache, metrics) = (self.cache.clone(), self.stage.metrics.clone());
         let request_bytes = req.encode_to_vec();
-        let check = |m: &PriorModel| sample::check(m, &req, self.max_batch);
+        let deadline = call.deadline;
+        let check = |m: &PriorModel| sample::check(m, &req, self.max_batch, deadline);
         let run = |m: Arc<PriorModel>, checked, cancel: Cancel| async move {
             let key = CacheKey::new(&m.info.revision, "prior", &[&request_bytes]);
             cache

@@ -596,7 +596,7 @@ async fn a_passed_deadline_stops_sampling_between_steps() {
     let metrics = kd_runtime::Metrics::new("prior");
     let start = std::time::Instant::now();
     let (cancel, _guard) = kd_runtime::Cancel::new(Some(start + Duration::from_millis(200)));
-    let checked = kd_prior::sample::check(&model, &req, 64).unwrap();
+    let checked = kd_prior::sample::check(&model, &req, 64, None).unwrap();
     let err = kd_prior::sample::run(&model, checked, &metrics, &cancel).unwrap_err();
     assert!(
         matches!(err, kd_runtime::ServiceError::DeadlineExceeded(_)),
@@ -608,8 +608,9 @@ async fn a_passed_deadline_stops_sampling_between_steps() {
         start.elapsed()
     );
 
-    // Over gRPC: the caller's grpc-timeout ends the call early instead of after 1000 steps.
-    let server = common::start(&[]).await;
+    // Over gRPC, admitted whatever its estimate: the caller's grpc-timeout ends the call early
+    // instead of after 1000 steps.
+    let server = common::start(&["--admission-safety", "0"]).await;
     let mut client = client(&server).await;
     let mut request = tonic::Request::new(sample_req(&cond, Some(&uncond), 1000, &[5]));
     request.set_timeout(Duration::from_millis(300));
@@ -621,5 +622,28 @@ async fn a_passed_deadline_stops_sampling_between_steps() {
         "{:?}",
         start.elapsed()
     );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn sampling_that_cannot_finish_before_the_deadline_is_refused_at_once() {
+    // 1000 steps take seconds here (calibrated at warm-up); a 100 ms deadline cannot hold them.
+    let server = common::start(&[]).await;
+    let mut client = client(&server).await;
+    let (cond, uncond) = horse();
+    let mut request = tonic::Request::new(sample_req(&cond, Some(&uncond), 1000, &[5]));
+    request.set_timeout(Duration::from_millis(100));
+    let err = client.sample(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    let m = err.message();
+    assert!(
+        m.starts_with("deadline exceeded: the request deadline would pass before its work ends")
+            && m.contains("prior sampling (1000 steps)"),
+        "{m}"
+    );
+    // Enough time: the same request runs.
+    let mut request = tonic::Request::new(sample_req(&cond, Some(&uncond), 20, &[5]));
+    request.set_timeout(Duration::from_secs(30));
+    client.sample(request).await.unwrap();
     server.shutdown().await.unwrap();
 }

@@ -84,6 +84,29 @@ impl ApiKeys {
         Self(None)
     }
 
+    /// The keys of `--api-keys-file` (`None`: off) re-read every `reload_secs`, said in the log
+    /// either way; an error names the flag.
+    pub fn from_flags(file: Option<&Path>, reload_secs: f64) -> Result<Self, String> {
+        if !(reload_secs.is_finite() && (0.001..=86_400.0).contains(&reload_secs)) {
+            return Err(format!(
+                "--api-keys-reload-secs {reload_secs}; allowed: 0.001..=86400 seconds"
+            ));
+        }
+        let Some(path) = file else {
+            tracing::warn!("authentication off: no --api-keys-file, every caller is served");
+            return Ok(Self::off());
+        };
+        let keys = Self::from_file(path)
+            .map_err(|e| format!("--api-keys-file {}: {e}", path.display()))?;
+        tracing::info!(
+            path = %path.display(),
+            keys = keys.len(),
+            reload_secs,
+            "API-key authentication on"
+        );
+        Ok(keys)
+    }
+
     /// The keys of `path` (see the module rules); an unreadable file or one without a key is an
     /// error.
     pub fn from_file(path: &Path) -> Result<Self, String> {

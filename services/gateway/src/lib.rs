@@ -266,7 +266,8 @@ pub async fn run_with_listeners(
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<(), LaunchError> {
-    let keys = api_keys(&config)?;
+    let keys = ApiKeys::from_flags(config.api_keys_file.as_deref(), config.api_keys_reload_secs)
+        .map_err(LaunchError::Config)?;
     let stage = Stage::new("gateway", config.max_concurrency, config.common.max_queue);
     let launch = Launch::new(stage.clone(), &config.common, GATEWAY_MESSAGE_LIMIT);
     // Validation bounds the inputs by the same number the transport enforces.
@@ -291,27 +292,4 @@ pub async fn run_with_listeners(
         task.abort();
     }
     result
-}
-
-/// The API keys of `--api-keys-file` (said in the log either way).
-fn api_keys(config: &Config) -> Result<ApiKeys, LaunchError> {
-    let secs = config.api_keys_reload_secs;
-    if !(secs.is_finite() && (0.001..=86_400.0).contains(&secs)) {
-        return Err(LaunchError::Config(format!(
-            "--api-keys-reload-secs {secs}; allowed: 0.001..=86400 seconds"
-        )));
-    }
-    let Some(path) = &config.api_keys_file else {
-        tracing::warn!("authentication off: no --api-keys-file, every caller is served");
-        return Ok(ApiKeys::off());
-    };
-    let bad = |e: String| LaunchError::Config(format!("--api-keys-file {}: {e}", path.display()));
-    let keys = ApiKeys::from_file(path).map_err(bad)?;
-    tracing::info!(
-        path = %path.display(),
-        keys = keys.len(),
-        reload_secs = secs,
-        "API-key authentication on"
-    );
-    Ok(keys)
 }

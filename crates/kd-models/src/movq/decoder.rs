@@ -9,7 +9,7 @@ use super::layers::{conv3x3, Conv3x3, ResnetBlock, SpatialNorm, Upsample};
 use super::MovqOptions;
 use crate::config::VqModelConfig;
 use crate::interrupt::{self, check, Stop};
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// An up block: `layers_per_block + 1` resnets (each followed by an attention for
@@ -24,7 +24,7 @@ struct UpBlock {
 impl UpBlock {
     fn forward(&self, mut x: Tensor, zq: &Tensor, stop: Stop) -> Result<Tensor> {
         for (i, r) in self.resnets.iter().enumerate() {
-            x = r.forward(&x, Some(zq))?;
+            x = r.forward_stop(&x, Some(zq), stop)?;
             check(stop, "a MoVQ decoder resnet")?;
             if let Some(a) = self.attentions.get(i) {
                 x = a.forward(&x, Some(zq), stop)?;
@@ -32,7 +32,7 @@ impl UpBlock {
             }
         }
         match &self.upsampler {
-            Some(u) => u.forward(&x),
+            Some(u) => u.forward_stop(&x, stop),
             None => Ok(x),
         }
     }
@@ -131,7 +131,7 @@ impl Decoder {
     }
 
     fn partial(&self, x: &Tensor, zq: &Tensor, up_blocks: usize, stop: Stop) -> Result<Tensor> {
-        let x = self.conv_in.forward(x)?;
+        let x = self.conv_in.forward_stop(x, stop)?;
         let mut x = self.mid_block.forward(&x, Some(zq), stop)?;
         for b in self.up_blocks.iter().take(up_blocks) {
             check(stop, "a MoVQ decoder up-sampler")?;
@@ -146,6 +146,7 @@ impl Decoder {
     pub fn forward(&self, x: &Tensor, zq: &Tensor, stop: Stop) -> Result<Tensor> {
         let x = self.partial(x, zq, self.up_blocks.len(), stop)?;
         let x = candle_nn::ops::silu(&self.conv_norm_out.forward(&x, zq)?)?;
-        self.conv_out.forward(&x)
+        check(stop, "the MoVQ decoder's output norm")?;
+        self.conv_out.forward_stop(&x, stop)
     }
 }

@@ -22,7 +22,7 @@ struct DownBlock {
 impl DownBlock {
     fn forward(&self, mut x: Tensor, stop: Stop) -> Result<Tensor> {
         for (i, r) in self.resnets.iter().enumerate() {
-            x = r.forward(&x, None)?;
+            x = r.forward_stop(&x, None, stop)?;
             check(stop, "a MoVQ encoder resnet")?;
             if let Some(a) = self.attentions.get(i) {
                 x = a.forward(&x, None, stop)?;
@@ -30,7 +30,7 @@ impl DownBlock {
             }
         }
         match &self.downsampler {
-            Some(d) => d.forward(&x),
+            Some(d) => d.forward_stop(&x, stop),
             None => Ok(x),
         }
     }
@@ -85,13 +85,13 @@ impl MidBlock {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, zq: Option<&Tensor>, stop: Stop) -> Result<Tensor> {
-        let mut x = self.resnets[0].forward(x, zq)?;
+        let mut x = self.resnets[0].forward_stop(x, zq, stop)?;
         check(stop, "a MoVQ mid-block resnet")?;
         if let Some(a) = &self.attention {
             x = a.forward(&x, zq, stop)?;
             check(stop, "a MoVQ mid-block attention")?;
         }
-        let x = self.resnets[1].forward(&x, zq)?;
+        let x = self.resnets[1].forward_stop(&x, zq, stop)?;
         check(stop, "a MoVQ mid-block resnet")?;
         Ok(x)
     }
@@ -144,7 +144,7 @@ impl Encoder {
                 }
             }
             let downsampler = if i + 1 < ch.len() {
-                Some(Downsample::new(cout, vbb.pp("downsamplers.0"))?)
+                Some(Downsample::new(cout, band, vbb.pp("downsamplers.0"))?)
             } else {
                 None
             };
@@ -189,7 +189,7 @@ impl Encoder {
     }
 
     fn down(&self, x: &Tensor, blocks: usize, stop: Stop) -> Result<Tensor> {
-        let mut x = self.conv_in.forward(x)?;
+        let mut x = self.conv_in.forward_stop(x, stop)?;
         for b in self.down_blocks.iter().take(blocks) {
             x = b.forward(x, stop)?;
             check(stop, "a MoVQ encoder down-sampler")?;
@@ -202,6 +202,6 @@ impl Encoder {
         let x = self.down(x, self.down_blocks.len(), stop)?;
         let x = self.mid_block.forward(&x, None, stop)?;
         let x = candle_nn::ops::silu(&self.conv_norm_out.forward(&x)?)?;
-        self.conv_out.forward(&x)
+        self.conv_out.forward_stop(&x, stop)
     }
 }

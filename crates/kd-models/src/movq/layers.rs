@@ -5,6 +5,7 @@
 //! (`ResnetBlock2D`, `ResnetBlockCondNorm2D`), `models/downsampling.py`, `models/upsampling.py`.
 //! SpatialNorm is from MoVQ (<https://arxiv.org/abs/2209.09002>).
 
+use crate::interrupt::{self, check, Stop};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 
@@ -36,6 +37,13 @@ pub fn conv3x3(cin: usize, cout: usize, band_pixels: usize, vb: VarBuilder) -> R
 
 impl Module for Conv3x3 {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_stop(x, &interrupt::never)
+    }
+}
+
+impl Conv3x3 {
+    /// [`Module::forward`] asking `stop` between bands.
+    pub fn forward_stop(&self, x: &Tensor, stop: Stop) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         if self.band_pixels == 0 || h * w <= self.band_pixels || h < 2 {
             return self.conv.forward(x);
@@ -44,6 +52,9 @@ impl Module for Conv3x3 {
         let mut bands = Vec::with_capacity(h.div_ceil(rows));
         let mut r0 = 0;
         while r0 < h {
+            if r0 > 0 {
+                check(stop, "a MoVQ convolution band")?;
+            }
             let r = rows.min(h - r0);
             // One halo row on each side; the conv's own zero padding is only kept at the image
             // border, the rows computed for the halo are dropped.
@@ -189,10 +200,17 @@ impl ResnetBlock {
 
     /// Runs the block; `zq` conditions the spatial norms (ignored by group norms).
     pub fn forward(&self, x: &Tensor, zq: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_stop(x, zq, &interrupt::never)
+    }
+
+    /// [`Self::forward`] asking `stop` between its norms and convolution bands.
+    pub fn forward_stop(&self, x: &Tensor, zq: Option<&Tensor>, stop: Stop) -> Result<Tensor> {
         let h = candle_nn::ops::silu(&self.norm1.forward(x, zq)?)?;
-        let h = self.conv1.forward(&h)?;
+        check(stop, "a MoVQ resnet norm")?;
+        let h = self.conv1.forward_stop(&h, stop)?;
         let h = candle_nn::ops::silu(&self.norm2.forward(&h, zq)?)?;
-        let h = self.conv2.forward(&h)?;
+        check(stop, "a MoVQ resnet norm")?;
+        let h = self.conv2.forward_stop(&h, stop)?;
         match &self.conv_shortcut {
             Some(c) => c.forward(x)? + h,
             None => x + h,
@@ -204,25 +222,45 @@ impl ResnetBlock {
 #[derive(Debug, Clone)]
 pub struct Downsample {
     conv: Conv2d,
+    band_pixels: usize,
 }
 
 impl Downsample {
-    /// Loads `conv` (at `downsamplers.0`).
-    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+    /// Loads `conv` (at `downsamplers.0`); `band_pixels` as for [`conv3x3`].
+    pub fn new(channels: usize, band_pixels: usize, vb: VarBuilder) -> Result<Self> {
         let cfg = Conv2dConfig {
             stride: 2,
             ..Default::default()
         };
         Ok(Self {
             conv: conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
+            band_pixels,
         })
     }
 
-    /// Halves the spatial size (rounding as torch does for the padded stride-2 conv).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Halves the spatial size (rounding as torch does for the padded stride-2 conv), in bands
+    /// of output rows, asking `stop` between them.
+    pub fn forward_stop(&self, x: &Tensor, stop: Stop) -> Result<Tensor> {
         let x = x.pad_with_zeros(D::Minus1, 0, 1)?;
         let x = x.pad_with_zeros(D::Minus2, 0, 1)?;
-        self.conv.forward(&x)
+        let (_, _, h, w) = x.dims4()?;
+        // Output rows: (h − 3) / 2 + 1; output row i reads input rows 2i..2i+2.
+        let (oh, ow) = ((h.saturating_sub(3)) / 2 + 1, (w.saturating_sub(3)) / 2 + 1);
+        if self.band_pixels == 0 || oh * ow <= self.band_pixels || h < 3 {
+            return self.conv.forward(&x);
+        }
+        let rows = (self.band_pixels / ow).max(1);
+        let mut bands = Vec::with_capacity(oh.div_ceil(rows));
+        let mut r0 = 0;
+        while r0 < oh {
+            if r0 > 0 {
+                check(stop, "a MoVQ down-sampler band")?;
+            }
+            let r = rows.min(oh - r0);
+            bands.push(self.conv.forward(&x.narrow(2, 2 * r0, 2 * r + 1)?)?);
+            r0 += r;
+        }
+        Tensor::cat(&bands, 2)
     }
 }
 
@@ -240,9 +278,53 @@ impl Upsample {
         })
     }
 
-    /// Doubles the spatial size.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Doubles the spatial size, asking `stop` between convolution bands.
+    pub fn forward_stop(&self, x: &Tensor, stop: Stop) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+        self.conv
+            .forward_stop(&x.upsample_nearest2d(2 * h, 2 * w)?, stop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn banded_convolutions_compute_the_whole_ones() -> Result<()> {
+        let dev = Device::Cpu;
+        let vars = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
+        let x = Tensor::randn(0f32, 1.0, (1, 4, 37, 29), &dev)?;
+        let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            let d = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+            Ok((d / b.sqr()?.sum_all()?.to_scalar::<f32>()?).sqrt())
+        };
+        let down = Downsample::new(4, 0, vb.pp("down"))?;
+        let whole = down.forward_stop(&x, &interrupt::never)?;
+        for band in [15, 60, 100] {
+            let banded = Downsample {
+                band_pixels: band,
+                ..down.clone()
+            };
+            let asked = std::cell::Cell::new(0);
+            let got = banded.forward_stop(&x, &|| {
+                asked.set(asked.get() + 1);
+                false
+            })?;
+            assert_eq!(got.dims(), whole.dims());
+            assert!(rel(&got, &whole)? < 1e-6, "band {band}");
+            assert!(asked.get() > 0, "band {band}: no check between bands");
+        }
+        let conv = conv3x3(4, 4, 0, vb.pp("conv"))?;
+        let whole = conv.forward(&x)?;
+        let banded = Conv3x3 {
+            band_pixels: 100,
+            ..conv.clone()
+        };
+        assert!(rel(&banded.forward(&x)?, &whole)? < 1e-6);
+        Ok(())
     }
 }

@@ -25,14 +25,14 @@ fn large(side: u32) -> v1::DenoiseRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_large_step_frees_the_stage_within_one_layer() {
-    // Admitted whatever the estimate (--admission-safety 0): one CFG step at 1536² takes ~11 s
+    // Admitted whatever the estimate (--admission-safety 0): one CFG step at 2048² takes tens of seconds
     // on 2 cores here, the deadline is 400 ms.
     let flags = ["--max-pixels", "4194304", "--admission-safety", "0"];
     let server = start_with(&deep(), &flags).await;
     kd_testkit::wait_serving(&server, SERVICE, Duration::from_secs(30)).await;
     let t = Instant::now();
     let budget = Duration::from_millis(400);
-    let status = with_deadline(&mut client(&server).await, large(1536), budget).await;
+    let status = with_deadline(&mut client(&server).await, large(2048), budget).await;
     let at_status = t.elapsed();
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     assert!(
@@ -42,7 +42,7 @@ async fn an_expired_large_step_frees_the_stage_within_one_layer() {
     );
     let quiet = until_cpu_quiet(Duration::from_secs(5)).await;
     let steps = metric_at(server.metrics, "kd_denoise_steps_total", &[]).await;
-    eprintln!("1536², deadline {budget:?}: status after {at_status:?}, CPU quiet {quiet:?} later, steps done {steps}");
+    eprintln!("2048², deadline {budget:?}: status after {at_status:?}, CPU quiet {quiet:?} later, steps done {steps}");
     assert_eq!(
         steps, 0.0,
         "the step ran to its end instead of stopping inside it"

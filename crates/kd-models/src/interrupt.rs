@@ -5,6 +5,7 @@
 //! deadline); the model only asks.
 
 use crate::error::ModelError;
+use candle_core::Tensor;
 
 /// Asked between pieces of work: `true` stops the computation with
 /// [`ModelError::Interrupted`].
@@ -22,5 +23,32 @@ pub fn check(stop: Stop, piece: &'static str) -> candle_core::Result<()> {
         Err(ModelError::Interrupted { piece }.into_candle())
     } else {
         Ok(())
+    }
+}
+
+/// `f(start, len)` over `0..total` in pieces of at most `size`, asking `stop` between pieces
+/// (naming `piece`); the outputs concatenated along `dim`, or the one output as it is.
+pub fn in_pieces(
+    total: usize,
+    size: usize,
+    dim: usize,
+    stop: Stop,
+    piece: &'static str,
+    mut f: impl FnMut(usize, usize) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let size = size.max(1);
+    let mut parts = Vec::with_capacity(total.div_ceil(size));
+    let mut start = 0;
+    while start < total {
+        if start > 0 {
+            check(stop, piece)?;
+        }
+        let len = size.min(total - start);
+        parts.push(f(start, len)?);
+        start += len;
+    }
+    match parts.len() {
+        1 => Ok(parts.pop().expect("one piece")),
+        _ => Tensor::cat(&parts, dim),
     }
 }

@@ -7,7 +7,7 @@
 //! computed in f32 whatever the weight dtype.
 
 use super::layers::Norm;
-use crate::interrupt::{check, Stop};
+use crate::interrupt::{in_pieces, Stop};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 
@@ -85,23 +85,11 @@ impl AttentionBlock {
         } else {
             self.chunk.min(n)
         };
-        let mut outs = Vec::with_capacity(n.div_ceil(chunk));
-        let mut start = 0;
-        while start < n {
-            if start > 0 {
-                check(stop, "a MoVQ attention chunk")?;
-            }
-            let len = chunk.min(n - start);
+        let attn = in_pieces(n, chunk, 1, stop, "a MoVQ attention chunk", |start, len| {
             let qc = q.narrow(1, start, len)?;
             let probs = candle_nn::ops::softmax_last_dim(&qc.matmul(&kt)?)?;
-            outs.push(probs.matmul(&v)?);
-            start += len;
-        }
-        let attn = if outs.len() == 1 {
-            outs.pop().expect("one chunk")
-        } else {
-            Tensor::cat(&outs, 1)?
-        };
+            probs.matmul(&v)
+        })?;
         let out = self.to_out.forward(&attn.to_dtype(dtype)?)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + x

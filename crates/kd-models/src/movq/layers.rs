@@ -5,7 +5,7 @@
 //! (`ResnetBlock2D`, `ResnetBlockCondNorm2D`), `models/downsampling.py`, `models/upsampling.py`.
 //! SpatialNorm is from MoVQ (<https://arxiv.org/abs/2209.09002>).
 
-use crate::interrupt::{self, check, Stop};
+use crate::interrupt::{self, check, in_pieces, Stop};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 
@@ -48,23 +48,15 @@ impl Conv3x3 {
         if self.band_pixels == 0 || h * w <= self.band_pixels || h < 2 {
             return self.conv.forward(x);
         }
-        let rows = (self.band_pixels / w).max(1);
-        let mut bands = Vec::with_capacity(h.div_ceil(rows));
-        let mut r0 = 0;
-        while r0 < h {
-            if r0 > 0 {
-                check(stop, "a MoVQ convolution band")?;
-            }
-            let r = rows.min(h - r0);
+        let rows = self.band_pixels / w;
+        in_pieces(h, rows, 2, stop, "a MoVQ convolution band", |r0, r| {
             // One halo row on each side; the conv's own zero padding is only kept at the image
             // border, the rows computed for the halo are dropped.
             let lo = r0.saturating_sub(1);
             let hi = (r0 + r + 1).min(h);
             let out = self.conv.forward(&x.narrow(2, lo, hi - lo)?)?;
-            bands.push(out.narrow(2, r0 - lo, r)?);
-            r0 += r;
-        }
-        Tensor::cat(&bands, 2)
+            out.narrow(2, r0 - lo, r)
+        })
     }
 }
 
@@ -249,18 +241,10 @@ impl Downsample {
         if self.band_pixels == 0 || oh * ow <= self.band_pixels || h < 3 {
             return self.conv.forward(&x);
         }
-        let rows = (self.band_pixels / ow).max(1);
-        let mut bands = Vec::with_capacity(oh.div_ceil(rows));
-        let mut r0 = 0;
-        while r0 < oh {
-            if r0 > 0 {
-                check(stop, "a MoVQ down-sampler band")?;
-            }
-            let r = rows.min(oh - r0);
-            bands.push(self.conv.forward(&x.narrow(2, 2 * r0, 2 * r + 1)?)?);
-            r0 += r;
-        }
-        Tensor::cat(&bands, 2)
+        let rows = self.band_pixels / ow;
+        in_pieces(oh, rows, 2, stop, "a MoVQ down-sampler band", |r0, r| {
+            self.conv.forward(&x.narrow(2, 2 * r0, 2 * r + 1)?)
+        })
     }
 }
 

@@ -5,7 +5,7 @@
 //! keys/values projected from the image-token context; softmax runs in f32
 //! (`upcast_softmax=True`); the residual is added inside the block.
 
-use crate::interrupt::{check, Stop};
+use crate::interrupt::{in_pieces, Stop};
 use candle_core::{DType, Module, Result, Tensor};
 
 /// Queries per attention chunk: the score matrix of one chunk is (B, heads, 1024, keys), so
@@ -91,27 +91,25 @@ impl AttnAddedKv {
         let (k, v) = (self.split_heads(&k)?, self.split_heads(&v)?);
         let kt = k.t()?;
         let n = h * w;
-        let mut parts = Vec::with_capacity(n.div_ceil(QUERY_CHUNK));
-        for start in (0..n).step_by(QUERY_CHUNK) {
-            if start > 0 {
-                check(stop, "a UNet attention chunk")?;
-            }
-            let len = QUERY_CHUNK.min(n - start);
-            let q = if len == n {
-                q.clone()
-            } else {
-                q.narrow(2, start, len)?.contiguous()?
-            };
-            let scores = (q.matmul(&kt)? * self.scale)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-                .to_dtype(x.dtype())?;
-            parts.push(probs.matmul(&v)?);
-        }
         // (B, heads, HW, d)
-        let a = match parts.len() {
-            1 => parts.pop().expect("one part"),
-            _ => Tensor::cat(&parts, 2)?,
-        };
+        let a = in_pieces(
+            n,
+            QUERY_CHUNK,
+            2,
+            stop,
+            "a UNet attention chunk",
+            |start, len| {
+                let q = if len == n {
+                    q.clone()
+                } else {
+                    q.narrow(2, start, len)?.contiguous()?
+                };
+                let scores = (q.matmul(&kt)? * self.scale)?;
+                let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+                    .to_dtype(x.dtype())?;
+                probs.matmul(&v)
+            },
+        )?;
         let a = a.transpose(1, 2)?.reshape((b, h * w, c))?;
         let y = self.to_out.forward(&a)?;
         let y = y.transpose(1, 2)?.reshape((b, c, h, w))?;

@@ -45,11 +45,17 @@ impl Cost {
     }
 }
 
-/// How long `f` took, with its result.
-pub fn timed<T, E>(f: impl FnOnce() -> Result<T, E>) -> Result<(T, Duration), E> {
+/// How long `f` takes to produce its tensor, counted until the result reaches the host (an
+/// asynchronous device has then finished the work).
+#[cfg(feature = "models")]
+pub fn time_to_host(
+    f: impl FnOnce() -> Result<candle_core::Tensor, ServiceError>,
+) -> Result<Duration, ServiceError> {
     let t = Instant::now();
-    let v = f()?;
-    Ok((v, t.elapsed()))
+    f()?.sum_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_scalar::<f32>()?;
+    Ok(t.elapsed())
 }
 
 /// DEADLINE_EXCEEDED when `estimate_s` seconds of `work` cannot finish before `deadline` even

@@ -24,7 +24,7 @@ impl StepCost {
         let rows = plan.seeds.len() as f64 * cfg;
         let sf = scale_factor.max(1) as f64;
         let pixels = (plan.height as f64 / sf) * (plan.width as f64 / sf);
-        steps * (self.0.fixed_s + self.0.per_unit_s * pixels * rows / 2.0)
+        steps * self.0.seconds(pixels * rows / 2.0)
     }
 
     /// DEADLINE_EXCEEDED when `plan` cannot finish before `deadline`.

@@ -4,7 +4,9 @@
 use crate::budget::StepCost;
 use candle_core::{DType, Device, Tensor};
 use kd_models::config::SchedulerConfig;
-use kd_models::decoder::{latent_side, run_decoder, DecoderInputs, DecoderMode, DecoderText};
+use kd_models::decoder::{
+    latent_side, run_decoder, DecoderInputs, DecoderMode, DecoderOutcome, DecoderText,
+};
 use kd_models::noise::SeededNoise;
 use kd_models::schedulers::{self, Scheduler};
 use kd_models::unet::UNet2DConditionModel;
@@ -252,13 +254,12 @@ impl DecoderModel {
         self.step_at(64).map(drop)
     }
 
-    /// Times one CFG step (two UNet rows) at 64² and at 128² pixels and fits [`StepCost`].
-    pub fn calibrate(&self) -> Result<StepCost, ServiceError> {
-        let lp = |side: usize| latent_side(side, self.movq_scale_factor).pow(2);
+    /// Times one CFG step (two UNet rows) at 64² and at 128² pixels: the cost per latent pixel.
+    pub fn calibrate(&self) -> Result<Cost, ServiceError> {
+        let lp = |side: usize| latent_side(side, self.movq_scale_factor).pow(2) as f64;
         let small = self.step_at(64)?.min(self.step_at(64)?);
         let large = self.step_at(128)?;
-        let cost = Cost::fit((lp(64) as f64, small), (lp(128) as f64, large));
-        Ok(StepCost(cost, budget::SAFETY))
+        Ok(Cost::fit((lp(64), small), (lp(128), large)))
     }
 
     /// One denoising step at `side`² pixels, CFG on, in this UNet's mode: how long it took.
@@ -307,19 +308,21 @@ impl DecoderModel {
         };
         let mut scheduler = self.scheduler(v1::Scheduler::Unspecified)?;
         let mut noise = SeededNoise::new(&[0]);
-        let t = std::time::Instant::now();
-        let out = run_decoder(
-            &self.unet,
-            scheduler.as_mut(),
-            &inputs,
-            &mut noise,
-            &mut |_| true,
-        )?;
-        // The work is done once the result is on the host (asynchronous devices).
-        if let kd_models::decoder::DecoderOutcome::Finished(latents) = out {
-            latents.sum_all()?.to_scalar::<f32>()?;
-        }
-        Ok(t.elapsed())
+        budget::time_to_host(|| {
+            let out = run_decoder(
+                &self.unet,
+                scheduler.as_mut(),
+                &inputs,
+                &mut noise,
+                &mut |_| true,
+            )?;
+            match out {
+                DecoderOutcome::Finished(latents) => Ok(latents),
+                DecoderOutcome::Cancelled { .. } => Err(ServiceError::Internal(
+                    "the warm-up step stopped without a reason".into(),
+                )),
+            }
+        })
     }
 }
 
@@ -333,13 +336,12 @@ impl DecoderModel {
             .device
             .open()
             .map_err(|e| ServiceError::Unavailable(format!("--device: {e}")))?;
-        let model =
+        let mut model =
             Self::load_with(&args.model_dir, &device, args.dtype, defaults).map_err(|e| {
                 ServiceError::Unavailable(format!("loading {}: {e:#}", args.model_dir.display()))
             })?;
-        let mut model = model;
         model.warm_up()?;
-        model.cost = StepCost(model.calibrate()?.0, args.admission_safety);
+        model.cost = StepCost(model.calibrate()?, args.admission_safety);
         tracing::info!(
             model_dir = %args.model_dir.display(),
             info = ?model.info,

@@ -1,7 +1,7 @@
 //! The loaded model of this stage: one `VqModel` and what requests are checked against.
 
 use crate::Config;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use kd_models::movq::{MovqOptions, VqModel};
 use kd_models::CheckpointDir;
 use kd_proto::v1;
@@ -55,7 +55,7 @@ impl Movq {
         };
         let vq = VqModel::load(&component, opts, config.stage.dtype, &device)?;
         let info = model_info(&dir, "movq", &["movq"], config.stage.dtype, &device)?;
-        let m = Self {
+        let mut m = Self {
             vq,
             info,
             max_batch: config.max_batch,
@@ -66,7 +66,6 @@ impl Movq {
             admission_safety: config.stage.admission_safety,
         };
         crate::decode::warm_up(&m)?;
-        let mut m = m;
         m.calibrate()?;
         tracing::info!(
             decode_fixed_ms = m.decode_cost.fixed_s * 1e3,
@@ -84,34 +83,22 @@ impl Movq {
     fn calibrate(&mut self) -> Result<(), ServiceError> {
         let (dt, dev) = (self.vq.dtype(), self.device.clone());
         let c = self.vq.config().latent_channels;
-        let decode = |side: usize| {
-            let z = Tensor::zeros((1, c, side, side), dt, &dev)?;
-            budget::timed(|| -> Result<f32, ServiceError> {
-                Ok(self
-                    .vq
-                    .decode(&z)?
-                    .sum_all()?
-                    .to_dtype(DType::F32)?
-                    .to_scalar()?)
-            })
-            .map(|(_, t)| ((side * side) as f64, t))
+        let vq = &self.vq;
+        // (pixels, time) of one call on a `side`² input of `channels`.
+        let time = |channels: usize, side: usize, decode: bool| {
+            let x = Tensor::zeros((1, channels, side, side), dt, &dev)?;
+            let t = budget::time_to_host(|| {
+                Ok(if decode {
+                    vq.decode(&x)?
+                } else {
+                    vq.encode(&x)?
+                })
+            })?;
+            Ok::<_, ServiceError>(((side * side) as f64, t))
         };
-        let (d1, d2) = (decode(8)?, decode(16)?);
-        let encode = |side: usize| {
-            let x = Tensor::zeros((1, 3, side, side), dt, &dev)?;
-            budget::timed(|| -> Result<f32, ServiceError> {
-                Ok(self
-                    .vq
-                    .encode(&x)?
-                    .sum_all()?
-                    .to_dtype(DType::F32)?
-                    .to_scalar()?)
-            })
-            .map(|(_, t)| ((side * side) as f64, t))
-        };
-        let (e1, e2) = (encode(64)?, encode(128)?);
-        self.decode_cost = Cost::fit(d1, d2);
-        self.encode_cost = Cost::fit(e1, e2);
+        let decode_cost = Cost::fit(time(c, 8, true)?, time(c, 16, true)?);
+        let encode_cost = Cost::fit(time(3, 64, false)?, time(3, 128, false)?);
+        (self.decode_cost, self.encode_cost) = (decode_cost, encode_cost);
         Ok(())
     }
 
@@ -129,7 +116,7 @@ impl Movq {
         } else {
             (self.encode_cost, "MoVQ encoding")
         };
-        let estimate = cost.fixed_s + cost.per_unit_s * (images * pixels) as f64;
+        let estimate = cost.seconds((images * pixels) as f64);
         let work = format!("{what} ({images} images)");
         budget::check(estimate, self.admission_safety, deadline, work)
     }

@@ -44,7 +44,7 @@ pub struct Call {
 /// Kept back from the caller's deadline: the transport cancels a call exactly at its
 /// `grpc-timeout` ("Timeout expired", CANCELLED); answering a little earlier gives the caller
 /// one status, DEADLINE_EXCEEDED, whatever the race.
-pub const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
+pub const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
 
 impl Call {
     /// The call of `request` (its deadline from `grpc-timeout`, less [`DEADLINE_MARGIN`]).

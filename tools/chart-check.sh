@@ -9,12 +9,14 @@
 # Both are cached under .cache/tools/ (git-ignored; override with CHART_CHECK_CACHE). Rendered
 # manifests and logs are left in .cache/chart-check/ for inspection.
 #
-# Checks, for the default values (GPU), ci/cpu-values.yaml, ci/variants-values.yaml, and a
-# ServiceMonitor + dashboard pass:
+# Checks, for the default values (GPU), ci/cpu-values.yaml, ci/variants-values.yaml,
+# ci/tls-values.yaml, the model-set profiles ci/two-models-values.yaml and
+# ci/three-models-values.yaml, and a ServiceMonitor + dashboard pass:
 #   helm lint --strict; helm template; kubernetes-validate --strict against the chart's oldest
 #   and the newest Kubernetes (a missing schema for a built-in group is an error; only
 #   monitoring.coreos.com, a CRD, is exempt); tools/chart_assertions.py on the rendered output;
-#   and that every ci/invalid/*.yaml is rejected by the values schema.
+#   and that every ci/invalid/*.yaml is rejected by the values schema (or, marked
+#   `# rejected-by: helm template`, by a template `fail`).
 #
 # Usage: bash tools/chart-check.sh        (exit status 0 only when every check passed)
 # Env: CHART_CHECK_CACHE (tool cache dir), CHART_CHECK_HELM (own helm binary, for non-linux-amd64),
@@ -245,6 +247,9 @@ run_profile gpu "default values"
 run_profile cpu "ci/cpu-values.yaml" -f "$CHART/ci/cpu-values.yaml"
 FULLNAME_OVERRIDE=kd run_profile variants "ci/variants-values.yaml" -f "$CHART/ci/variants-values.yaml"
 run_profile tls "ci/tls-values.yaml (cert-manager.io exempt)" -f "$CHART/ci/tls-values.yaml"
+run_profile two-models "ci/two-models-values.yaml" -f "$CHART/ci/two-models-values.yaml"
+run_profile three-models "ci/three-models-values.yaml (cert-manager.io, monitoring.coreos.com exempt)" \
+  -f "$CHART/ci/three-models-values.yaml"
 
 # Third pass: ServiceMonitor on, and a dashboard file dropped into a copy of the chart.
 MON_CHART="$OUT/chart-monitoring/kandinsky"
@@ -279,14 +284,22 @@ expect_fail "assertions [cpu] reject the default render (GPUs requested)" \
   "denoiser: no nvidia.com/gpu requests or limits" negative_assertions cpu "$OUT/gpu-k${KUBE_VERSIONS[-1]}.yaml"
 expect_fail "assertions [gpu] reject a text-encoder placed on a GPU" \
   "textEncoder: no GPU toleration" negative_assertions gpu "$OUT/neg-te-gpu.yaml"
+expect_fail "assertions [three-models] reject the two-model render (a set and its --extra-stack missing)" \
+  "gateway: one --extra-stack per extra model set (2)" \
+  negative_assertions three-models "$OUT/two-models-k${KUBE_VERSIONS[-1]}.yaml"
+expect_fail "assertions [two-models] reject the single-model render (no model sets)" \
+  "Deployment $FULLNAME-prior-kandinsky-2-1 exists" negative_assertions two-models "$OUT/gpu-k${KUBE_VERSIONS[-1]}.yaml"
 
-# The longest release name Helm allows (53 characters) must still give valid object names.
+# The longest release name Helm allows (53 characters) must still give valid object names, also
+# with model sets named up to the 32 characters a set name may have.
 LONG_RELEASE=kandinsky-serve-production-europe-west4-blue-green-ab
-long_names() {
+LONG_SET=kandinsky-2-2-controlnet-depth-2
+long_names() { # long_names OUTFILE [helm args...]
+  local outf=$1; shift
   "$HELM" template "$LONG_RELEASE" "$CHART" --namespace "$NAMESPACE" --kube-version "${KUBE_VERSIONS[-1]}" \
-    --set metrics.serviceMonitor.enabled=true --set networkPolicy.enabled=true >"$OUT/long-release.yaml" \
+    --set metrics.serviceMonitor.enabled=true --set networkPolicy.enabled=true "$@" >"$outf" \
     || return 1
-  "$VENV/bin/python" - "$OUT/long-release.yaml" <<'PY'
+  "$VENV/bin/python" - "$outf" <<'PY'
 import re, sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 bad = [(d["kind"], d["metadata"]["name"]) for d in docs
@@ -299,7 +312,10 @@ dup = {(d["kind"], d["metadata"]["name"]) for d in docs}
 sys.exit(1 if bad or len(dup) != len(docs) else 0)
 PY
 }
-check "object names stay valid and distinct with a ${#LONG_RELEASE}-character release name" long_names
+check "object names stay valid and distinct with a ${#LONG_RELEASE}-character release name" \
+  long_names "$OUT/long-release.yaml"
+check "object names stay valid and distinct with a ${#LONG_RELEASE}-character release name and a ${#LONG_SET}-character set name [ci/three-models-values.yaml]" \
+  long_names "$OUT/long-release-sets.yaml" -f "$CHART/ci/three-models-values.yaml" --set "models.sets[1].name=$LONG_SET"
 
 # NOTES.txt (helm template skips it): render it through tpl in a copy of the chart and check it
 # tells how to reach and call the gateway.
@@ -333,6 +349,21 @@ check "NOTES.txt renders [ci/variants-values.yaml, auth disabled]" \
   notes "$OUT/NOTES-variants.txt" kd-gateway -plaintext -f "$CHART/ci/variants-values.yaml" --set auth.enabled=false
 check "NOTES.txt renders [ci/tls-values.yaml: grpcurl verifies the gateway with the CA]" \
   notes "$OUT/NOTES-tls.txt" "$FULLNAME-gateway" "-cacert ca.crt -authority $FULLNAME-gateway" -f "$CHART/ci/tls-values.yaml"
+notes_sets() { # notes_sets OUTFILE VALUES SET...: NOTES.txt of a model-set profile lists every set
+  local outf=$1 values=$2; shift 2
+  notes "$outf" "$FULLNAME-gateway" -plaintext -f "$values" || return 1
+  grep -qF "model set $1 (default):" "$outf" || { echo "NOTES.txt lacks: model set $1 (default):"; return 1; }
+  local set
+  for set in "$@"; do
+    grep -qF "model set $set" "$outf" && grep -qF "  $FULLNAME-denoiser-$set " "$outf" \
+      || { echo "NOTES.txt does not list set $set and its stages"; return 1; }
+  done
+}
+check "NOTES.txt lists every model set and its stages [ci/two-models-values.yaml]" \
+  notes_sets "$OUT/NOTES-two-models.txt" "$CHART/ci/two-models-values.yaml" kandinsky-2-2 kandinsky-2-1
+check "NOTES.txt lists every model set and its stages [ci/three-models-values.yaml, mTLS]" \
+  notes_sets "$OUT/NOTES-three-models.txt" "$CHART/ci/three-models-values.yaml" \
+  kandinsky-2-2 kandinsky-2-1 kandinsky-2-2-distilled
 
 # Values the schema (or the templates) must reject.
 shopt -s nullglob
@@ -342,11 +373,23 @@ shopt -u nullglob
 for f in "${INVALID[@]}"; do
   want=$(sed -n 's/^# expect: //p' "$f" | head -n1)
   [[ -n $want ]] || die "$f has no '# expect: <error text>' line"
-  expect_fail "helm lint rejects ${f#"$ROOT/"} ($want)" "$want" \
-    "$HELM" lint --strict "$CHART" -f "$f"
+  # `# rejected-by: helm template`: a template `fail` (which helm lint only logs) rejects the file.
+  by=$(sed -n 's/^# rejected-by: //p' "$f" | head -n1)
+  case ${by:-helm lint} in
+    "helm lint")
+      expect_fail "helm lint rejects ${f#"$ROOT/"} ($want)" "$want" \
+        "$HELM" lint --strict "$CHART" -f "$f" ;;
+    "helm template")
+      expect_fail "helm template rejects ${f#"$ROOT/"} ($want)" "$want" \
+        render /dev/null "${KUBE_VERSIONS[-1]}" "$CHART" -f "$f" ;;
+    *) die "$f: '# rejected-by: $by' is neither 'helm lint' nor 'helm template'" ;;
+  esac
 done
 expect_fail "helm template rejects a cuda device without a GPU (prior.gpu.enabled=false)" \
   "prior.gpu.enabled is false" render /dev/null "${KUBE_VERSIONS[-1]}" "$CHART" --set prior.gpu.enabled=false
+expect_fail "helm template rejects a set's cuda device without a GPU (a per-set override)" \
+  "models.sets[1] (kandinsky-2-1): movq.device is cuda:0 but movq.gpu.enabled is false" render /dev/null "${KUBE_VERSIONS[-1]}" "$CHART" \
+  -f "$CHART/ci/two-models-values.yaml" --set "models.sets[1].movq.gpu.enabled=false"
 expect_fail "helm template rejects tls.enabled without a certificate Secret" \
   "tls.enabled needs tls.existingSecret or tls.certManager.enabled" render /dev/null "${KUBE_VERSIONS[-1]}" "$CHART" --set tls.enabled=true
 expect_fail "helm template rejects a cert-manager Certificate without an issuer" \

@@ -41,13 +41,12 @@ app.kubernetes.io/part-of: kandinsky-serve
 {{- end }}
 
 {{/*
-The stages, in pipeline order, keyed by their values key. For each: component (resource name
-suffix and app.kubernetes.io/component), binary, gRPC health service name, which checkpoint
-folder it loads ("" = none), and whether it takes --redis-url (see services/README.md).
+The stages, keyed by their values key (in pipeline order: gateway, textEncoder, prior, denoiser,
+movq; kandinsky.stageInstances lists them, the model stages once per model set). For each:
+component (resource name suffix and app.kubernetes.io/component), binary, gRPC health service
+name, which checkpoint folder it loads ("" = none), and whether it takes --redis-url (see
+services/README.md).
 */}}
-{{- define "kandinsky.stageKeys" -}}
-["gateway", "textEncoder", "prior", "denoiser", "movq"]
-{{- end }}
 
 {{- define "kandinsky.stageMeta" -}}
 gateway:
@@ -82,33 +81,162 @@ movq:
   redis: false
 {{- end }}
 
-{{/* Call with (list $ "prior"): the stage's full resource name. */}}
+{{/* The label naming a model stage set (models.sets[].name); absent in the single-model shape. */}}
+{{- define "kandinsky.setLabelKey" -}}
+kandinsky-serve/model-set
+{{- end }}
+
+{{/*
+Call with (list $ "prior") or (list $ "prior" SET): the stage's full resource name. SET is a
+models.sets[].name ("" or absent: the single-model shape and the gateway, <fullname>-<component>).
+A set's stages are <fullname>-<component>-<set>; the prefix is cut to the same length for every
+set of the release so that the longest set name still fits 63 characters.
+*/}}
 {{- define "kandinsky.stageFullname" -}}
 {{- $root := index . 0 }}
 {{- $meta := get (include "kandinsky.stageMeta" $root | fromYaml) (index . 1) }}
+{{- $set := "" }}
+{{- if gt (len .) 2 }}{{ $set = index . 2 }}{{ end }}
+{{- if $set }}
+{{- $longest := 0 }}
+{{- range $root.Values.models.sets }}
+{{- $longest = max $longest (len (toString .name)) }}
+{{- end }}
+{{- /* 63 - len("-text-encoder-") - the longest set name, and never more than the plain names' 47. */}}
+{{- $prefix := min 47 (sub 49 $longest) }}
+{{- printf "%s-%s-%s" (include "kandinsky.fullname" $root | trunc (int $prefix) | trimSuffix "-") $meta.component $set }}
+{{- else }}
 {{- printf "%s-%s" (include "kandinsky.fullname" $root | trunc 47 | trimSuffix "-") $meta.component }}
 {{- end }}
+{{- end }}
 
-{{/* Call with (list $ "prior"). */}}
+{{/* Call with (list $ "prior") or (list $ "prior" SET). */}}
 {{- define "kandinsky.stageSelectorLabels" -}}
 {{- $root := index . 0 }}
 {{- $meta := get (include "kandinsky.stageMeta" $root | fromYaml) (index . 1) }}
 {{- include "kandinsky.selectorLabels" $root }}
 app.kubernetes.io/component: {{ $meta.component }}
+{{- if and (gt (len .) 2) (index . 2) }}
+{{ include "kandinsky.setLabelKey" $root }}: {{ index . 2 }}
+{{- end }}
 {{- end }}
 
-{{/* Call with (list $ "prior"). */}}
+{{/* Call with (list $ "prior") or (list $ "prior" SET). */}}
 {{- define "kandinsky.stageLabels" -}}
 {{- $root := index . 0 }}
 {{- $meta := get (include "kandinsky.stageMeta" $root | fromYaml) (index . 1) }}
 {{- include "kandinsky.labels" $root }}
 app.kubernetes.io/component: {{ $meta.component }}
+{{- if and (gt (len .) 2) (index . 2) }}
+{{ include "kandinsky.setLabelKey" $root }}: {{ index . 2 }}
+{{- end }}
 {{- end }}
 
-{{/* Call with (list $ "prior"): repository:tag of the stage's image. */}}
+{{/*
+Call with (list DST SRC): deep-merges map SRC into map DST (DST is changed). Maps merge key by
+key, anything else (lists included) replaces, and a null deletes the key (as Helm does for values).
+*/}}
+{{- define "kandinsky.mergeInto" -}}
+{{- $dst := index . 0 }}
+{{- range $k, $v := index . 1 }}
+{{- if kindIs "invalid" $v }}
+{{- $_ := unset $dst $k }}
+{{- else if and (kindIs "map" $v) (kindIs "map" (get $dst $k)) }}
+{{- include "kandinsky.mergeInto" (list (get $dst $k) $v) }}
+{{- else }}
+{{- $_ := set $dst $k $v }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The model stage sets, as JSON {"sets": [...]}; the first is the default model. Each set: name
+("" in the single-model shape: unsuffixed names, no set label), index, priorDir, decoderDir,
+ownVolume (a set with its own `volume`), volume (the volume values it mounts), claimName (its
+claim, for type persistentVolumeClaim), createClaim (the chart creates that claim) and stages
+(textEncoder/prior/denoiser/movq: the top-level stage values with the set's overrides merged in).
+models.sets empty: one set from models.priorDir/decoderDir/volume and the top-level stages.
+*/}}
+{{- define "kandinsky.modelSets" -}}
+{{- $root := . }}
+{{- $m := .Values.models }}
+{{- $entries := $m.sets | default list }}
+{{- $single := not $entries }}
+{{- if $single }}
+{{- $entries = list (dict "name" "" "priorDir" $m.priorDir "decoderDir" $m.decoderDir) }}
+{{- end }}
+{{- $out := list }}
+{{- $seen := dict }}
+{{- range $i, $e := $entries }}
+{{- $name := toString ($e.name | default "") }}
+{{- if not $single }}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$" $name) }}
+{{- fail (printf "models.sets[%d].name %q: must be a DNS label of at most 32 characters (lower-case letters, digits and '-'; it suffixes the set's resource names)" $i $name) }}
+{{- end }}
+{{- if hasKey $seen $name }}
+{{- fail (printf "models.sets: set name %q is used twice (models.sets[%d] and models.sets[%d]); set names must be unique" $name (int (get $seen $name)) $i) }}
+{{- end }}
+{{- $_ := set $seen $name $i }}
+{{- end }}
+{{- $ownVolume := and (not $single) (hasKey $e "volume") (not (empty $e.volume)) }}
+{{- $volume := deepCopy $m.volume }}
+{{- if $ownVolume }}
+{{- $ev := deepCopy $e.volume }}
+{{- /* A pod volume source replaces, never merges (two sources in one volume are invalid). */}}
+{{- if hasKey $ev "custom" }}
+{{- $_ := set $volume "custom" ($ev.custom | default dict) }}
+{{- $_ := unset $ev "custom" }}
+{{- end }}
+{{- include "kandinsky.mergeInto" (list $volume $ev) }}
+{{- end }}
+{{- $pvc := $volume.persistentVolumeClaim | default dict }}
+{{- $claimName := "" }}
+{{- $createClaim := false }}
+{{- if eq $volume.type "persistentVolumeClaim" }}
+{{- if $pvc.existingClaim }}
+{{- $claimName = $pvc.existingClaim }}
+{{- else if $ownVolume }}
+{{- $claimName = printf "%s-models-%s" (include "kandinsky.fullname" $root | trunc (int (sub 55 (len $name))) | trimSuffix "-") $name }}
+{{- $createClaim = true }}
+{{- else }}
+{{- $claimName = printf "%s-models" (include "kandinsky.fullname" $root | trunc 56 | trimSuffix "-") }}
+{{- $createClaim = true }}
+{{- end }}
+{{- end }}
+{{- $stages := dict }}
+{{- range $key := list "textEncoder" "prior" "denoiser" "movq" }}
+{{- $s := deepCopy (get $root.Values $key) }}
+{{- if and (not $single) (hasKey $e $key) (get $e $key) }}
+{{- include "kandinsky.mergeInto" (list $s (deepCopy (get $e $key))) }}
+{{- end }}
+{{- $_ := set $stages $key $s }}
+{{- end }}
+{{- $out = append $out (dict "name" $name "index" $i "priorDir" $e.priorDir "decoderDir" $e.decoderDir "ownVolume" $ownVolume "volume" $volume "claimName" $claimName "createClaim" $createClaim "stages" $stages) }}
+{{- end }}
+{{- toJson (dict "sets" $out) }}
+{{- end }}
+
+{{/*
+Every stage instance, in order, as JSON {"items": [...]}: the gateway, then each set's
+textEncoder, prior, denoiser and movq. Each: key (values key), set (the set's name, "" for the
+gateway and the single-model shape), setIndex (-1 for the gateway), values (the stage's
+effective values), name (resource name).
+*/}}
+{{- define "kandinsky.stageInstances" -}}
+{{- $root := . }}
+{{- $items := list (dict "key" "gateway" "set" "" "setIndex" -1 "values" .Values.gateway "name" (include "kandinsky.stageFullname" (list $root "gateway"))) }}
+{{- range $set := (include "kandinsky.modelSets" . | fromJson).sets }}
+{{- range $key := list "textEncoder" "prior" "denoiser" "movq" }}
+{{- $items = append $items (dict "key" $key "set" $set.name "setIndex" $set.index "values" (get $set.stages $key) "name" (include "kandinsky.stageFullname" (list $root $key $set.name))) }}
+{{- end }}
+{{- end }}
+{{- toJson (dict "items" $items) }}
+{{- end }}
+
+{{/* Call with (list $ STAGEVALUES): repository:tag of the stage's image. */}}
 {{- define "kandinsky.stageImage" -}}
 {{- $root := index . 0 }}
-{{- $s := get $root.Values (index . 1) }}
+{{- $s := index . 1 }}
 {{- $repo := $s.image.repository | default $root.Values.image.repository }}
 {{- $tag := $s.image.tag }}
 {{- if not $tag }}
@@ -141,7 +269,7 @@ app.kubernetes.io/component: {{ $meta.component }}
 {{- end }}
 {{- end }}
 
-{{/* Name of the models PVC (created or existing). */}}
+{{/* Name of the shared models PVC (created or existing): models.volume. */}}
 {{- define "kandinsky.modelsClaimName" -}}
 {{- $pvc := .Values.models.volume.persistentVolumeClaim }}
 {{- if $pvc.existingClaim }}
@@ -151,12 +279,17 @@ app.kubernetes.io/component: {{ $meta.component }}
 {{- end }}
 {{- end }}
 
-{{/* The models volume source (without name). */}}
+{{/* Call with (list $ SET), SET an entry of kandinsky.modelSets: its models volume source (without name). */}}
 {{- define "kandinsky.modelsVolumeSource" -}}
-{{- $v := .Values.models.volume }}
+{{- $set := index . 1 }}
+{{- $v := $set.volume }}
+{{- $where := "models.volume" }}
+{{- if $set.ownVolume }}
+{{- $where = printf "models.sets[%d].volume" (int $set.index) }}
+{{- end }}
 {{- if eq $v.type "persistentVolumeClaim" }}
 persistentVolumeClaim:
-  claimName: {{ include "kandinsky.modelsClaimName" . }}
+  claimName: {{ $set.claimName }}
   readOnly: true
 {{- else if eq $v.type "hostPath" }}
 hostPath:
@@ -164,36 +297,44 @@ hostPath:
   type: {{ $v.hostPath.type }}
 {{- else if eq $v.type "custom" }}
 {{- if not $v.custom }}
-{{- fail "models.volume.type is custom but models.volume.custom is empty: give a pod volume source, e.g. {nfs: {server: ..., path: ...}}" }}
+{{- fail (printf "%s.type is custom but %s.custom is empty: give a pod volume source, e.g. {nfs: {server: ..., path: ...}}" $where $where) }}
 {{- end }}
 {{- toYaml $v.custom }}
 {{- end }}
 {{- end }}
 
-{{/* Call with (list $ "prior"): --model-dir of a model stage. */}}
+{{/* Call with (list $ KEY SET): --model-dir of model stage KEY of SET (an entry of kandinsky.modelSets). */}}
 {{- define "kandinsky.modelDir" -}}
 {{- $root := index . 0 }}
 {{- $key := index . 1 }}
-{{- $s := get $root.Values $key }}
+{{- $set := index . 2 }}
+{{- $s := get $set.stages $key }}
 {{- $meta := get (include "kandinsky.stageMeta" $root | fromYaml) $key }}
 {{- if $s.modelDir }}
 {{- $s.modelDir }}
 {{- else if eq $meta.model "prior" }}
-{{- printf "%s/%s" (trimSuffix "/" $root.Values.models.mountPath) $root.Values.models.priorDir }}
+{{- printf "%s/%s" (trimSuffix "/" $root.Values.models.mountPath) $set.priorDir }}
 {{- else }}
-{{- printf "%s/%s" (trimSuffix "/" $root.Values.models.mountPath) $root.Values.models.decoderDir }}
+{{- printf "%s/%s" (trimSuffix "/" $root.Values.models.mountPath) $set.decoderDir }}
 {{- end }}
 {{- end }}
 
-{{/* Call with (list $ "prior"): the URL the gateway uses for a stage. */}}
+{{/*
+Call with (list $ KEY SET): the URL the gateway uses for stage KEY of SET (an entry of
+kandinsky.modelSets); gateway.stageUrls overrides those of the first (default) set.
+*/}}
 {{- define "kandinsky.stageUrl" -}}
 {{- $root := index . 0 }}
 {{- $key := index . 1 }}
-{{- $override := get $root.Values.gateway.stageUrls $key }}
+{{- $set := index . 2 }}
+{{- $override := "" }}
+{{- if eq (int $set.index) 0 }}
+{{- $override = get $root.Values.gateway.stageUrls $key }}
+{{- end }}
 {{- if $override }}
 {{- $override }}
 {{- else }}
-{{- printf "http://%s:%v" (include "kandinsky.stageFullname" .) $root.Values.ports.grpc }}
+{{- printf "http://%s:%v" (include "kandinsky.stageFullname" (list $root $key $set.name)) $root.Values.ports.grpc }}
 {{- end }}
 {{- end }}
 

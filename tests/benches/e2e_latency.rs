@@ -145,6 +145,7 @@ async fn main() {
         decoder_steps: steps,
         decoder_guidance: 4.0,
         decoder_timesteps: None,
+        task: Default::default(),
     };
     // Warm-up of both paths.
     client.generate(request(0)).await.unwrap();

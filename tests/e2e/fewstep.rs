@@ -54,6 +54,7 @@ async fn in_process(seed: u64, steps: usize, timesteps: Option<Vec<usize>>) -> i
                 decoder_steps: steps,
                 decoder_guidance: 1.0,
                 decoder_timesteps: timesteps,
+                task: Default::default(),
             })
             .unwrap();
         out.images.into_iter().next().unwrap()

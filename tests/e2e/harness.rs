@@ -34,13 +34,20 @@ pub enum Model {
     /// As [`Model::Kandinsky22`] with a few-step student decoder: the deep decoder folder whose
     /// scheduler is `LCMScheduler` (see [`student_decoder_dir`]).
     Kandinsky22Student,
+    /// The tiny 2.2 prior and the tiny 9-channel inpainting decoder.
+    Kandinsky22Inpaint,
+    /// The tiny 2.2 prior and the tiny depth ControlNet decoder.
+    Kandinsky22Controlnet,
 }
 
 impl Model {
     /// The prior folder (text encoder and prior stages).
     pub fn prior_dir(self) -> PathBuf {
         match self {
-            Self::Kandinsky22 | Self::Kandinsky22Student => prior_dir(),
+            Self::Kandinsky22
+            | Self::Kandinsky22Student
+            | Self::Kandinsky22Inpaint
+            | Self::Kandinsky22Controlnet => prior_dir(),
             Self::Kandinsky21 | Self::Kandinsky21Inpaint => {
                 fixtures_dir().join("kd21/kandinsky-2-1-prior")
             }
@@ -54,6 +61,10 @@ impl Model {
             Self::Kandinsky21 => fixtures_dir().join("kd21/kandinsky-2-1"),
             Self::Kandinsky21Inpaint => fixtures_dir().join("kd21/kandinsky-2-1-inpaint"),
             Self::Kandinsky22Student => student_decoder_dir(),
+            Self::Kandinsky22Inpaint => fixtures_dir().join("tiny/kandinsky-2-2-decoder-inpaint"),
+            Self::Kandinsky22Controlnet => {
+                fixtures_dir().join("tiny/kandinsky-2-2-controlnet-depth")
+            }
         }
     }
 }

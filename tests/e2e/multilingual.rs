@@ -57,6 +57,7 @@ async fn russian_hindi_and_chinese_prompts_each_make_the_in_process_image() {
                 decoder_steps: STEPS as usize,
                 decoder_guidance: 4.0,
                 decoder_timesteps: None,
+                task: Default::default(),
             })
             .unwrap();
         assert!(
@@ -76,7 +77,7 @@ async fn russian_hindi_and_chinese_prompts_each_make_the_in_process_image() {
     // states of the tiny fixture, with a mask covering the real tokens.
     let ch = stack.text_encoder.channel().await;
     let enc = TextEncoderClient::new(ch)
-        .encode(v1::EncodeTextRequest {
+        .encode_text(v1::EncodeTextRequest {
             prompts: vec![PROMPTS[0].1.into(), String::new()],
         })
         .await
@@ -129,7 +130,7 @@ async fn the_gateway_names_the_served_family_and_checks_the_model_field() {
     let err = c.generate(unknown).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(
-        err.message().contains("kandinsky-2-1, kandinsky-2-2"),
+        err.message().contains("kandinsky-2-1,") && err.message().contains("kandinsky-2-2,"),
         "{}",
         err.message()
     );
@@ -196,7 +197,8 @@ async fn image_to_image_and_inpaint_run_with_multilingual_prompts() {
         pixels(&plain.images[0]),
         "the init image matters"
     );
-    // Inpainting needs the 9-channel UNet: refused by name on this one.
+    // Inpainting needs the 9-channel UNet: refused by the gateway, naming the model, before
+    // any stage runs.
     let mut req = request(PROMPTS[1].1, 5);
     req.task = Some(Task::Inpaint(v1::Inpaint {
         image: init.clone(),
@@ -204,13 +206,18 @@ async fn image_to_image_and_inpaint_run_with_multilingual_prompts() {
     }));
     let err = c.generate(req.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("in_channels"), "{}", err.message());
+    assert!(
+        err.message()
+            .contains("\"kandinsky-2-1\" does not serve inpaint"),
+        "{}",
+        err.message()
+    );
     drop(stack);
 
     let stack = Stack::start_model(Model::Kandinsky21Inpaint, &[], &[]).await;
     let mut c = stack.client().await;
     let r = c.generate(req).await.unwrap().into_inner();
-    assert_eq!(r.model, "kandinsky-2-1");
+    assert_eq!(r.model, "kandinsky-2-1-inpaint");
     assert_eq!(pixels(&r.images[0]).dimensions(), (64, 64));
 }
 

@@ -206,10 +206,12 @@ async fn stage_info_answers_while_the_only_denoise_slot_is_busy() {
     }
     let asked = Instant::now();
     let answer = info
-        .info(v1::StageInfoRequest {})
+        .info(v1::InfoRequest {})
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .model
+        .unwrap();
     let took = asked.elapsed();
     assert!(!busy.is_finished(), "the slot was still busy when asked");
     assert!(took < Duration::from_millis(100), "StageInfo took {took:?}");

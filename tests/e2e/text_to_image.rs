@@ -60,6 +60,7 @@ async fn services_match_the_in_process_pipeline_and_seeds_decide_images() {
             decoder_steps: STEPS as usize,
             decoder_guidance: 4.0,
             decoder_timesteps: None,
+            task: Default::default(),
         })
         .unwrap()
     })

@@ -85,11 +85,11 @@ async fn one_request_is_one_trace_across_gateway_and_stages() {
         .collect();
     let ids: Vec<&Vec<u8>> = in_trace.iter().map(|s| &s.span_id).collect();
     for path in [
-        "/kandinsky.v1.TextEncoder/Encode",
+        "/kandinsky.v1.TextEncoder/EncodeText",
         "/kandinsky.v1.Prior/Sample",
         "/kandinsky.v1.Prior/ZeroImageEmbedding",
         "/kandinsky.v1.Denoiser/Denoise",
-        "/kandinsky.v1.Movq/Decode",
+        "/kandinsky.v1.Movq/DecodeLatents",
     ] {
         let s = server_span(path);
         assert_eq!(
@@ -104,14 +104,17 @@ async fn one_request_is_one_trace_across_gateway_and_stages() {
 
     // The gateway makes one client span per stage call, parent of the stage's server span.
     for (client, server) in [
-        ("text_encoder.Encode", "/kandinsky.v1.TextEncoder/Encode"),
+        (
+            "text_encoder.EncodeText",
+            "/kandinsky.v1.TextEncoder/EncodeText",
+        ),
         ("prior.Sample", "/kandinsky.v1.Prior/Sample"),
         (
             "prior.ZeroImageEmbedding",
             "/kandinsky.v1.Prior/ZeroImageEmbedding",
         ),
         ("denoiser.Denoise", "/kandinsky.v1.Denoiser/Denoise"),
-        ("movq.Decode", "/kandinsky.v1.Movq/Decode"),
+        ("movq.DecodeLatents", "/kandinsky.v1.Movq/DecodeLatents"),
     ] {
         let s = server_span(server);
         let parent = in_trace

@@ -10,8 +10,11 @@
 
 use crate::checkpoint::{CheckpointDir, ModelFamily, Variant};
 use crate::config::SchedulerConfig;
-use crate::decoder::{run_decoder, DecoderInputs, DecoderMode, DecoderText};
+use crate::decoder::{
+    latent_side, prepare_inpaint_mask, run_decoder, DecoderInputs, DecoderMode, DecoderText,
+};
 use crate::error::{ModelError, Result};
+use crate::image::{outpaint_canvas, preprocess_hint, preprocess_inpaint, Margins, MaskImage};
 use crate::mclip::MultilingualTextEncoder;
 use crate::movq::{MovqOptions, VqModel};
 use crate::noise::SeededNoise;
@@ -43,6 +46,24 @@ pub struct Text2ImageRequest {
     /// An explicit decoder schedule instead of `decoder_steps` steps (whose value must then be
     /// its length); LCM and TCD schedulers only.
     pub decoder_timesteps: Option<Vec<usize>>,
+    /// What the decoder does besides text-to-image (what the services' gateway sends to the
+    /// MoVQ encoder and the denoiser for the same task).
+    pub task: PipelineTask,
+}
+
+/// The decoder task of a pipeline run.
+#[derive(Debug, Clone, Default)]
+pub enum PipelineTask {
+    /// Text-to-image.
+    #[default]
+    Text,
+    /// Inpaint `image` where `mask` is white (an inpainting decoder).
+    Inpaint { image: RgbImage, mask: MaskImage },
+    /// Outpaint: `image` on a canvas of the output size with these margins (an inpainting
+    /// decoder; see [`outpaint_canvas`]).
+    Outpaint { image: RgbImage, margins: Margins },
+    /// Text-to-image with a ControlNet depth hint (a ControlNet decoder).
+    Controlnet { hint: RgbImage },
 }
 
 /// What the pipeline produced.
@@ -65,6 +86,7 @@ pub struct Text2Image {
     unet: UNet2DConditionModel,
     scheduler: SchedulerConfig,
     movq: VqModel,
+    device: Device,
 }
 
 impl Text2Image {
@@ -103,7 +125,45 @@ impl Text2Image {
             unet,
             scheduler,
             movq,
+            device: device.clone(),
         })
+    }
+
+    /// The decoder mode of `req.task`: the init image encoded by the MoVQ, the repaint mask
+    /// prepared at latent resolution, or the hint.
+    fn decoder_mode(&self, req: &Text2ImageRequest) -> Result<DecoderMode> {
+        let sf = self.movq.scale_factor();
+        let (image, mask) = match &req.task {
+            PipelineTask::Text => return Ok(DecoderMode::Text2Img),
+            PipelineTask::Controlnet { hint } => {
+                let hint = preprocess_hint(hint, req.height, req.width)?;
+                return Ok(DecoderMode::Controlnet {
+                    hint: hint.to_device(self.movq_device())?,
+                });
+            }
+            PipelineTask::Inpaint { image, mask } => (image.clone(), mask.clone()),
+            PipelineTask::Outpaint { image, margins } => {
+                let (w, h) = (req.width as u32, req.height as u32);
+                let (canvas, mask) = outpaint_canvas(image, w, h, *margins)?;
+                (canvas, MaskImage::Luma(mask))
+            }
+        };
+        let (keep, px) = preprocess_inpaint(&image, &mask, req.height, req.width, sf)?;
+        let dev = self.movq_device();
+        let image_latents = self
+            .movq
+            .encode(&px.to_device(dev)?.to_dtype(self.movq.dtype())?)?
+            .to_dtype(DType::F32)?;
+        let repaint = (1.0 - keep)?.to_device(dev)?;
+        let (lh, lw) = (latent_side(req.height, sf), latent_side(req.width, sf));
+        Ok(DecoderMode::Inpaint {
+            image_latents,
+            mask: prepare_inpaint_mask(&repaint, lh, lw)?,
+        })
+    }
+
+    fn movq_device(&self) -> &Device {
+        &self.device
     }
 
     /// Runs the pipeline.
@@ -170,7 +230,7 @@ impl Text2Image {
             guidance_scale: req.decoder_guidance,
             num_images_per_prompt: 1,
             latents: None,
-            mode: DecoderMode::Text2Img,
+            mode: self.decoder_mode(req)?,
             text,
         };
         let latents = run_decoder(

@@ -36,6 +36,7 @@ fn request(seeds: &[u64]) -> Text2ImageRequest {
         decoder_steps: 3,
         decoder_guidance: 4.0,
         decoder_timesteps: None,
+        task: Default::default(),
     }
 }
 

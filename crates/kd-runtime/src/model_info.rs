@@ -105,7 +105,8 @@ pub fn wire_family(family: ModelFamily) -> v1::ModelFamily {
     }
 }
 
-/// The public model name of a family, as the gateway lists and accepts it.
+/// The public name of a family's generation (`kandinsky-2-1`, `kandinsky-2-2`): the prefix of
+/// every model name of the family, and what mixed-family errors name.
 pub const fn model_name(family: v1::ModelFamily) -> &'static str {
     match family {
         v1::ModelFamily::Kandinsky21 => "kandinsky-2-1",
@@ -113,21 +114,38 @@ pub const fn model_name(family: v1::ModelFamily) -> &'static str {
     }
 }
 
-/// The public name of a few-step distilled student of a family (its denoiser's own scheduler
-/// is LCM or TCD), served beside the family's teacher.
-pub const fn distilled_model_name(family: v1::ModelFamily) -> &'static str {
-    match family {
-        v1::ModelFamily::Kandinsky21 => "kandinsky-2-1-distilled",
-        v1::ModelFamily::Kandinsky22 | v1::ModelFamily::Unspecified => "kandinsky-2-2-distilled",
+/// The public name of the model a stage set serves: its family, then what its decoder is
+/// (`-distilled` for a few-step student, `-inpaint` for an inpainting UNet, `-controlnet` for a
+/// ControlNet UNet; nothing for a text-to-image teacher).
+pub const fn served_name(
+    family: v1::ModelFamily,
+    kind: v1::DecoderKind,
+    distilled: bool,
+) -> &'static str {
+    use v1::DecoderKind as K;
+    use v1::ModelFamily as F;
+    match (family, kind, distilled) {
+        (F::Kandinsky21, K::Inpaint, _) => "kandinsky-2-1-inpaint",
+        (F::Kandinsky21, K::Controlnet, _) => "kandinsky-2-1-controlnet",
+        (F::Kandinsky21, _, true) => "kandinsky-2-1-distilled",
+        (F::Kandinsky21, _, false) => "kandinsky-2-1",
+        (_, K::Inpaint, _) => "kandinsky-2-2-inpaint",
+        (_, K::Controlnet, _) => "kandinsky-2-2-controlnet",
+        (_, _, true) => "kandinsky-2-2-distilled",
+        (_, _, false) => "kandinsky-2-2",
     }
 }
 
 /// Every public model name the API knows (which ones a deployment serves, ListModels says).
-pub const MODEL_NAMES: [&str; 4] = [
-    model_name(v1::ModelFamily::Kandinsky21),
-    model_name(v1::ModelFamily::Kandinsky22),
-    distilled_model_name(v1::ModelFamily::Kandinsky21),
-    distilled_model_name(v1::ModelFamily::Kandinsky22),
+pub const MODEL_NAMES: [&str; 8] = [
+    "kandinsky-2-2",
+    "kandinsky-2-2-distilled",
+    "kandinsky-2-2-inpaint",
+    "kandinsky-2-2-controlnet",
+    "kandinsky-2-1",
+    "kandinsky-2-1-distilled",
+    "kandinsky-2-1-inpaint",
+    "kandinsky-2-1-controlnet",
 ];
 
 #[cfg(feature = "models")]
@@ -179,6 +197,22 @@ pub fn check_requested_dtype(
 mod tests {
     use super::*;
     use kd_testkit::parity::fixtures_dir;
+
+    #[test]
+    fn every_served_name_is_a_public_name() {
+        use v1::DecoderKind as K;
+        for family in [v1::ModelFamily::Kandinsky21, v1::ModelFamily::Kandinsky22] {
+            for kind in [K::Unspecified, K::TextToImage, K::Inpaint, K::Controlnet] {
+                for distilled in [false, true] {
+                    let name = served_name(family, kind, distilled);
+                    assert!(MODEL_NAMES.contains(&name), "{name}");
+                    assert!(name.starts_with(model_name(family)), "{name}");
+                }
+            }
+        }
+        let distinct: std::collections::HashSet<_> = MODEL_NAMES.iter().collect();
+        assert_eq!(distinct.len(), MODEL_NAMES.len());
+    }
 
     #[test]
     fn revision_is_stable_and_depends_on_the_components() {

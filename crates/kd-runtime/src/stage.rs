@@ -340,12 +340,13 @@ impl<M: StageModel> StageInfoService<M> {
 impl<M: StageModel> v1::stage_info_server::StageInfo for StageInfoService<M> {
     async fn info(
         &self,
-        _request: Request<v1::StageInfoRequest>,
-    ) -> Result<Response<v1::ModelInfo>, Status> {
+        _request: Request<v1::InfoRequest>,
+    ) -> Result<Response<v1::InfoResponse>, Status> {
         let guard = self.stage.metrics.start("Info");
         let info = self.stage.model().map(|m| m.info().clone());
         guard.finish(&info);
-        info.map(Response::new).map_err(Status::from)
+        info.map(|model| Response::new(v1::InfoResponse { model: Some(model) }))
+            .map_err(Status::from)
     }
 }
 

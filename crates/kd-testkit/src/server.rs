@@ -139,7 +139,8 @@ pub async fn stage_info(
     channel: tonic::transport::Channel,
 ) -> Result<kd_proto::v1::ModelInfo, tonic::Status> {
     kd_proto::v1::stage_info_client::StageInfoClient::new(channel)
-        .info(kd_proto::v1::StageInfoRequest {})
+        .info(kd_proto::v1::InfoRequest {})
         .await
         .map(tonic::Response::into_inner)
+        .map(|r| r.model.unwrap_or_default())
 }

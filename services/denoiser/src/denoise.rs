@@ -29,7 +29,7 @@ pub fn denoise(
         &mut noise,
         &mut |p| {
             metrics.steps(1);
-            match progress(&p, preview_every, sink) {
+            match progress(&p, preview_every, model.movq_scale_factor, sink) {
                 Ok(()) => true,
                 Err(e) => {
                     stopped = Some(e);
@@ -61,12 +61,14 @@ pub fn denoise(
 fn progress(
     p: &kd_models::decoder::StepProgress<'_>,
     preview_every: usize,
+    movq_scale_factor: usize,
     sink: &Sink<DenoiseEvent>,
 ) -> Result<(), ServiceError> {
     let step = p.step + 1;
     let preview = if preview_every > 0 && step.is_multiple_of(preview_every) {
         // DPM-Solver++ has no x0 estimate: the current latents stand in.
-        Some(to_wire(p.pred_original_sample.unwrap_or(p.latents))?)
+        let x0 = p.pred_original_sample.unwrap_or(p.latents);
+        Some(to_wire(&preview_latents(x0, movq_scale_factor)?)?)
     } else {
         None
     };
@@ -82,4 +84,53 @@ fn progress(
             .check_at(format_args!("after {step} of {} denoising steps", p.total))?;
     }
     Ok(())
+}
+
+/// Longest side, in pixels, of a decoded preview (`DenoiseProgress.preview_latents`).
+pub const PREVIEW_MAX_SIDE: usize = 256;
+
+/// The preview of predicted latents (B, C, h, w): average-pooled by the smallest integer factor
+/// that brings their decoded long side (`side × movq_scale_factor`) to at most
+/// [`PREVIEW_MAX_SIDE`] pixels, so a preview costs a small MoVQ decode and a small message.
+pub fn preview_latents(latents: &Tensor, movq_scale_factor: usize) -> Result<Tensor, ServiceError> {
+    let (_, _, h, w) = latents.dims4()?;
+    let max_latent = (PREVIEW_MAX_SIDE / movq_scale_factor.max(1)).max(1);
+    let factor = h.max(w).div_ceil(max_latent).max(1);
+    if factor == 1 {
+        return Ok(latents.to_dtype(candle_core::DType::F32)?);
+    }
+    Ok(latents
+        .to_dtype(candle_core::DType::F32)?
+        .avg_pool2d(factor)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn previews_decode_to_at_most_256_pixels_on_the_long_side() {
+        for (h, w, scale, want) in [
+            (8, 8, 8, (8, 8)),
+            (64, 64, 8, (32, 32)),
+            (256, 128, 8, (32, 16)),
+            (72, 40, 8, (24, 13)),
+            (64, 64, 2, (64, 64)),
+            (256, 256, 2, (128, 128)),
+        ] {
+            let t = Tensor::ones((2, 4, h, w), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let p = preview_latents(&t, scale).unwrap();
+            let (b, c, ph, pw) = p.dims4().unwrap();
+            assert_eq!(
+                (b, c, ph, pw),
+                (2, 4, want.0, want.1),
+                "{h}x{w} scale {scale}"
+            );
+            assert!(ph.max(pw) * scale <= PREVIEW_MAX_SIDE);
+            // Average pooling keeps a constant field constant.
+            let v: Vec<f32> = p.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(v.iter().all(|x| (x - 1.0).abs() < 1e-6));
+        }
+    }
 }

@@ -127,6 +127,11 @@ pub async fn run_with_listeners(
     let stage = Stage::new(STAGE, config.max_concurrency, config.common.max_queue);
     let service = Denoiser::new(stage.clone(), config.max_batch, config.pixels);
     let launch = Launch::stage(stage, &config.common).serve(service);
-    let load = blocking(move || DecoderModel::load_and_warm(&config.stage, &config.schedule));
+    let pixels = config.pixels;
+    let load = blocking(move || {
+        let mut model = DecoderModel::load_and_warm(&config.stage, &config.schedule)?;
+        model.info.max_pixels = pixels.limit(&model.device);
+        Ok(model)
+    });
     launch.run(listeners, shutdown, load).await
 }

@@ -167,6 +167,13 @@ impl DecoderModel {
             (ts, _) => Schedule::Timesteps(ts.to_vec()),
         };
         info.distilled = distilled;
+        info.decoder_kind = if unet.sample_channels() == 9 {
+            v1::DecoderKind::Inpaint
+        } else if unet.takes_hint() {
+            v1::DecoderKind::Controlnet
+        } else {
+            v1::DecoderKind::TextToImage
+        } as i32;
         info.default_steps = default_schedule.steps().try_into()?;
         if let Schedule::Timesteps(ts) = &default_schedule {
             info.default_timesteps = ts

@@ -297,7 +297,22 @@ fn decode_mode(
 ) -> Result<(DecoderMode, Option<Vec<usize>>), ServiceError> {
     let image_latents = decode_opt(model, limits, req.image_latents.as_ref(), "image_latents")?;
     let strength = f64::from(req.strength);
-    match (&req.mask, image_latents, &req.hint) {
+    let hint = match (&req.hint, req.hint_image.is_empty()) {
+        (Some(_), false) => {
+            return Err(invalid(
+                "hint_image",
+                "give either hint (a tensor) or hint_image (an encoded image), not both",
+            ))
+        }
+        (Some(h), true) => Some(decode(model, limits, h, "hint")?),
+        (None, false) => Some(hint_from_image(
+            &req.hint_image,
+            lh * model.movq_scale_factor,
+            lw * model.movq_scale_factor,
+        )?),
+        (None, true) => None,
+    };
+    match (&req.mask, image_latents, hint) {
         (Some(_), _, Some(_)) | (None, Some(_), Some(_)) => Err(invalid(
             "hint",
             "a hint applies only to text-to-image with a ControlNet UNet (no image_latents, no mask)",
@@ -336,10 +351,7 @@ fn decode_mode(
                 "{strength}; applies only with image_latents (img2img), allowed: 0 (unset) here"
             ),
         )),
-        (None, None, Some(h)) => {
-            let hint = decode(model, limits, h, "hint")?;
-            Ok((DecoderMode::Controlnet { hint }, None))
-        }
+        (None, None, Some(hint)) => Ok((DecoderMode::Controlnet { hint }, None)),
         (None, None, None) => Ok((DecoderMode::Text2Img, None)),
     }
 }
@@ -425,6 +437,13 @@ fn check_attention_mask(
         )),
         _ => Ok(()),
     }
+}
+
+/// An encoded hint image as the ControlNet takes it: resized (bicubic) to `h × w` when its size
+/// differs, (1, 3, h, w) f32 RGB / 255.
+fn hint_from_image(bytes: &[u8], h: usize, w: usize) -> Result<Tensor, ServiceError> {
+    let img = kd_models::image::decode_rgb("hint_image", bytes)?;
+    Ok(kd_models::image::preprocess_hint(&img, h, w)?)
 }
 
 #[cfg(test)]

@@ -133,17 +133,17 @@ impl StageClients<'_> {
         self.pools[3]
     }
 
-    /// `TextEncoder.Encode`.
-    pub async fn encode(
+    /// `TextEncoder.EncodeText`.
+    pub async fn encode_text(
         &self,
         req: v1::EncodeTextRequest,
     ) -> Result<v1::EncodeTextResponse, ServiceError> {
         let r = call(
             self.text_encoder(),
-            "Encode",
+            "EncodeText",
             self.ctx,
             req,
-            |ch, r| async move { limits!(TextEncoderClient::new(ch)).encode(r).await },
+            |ch, r| async move { limits!(TextEncoderClient::new(ch)).encode_text(r).await },
         )
         .await?;
         if r.prior_conditioning.is_none() {
@@ -153,7 +153,7 @@ impl StageClients<'_> {
     }
 
     /// `Prior.Sample`: the image embeddings.
-    pub async fn sample(&self, req: v1::PriorSampleRequest) -> Result<v1::Tensor, ServiceError> {
+    pub async fn sample(&self, req: v1::SampleRequest) -> Result<v1::Tensor, ServiceError> {
         call(self.prior(), "Sample", self.ctx, req, |ch, r| async move {
             limits!(PriorClient::new(ch)).sample(r).await
         })
@@ -179,17 +179,17 @@ impl StageClients<'_> {
         .ok_or_else(|| missing("prior", "image_embeds"))
     }
 
-    /// `Prior.EncodeImages`: the images' CLIP embeddings.
-    pub async fn encode_images(
+    /// `Prior.EmbedImages`: the images' CLIP embeddings.
+    pub async fn embed_images(
         &self,
-        req: v1::EncodeImagesRequest,
+        req: v1::EmbedImagesRequest,
     ) -> Result<v1::Tensor, ServiceError> {
         call(
             self.prior(),
-            "EncodeImages",
+            "EmbedImages",
             self.ctx,
             req,
-            |ch, r| async move { limits!(PriorClient::new(ch)).encode_images(r).await },
+            |ch, r| async move { limits!(PriorClient::new(ch)).embed_images(r).await },
         )
         .await?
         .image_embeds
@@ -233,15 +233,19 @@ impl StageClients<'_> {
         stream.message().await.map_err(stage_err("denoiser"))
     }
 
-    /// `Movq.Encode`: the init image's latents and, when masks were sent, the repaint mask.
-    pub async fn encode_image(
+    /// `Movq.EncodeImages`: the init image's latents and, when masks were sent, the repaint mask.
+    pub async fn encode_images(
         &self,
-        req: v1::EncodeRequest,
+        req: v1::EncodeImagesRequest,
     ) -> Result<(v1::Tensor, Option<v1::Tensor>), ServiceError> {
-        let want_mask = !req.masks.is_empty();
-        let r = call(self.movq(), "Encode", self.ctx, req, |ch, r| async move {
-            limits!(MovqClient::new(ch)).encode(r).await
-        })
+        let want_mask = !req.masks.is_empty() || req.outpaint.is_some();
+        let r = call(
+            self.movq(),
+            "EncodeImages",
+            self.ctx,
+            req,
+            |ch, r| async move { limits!(MovqClient::new(ch)).encode_images(r).await },
+        )
         .await?;
         let latents = r.latents.ok_or_else(|| missing("movq", "latents"))?;
         if want_mask && r.mask.is_none() {
@@ -250,26 +254,33 @@ impl StageClients<'_> {
         Ok((latents, r.mask))
     }
 
-    /// `Movq.Decode`: the encoded images.
-    pub async fn decode(&self, req: v1::DecodeRequest) -> Result<Vec<v1::Image>, ServiceError> {
-        Ok(
-            call(self.movq(), "Decode", self.ctx, req, |ch, r| async move {
-                limits!(MovqClient::new(ch)).decode(r).await
-            })
-            .await?
-            .images,
+    /// `Movq.DecodeLatents`: the encoded images.
+    pub async fn decode_latents(
+        &self,
+        req: v1::DecodeLatentsRequest,
+    ) -> Result<Vec<v1::Image>, ServiceError> {
+        Ok(call(
+            self.movq(),
+            "DecodeLatents",
+            self.ctx,
+            req,
+            |ch, r| async move { limits!(MovqClient::new(ch)).decode_latents(r).await },
         )
+        .await?
+        .images)
     }
 
     /// `StageInfo.Info` of each of the four stages, with the stage's name.
     pub async fn infos(&self) -> Result<Vec<(&'static str, v1::ModelInfo)>, ServiceError> {
         let mut infos = Vec::with_capacity(self.pools.len());
         for pool in self.pools {
-            let req = v1::StageInfoRequest {};
+            let req = v1::InfoRequest {};
             let info = call(pool, "Info", self.ctx, req, |ch, r| async move {
                 StageInfoClient::new(ch).info(r).await
             })
-            .await?;
+            .await?
+            .model
+            .ok_or_else(|| missing(pool.stage(), "model"))?;
             infos.push((pool.stage(), info));
         }
         Ok(infos)

@@ -6,7 +6,7 @@ use crate::balance::Pool;
 use crate::clients::{Ctx, StageClients};
 use crate::sampling::DecoderProfile;
 use kd_proto::v1;
-use kd_runtime::model_info::{distilled_model_name, model_name};
+use kd_runtime::model_info::{model_name, served_name};
 use kd_runtime::ServiceError;
 use std::time::Instant;
 
@@ -95,16 +95,44 @@ pub async fn served_model(stages: &Stages, ctx: &Ctx) -> Result<ServedModel, Ser
     }
     let decoder = DecoderProfile::of(&infos[2].1);
     let m = ServedModel {
-        name: if decoder.distilled {
-            distilled_model_name(family)
-        } else {
-            model_name(family)
-        },
+        name: served_name(family, decoder.kind, decoder.distilled),
         family,
         decoder,
     };
     *served = Some((Instant::now(), m.clone()));
     Ok(m)
+}
+
+/// The tasks a decoder serves (`ModelDescription.tasks`).
+pub fn tasks(kind: v1::DecoderKind) -> &'static [v1::TaskKind] {
+    use v1::TaskKind as T;
+    match kind {
+        v1::DecoderKind::Inpaint => &[T::Inpaint, T::Outpaint],
+        v1::DecoderKind::Controlnet => &[T::TextToImage],
+        v1::DecoderKind::TextToImage | v1::DecoderKind::Unspecified => {
+            &[T::TextToImage, T::ImageToImage, T::Variation, T::Fusion]
+        }
+    }
+}
+
+/// How a task reads in errors.
+pub fn task_name(task: v1::TaskKind) -> &'static str {
+    match task {
+        v1::TaskKind::TextToImage | v1::TaskKind::Unspecified => "text-to-image",
+        v1::TaskKind::ImageToImage => "image-to-image",
+        v1::TaskKind::Inpaint => "inpaint",
+        v1::TaskKind::Outpaint => "outpaint",
+        v1::TaskKind::Variation => "variation",
+        v1::TaskKind::Fusion => "fusion",
+    }
+}
+
+impl ServedModel {
+    /// Whether this model serves `task` (with `hint` or without).
+    pub fn serves(&self, task: v1::TaskKind, hint: bool) -> bool {
+        tasks(self.decoder.kind).contains(&task)
+            && hint == (self.decoder.kind == v1::DecoderKind::Controlnet)
+    }
 }
 
 /// The error of stages that serve different families, naming each.
@@ -178,6 +206,62 @@ impl Models {
         }
     }
 
+    /// The refusal of a request for `task` (with a `hint` or without) by `served`, which does
+    /// not serve it: names the model and the served models that do. Asked before any stage
+    /// runs (stage sets that cannot be asked are left out of the list).
+    pub async fn refuse_task(
+        &self,
+        served: &ServedModel,
+        task: v1::TaskKind,
+        hint: bool,
+        ctx: &Ctx,
+    ) -> ServiceError {
+        let mut others: Vec<&'static str> = Vec::new();
+        for stages in &self.stacks {
+            if let Ok(m) = served_model(stages, ctx).await {
+                if m.serves(task, hint) && !others.contains(&m.name) {
+                    others.push(m.name);
+                }
+            }
+        }
+        let alternatives = if others.is_empty() {
+            "no model of this deployment does".to_string()
+        } else {
+            format!("served by: {}", others.join(", "))
+        };
+        let what = task_name(task);
+        let serves: Vec<&str> = tasks(served.decoder.kind)
+            .iter()
+            .map(|&t| task_name(t))
+            .collect();
+        match (served.decoder.kind, hint) {
+            (v1::DecoderKind::Controlnet, false) if task == v1::TaskKind::TextToImage => {
+                ServiceError::invalid(
+                    "text_to_image.hint",
+                    format!(
+                        "required: model {} is a ControlNet decoder, which takes a depth hint",
+                        served.name
+                    ),
+                )
+            }
+            (_, true) => ServiceError::invalid(
+                "text_to_image.hint",
+                format!(
+                    "model {} has no ControlNet decoder; a hint is {alternatives}",
+                    served.name
+                ),
+            ),
+            _ => ServiceError::invalid(
+                "model",
+                format!(
+                    "{:?} does not serve {what} (it serves {}); {what} is {alternatives}",
+                    served.name,
+                    serves.join(", ")
+                ),
+            ),
+        }
+    }
+
     /// What `ListModels` answers: each served model once, the default marked. Stage sets that
     /// cannot be asked are left out; if none can, the first error.
     pub async fn list(&self, ctx: &Ctx) -> Result<Vec<v1::ModelDescription>, ServiceError> {
@@ -192,6 +276,8 @@ impl Models {
                     distilled: m.decoder.distilled,
                     default_steps: m.decoder.default_steps,
                     default_timesteps: m.decoder.default_timesteps.clone(),
+                    tasks: tasks(m.decoder.kind).iter().map(|&t| t as i32).collect(),
+                    takes_hint: m.decoder.kind == v1::DecoderKind::Controlnet,
                 }),
                 Ok(_) => {}
                 Err(e) => {

@@ -54,6 +54,10 @@ pub async fn generate(
     ctx: &Ctx,
 ) -> Result<(Vec<v1::GeneratedImage>, &'static str), ServiceError> {
     let (st, served) = models.select(plan.model.as_deref(), ctx).await?;
+    let (task, hint) = (plan.task.kind(), plan.task.has_hint());
+    if !served.serves(task, hint) {
+        return Err(models.refuse_task(&served, task, hint, ctx).await);
+    }
     let plan = &plan.for_model(&served.decoder)?;
     let mut work = Work::default();
     for &step in stage_graph(served.family) {
@@ -157,7 +161,7 @@ async fn encode_text(
     }
     let enc = st
         .clients(ctx)
-        .encode(v1::EncodeTextRequest { prompts })
+        .encode_text(v1::EncodeTextRequest { prompts })
         .await?;
     check_family("text_encoder", enc.model.as_ref(), served)?;
     let all = enc.prior_conditioning.unwrap_or_default();
@@ -191,11 +195,11 @@ async fn prior_embeddings(
 ) -> Result<Embeddings, ServiceError> {
     let image = match &plan.task {
         Task::Variation { image } => {
-            let req = v1::EncodeImagesRequest {
+            let req = v1::EmbedImagesRequest {
                 images: vec![image.clone()],
                 ..Default::default()
             };
-            let e = st.clients(ctx).encode_images(req).await?;
+            let e = st.clients(ctx).embed_images(req).await?;
             repeat_rows(&e, plan.seeds.len())?
         }
         Task::Fusion { items } => fusion_embeddings(st, ctx, plan, texts, items).await?,
@@ -217,7 +221,7 @@ async fn sample(
     conditioning: &v1::TextEmbeddings,
     uncond: &v1::TextEmbeddings,
 ) -> Result<v1::Tensor, ServiceError> {
-    let req = v1::PriorSampleRequest {
+    let req = v1::SampleRequest {
         conditioning: Some(repeat_conditioning(conditioning, plan.seeds.len())?),
         unconditional: Some(uncond.clone()),
         num_inference_steps: plan.sampling.prior_steps,
@@ -295,9 +299,33 @@ async fn init_image(st: &Stages, ctx: &Ctx, plan: &Plan) -> Result<Init, Service
                 mask,
             })
         }
-        Task::Outpaint { .. } => Err(ServiceError::Unimplemented(
-            "outpaint is not served by this deployment yet".into(),
-        )),
+        Task::Outpaint {
+            image,
+            left,
+            top,
+            right,
+            bottom,
+        } => {
+            let margins = v1::OutpaintMargins {
+                left: *left,
+                top: *top,
+                right: *right,
+                bottom: *bottom,
+            };
+            let req = v1::EncodeImagesRequest {
+                images: vec![image.clone()],
+                outpaint: Some(margins),
+                width: plan.width,
+                height: plan.height,
+                ..Default::default()
+            };
+            let (latents, mask) = st.clients(ctx).encode_images(req).await?;
+            Ok(Init {
+                latents: Some(latents),
+                strength: 0.0,
+                mask,
+            })
+        }
         _ => Ok(Init::default()),
     }
 }
@@ -336,6 +364,10 @@ async fn denoise(
         strength: init.strength,
         mask: init.mask,
         preview_every: plan.preview_every,
+        hint_image: match &plan.task {
+            Task::TextToImage { hint: Some(h) } => h.clone(),
+            _ => Vec::new(),
+        },
         ..Default::default()
     };
     let mut stream = st.clients(ctx).denoise(req).await?;
@@ -414,14 +446,14 @@ async fn encode_image(
     mask: Option<&[u8]>,
     plan: &Plan,
 ) -> Result<(v1::Tensor, Option<v1::Tensor>), ServiceError> {
-    let req = v1::EncodeRequest {
+    let req = v1::EncodeImagesRequest {
         images: vec![image.to_vec()],
         masks: mask.map(|m| vec![m.to_vec()]).unwrap_or_default(),
         width: plan.width,
         height: plan.height,
         ..Default::default()
     };
-    st.clients(ctx).encode_image(req).await
+    st.clients(ctx).encode_images(req).await
 }
 
 async fn decode(
@@ -431,11 +463,11 @@ async fn decode(
     format: v1::ImageFormat,
     quality: u32,
 ) -> Result<Vec<v1::Image>, ServiceError> {
-    let req = v1::DecodeRequest {
+    let req = v1::DecodeLatentsRequest {
         latents: Some(latents),
         format: format as i32,
         quality,
         ..Default::default()
     };
-    st.clients(ctx).decode(req).await
+    st.clients(ctx).decode_latents(req).await
 }

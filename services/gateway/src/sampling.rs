@@ -9,6 +9,8 @@ use kd_runtime::ServiceError;
 pub const MAX_STEPS: u32 = 1000;
 /// Largest guidance scale.
 pub const MAX_GUIDANCE: f32 = 100.0;
+/// Fewest prior steps: the UnCLIP schedule needs two timesteps (diffusers divides by N − 1).
+pub const PRIOR_MIN_STEPS: u32 = 2;
 /// Guidance of a teacher when unset.
 pub const DEFAULT_GUIDANCE: f32 = 4.0;
 /// Guidance of a distilled student when unset: none (it was distilled without CFG).
@@ -22,6 +24,10 @@ pub struct DecoderProfile {
     /// Its default schedule: `default_timesteps` when not empty, else `default_steps` steps.
     pub default_steps: u32,
     pub default_timesteps: Vec<u32>,
+    /// What its UNet takes (text-to-image, inpaint, ControlNet).
+    pub kind: v1::DecoderKind,
+    /// The largest image it computes, height × width (0 = not reported).
+    pub max_pixels: u64,
 }
 
 impl DecoderProfile {
@@ -31,6 +37,8 @@ impl DecoderProfile {
             distilled: false,
             default_steps: 50,
             default_timesteps: Vec::new(),
+            kind: v1::DecoderKind::TextToImage,
+            max_pixels: 0,
         }
     }
 
@@ -45,6 +53,12 @@ impl DecoderProfile {
                 info.default_steps
             },
             default_timesteps: info.default_timesteps.clone(),
+            // A denoiser that reports no kind predates the field: a text-to-image UNet.
+            kind: match info.decoder_kind() {
+                v1::DecoderKind::Unspecified => v1::DecoderKind::TextToImage,
+                k => k,
+            },
+            max_pixels: info.max_pixels,
         }
     }
 }
@@ -139,8 +153,11 @@ impl Requested {
         }
         Ok(Self {
             quality,
-            // The UnCLIP schedule needs two timesteps at least (diffusers divides by N − 1).
-            prior_steps: steps("prior.num_inference_steps", prior.num_inference_steps, 2)?,
+            prior_steps: steps(
+                "prior.num_inference_steps",
+                prior.num_inference_steps,
+                PRIOR_MIN_STEPS,
+            )?,
             prior_guidance: guidance("prior.guidance_scale", prior.guidance_scale)?,
             decoder_steps: steps(
                 "decoder.num_inference_steps",
@@ -255,6 +272,7 @@ mod tests {
             distilled: true,
             default_steps: if ts.is_empty() { 4 } else { ts.len() as u32 },
             default_timesteps: ts.to_vec(),
+            ..DecoderProfile::teacher()
         }
     }
 

@@ -47,7 +47,10 @@ pub enum FusionInput {
 /// What to generate.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Task {
-    TextToImage,
+    TextToImage {
+        /// A ControlNet depth hint (encoded image).
+        hint: Option<Vec<u8>>,
+    },
     ImageToImage {
         image: Vec<u8>,
         strength: f32,
@@ -161,7 +164,7 @@ pub fn validate(
     check_input_bytes(&task, limits)?;
     let needs_prompt = matches!(
         task,
-        Task::TextToImage
+        Task::TextToImage { .. }
             | Task::ImageToImage { .. }
             | Task::Inpaint { .. }
             | Task::Outpaint { .. }
@@ -170,6 +173,17 @@ pub fn validate(
     check_text("negative_prompt", &req.negative_prompt, limits, false)?;
     let width = side("width", req.width, limits)?;
     let height = side("height", req.height, limits)?;
+    if let Task::Outpaint {
+        left,
+        top,
+        right,
+        bottom,
+        ..
+    } = &task
+    {
+        outpaint_inner(("outpaint.left", width, *left, *right))?;
+        outpaint_inner(("outpaint.top", height, *top, *bottom))?;
+    }
     let seeds = seeds(req, limits, random_seed)?;
     let requested = Requested::of(req)?;
     let (format, quality) = output(req.output.unwrap_or_default())?;
@@ -201,7 +215,16 @@ pub fn validate(
 /// The task, one function per kind (no task = text-to-image).
 fn task(task: Option<&ProtoTask>, limits: &Limits) -> Result<Task, ServiceError> {
     match task {
-        None | Some(ProtoTask::TextToImage(_)) => Ok(Task::TextToImage),
+        None => Ok(Task::TextToImage { hint: None }),
+        Some(ProtoTask::TextToImage(t)) => {
+            let hint = if t.hint.is_empty() {
+                None
+            } else {
+                check_image("text_to_image.hint", &t.hint, limits)?;
+                Some(t.hint.clone())
+            };
+            Ok(Task::TextToImage { hint })
+        }
         Some(ProtoTask::ImageToImage(t)) => image_to_image(t, limits),
         Some(ProtoTask::Inpaint(t)) => inpaint(t, limits),
         Some(ProtoTask::Outpaint(t)) => outpaint(t, limits),
@@ -287,7 +310,7 @@ fn variation(t: &v1::Variation, limits: &Limits) -> Result<Task, ServiceError> {
 }
 
 /// Most fusion inputs.
-const MAX_FUSION_ITEMS: usize = 16;
+pub const MAX_FUSION_ITEMS: usize = 16;
 
 fn fusion(f: &v1::Fusion, limits: &Limits) -> Result<Task, ServiceError> {
     if f.items.is_empty() {
@@ -339,7 +362,7 @@ fn fusion_item(
 /// All input images (and the mask) together fit in the request limit, summed checked.
 fn check_input_bytes(task: &Task, limits: &Limits) -> Result<(), ServiceError> {
     let sizes: Vec<usize> = match task {
-        Task::TextToImage => vec![],
+        Task::TextToImage { hint } => hint.iter().map(Vec::len).collect(),
         Task::ImageToImage { image, .. }
         | Task::Outpaint { image, .. }
         | Task::Variation { image } => vec![image.len()],
@@ -405,12 +428,78 @@ fn check_preview_every(every: u32, steps: u32) -> Result<(), ServiceError> {
     Ok(())
 }
 
+/// Smallest inner rectangle of an outpainting canvas, per side (the MoVQ stage's
+/// `OUTPAINT_MIN_INNER`).
+pub const OUTPAINT_MIN_INNER: u32 = 64;
+
+/// The kept image of an outpainting canvas: `side − a − b` ≥ [`OUTPAINT_MIN_INNER`], checked.
+fn outpaint_inner((field, side, a, b): (&str, u32, u32, u32)) -> Result<(), ServiceError> {
+    let inner = a.checked_add(b).and_then(|m| side.checked_sub(m));
+    match inner {
+        Some(v) if v >= OUTPAINT_MIN_INNER => Ok(()),
+        _ => Err(bad(
+            field,
+            format!(
+                "margins {a} + {b} leave less than {OUTPAINT_MIN_INNER} pixels of the \
+                 {side}-pixel canvas for the image; allowed: margins summing to at most {}",
+                side.saturating_sub(OUTPAINT_MIN_INNER)
+            ),
+        )),
+    }
+}
+
+impl Task {
+    /// The task's kind (`ModelDescription.tasks`).
+    pub fn kind(&self) -> v1::TaskKind {
+        match self {
+            Task::TextToImage { .. } => v1::TaskKind::TextToImage,
+            Task::ImageToImage { .. } => v1::TaskKind::ImageToImage,
+            Task::Inpaint { .. } => v1::TaskKind::Inpaint,
+            Task::Outpaint { .. } => v1::TaskKind::Outpaint,
+            Task::Variation { .. } => v1::TaskKind::Variation,
+            Task::Fusion { .. } => v1::TaskKind::Fusion,
+        }
+    }
+
+    /// Whether the task carries a ControlNet hint.
+    pub fn has_hint(&self) -> bool {
+        matches!(self, Task::TextToImage { hint: Some(_) })
+    }
+}
+
 impl Plan {
     /// This plan with its sampling resolved for the model that serves it (a distilled student
-    /// gets its own schedule and no CFG by default).
+    /// gets its own schedule and no CFG by default), and checked against what that model's
+    /// denoiser reports: its largest image, and image-to-image's steps.
     pub fn for_model(&self, profile: &DecoderProfile) -> Result<Plan, ServiceError> {
         let sampling = self.requested.resolve(profile)?;
         check_preview_every(self.preview_every, sampling.decoder_steps)?;
+        let pixels = u64::from(self.width) * u64::from(self.height);
+        if profile.max_pixels > 0 && pixels > profile.max_pixels {
+            return Err(bad(
+                "width",
+                format!(
+                    "{}×{} = {pixels} pixels; this model's denoiser allows width × height ≤ {} \
+                     (its --max-pixels)",
+                    self.width, self.height, profile.max_pixels
+                ),
+            ));
+        }
+        if let Task::ImageToImage { strength, .. } = &self.task {
+            // The denoiser runs the last floor(steps × strength) steps, as diffusers.
+            let runs = (f64::from(sampling.decoder_steps) * f64::from(*strength)).floor();
+            if runs < 1.0 {
+                return Err(bad(
+                    "image_to_image.strength",
+                    format!(
+                        "{strength} × {} decoder steps runs no step; allowed: strength ≥ 1 / \
+                         decoder steps ({:.4})",
+                        sampling.decoder_steps,
+                        1.0 / f64::from(sampling.decoder_steps.max(1))
+                    ),
+                ));
+            }
+        }
         Ok(Plan {
             sampling,
             ..self.clone()

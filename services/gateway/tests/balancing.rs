@@ -15,18 +15,18 @@ async fn replica() -> TestServer {
 
 /// Decode calls a replica has counted.
 async fn decode_count(replica: &TestServer) -> u64 {
-    let labels = [("method", "Decode"), ("stage", "movq")];
+    let labels = [("method", "DecodeLatents"), ("stage", "movq")];
     metric_at(replica.metrics, "kd_requests_total", &labels).await as u64
 }
 
-fn request() -> v1::DecodeRequest {
+fn request() -> v1::DecodeLatentsRequest {
     let z = candle_core::Tensor::zeros(
         (1, 4, 4, 4),
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    v1::DecodeRequest {
+    v1::DecodeLatentsRequest {
         latents: Some(kd_proto::to_wire(&z).unwrap()),
         ..Default::default()
     }
@@ -42,7 +42,7 @@ async fn calls_spread_over_replicas_and_survive_one_going_away() {
     assert_eq!(pool.len(), 2);
     // One call as the gateway makes it (retried once on another replica when UNAVAILABLE).
     let call = |pool: Pool| async move {
-        pool.call(|ch| async move { MovqClient::new(ch).decode(request()).await })
+        pool.call(|ch| async move { MovqClient::new(ch).decode_latents(request()).await })
             .await
     };
     // Both replicas load their model; wait until each reports SERVING.

@@ -42,10 +42,8 @@ async fn info(
         .await
         .unwrap();
     pool.call(|ch| async move {
-        let resp = StageInfoClient::new(ch)
-            .info(v1::StageInfoRequest {})
-            .await?;
-        Ok(resp.into_inner().component)
+        let resp = StageInfoClient::new(ch).info(v1::InfoRequest {}).await?;
+        Ok(resp.into_inner().model.unwrap_or_default().component)
     })
     .await
 }

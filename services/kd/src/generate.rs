@@ -81,6 +81,17 @@ pub struct GenerateArgs {
     /// Variation of this image (the prompt is ignored).
     #[arg(long)]
     pub variation: Option<PathBuf>,
+    /// Outpaint --init-image: margins LEFT,TOP,RIGHT,BOTTOM in pixels of the output canvas
+    /// (--width × --height); needs a model with an inpainting decoder.
+    #[arg(long, value_delimiter = ',', num_args = 4, value_names = ["LEFT", "TOP", "RIGHT", "BOTTOM"])]
+    pub outpaint: Vec<u32>,
+    /// ControlNet depth hint image (text-to-image on a `-controlnet` model).
+    #[arg(long)]
+    pub hint: Option<PathBuf>,
+    /// Machine-readable output: one JSON object per line on stdout (an `image` line per image,
+    /// then a `done` line), no progress bar.
+    #[arg(long)]
+    pub json: bool,
     /// Output format: png, jpeg, webp.
     #[arg(long, default_value = "png")]
     pub format: String,
@@ -129,18 +140,35 @@ fn read(p: &PathBuf) -> anyhow::Result<Vec<u8>> {
 
 /// Builds the request from the flags.
 pub fn request(a: &GenerateArgs) -> anyhow::Result<v1::GenerateRequest> {
-    let task = match (&a.init_image, &a.mask, &a.variation) {
-        (Some(img), Some(mask), None) => Some(Task::Inpaint(v1::Inpaint {
+    let outpaint = a.outpaint.as_slice();
+    anyhow::ensure!(
+        a.hint.is_none() || (a.init_image.is_none() && a.variation.is_none()),
+        "--hint applies to text-to-image only (not with --init-image or --variation)"
+    );
+    let task = match (&a.init_image, &a.mask, &a.variation, outpaint) {
+        (Some(img), None, None, &[left, top, right, bottom]) => {
+            Some(Task::Outpaint(v1::Outpaint {
+                image: read(img)?,
+                left,
+                top,
+                right,
+                bottom,
+            }))
+        }
+        (_, _, _, [_, ..]) => anyhow::bail!("--outpaint needs --init-image (and no --mask)"),
+        (Some(img), Some(mask), None, []) => Some(Task::Inpaint(v1::Inpaint {
             image: read(img)?,
             mask: read(mask)?,
         })),
-        (Some(img), None, None) => Some(Task::ImageToImage(v1::ImageToImage {
+        (Some(img), None, None, []) => Some(Task::ImageToImage(v1::ImageToImage {
             image: read(img)?,
             strength: a.strength,
         })),
-        (None, None, Some(img)) => Some(Task::Variation(v1::Variation { image: read(img)? })),
-        (None, None, None) => Some(Task::TextToImage(v1::TextToImage {})),
-        _ => anyhow::bail!("use --init-image [--mask] or --variation, not both"),
+        (None, None, Some(img), []) => Some(Task::Variation(v1::Variation { image: read(img)? })),
+        (None, None, None, []) => Some(Task::TextToImage(v1::TextToImage {
+            hint: a.hint.as_ref().map(read).transpose()?.unwrap_or_default(),
+        })),
+        _ => anyhow::bail!("use --init-image [--mask | --outpaint] or --variation, not both"),
     };
     Ok(v1::GenerateRequest {
         model: a.model.clone(),
@@ -194,8 +222,87 @@ async fn connect(a: &GenerateArgs) -> anyhow::Result<tonic::transport::Channel> 
     Ok(endpoint.connect_with_connector(connector).await?)
 }
 
+/// How `kd generate` reports: a progress bar on a terminal, plain lines when piped, JSON lines
+/// with `--json`.
+enum Report {
+    Bar(ProgressBar),
+    Lines,
+    Json,
+}
+
+impl Report {
+    fn new(a: &GenerateArgs) -> Self {
+        use std::io::IsTerminal;
+        if a.json {
+            return Report::Json;
+        }
+        if !std::io::stderr().is_terminal() {
+            return Report::Lines;
+        }
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed}")
+                .expect("valid template"),
+        );
+        Report::Bar(bar)
+    }
+
+    fn progress(&self, p: &v1::Progress) {
+        if let Report::Bar(bar) = self {
+            let stage = v1::Stage::try_from(p.stage)
+                .map(|s| s.as_str_name())
+                .unwrap_or("?");
+            bar.set_message(stage.trim_start_matches("STAGE_").to_lowercase());
+            bar.set_length(p.total_steps as u64);
+            bar.set_position(p.step as u64);
+        }
+    }
+
+    fn image(&self, path: &std::path::Path, img: &v1::GeneratedImage) {
+        let (w, h) = img.image.as_ref().map_or((0, 0), |i| (i.width, i.height));
+        let line = format!("wrote {} seed={} size={w}x{h}", path.display(), img.seed);
+        match self {
+            Report::Bar(bar) => bar.println(line),
+            Report::Lines => println!("{line}"),
+            Report::Json => println!(
+                "{}",
+                serde_json::json!({
+                    "event": "image",
+                    "path": path.display().to_string(),
+                    "index": img.index,
+                    "seed": img.seed,
+                    "width": w,
+                    "height": h,
+                })
+            ),
+        }
+    }
+
+    fn done(&self, images: usize, model: &str, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        let line = format!("done: {images} image(s) from {model} in {secs:.1} s");
+        match self {
+            Report::Bar(bar) => {
+                bar.finish_and_clear();
+                eprintln!("{line}");
+            }
+            Report::Lines => println!("{line}"),
+            Report::Json => println!(
+                "{}",
+                serde_json::json!({
+                    "event": "done",
+                    "images": images,
+                    "model": model,
+                    "seconds": secs,
+                })
+            ),
+        }
+    }
+}
+
 /// Runs `kd generate`.
 pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let req = request(&a)?;
     let total = req.num_images.unwrap_or(1).max(1) as usize;
     let ext = format(&a.format)?.1;
@@ -212,37 +319,40 @@ pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
             .insert("authorization", format!("Bearer {k}").parse()?);
     }
     let mut stream = client.generate_stream(request).await?.into_inner();
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed}")
-            .expect("valid template"),
-    );
+    let report = Report::new(&a);
     let mut written = 0;
+    let mut model = String::new();
     while let Some(ev) = stream.message().await? {
         match ev.event {
-            Some(Event::Progress(p)) => {
-                let stage = v1::Stage::try_from(p.stage)
-                    .map(|s| s.as_str_name())
-                    .unwrap_or("?");
-                bar.set_message(stage.trim_start_matches("STAGE_").to_lowercase());
-                bar.set_length(p.total_steps as u64);
-                bar.set_position(p.step as u64);
-            }
+            Some(Event::Progress(p)) => report.progress(&p),
             Some(Event::Image(img)) => {
                 let path = output_path(&a.output, img.index, total, ext);
-                let data = img.image.map(|i| i.data).unwrap_or_default();
+                let data = img.image.as_ref().map(|i| &i.data[..]).unwrap_or_default();
                 std::fs::write(&path, data)
                     .with_context(|| format!("writing {}", path.display()))?;
-                bar.println(format!("wrote {} (seed {})", path.display(), img.seed));
+                report.image(&path, &img);
                 written += 1;
             }
-            Some(Event::Preview(_)) | Some(Event::Done(_)) | None => {}
+            Some(Event::Done(d)) => model = d.model,
+            Some(Event::Preview(_)) | None => {}
         }
     }
-    bar.finish_and_clear();
     anyhow::ensure!(
         written == total,
         "expected {total} images, received {written}"
     );
+    report.done(written, &model, started.elapsed());
     Ok(())
+}
+
+/// The one line `kd` prints for a failure: a gRPC status as its code and message, anything
+/// else as its chain of causes; the debug form (with a backtrace) only under RUST_BACKTRACE.
+pub fn error_line(e: &anyhow::Error) -> String {
+    if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+        return format!("error: {e:?}");
+    }
+    match e.downcast_ref::<tonic::Status>() {
+        Some(s) => format!("error: {:?}: {}", s.code(), s.message()),
+        None => format!("error: {e:#}"),
+    }
 }

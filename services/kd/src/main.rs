@@ -21,9 +21,16 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+async fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().command {
         Command::Up(a) => up::run(a).await,
         Command::Generate(a) => generate::run(*a).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}", generate::error_line(&e));
+            std::process::ExitCode::FAILURE
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! `Movq.Decode`: latents → encoded images (and optionally the post-processed pixels).
+//! `Movq.DecodeLatents`: latents → encoded images (and optionally the post-processed pixels).
 
 use crate::model::Movq;
 use candle_core::{DType, Tensor};
@@ -74,7 +74,7 @@ pub(crate) struct Checked {
 /// Checks one decode request against the loaded model and its deadline (before admission).
 pub(crate) fn check(
     m: &Movq,
-    req: &v1::DecodeRequest,
+    req: &v1::DecodeLatentsRequest,
     deadline: Option<std::time::Instant>,
 ) -> Result<Checked, ServiceError> {
     let checked = Checked {
@@ -92,7 +92,7 @@ pub(crate) fn decode(
     m: &Movq,
     req: Checked,
     cancel: &Cancel,
-) -> Result<v1::DecodeResponse, ServiceError> {
+) -> Result<v1::DecodeLatentsResponse, ServiceError> {
     let format = req.format;
     let z = req.latents.to_dtype(m.vq.dtype())?;
     cancel.check_at("before the MoVQ decoder")?;
@@ -120,7 +120,7 @@ pub(crate) fn decode(
     } else {
         None
     };
-    Ok(v1::DecodeResponse {
+    Ok(v1::DecodeLatentsResponse {
         images,
         pixels,
         model: Some(m.info.clone()),

@@ -1,8 +1,11 @@
-//! `Movq.Encode`: images (and inpaint masks) → latents (and the pre-processed repaint masks).
+//! `Movq.EncodeImages`: images (and inpaint masks) → latents (and the pre-processed repaint masks).
 
 use crate::model::Movq;
 use candle_core::{DType, Tensor};
-use kd_models::image::{decode_image, decode_mask, preprocess_img2img, preprocess_inpaint};
+use kd_models::image::{
+    decode_image, decode_mask, outpaint_canvas, preprocess_img2img, preprocess_inpaint, Margins,
+    MaskImage,
+};
 use kd_proto::v1;
 use kd_runtime::{Cancel, ServiceError};
 
@@ -27,6 +30,7 @@ pub(crate) enum Checked {
     Images {
         images: Vec<Vec<u8>>,
         masks: Vec<Vec<u8>>,
+        outpaint: Option<Margins>,
         h: usize,
         w: usize,
     },
@@ -35,7 +39,7 @@ pub(crate) enum Checked {
 /// Checks one encode request (before admission): images or pixels, counts, sides and shapes.
 pub(crate) fn check(
     m: &Movq,
-    req: v1::EncodeRequest,
+    req: v1::EncodeImagesRequest,
     deadline: Option<std::time::Instant>,
 ) -> Result<Checked, ServiceError> {
     let checked = check_fields(m, req)?;
@@ -51,7 +55,7 @@ pub(crate) fn check(
 }
 
 /// The request's fields: images or pixels, counts, sides and shapes.
-fn check_fields(m: &Movq, req: v1::EncodeRequest) -> Result<Checked, ServiceError> {
+fn check_fields(m: &Movq, req: v1::EncodeImagesRequest) -> Result<Checked, ServiceError> {
     match (req.pixels, req.images.is_empty()) {
         (Some(_), false) => Err(ServiceError::invalid(
             "images",
@@ -81,9 +85,30 @@ fn check_fields(m: &Movq, req: v1::EncodeRequest) -> Result<Checked, ServiceErro
             }
             let (h, w) = (side("height", req.height)?, side("width", req.width)?);
             m.check_pixels("height", h, w)?;
+            let outpaint = match req.outpaint {
+                Some(_) if !req.masks.is_empty() => {
+                    return Err(ServiceError::invalid(
+                        "outpaint",
+                        "give either masks (inpaint) or outpaint margins, not both",
+                    ))
+                }
+                Some(o) => {
+                    let margins = Margins {
+                        left: o.left,
+                        top: o.top,
+                        right: o.right,
+                        bottom: o.bottom,
+                    };
+                    // Checked now, before admission (the sides are at most 2048).
+                    margins.inner(w as u32, h as u32)?;
+                    Some(margins)
+                }
+                None => None,
+            };
             Ok(Checked::Images {
                 images: req.images,
                 masks: req.masks,
+                outpaint,
                 h,
                 w,
             })
@@ -117,15 +142,24 @@ fn check_pixels(m: &Movq, t: &v1::Tensor) -> Result<Tensor, ServiceError> {
 fn preprocess(
     images: &[Vec<u8>],
     masks: &[Vec<u8>],
+    outpaint: Option<Margins>,
     (h, w, sf): (usize, usize, usize),
 ) -> Result<(Tensor, Option<Tensor>), ServiceError> {
     let mut px = Vec::with_capacity(images.len());
-    let mut repaint = Vec::with_capacity(masks.len());
+    let mut repaint = Vec::with_capacity(images.len());
     for (i, bytes) in images.iter().enumerate() {
         let img = decode_image(bytes)?;
-        match masks.get(i) {
-            Some(mask_bytes) => {
-                let (keep, x) = preprocess_inpaint(&img, &decode_mask(mask_bytes)?, h, w, sf)?;
+        let (img, mask) = match (masks.get(i), outpaint) {
+            (Some(mask_bytes), _) => (img, Some(decode_mask(mask_bytes)?)),
+            (None, Some(margins)) => {
+                let (canvas, mask) = outpaint_canvas(&img, w as u32, h as u32, margins)?;
+                (canvas, Some(MaskImage::Luma(mask)))
+            }
+            (None, None) => (img, None),
+        };
+        match mask {
+            Some(mask) => {
+                let (keep, x) = preprocess_inpaint(&img, &mask, h, w, sf)?;
                 repaint.push((1.0 - keep.to_dtype(DType::F32)?)?);
                 px.push(x);
             }
@@ -145,15 +179,16 @@ pub(crate) fn encode(
     m: &Movq,
     req: Checked,
     cancel: &Cancel,
-) -> Result<v1::EncodeResponse, ServiceError> {
+) -> Result<v1::EncodeImagesResponse, ServiceError> {
     let (pixels, mask) = match req {
         Checked::Pixels(x) => (x, None),
         Checked::Images {
             images,
             masks,
+            outpaint,
             h,
             w,
-        } => preprocess(&images, &masks, (h, w, m.vq.scale_factor()))?,
+        } => preprocess(&images, &masks, outpaint, (h, w, m.vq.scale_factor()))?,
     };
     let x = pixels
         .to_device(&m.device)
@@ -164,7 +199,7 @@ pub(crate) fn encode(
             .map_err(|e| cancel.model_error(e))?
             .to_dtype(DType::F32)?;
     let wire = |t: &Tensor| kd_proto::to_wire(t).map_err(ServiceError::from);
-    Ok(v1::EncodeResponse {
+    Ok(v1::EncodeImagesResponse {
         latents: Some(wire(&latents)?),
         mask: mask.as_ref().map(wire).transpose()?,
         model: Some(m.info.clone()),

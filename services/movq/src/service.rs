@@ -23,10 +23,10 @@ impl MovqService {
 
 #[tonic::async_trait]
 impl v1::movq_server::Movq for MovqService {
-    async fn decode(
+    async fn decode_latents(
         &self,
-        request: Request<v1::DecodeRequest>,
-    ) -> Result<Response<v1::DecodeResponse>, Status> {
+        request: Request<v1::DecodeLatentsRequest>,
+    ) -> Result<Response<v1::DecodeLatentsResponse>, Status> {
         let call = Call::of(&request);
         let req = request.into_inner();
         let deadline = call.deadline;
@@ -36,13 +36,13 @@ impl v1::movq_server::Movq for MovqService {
                 .run_blocking(move |c| decode::decode(&m, checked, c))
                 .await
         };
-        self.stage.unary("Decode", call, check, run).await
+        self.stage.unary("DecodeLatents", call, check, run).await
     }
 
-    async fn encode(
+    async fn encode_images(
         &self,
-        request: Request<v1::EncodeRequest>,
-    ) -> Result<Response<v1::EncodeResponse>, Status> {
+        request: Request<v1::EncodeImagesRequest>,
+    ) -> Result<Response<v1::EncodeImagesResponse>, Status> {
         let call = Call::of(&request);
         let req = request.into_inner();
         let deadline = call.deadline;
@@ -52,6 +52,6 @@ impl v1::movq_server::Movq for MovqService {
                 .run_blocking(move |c| encode::encode(&m, checked, c))
                 .await
         };
-        self.stage.unary("Encode", call, check, run).await
+        self.stage.unary("EncodeImages", call, check, run).await
     }
 }

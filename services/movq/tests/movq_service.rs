@@ -42,7 +42,7 @@ async fn decode_and_encode_match_diffusers_over_grpc() {
         ("ns_latents", Some("ns_decoded_nhwc01"), "ns_decoded_u8"),
     ] {
         let resp = c
-            .decode(v1::DecodeRequest {
+            .decode_latents(v1::DecodeLatentsRequest {
                 latents: Some(wire(get(&refs, latents))),
                 return_pixels: true,
                 ..Default::default()
@@ -79,7 +79,7 @@ async fn decode_and_encode_match_diffusers_over_grpc() {
 
     // Encode raw pixels: latents within 1e-4.
     let resp = c
-        .encode(v1::EncodeRequest {
+        .encode_images(v1::EncodeImagesRequest {
             pixels: Some(wire(get(&refs, "image"))),
             ..Default::default()
         })
@@ -97,7 +97,7 @@ async fn decode_and_encode_match_diffusers_over_grpc() {
     // JPEG and WebP outputs decode to images of the right size.
     for format in [v1::ImageFormat::Jpeg, v1::ImageFormat::Webp] {
         let resp = c
-            .decode(v1::DecodeRequest {
+            .decode_latents(v1::DecodeLatentsRequest {
                 latents: Some(wire(get(&refs, "latents"))),
                 format: format as i32,
                 quality: 80,
@@ -112,7 +112,7 @@ async fn decode_and_encode_match_diffusers_over_grpc() {
 
     let text = scrape(srv.metrics).await;
     assert!(
-        text.contains("kd_requests_total{method=\"Decode\",stage=\"movq\"} 4"),
+        text.contains("kd_requests_total{method=\"DecodeLatents\",stage=\"movq\"} 4"),
         "{text}"
     );
     assert!(
@@ -131,7 +131,7 @@ async fn encoded_images_and_masks_are_preprocessed_as_diffusers() {
     let mask = std::fs::read(dir.join("inpaint_mask.png")).unwrap();
 
     let resp = c
-        .encode(v1::EncodeRequest {
+        .encode_images(v1::EncodeImagesRequest {
             images: vec![image.clone()],
             width: 64,
             height: 64,
@@ -148,7 +148,7 @@ async fn encoded_images_and_masks_are_preprocessed_as_diffusers() {
     );
 
     let resp = c
-        .encode(v1::EncodeRequest {
+        .encode_images(v1::EncodeImagesRequest {
             images: vec![image],
             masks: vec![mask],
             width: 64,
@@ -196,31 +196,31 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
         ))
     };
     let decode_cases = [
-        ("latents", v1::DecodeRequest::default()),
+        ("latents", v1::DecodeLatentsRequest::default()),
         (
             "latents",
-            v1::DecodeRequest {
+            v1::DecodeLatentsRequest {
                 latents: z(&[1, 3, 8, 8]),
                 ..Default::default()
             },
         ),
         (
             "latents",
-            v1::DecodeRequest {
+            v1::DecodeLatentsRequest {
                 latents: z(&[1, 4, 0, 8]),
                 ..Default::default()
             },
         ),
         (
             "latents",
-            v1::DecodeRequest {
+            v1::DecodeLatentsRequest {
                 latents: z(&[4, 8, 8]),
                 ..Default::default()
             },
         ),
         (
             "latents",
-            v1::DecodeRequest {
+            v1::DecodeLatentsRequest {
                 latents: Some(v1::Tensor {
                     shape: vec![1, 4, 8, 8],
                     dtype: 1,
@@ -231,7 +231,7 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
         ),
         (
             "format",
-            v1::DecodeRequest {
+            v1::DecodeLatentsRequest {
                 latents: z(&[1, 4, 8, 8]),
                 format: 7,
                 ..Default::default()
@@ -239,7 +239,7 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
         ),
         (
             "quality",
-            v1::DecodeRequest {
+            v1::DecodeLatentsRequest {
                 latents: z(&[1, 4, 8, 8]),
                 format: v1::ImageFormat::Jpeg as i32,
                 quality: 101,
@@ -248,7 +248,7 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
         ),
     ];
     for (field, req) in decode_cases {
-        let e = c.decode(req).await.unwrap_err();
+        let e = c.decode_latents(req).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
         assert!(
             e.message().contains(&format!("invalid `{field}`")),
@@ -258,10 +258,10 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
     }
     let png = std::fs::read(fixtures_dir().join("tiny/reference/decoder/init_image.png")).unwrap();
     let encode_cases = [
-        ("images", v1::EncodeRequest::default()),
+        ("images", v1::EncodeImagesRequest::default()),
         (
             "image",
-            v1::EncodeRequest {
+            v1::EncodeImagesRequest {
                 images: vec![b"not an image".to_vec()],
                 width: 64,
                 height: 64,
@@ -270,7 +270,7 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
         ),
         (
             "image",
-            v1::EncodeRequest {
+            v1::EncodeImagesRequest {
                 images: vec![png[..png.len() / 2].to_vec()],
                 width: 64,
                 height: 64,
@@ -279,7 +279,7 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
         ),
         (
             "width",
-            v1::EncodeRequest {
+            v1::EncodeImagesRequest {
                 images: vec![png.clone()],
                 width: 100,
                 height: 64,
@@ -288,7 +288,7 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
         ),
         (
             "masks",
-            v1::EncodeRequest {
+            v1::EncodeImagesRequest {
                 images: vec![png.clone()],
                 masks: vec![png.clone(), png.clone()],
                 width: 64,
@@ -298,14 +298,14 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
         ),
         (
             "pixels",
-            v1::EncodeRequest {
+            v1::EncodeImagesRequest {
                 pixels: z(&[1, 4, 64, 64]),
                 ..Default::default()
             },
         ),
     ];
     for (field, req) in encode_cases {
-        let e = c.encode(req).await.unwrap_err();
+        let e = c.encode_images(req).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
         assert!(
             e.message().contains(&format!("invalid `{field}`")),
@@ -342,11 +342,11 @@ async fn a_missing_checkpoint_makes_the_service_exit_with_the_reason() {
 fn large_calls(
     budget: Duration,
 ) -> (
-    tonic::Request<v1::DecodeRequest>,
-    tonic::Request<v1::EncodeRequest>,
+    tonic::Request<v1::DecodeLatentsRequest>,
+    tonic::Request<v1::EncodeImagesRequest>,
 ) {
     let latents = Tensor::randn(0f32, 1.0, (1, 4, 256, 256), &Device::Cpu).unwrap();
-    let mut decode = tonic::Request::new(v1::DecodeRequest {
+    let mut decode = tonic::Request::new(v1::DecodeLatentsRequest {
         latents: Some(wire(&latents)),
         ..Default::default()
     });
@@ -355,7 +355,7 @@ fn large_calls(
     image::RgbImage::from_pixel(64, 64, image::Rgb([200, 30, 60]))
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .unwrap();
-    let mut encode = tonic::Request::new(v1::EncodeRequest {
+    let mut encode = tonic::Request::new(v1::EncodeImagesRequest {
         images: vec![png],
         width: 2048,
         height: 2048,
@@ -365,15 +365,15 @@ fn large_calls(
     (decode, encode)
 }
 
-/// `Movq.Decode` / `Movq.Encode` at 2048² with a deadline far below the warm-up estimate:
+/// `Movq.DecodeLatents` / `Movq.EncodeImages` at 2048² with a deadline far below the warm-up estimate:
 /// refused at once, naming the estimate.
 #[tokio::test]
 async fn large_calls_that_cannot_finish_in_time_are_refused_at_once() {
     let (srv, mut c) = start_with("deep/kandinsky-2-2-decoder", &["--max-pixels", "4194304"]).await;
     let (decode, encode) = large_calls(Duration::from_millis(300));
     let t = std::time::Instant::now();
-    let e = c.decode(decode).await.unwrap_err();
-    let e2 = c.encode(encode).await.unwrap_err();
+    let e = c.decode_latents(decode).await.unwrap_err();
+    let e2 = c.encode_images(encode).await.unwrap_err();
     for e in [e, e2] {
         assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
         let m = e.message();
@@ -400,7 +400,7 @@ async fn large_calls_past_their_deadline_stop_inside_the_movq() {
     let (srv, mut c) = start_with("deep/kandinsky-2-2-decoder", &flags).await;
     // 1 s: time for the 1 MB of latents to arrive and be checked on a busy machine.
     let (decode, _) = large_calls(Duration::from_secs(1));
-    let e = c.decode(decode).await.unwrap_err();
+    let e = c.decode_latents(decode).await.unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
     let quiet = kd_testkit::cpu::until_cpu_quiet(Duration::from_secs(5)).await;
     eprintln!("decode 2048²: CPU quiet {quiet:?} after the status");
@@ -410,14 +410,14 @@ async fn large_calls_past_their_deadline_stop_inside_the_movq() {
     image::RgbImage::from_pixel(64, 64, image::Rgb([200, 30, 60]))
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .unwrap();
-    let mut encode = tonic::Request::new(v1::EncodeRequest {
+    let mut encode = tonic::Request::new(v1::EncodeImagesRequest {
         images: vec![png],
         width: 1024,
         height: 1024,
         ..Default::default()
     });
     encode.set_timeout(Duration::from_millis(1500));
-    let e = c.encode(encode).await.unwrap_err();
+    let e = c.encode_images(encode).await.unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
     let quiet = kd_testkit::cpu::until_cpu_quiet(Duration::from_secs(5)).await;
     eprintln!("encode 1024²: CPU quiet {quiet:?} after the status");
@@ -431,7 +431,7 @@ async fn images_over_max_pixels_are_refused_by_name() {
     let (srv, mut c) = start("deep/kandinsky-2-2-decoder").await;
     let latents = Tensor::zeros((1, 4, 160, 128), candle_core::DType::F32, &Device::Cpu).unwrap();
     let e = c
-        .decode(v1::DecodeRequest {
+        .decode_latents(v1::DecodeLatentsRequest {
             latents: Some(wire(&latents)),
             ..Default::default()
         })
@@ -444,7 +444,7 @@ async fn images_over_max_pixels_are_refused_by_name() {
         e.message()
     );
     let e = c
-        .encode(v1::EncodeRequest {
+        .encode_images(v1::EncodeImagesRequest {
             images: vec![vec![0u8; 8]],
             width: 1088,
             height: 1024,

@@ -20,7 +20,7 @@ pub enum Checked {
 /// Validates one request (before admission): images or pixel values, and how many.
 pub fn check(
     m: &PriorModel,
-    req: v1::EncodeImagesRequest,
+    req: v1::EmbedImagesRequest,
     max_batch: usize,
 ) -> Result<Checked, ServiceError> {
     check_requested_dtype(req.options.as_ref(), m.dtype)?;
@@ -57,7 +57,7 @@ pub fn run(
     m: &PriorModel,
     req: Checked,
     metrics: &Metrics,
-) -> Result<v1::EncodeImagesResponse, ServiceError> {
+) -> Result<v1::EmbedImagesResponse, ServiceError> {
     let embeds = match req {
         Checked::Images(images) => {
             let images = images
@@ -73,7 +73,7 @@ pub fn run(
         Checked::Pixels(px) => m.prior.encode_pixels(&px)?,
     };
     metrics.batch(embeds.dims()[0]);
-    Ok(v1::EncodeImagesResponse {
+    Ok(v1::EmbedImagesResponse {
         image_embeds: Some(to_wire_f32(&embeds)?),
         model: Some(m.info.clone()),
     })

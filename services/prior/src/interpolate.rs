@@ -103,7 +103,7 @@ pub fn run(
     c: Checked,
     metrics: &Metrics,
     cancel: &Cancel,
-) -> Result<v1::PriorSampleResponse, ServiceError> {
+) -> Result<v1::InterpolateResponse, ServiceError> {
     let texts = c
         .items
         .iter()
@@ -123,7 +123,7 @@ pub fn run(
         .map_err(|e| noise.explain(e))?;
     metrics.batch(c.items.len());
     metrics.steps((texts * c.params.num_inference_steps) as u64);
-    Ok(v1::PriorSampleResponse {
+    Ok(v1::InterpolateResponse {
         image_embeds: Some(to_wire_f32(&embeds)?),
         model: Some(m.info.clone()),
     })

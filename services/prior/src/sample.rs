@@ -32,7 +32,7 @@ enum Start {
 /// Validates one request against the loaded model (before admission).
 pub fn check(
     m: &PriorModel,
-    req: &v1::PriorSampleRequest,
+    req: &v1::SampleRequest,
     max_batch: usize,
     deadline: Option<std::time::Instant>,
 ) -> Result<Checked, ServiceError> {
@@ -107,7 +107,7 @@ pub fn run(
     c: Checked,
     metrics: &Metrics,
     cancel: &Cancel,
-) -> Result<v1::PriorSampleResponse, ServiceError> {
+) -> Result<v1::SampleResponse, ServiceError> {
     let mut noise = StopNoise::new(SeededNoise::new(&c.seeds), cancel);
     let uncond = c.uncond.as_ref();
     let (embeds, steps) = match &c.start {
@@ -132,7 +132,7 @@ pub fn run(
     };
     metrics.batch(c.seeds.len());
     metrics.steps(steps as u64);
-    Ok(v1::PriorSampleResponse {
+    Ok(v1::SampleResponse {
         image_embeds: Some(to_wire_f32(&embeds)?),
         model: Some(m.info.clone()),
     })

@@ -41,8 +41,8 @@ impl Prior for PriorService {
     /// request — conditioning, seeds, steps, guidance, latents, strength — and the revision.
     async fn sample(
         &self,
-        request: Request<v1::PriorSampleRequest>,
-    ) -> Result<Response<v1::PriorSampleResponse>, Status> {
+        request: Request<v1::SampleRequest>,
+    ) -> Result<Response<v1::SampleResponse>, Status> {
         let call = Call::of(&request);
         let req = request.into_inner();
         let (cache, metrics) = (self.cache.clone(), self.stage.metrics.clone());
@@ -60,10 +60,10 @@ impl Prior for PriorService {
         self.stage.unary("Sample", call, check, run).await
     }
 
-    async fn encode_images(
+    async fn embed_images(
         &self,
-        request: Request<v1::EncodeImagesRequest>,
-    ) -> Result<Response<v1::EncodeImagesResponse>, Status> {
+        request: Request<v1::EmbedImagesRequest>,
+    ) -> Result<Response<v1::EmbedImagesResponse>, Status> {
         let call = Call::of(&request);
         let req = request.into_inner();
         let (max_batch, metrics) = (self.max_batch, self.stage.metrics.clone());
@@ -73,7 +73,7 @@ impl Prior for PriorService {
                 .run_blocking(move |_| encode_images::run(&m, checked, &metrics))
                 .await
         };
-        self.stage.unary("EncodeImages", call, check, run).await
+        self.stage.unary("EmbedImages", call, check, run).await
     }
 
     async fn zero_image_embedding(
@@ -93,7 +93,7 @@ impl Prior for PriorService {
     async fn interpolate(
         &self,
         request: Request<v1::InterpolateRequest>,
-    ) -> Result<Response<v1::PriorSampleResponse>, Status> {
+    ) -> Result<Response<v1::InterpolateResponse>, Status> {
         let call = Call::of(&request);
         let req = request.into_inner();
         let metrics = self.stage.metrics.clone();

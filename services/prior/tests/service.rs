@@ -30,8 +30,8 @@ fn sample_req(
     uncond: Option<&TextConditioning>,
     steps: u32,
     seeds: &[u64],
-) -> v1::PriorSampleRequest {
-    v1::PriorSampleRequest {
+) -> v1::SampleRequest {
+    v1::SampleRequest {
         conditioning: Some(wire_cond(cond)),
         unconditional: uncond.map(wire_cond),
         num_inference_steps: steps,
@@ -279,7 +279,7 @@ async fn vision_embeddings_match_the_diffusers_reference() {
 
     let png = std::fs::read(refdir().join("image_a_160x96_rgb.png")).unwrap();
     let resp = client
-        .encode_images(v1::EncodeImagesRequest {
+        .embed_images(v1::EmbedImagesRequest {
             images: vec![png],
             ..Default::default()
         })
@@ -295,7 +295,7 @@ async fn vision_embeddings_match_the_diffusers_reference() {
 
     let px = get(&refs, "pixel_values_f16");
     let resp = client
-        .encode_images(v1::EncodeImagesRequest {
+        .embed_images(v1::EmbedImagesRequest {
             pixel_values: Some(wire(px)),
             ..Default::default()
         })
@@ -464,7 +464,7 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
 
     invalid(
         "undecodable image",
-        c.encode_images(v1::EncodeImagesRequest {
+        c.embed_images(v1::EmbedImagesRequest {
             images: vec![b"not an image".to_vec()],
             ..Default::default()
         })
@@ -474,7 +474,7 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
     .await;
     invalid(
         "no images",
-        c.encode_images(v1::EncodeImagesRequest::default()).await,
+        c.embed_images(v1::EmbedImagesRequest::default()).await,
         &["`images`"],
     )
     .await;

@@ -37,7 +37,7 @@ impl TextEncoderService {
 
 #[tonic::async_trait]
 impl TextEncoder for TextEncoderService {
-    async fn encode(
+    async fn encode_text(
         &self,
         request: Request<v1::EncodeTextRequest>,
     ) -> Result<Response<v1::EncodeTextResponse>, Status> {
@@ -55,6 +55,6 @@ impl TextEncoder for TextEncoderService {
                 })
                 .await
         };
-        self.stage.unary("Encode", call, check, run).await
+        self.stage.unary("EncodeText", call, check, run).await
     }
 }

@@ -71,7 +71,7 @@ async fn encode_returns_the_multilingual_decoder_conditioning_of_diffusers() {
         .map(|p| p.as_str().unwrap().to_string())
         .collect();
     let resp = c
-        .encode(v1::EncodeTextRequest {
+        .encode_text(v1::EncodeTextRequest {
             prompts: prompts.clone(),
         })
         .await

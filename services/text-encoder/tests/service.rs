@@ -58,7 +58,7 @@ async fn health_goes_from_not_serving_to_serving_and_back_on_shutdown() {
     assert_health_lifecycle(start_gated(&[]).await, SERVICE, |channel| async move {
         // While loading, the API answers UNAVAILABLE.
         let err = TextEncoderClient::new(channel)
-            .encode(encode_req(&["horse"]))
+            .encode_text(encode_req(&["horse"]))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{err:?}");
@@ -79,7 +79,7 @@ async fn encode_over_grpc_equals_the_library_bytes() {
     ];
     let resp = client(&server)
         .await
-        .encode(encode_req(&prompts))
+        .encode_text(encode_req(&prompts))
         .await
         .unwrap()
         .into_inner();
@@ -128,7 +128,7 @@ async fn bad_prompts_are_invalid_argument_naming_the_field() {
         (vec!["a", "b", "c", "d"], "4 prompts, allowed 1..=3"),
         (vec!["ok", huge.as_str()], "prompts[1] has 10001 characters"),
     ] {
-        let err = client.encode(encode_req(&prompts)).await.unwrap_err();
+        let err = client.encode_text(encode_req(&prompts)).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
         assert!(err.message().contains("`prompts`"), "{}", err.message());
         assert!(err.message().contains(needle), "{}", err.message());
@@ -136,7 +136,7 @@ async fn bad_prompts_are_invalid_argument_naming_the_field() {
     // Exactly at the limits is fine.
     let edge = "y".repeat(10_000);
     client
-        .encode(encode_req(&["a", "b", edge.as_str()]))
+        .encode_text(encode_req(&["a", "b", edge.as_str()]))
         .await
         .unwrap();
     server.shutdown().await.unwrap();
@@ -147,18 +147,18 @@ async fn metrics_count_requests_by_stage() {
     let server = start(&[]).await;
     client(&server)
         .await
-        .encode(encode_req(&["horse"]))
+        .encode_text(encode_req(&["horse"]))
         .await
         .unwrap();
-    let _ = client(&server).await.encode(encode_req(&[])).await;
+    let _ = client(&server).await.encode_text(encode_req(&[])).await;
     let text = scrape(server.metrics).await;
     assert!(
-        text.contains(r#"kd_requests_total{method="Encode",stage="text_encoder"} 2"#),
+        text.contains(r#"kd_requests_total{method="EncodeText",stage="text_encoder"} 2"#),
         "{text}"
     );
     assert!(
         text.contains(
-            r#"kd_failures_total{method="Encode",reason="invalid_argument",stage="text_encoder"} 1"#
+            r#"kd_failures_total{method="EncodeText",reason="invalid_argument",stage="text_encoder"} 1"#
         ),
         "{text}"
     );
@@ -189,7 +189,9 @@ async fn the_in_process_cache_keeps_to_its_byte_cap() {
         let server = start(extra).await;
         let mut c = client(&server).await;
         for _ in 0..2 {
-            c.encode(encode_req(&["a photo of a cat"])).await.unwrap();
+            c.encode_text(encode_req(&["a photo of a cat"]))
+                .await
+                .unwrap();
         }
         let text = scrape(server.metrics).await;
         let hit = kd_testkit::metric(&text, "kd_cache_requests_total", &[("result", "hit")]);

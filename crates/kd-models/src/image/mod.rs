@@ -10,7 +10,8 @@ pub mod preprocess;
 pub mod resample;
 
 pub use preprocess::{
-    binarize_mask, check_image_size, preprocess_img2img, preprocess_inpaint, MaskImage,
+    binarize_mask, check_image_size, outpaint_canvas, preprocess_hint, preprocess_img2img,
+    preprocess_inpaint, Margins, MaskImage, OUTPAINT_MIN_INNER,
 };
 pub use resample::{Filter, Pixels};
 
@@ -181,7 +182,12 @@ fn decode_dynamic(field: &'static str, bytes: &[u8]) -> Result<DynamicImage> {
 /// Decodes a caller's image (PNG, JPEG or WebP) to RGB (alpha dropped, grey replicated, as
 /// PIL `convert("RGB")` does for opaque images).
 pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
-    Ok(decode_dynamic("image", bytes)?.to_rgb8())
+    decode_rgb("image", bytes)
+}
+
+/// [`decode_image`] naming `field` in its errors.
+pub fn decode_rgb(field: &'static str, bytes: &[u8]) -> Result<RgbImage> {
+    Ok(decode_dynamic(field, bytes)?.to_rgb8())
 }
 
 /// Decodes an inpainting mask (PNG, JPEG or WebP), keeping grey masks grey and colour masks RGB

@@ -40,11 +40,13 @@ fmt:
 
 ## fixtures: regenerate the diffusers reference fixtures (needs Python; never run by CI)
 fixtures: $(PYTHON_REF)
+	$(PYTHON_REF) tools/reference/dedupe_fixtures.py --materialize
 	$(PYTHON_REF) tools/reference/gen_prior.py
 	$(PYTHON_REF) tools/reference/gen_decoder.py
 	$(PYTHON_REF) tools/reference/gen_image_preprocess.py
 	$(PYTHON_REF) tools/reference/gen_kd21.py
 	$(PYTHON_REF) tools/reference/gen_fewstep.py
+	$(PYTHON_REF) tools/reference/dedupe_fixtures.py
 
 $(PYTHON_REF):
 	python3 -m venv tools/reference/.venv

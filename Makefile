@@ -1,11 +1,12 @@
 # kandinsky-serve — the commands a developer and CI use.
 #   make demo    run the whole system on the bundled small model and generate one image
 #   make test    the full test suite (what CI runs)
+#   make test-python  the Python client's tests against the stack on the small models
 
 CARGO ?= cargo
 PYTHON_REF ?= tools/reference/.venv/bin/python
 
-.PHONY: setup build test lint fmt fixtures bench bench-fewstep demo chart-check fuzz soak clean
+.PHONY: setup build test test-python lint fmt fixtures bench bench-fewstep demo chart-check fuzz soak clean
 
 ## setup: install what a fresh machine lacks (idempotent; needs root for apt-get)
 setup:
@@ -20,13 +21,18 @@ setup:
 build:
 	$(CARGO) build --workspace --all-targets --locked
 
-## test: run the whole test suite
+## test: run the whole test suite (Rust, then the Python client against real servers)
 test:
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  $(CARGO) nextest run --workspace --locked --no-tests=fail && $(CARGO) test --workspace --locked --doc; \
 	else \
 	  $(CARGO) test --workspace --locked; \
 	fi
+	bash tools/test-python-client.sh
+
+## test-python: the Python client's tests (clients/python, venv in clients/python/.venv)
+test-python:
+	bash tools/test-python-client.sh
 
 ## lint: formatting and clippy with warnings as errors
 lint:

@@ -177,6 +177,7 @@ async fn image_to_image_and_inpaint_run_with_multilingual_prompts() {
     req.task = Some(Task::ImageToImage(v1::ImageToImage {
         image: init.clone(),
         strength: Some(0.5),
+        hint: Vec::new(),
     }));
     let a = c.generate(req.clone()).await.unwrap().into_inner();
     assert_eq!(a.model, "kandinsky-2-1");

@@ -192,6 +192,29 @@ async fn a_depth_hint_reaches_the_controlnet_and_equals_the_in_process_pipeline(
         .unwrap()
         .into_inner();
     assert_eq!(pixels(&resized.images[0]).dimensions(), (64, 64));
+    // Image-to-image with the hint (diffusers' KandinskyV22ControlnetImg2ImgPipeline).
+    let init = picture(64, 64);
+    let mut img2img = hint_request(Vec::new(), 4);
+    img2img.task = Some(Task::ImageToImage(v1::ImageToImage {
+        image: png(&init),
+        strength: Some(0.5),
+        hint: png(&depth),
+    }));
+    let r = c.generate(img2img.clone()).await.unwrap().into_inner();
+    let lib = in_process(
+        Model::Kandinsky22Controlnet,
+        &img2img,
+        PipelineTask::Img2Img {
+            image: init,
+            strength: 0.5,
+            hint: Some(depth.clone()),
+        },
+    )
+    .await;
+    assert!(
+        pixels(&r.images[0]).as_raw() == &lib,
+        "ControlNet img2img through the services differs from the in-process pipeline"
+    );
     // A ControlNet model without a hint: refused by name.
     let e = c
         .generate(generate_request(PROMPT, &[3]))
@@ -206,7 +229,13 @@ async fn a_depth_hint_reaches_the_controlnet_and_equals_the_in_process_pipeline(
     let models = kd_e2e::list_models(&stack.gateway).await;
     assert_eq!(models.len(), 1);
     assert!(models[0].takes_hint);
-    assert_eq!(models[0].tasks, [v1::TaskKind::TextToImage as i32]);
+    assert_eq!(
+        models[0].tasks,
+        [
+            v1::TaskKind::TextToImage as i32,
+            v1::TaskKind::ImageToImage as i32
+        ]
+    );
 }
 
 /// Calls the stages of `stack` have answered, any method.
@@ -270,7 +299,8 @@ async fn a_task_the_model_lacks_is_refused_by_name_before_any_stage_runs() {
         e.message().contains("invalid `model`")
             && e.message()
                 .contains("\"kandinsky-2-2\" does not serve inpaint")
-            && e.message().contains("served by: kandinsky-2-2-inpaint"),
+            && e.message()
+                .contains("models that serve inpaint: kandinsky-2-2-inpaint"),
         "{}",
         e.message()
     );
@@ -280,7 +310,8 @@ async fn a_task_the_model_lacks_is_refused_by_name_before_any_stage_runs() {
         .unwrap_err();
     assert!(
         e.message().contains("text_to_image.hint")
-            && e.message().contains("no model of this deployment does"),
+            && e.message()
+                .contains("no model of this deployment serves text-to-image with a hint"),
         "{}",
         e.message()
     );
@@ -288,7 +319,8 @@ async fn a_task_the_model_lacks_is_refused_by_name_before_any_stage_runs() {
     text_on_inpaint.model = "kandinsky-2-2-inpaint".into();
     let e = c.generate(text_on_inpaint).await.unwrap_err();
     assert!(
-        e.message().contains("served by: kandinsky-2-2")
+        e.message()
+            .contains("models that serve text-to-image: kandinsky-2-2")
             && e.message().contains("it serves inpaint, outpaint"),
         "{}",
         e.message()
@@ -307,6 +339,7 @@ async fn a_task_the_model_lacks_is_refused_by_name_before_any_stage_runs() {
     weak.task = Some(Task::ImageToImage(v1::ImageToImage {
         image: image.clone(),
         strength: Some(0.2),
+        hint: Vec::new(),
     }));
     let e = c.generate(weak).await.unwrap_err();
     assert!(
@@ -323,4 +356,37 @@ async fn a_task_the_model_lacks_is_refused_by_name_before_any_stage_runs() {
     inpaint_req.model = "kandinsky-2-2-inpaint".into();
     let r = c.generate(inpaint_req).await.unwrap().into_inner();
     assert_eq!(r.model, "kandinsky-2-2-inpaint");
+
+    // Images are decoded by the stages; their errors name the request's field, in the message
+    // and as a google.rpc.BadRequest detail.
+    use tonic_types::StatusExt;
+    let junk = b"not an image".to_vec();
+    let mut bad = generate_request(PROMPT, &[1]);
+    bad.task = Some(Task::ImageToImage(v1::ImageToImage {
+        image: junk.clone(),
+        strength: Some(0.5),
+        hint: Vec::new(),
+    }));
+    let mut variation = generate_request(PROMPT, &[1]);
+    variation.task = Some(Task::Variation(v1::Variation {
+        image: junk.clone(),
+    }));
+    for (req, field) in [
+        (bad, "image_to_image.image"),
+        (variation, "variation.image"),
+    ] {
+        let e = c.generate(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().starts_with(&format!("invalid `{field}`: ")),
+            "{}",
+            e.message()
+        );
+        let details = e.get_error_details();
+        let v = &details
+            .bad_request()
+            .expect("a BadRequest detail")
+            .field_violations;
+        assert_eq!(v[0].field, field);
+    }
 }

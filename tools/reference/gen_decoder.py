@@ -39,6 +39,7 @@ from diffusers import (  # noqa: E402
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    KandinskyV22ControlnetImg2ImgPipeline,
     KandinskyV22ControlnetPipeline,
     KandinskyV22Img2ImgPipeline,
     KandinskyV22InpaintPipeline,
@@ -933,6 +934,46 @@ def controlnet_case(name: str, base, steps: int, guidance: float = 4.0, latent_s
                          images, keep_step0)
 
 
+@torch.no_grad()
+def controlnet_img2img_case(name: str, base, strength: float, steps: int, guidance: float = 4.0,
+                            noise_seed: int = 7100) -> None:
+    """KandinskyV22ControlnetImg2ImgPipeline: img2img (noised init latents, the last
+    int(N*strength) steps) with the depth hint in every UNet call."""
+    pipe = KandinskyV22ControlnetImg2ImgPipeline(
+        unet=base.unet, movq=base.movq,
+        scheduler=new_scheduler("DDPMScheduler", dict(base.scheduler.config)))
+    pipe.set_progress_bar_config(disable=True)
+    emb, neg = embeds_pair()
+    hint = depth_hint(64, 64)
+    pil = PIL.Image.fromarray(init_image_u8())
+    with Recorder(pipe) as rec, record_noise() as drawn:
+        images = pipe(image_embeds=emb, image=pil, negative_image_embeds=neg, hint=hint, height=64, width=64,
+                      num_inference_steps=steps, guidance_scale=guidance, strength=strength,
+                      generator=gen(noise_seed), output_type="np").images
+    drawn = list(drawn)
+    assert torch.equal(rec.unet_in[0]["added"]["hint"], torch.cat([hint, hint]))
+    assert torch.equal(SHARED["controlnet_hint"], hint)
+    t = {"image_embeds": emb, "negative_image_embeds": neg, "image_latents": rec.encode_out[0],
+         "noised_latents": rec.steps[0]["sample"]}
+    meta = {
+        "pipeline": "KandinskyV22ControlnetImg2ImgPipeline",
+        "checkpoint": rel(CK_CONTROL),
+        "scheduler_class": "DDPMScheduler",
+        "scheduler_config": sched_config_json(pipe.scheduler),
+        "height": 64, "width": 64, "num_inference_steps": steps, "strength": strength,
+        "guidance_scale": guidance, "num_images_per_prompt": 1, "output_type": "np",
+        "inputs_note": "the init image is pipeline_inputs.init_image_u8 as a PIL RGB image; image_latents = "
+                       "movq.encode(...).latents of this checkpoint's MoVQ (stored here)",
+        "hint_note": "hint = pipeline_inputs.controlnet_hint (1,3,64,64) in [0,1]; CFG passes cat([hint, hint])",
+        "noise_note": (f"draw order (generator seed {noise_seed}): noise[0] = add_noise noise, "
+                       "noise[1+i] = scheduler.step draw at step i"),
+        "embeds_note": EMBEDS_NOTE,
+        "final_latents_note": "latents after the last step (the movq.decode input)",
+    }
+    finish_pipeline_case(REF_TINY / f"pipeline_controlnet_img2img_{name}", "tiny", "controlnet_img2img", t, meta,
+                         rec, drawn, images, False)
+
+
 def save_shared_inputs() -> None:
     t = {"init_image_u8": torch.from_numpy(init_image_u8())[None], **SHARED}
     save_ref(REF_TINY / "pipeline_inputs", t, {
@@ -1021,7 +1062,8 @@ def verify_replay() -> int:
             t = load_file(str(f.with_suffix(".safetensors")))
             cls = {"KandinskyV22Pipeline": KandinskyV22Pipeline, "KandinskyV22Img2ImgPipeline": KandinskyV22Img2ImgPipeline,
                    "KandinskyV22InpaintPipeline": KandinskyV22InpaintPipeline,
-                   "KandinskyV22ControlnetPipeline": KandinskyV22ControlnetPipeline}[meta["pipeline"]]
+                   "KandinskyV22ControlnetPipeline": KandinskyV22ControlnetPipeline,
+                   "KandinskyV22ControlnetImg2ImgPipeline": KandinskyV22ControlnetImg2ImgPipeline}[meta["pipeline"]]
             key = (meta["pipeline"], meta["checkpoint"])
             if key not in pipes:
                 pipes[key] = cls.from_pretrained(str(REPO / meta["checkpoint"]), torch_dtype=torch.float32)
@@ -1032,17 +1074,18 @@ def verify_replay() -> int:
             kw = dict(image_embeds=t["image_embeds"], negative_image_embeds=t["negative_image_embeds"],
                       height=meta["height"], width=meta["width"], num_inference_steps=meta["num_inference_steps"],
                       guidance_scale=meta["guidance_scale"], output_type="np")
-            if meta["pipeline"] != "KandinskyV22Img2ImgPipeline":
+            img2img = ("KandinskyV22Img2ImgPipeline", "KandinskyV22ControlnetImg2ImgPipeline")
+            if meta["pipeline"] not in img2img:
                 kw["latents"] = t["latents"].clone()
             if meta["pipeline"] in ("KandinskyV22Pipeline",):
                 kw["num_images_per_prompt"] = meta["num_images_per_prompt"]
-            if meta["pipeline"] == "KandinskyV22Img2ImgPipeline":
+            if meta["pipeline"] in img2img:
                 kw["image"] = PIL.Image.fromarray(shared["init_image_u8"][0].numpy())
                 kw["strength"] = meta["strength"]
             if meta["pipeline"] == "KandinskyV22InpaintPipeline":
                 kw["image"] = PIL.Image.fromarray(shared["init_image_u8"][0].numpy())
                 kw["mask_image"] = PIL.Image.fromarray(shared["inpaint_mask_u8"][0].numpy(), mode="L")
-            if meta["pipeline"] == "KandinskyV22ControlnetPipeline":
+            if meta["pipeline"] in ("KandinskyV22ControlnetPipeline", "KandinskyV22ControlnetImg2ImgPipeline"):
                 kw["hint"] = shared["controlnet_hint"]
             draws = list(t["noise"]) if "noise" in t else []
             with Recorder(pipe) as rec, InjectNoise(draws):
@@ -1189,6 +1232,7 @@ def main() -> None:
     inpaint_case("ddpm_2", inpaint, 2, latent_seed=4001, noise_seed=5001, keep_step0=True)
     inpaint_case("ddpm_5", inpaint, 5, latent_seed=4002, noise_seed=5002)
     controlnet_case("ddpm_2", control, 2, latent_seed=6001, noise_seed=7001, keep_step0=True)
+    controlnet_img2img_case("ddpm_4_s05", control, 0.5, 4, noise_seed=7101)
     save_shared_inputs()
     text2img_case(REF_DEEP, "deep", "ddpm_3", deep, "DDPMScheduler", dict(deep.scheduler.config), 3,
                   latent_seed=1101, noise_seed=2101, check_latent_output=True, keep_step0=True)

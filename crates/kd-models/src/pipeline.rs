@@ -14,7 +14,9 @@ use crate::decoder::{
     latent_side, prepare_inpaint_mask, run_decoder, DecoderInputs, DecoderMode, DecoderText,
 };
 use crate::error::{ModelError, Result};
-use crate::image::{outpaint_canvas, preprocess_hint, preprocess_inpaint, Margins, MaskImage};
+use crate::image::{
+    outpaint_canvas, preprocess_hint, preprocess_img2img, preprocess_inpaint, Margins, MaskImage,
+};
 use crate::mclip::MultilingualTextEncoder;
 use crate::movq::{MovqOptions, VqModel};
 use crate::noise::SeededNoise;
@@ -64,6 +66,13 @@ pub enum PipelineTask {
     Outpaint { image: RgbImage, margins: Margins },
     /// Text-to-image with a ControlNet depth hint (a ControlNet decoder).
     Controlnet { hint: RgbImage },
+    /// Image-to-image from `image` (resized to the output size) keeping `1 − strength` of it,
+    /// with a depth hint on a ControlNet decoder.
+    Img2Img {
+        image: RgbImage,
+        strength: f64,
+        hint: Option<RgbImage>,
+    },
 }
 
 /// What the pipeline produced.
@@ -133,8 +142,25 @@ impl Text2Image {
     /// prepared at latent resolution, or the hint.
     fn decoder_mode(&self, req: &Text2ImageRequest) -> Result<DecoderMode> {
         let sf = self.movq.scale_factor();
+        let dev = self.movq_device();
         let (image, mask) = match &req.task {
             PipelineTask::Text => return Ok(DecoderMode::Text2Img),
+            PipelineTask::Img2Img {
+                image,
+                strength,
+                hint,
+            } => {
+                let px = preprocess_img2img(image, req.height, req.width, sf)?;
+                let hint = match hint {
+                    Some(h) => Some(preprocess_hint(h, req.height, req.width)?.to_device(dev)?),
+                    None => None,
+                };
+                return Ok(DecoderMode::Img2Img {
+                    image_latents: self.encode(&px)?,
+                    strength: *strength,
+                    hint,
+                });
+            }
             PipelineTask::Controlnet { hint } => {
                 let hint = preprocess_hint(hint, req.height, req.width)?;
                 return Ok(DecoderMode::Controlnet {
@@ -149,11 +175,7 @@ impl Text2Image {
             }
         };
         let (keep, px) = preprocess_inpaint(&image, &mask, req.height, req.width, sf)?;
-        let dev = self.movq_device();
-        let image_latents = self
-            .movq
-            .encode(&px.to_device(dev)?.to_dtype(self.movq.dtype())?)?
-            .to_dtype(DType::F32)?;
+        let image_latents = self.encode(&px)?;
         let repaint = (1.0 - keep)?.to_device(dev)?;
         let (lh, lw) = (latent_side(req.height, sf), latent_side(req.width, sf));
         Ok(DecoderMode::Inpaint {
@@ -164,6 +186,12 @@ impl Text2Image {
 
     fn movq_device(&self) -> &Device {
         &self.device
+    }
+
+    /// MoVQ latents (f32) of pre-processed pixels (B, 3, H, W) in [-1, 1].
+    fn encode(&self, px: &Tensor) -> Result<Tensor> {
+        let x = px.to_device(&self.device)?.to_dtype(self.movq.dtype())?;
+        Ok(self.movq.encode(&x)?.to_dtype(DType::F32)?)
     }
 
     /// Runs the pipeline.

@@ -152,6 +152,7 @@ fn run_case(name: &str, dtype: DType, tol: f64) -> (f64, f64) {
         DecoderMode::Img2Img {
             image_latents: image_latents.clone(),
             strength: meta_f64(&meta, &["strength"]),
+            hint: None,
         }
     } else if inpaint {
         image_latents = match r.get("image_latents") {

@@ -129,6 +129,7 @@ fn bad_inputs_name_the_field_and_the_allowed_values() {
                 mode: DecoderMode::Img2Img {
                     image_latents: img.clone(),
                     strength,
+                    hint: None,
                 },
                 ..params(&pos, &neg)
             },
@@ -145,6 +146,7 @@ fn bad_inputs_name_the_field_and_the_allowed_values() {
             mode: DecoderMode::Img2Img {
                 image_latents: img.clone(),
                 strength: 0.1,
+                hint: None,
             },
             ..params(&pos, &neg)
         },
@@ -161,6 +163,7 @@ fn bad_inputs_name_the_field_and_the_allowed_values() {
             mode: DecoderMode::Img2Img {
                 image_latents: small.clone(),
                 strength: 1.0,
+                hint: None,
             },
             ..params(&pos, &neg)
         },

@@ -94,6 +94,7 @@ fn valid_inputs_give_the_run_sizes() {
         mode: DecoderMode::Img2Img {
             image_latents: full(&[1, 4, 8, 8], 0.0),
             strength: 0.5,
+            hint: None,
         },
         ..base()
     };
@@ -212,6 +213,7 @@ fn img2img_rules() {
         mode: DecoderMode::Img2Img {
             image_latents,
             strength,
+            hint: None,
         },
         ..base()
     };
@@ -423,6 +425,7 @@ fn text_conditioning_rules() {
         mode: DecoderMode::Img2Img {
             image_latents: full(&[1, 4, 8, 8], 0.0),
             strength: 1.0,
+            hint: None,
         },
         ..with(text21())
     };

@@ -80,9 +80,16 @@ fn run_case_in(dir: &str, inputs_dir: &str, name: &str, dtype: DType, tol: f64) 
         None => ReplayNoise::default(),
     };
     let mode = if name.contains("img2img") {
+        // A ControlNet img2img case stores the latents of its own (ControlNet checkpoint) MoVQ.
+        let image_latents = r
+            .get("image_latents")
+            .unwrap_or_else(|| get(&inp, "img2img_image_latents"));
         DecoderMode::Img2Img {
-            image_latents: get(&inp, "img2img_image_latents").clone(),
+            image_latents: image_latents.clone(),
             strength: meta["strength"].as_f64().unwrap(),
+            hint: name
+                .contains("controlnet")
+                .then(|| get(&inp, "controlnet_hint").clone()),
         }
     } else if name.contains("inpaint") {
         DecoderMode::Inpaint {
@@ -157,6 +164,7 @@ cases! {
     inpaint_ddpm_2: "tiny" "pipeline_inpaint_ddpm_2",
     inpaint_ddpm_5: "tiny" "pipeline_inpaint_ddpm_5",
     controlnet_ddpm_2: "tiny" "pipeline_controlnet_ddpm_2",
+    controlnet_img2img_ddpm_4_s05: "tiny" "pipeline_controlnet_img2img_ddpm_4_s05",
     deep_text2img_ddpm_3: "deep" "pipeline_text2img_ddpm_3",
 }
 

@@ -51,6 +51,18 @@ fn invalid_message(field: &str, message: &str) -> String {
 }
 
 impl ServiceError {
+    /// This error with an invalid field renamed by `rename` (a stage's field name to the
+    /// caller's request path); other errors unchanged.
+    pub fn rename_field(self, rename: impl Fn(&str) -> Option<String>) -> Self {
+        match self {
+            Self::InvalidArgument { field, message } => match rename(&field) {
+                Some(field) => Self::InvalidArgument { field, message },
+                None => Self::InvalidArgument { field, message },
+            },
+            e => e,
+        }
+    }
+
     /// Bad input in `field`.
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::InvalidArgument {
@@ -143,8 +155,31 @@ impl From<ServiceError> for Status {
             ServiceError::Unimplemented(_) => Code::Unimplemented,
             ServiceError::Internal(_) | ServiceError::Compute(_) => Code::Internal,
         };
+        // An invalid field also travels as a google.rpc.BadRequest detail, so clients read the
+        // field without parsing the message.
+        if let ServiceError::InvalidArgument { field, message } = &e {
+            if !field.is_empty() {
+                use tonic_types::{ErrorDetails, StatusExt};
+                let details = ErrorDetails::with_bad_request_violation(field, message);
+                return Status::with_error_details(code, e.to_string(), details);
+            }
+        }
         Status::new(code, e.to_string())
     }
+}
+
+/// Splits "invalid `field`: rest" into the field and the innermost explanation (a relayed
+/// message may nest several "invalid `x`: " prefixes, outermost first).
+fn split_invalid(msg: &str) -> Option<(String, String)> {
+    let rest = msg.strip_prefix("invalid `")?;
+    let (field, mut message) = rest.split_once("`: ")?;
+    while let Some(inner) = message
+        .strip_prefix("invalid `")
+        .and_then(|r| r.split_once("`: "))
+    {
+        message = inner.1;
+    }
+    Some((field.to_string(), message.to_string()))
 }
 
 impl From<Status> for ServiceError {
@@ -164,13 +199,15 @@ impl From<Status> for ServiceError {
             Code::Cancelled if msg == "Timeout expired" => {
                 Self::deadline("before a stage answered (its transport timed out)")
             }
-            Code::InvalidArgument => {
-                // Downstream messages already read "invalid `field`: ..."; keep them whole.
-                Self::InvalidArgument {
+            // Downstream messages read "invalid `field`: ..."; the field is kept apart so a
+            // caller can rename it to its own request's path.
+            Code::InvalidArgument => match split_invalid(&msg) {
+                Some((field, message)) => Self::InvalidArgument { field, message },
+                None => Self::InvalidArgument {
                     field: String::new(),
                     message: msg,
-                }
-            }
+                },
+            },
             Code::ResourceExhausted => Self::Overloaded(msg),
             Code::Unavailable => Self::Unavailable(msg),
             Code::DeadlineExceeded => Self::DeadlineExceeded(msg),
@@ -271,5 +308,30 @@ mod tests {
         assert_eq!(relayed.code(), Code::DeadlineExceeded);
         let e: ServiceError = Status::cancelled("Timeout expired").into();
         assert!(matches!(e, ServiceError::DeadlineExceeded(_)), "{e}");
+    }
+
+    #[test]
+    fn an_invalid_field_travels_as_a_bad_request_detail_and_is_split_when_relayed() {
+        use tonic_types::StatusExt;
+        let status = Status::from(ServiceError::invalid("width", "100; allowed: 64..=2048"));
+        assert_eq!(status.message(), "invalid `width`: 100; allowed: 64..=2048");
+        let details = status.get_error_details();
+        let violations = &details.bad_request().unwrap().field_violations;
+        assert_eq!(violations.len(), 1);
+        assert_eq!(violations[0].field, "width");
+        assert_eq!(violations[0].description, "100; allowed: 64..=2048");
+        // Relayed by the gateway: the field is kept apart and can be renamed.
+        let nested =
+            Status::invalid_argument("invalid `images[0]`: invalid `image`: cannot decode");
+        let e = ServiceError::from(nested)
+            .rename_field(|f| (f == "images[0]").then(|| "variation.image".to_string()));
+        assert_eq!(e.to_string(), "invalid `variation.image`: cannot decode");
+        // A message without a field stays whole, with no detail.
+        let plain = ServiceError::from(Status::invalid_argument("bytes are not a message"));
+        assert_eq!(plain.to_string(), "bytes are not a message");
+        assert!(Status::from(plain)
+            .get_error_details()
+            .bad_request()
+            .is_none());
     }
 }

@@ -313,9 +313,9 @@ fn decode_mode(
         (None, true) => None,
     };
     match (&req.mask, image_latents, hint) {
-        (Some(_), _, Some(_)) | (None, Some(_), Some(_)) => Err(invalid(
+        (Some(_), _, Some(_)) => Err(invalid(
             "hint",
-            "a hint applies only to text-to-image with a ControlNet UNet (no image_latents, no mask)",
+            "a hint applies to text-to-image and img2img with a ControlNet UNet, not to inpainting",
         )),
         (Some(_), None, None) => Err(invalid(
             "image_latents",
@@ -338,10 +338,11 @@ fn decode_mode(
             };
             Ok((mode, Some(dims)))
         }
-        (None, Some(image_latents), None) => Ok((
+        (None, Some(image_latents), hint) => Ok((
             DecoderMode::Img2Img {
                 image_latents,
                 strength,
+                hint,
             },
             None,
         )),

@@ -108,7 +108,7 @@ pub fn tasks(kind: v1::DecoderKind) -> &'static [v1::TaskKind] {
     use v1::TaskKind as T;
     match kind {
         v1::DecoderKind::Inpaint => &[T::Inpaint, T::Outpaint],
-        v1::DecoderKind::Controlnet => &[T::TextToImage],
+        v1::DecoderKind::Controlnet => &[T::TextToImage, T::ImageToImage],
         v1::DecoderKind::TextToImage | v1::DecoderKind::Unspecified => {
             &[T::TextToImage, T::ImageToImage, T::Variation, T::Fusion]
         }
@@ -224,39 +224,46 @@ impl Models {
                 }
             }
         }
-        let alternatives = if others.is_empty() {
-            "no model of this deployment does".to_string()
-        } else {
-            format!("served by: {}", others.join(", "))
-        };
         let what = task_name(task);
+        let alternatives = |what: &str| {
+            if others.is_empty() {
+                format!("no model of this deployment serves {what}")
+            } else {
+                format!("models that serve {what}: {}", others.join(", "))
+            }
+        };
         let serves: Vec<&str> = tasks(served.decoder.kind)
             .iter()
             .map(|&t| task_name(t))
             .collect();
+        let hint_field = match task {
+            v1::TaskKind::ImageToImage => "image_to_image.hint",
+            _ => "text_to_image.hint",
+        };
+        let hinted = matches!(task, v1::TaskKind::TextToImage | v1::TaskKind::ImageToImage);
         match (served.decoder.kind, hint) {
-            (v1::DecoderKind::Controlnet, false) if task == v1::TaskKind::TextToImage => {
-                ServiceError::invalid(
-                    "text_to_image.hint",
-                    format!(
-                        "required: model {} is a ControlNet decoder, which takes a depth hint",
-                        served.name
-                    ),
-                )
-            }
-            (_, true) => ServiceError::invalid(
-                "text_to_image.hint",
+            (v1::DecoderKind::Controlnet, false) if hinted => ServiceError::invalid(
+                hint_field,
                 format!(
-                    "model {} has no ControlNet decoder; a hint is {alternatives}",
+                    "required: model {} is a ControlNet decoder, which takes a depth hint",
                     served.name
+                ),
+            ),
+            (_, true) => ServiceError::invalid(
+                hint_field,
+                format!(
+                    "model {} has no ControlNet decoder; {}",
+                    served.name,
+                    alternatives(&format!("{what} with a hint"))
                 ),
             ),
             _ => ServiceError::invalid(
                 "model",
                 format!(
-                    "{:?} does not serve {what} (it serves {}); {what} is {alternatives}",
+                    "{:?} does not serve {what} (it serves {}); {}",
                     served.name,
-                    serves.join(", ")
+                    serves.join(", "),
+                    alternatives(what)
                 ),
             ),
         }

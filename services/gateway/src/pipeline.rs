@@ -46,6 +46,45 @@ fn conditioning_row(c: &v1::TextEmbeddings, i: usize) -> Result<v1::TextEmbeddin
     tensor::text_embeddings_row(c, i).map_err(rows_err("text_encoder"))
 }
 
+/// The request field of the task's input image (`image_to_image.image`, ...).
+fn task_field(task: &Task) -> &'static str {
+    match task {
+        Task::TextToImage { .. } => "text_to_image",
+        Task::ImageToImage { .. } => "image_to_image",
+        Task::Inpaint { .. } => "inpaint",
+        Task::Outpaint { .. } => "outpaint",
+        Task::Variation { .. } => "variation",
+        Task::Fusion { .. } => "fusion",
+    }
+}
+
+/// A stage's name for an input image or mask, as the request's path under `task`.
+fn image_field(task: &'static str) -> impl Fn(&str) -> Option<String> {
+    move |field| {
+        if field.starts_with("mask") {
+            Some(format!("{task}.mask"))
+        } else if field.starts_with("image") || field == "pixels" {
+            Some(format!("{task}.image"))
+        } else {
+            None
+        }
+    }
+}
+
+/// The denoiser's field names as the request's paths.
+fn denoiser_field(task: &'static str) -> impl Fn(&str) -> Option<String> {
+    move |field| {
+        Some(match field {
+            "num_inference_steps" | "timesteps" | "guidance_scale" | "scheduler" => {
+                format!("decoder.{field}")
+            }
+            "hint" | "hint_image" => format!("{task}.hint"),
+            "strength" => format!("{task}.strength"),
+            _ => return None,
+        })
+    }
+}
+
 /// Runs the whole request through its family's stage graph; returns one encoded image per
 /// seed, in order.
 pub async fn generate(
@@ -199,7 +238,11 @@ async fn prior_embeddings(
                 images: vec![image.clone()],
                 ..Default::default()
             };
-            let e = st.clients(ctx).embed_images(req).await?;
+            let e = st
+                .clients(ctx)
+                .embed_images(req)
+                .await
+                .map_err(|e| e.rename_field(image_field("variation")))?;
             repeat_rows(&e, plan.seeds.len())?
         }
         Task::Fusion { items } => fusion_embeddings(st, ctx, plan, texts, items).await?,
@@ -266,7 +309,11 @@ async fn fusion_embeddings(
             seed,
             options: None,
         };
-        let r = st.clients(ctx).interpolate(req).await?;
+        let r = st
+            .clients(ctx)
+            .interpolate(req)
+            .await
+            .map_err(|e| e.rename_field(|f| Some(format!("fusion.{f}"))))?;
         rows.push(r);
     }
     concat_rows(&rows)
@@ -282,8 +329,16 @@ struct Init {
 
 /// Step 3: init image / mask for image-to-image and inpaint.
 async fn init_image(st: &Stages, ctx: &Ctx, plan: &Plan) -> Result<Init, ServiceError> {
+    init_image_of(st, ctx, plan)
+        .await
+        .map_err(|e| e.rename_field(image_field(task_field(&plan.task))))
+}
+
+async fn init_image_of(st: &Stages, ctx: &Ctx, plan: &Plan) -> Result<Init, ServiceError> {
     match &plan.task {
-        Task::ImageToImage { image, strength } => {
+        Task::ImageToImage {
+            image, strength, ..
+        } => {
             let (latents, _) = encode_image(st, ctx, image, None, plan).await?;
             Ok(Init {
                 latents: Some(latents),
@@ -364,15 +419,20 @@ async fn denoise(
         strength: init.strength,
         mask: init.mask,
         preview_every: plan.preview_every,
-        hint_image: match &plan.task {
-            Task::TextToImage { hint: Some(h) } => h.clone(),
-            _ => Vec::new(),
-        },
+        hint_image: plan.task.hint().cloned().unwrap_or_default(),
         ..Default::default()
     };
-    let mut stream = st.clients(ctx).denoise(req).await?;
+    let rename = denoiser_field(task_field(&plan.task));
+    let mut stream = st
+        .clients(ctx)
+        .denoise(req)
+        .await
+        .map_err(|e| e.rename_field(&rename))?;
     let mut result = None;
-    while let Some(ev) = StageClients::next_event(&mut stream).await? {
+    while let Some(ev) = StageClients::next_event(&mut stream)
+        .await
+        .map_err(|e| e.rename_field(&rename))?
+    {
         match ev.event {
             Some(denoise_event::Event::Progress(p)) => progress(st, ctx, p).await?,
             Some(denoise_event::Event::Result(r)) => result = Some(r),

@@ -54,6 +54,8 @@ pub enum Task {
     ImageToImage {
         image: Vec<u8>,
         strength: f32,
+        /// A ControlNet depth hint (encoded image).
+        hint: Option<Vec<u8>>,
     },
     Inpaint {
         image: Vec<u8>,
@@ -216,21 +218,24 @@ pub fn validate(
 fn task(task: Option<&ProtoTask>, limits: &Limits) -> Result<Task, ServiceError> {
     match task {
         None => Ok(Task::TextToImage { hint: None }),
-        Some(ProtoTask::TextToImage(t)) => {
-            let hint = if t.hint.is_empty() {
-                None
-            } else {
-                check_image("text_to_image.hint", &t.hint, limits)?;
-                Some(t.hint.clone())
-            };
-            Ok(Task::TextToImage { hint })
-        }
+        Some(ProtoTask::TextToImage(t)) => Ok(Task::TextToImage {
+            hint: hint("text_to_image.hint", &t.hint, limits)?,
+        }),
         Some(ProtoTask::ImageToImage(t)) => image_to_image(t, limits),
         Some(ProtoTask::Inpaint(t)) => inpaint(t, limits),
         Some(ProtoTask::Outpaint(t)) => outpaint(t, limits),
         Some(ProtoTask::Variation(t)) => variation(t, limits),
         Some(ProtoTask::Fusion(f)) => fusion(f, limits),
     }
+}
+
+/// An optional hint image (empty = none).
+fn hint(field: &str, bytes: &[u8], limits: &Limits) -> Result<Option<Vec<u8>>, ServiceError> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    check_image(field, bytes, limits)?;
+    Ok(Some(bytes.to_vec()))
 }
 
 fn image_to_image(t: &v1::ImageToImage, limits: &Limits) -> Result<Task, ServiceError> {
@@ -245,6 +250,7 @@ fn image_to_image(t: &v1::ImageToImage, limits: &Limits) -> Result<Task, Service
     Ok(Task::ImageToImage {
         image: t.image.clone(),
         strength,
+        hint: hint("image_to_image.hint", &t.hint, limits)?,
     })
 }
 
@@ -363,9 +369,10 @@ fn fusion_item(
 fn check_input_bytes(task: &Task, limits: &Limits) -> Result<(), ServiceError> {
     let sizes: Vec<usize> = match task {
         Task::TextToImage { hint } => hint.iter().map(Vec::len).collect(),
-        Task::ImageToImage { image, .. }
-        | Task::Outpaint { image, .. }
-        | Task::Variation { image } => vec![image.len()],
+        Task::ImageToImage { image, hint, .. } => std::iter::once(image.len())
+            .chain(hint.iter().map(Vec::len))
+            .collect(),
+        Task::Outpaint { image, .. } | Task::Variation { image } => vec![image.len()],
         Task::Inpaint { image, mask } => vec![image.len(), mask.len()],
         Task::Fusion { items } => items
             .iter()
@@ -461,9 +468,17 @@ impl Task {
         }
     }
 
+    /// The task's ControlNet hint, if it carries one.
+    pub fn hint(&self) -> Option<&Vec<u8>> {
+        match self {
+            Task::TextToImage { hint } | Task::ImageToImage { hint, .. } => hint.as_ref(),
+            _ => None,
+        }
+    }
+
     /// Whether the task carries a ControlNet hint.
     pub fn has_hint(&self) -> bool {
-        matches!(self, Task::TextToImage { hint: Some(_) })
+        self.hint().is_some()
     }
 }
 

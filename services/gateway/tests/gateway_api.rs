@@ -142,12 +142,14 @@ async fn bad_inputs_are_invalid_argument_naming_the_field() {
             r.task = Some(Task::ImageToImage(v1::ImageToImage {
                 image: vec![],
                 strength: None,
+                hint: Vec::new(),
             }))
         }),
         ("image_to_image.strength", |r| {
             r.task = Some(Task::ImageToImage(v1::ImageToImage {
                 image: vec![1],
                 strength: Some(1.5),
+                hint: Vec::new(),
             }))
         }),
         ("inpaint.mask", |r| {
@@ -376,6 +378,7 @@ fn image_to_image(bytes: usize) -> v1::GenerateRequest {
     r.task = Some(Task::ImageToImage(v1::ImageToImage {
         image: vec![7; bytes],
         strength: None,
+        hint: Vec::new(),
     }));
     r
 }

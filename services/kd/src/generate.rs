@@ -85,7 +85,8 @@ pub struct GenerateArgs {
     /// (--width × --height); needs a model with an inpainting decoder.
     #[arg(long, value_delimiter = ',', num_args = 4, value_names = ["LEFT", "TOP", "RIGHT", "BOTTOM"])]
     pub outpaint: Vec<u32>,
-    /// ControlNet depth hint image (text-to-image on a `-controlnet` model).
+    /// ControlNet depth hint image (text-to-image, or image-to-image with --init-image, on a
+    /// `-controlnet` model).
     #[arg(long)]
     pub hint: Option<PathBuf>,
     /// Machine-readable output: one JSON object per line on stdout (an `image` line per image,
@@ -142,9 +143,11 @@ fn read(p: &PathBuf) -> anyhow::Result<Vec<u8>> {
 pub fn request(a: &GenerateArgs) -> anyhow::Result<v1::GenerateRequest> {
     let outpaint = a.outpaint.as_slice();
     anyhow::ensure!(
-        a.hint.is_none() || (a.init_image.is_none() && a.variation.is_none()),
-        "--hint applies to text-to-image only (not with --init-image or --variation)"
+        a.hint.is_none() || (a.mask.is_none() && outpaint.is_empty() && a.variation.is_none()),
+        "--hint applies to text-to-image and image-to-image (not with --mask, --outpaint or \
+         --variation)"
     );
+    let hint = a.hint.as_ref().map(read).transpose()?.unwrap_or_default();
     let task = match (&a.init_image, &a.mask, &a.variation, outpaint) {
         (Some(img), None, None, &[left, top, right, bottom]) => {
             Some(Task::Outpaint(v1::Outpaint {
@@ -163,11 +166,10 @@ pub fn request(a: &GenerateArgs) -> anyhow::Result<v1::GenerateRequest> {
         (Some(img), None, None, []) => Some(Task::ImageToImage(v1::ImageToImage {
             image: read(img)?,
             strength: a.strength,
+            hint,
         })),
         (None, None, Some(img), []) => Some(Task::Variation(v1::Variation { image: read(img)? })),
-        (None, None, None, []) => Some(Task::TextToImage(v1::TextToImage {
-            hint: a.hint.as_ref().map(read).transpose()?.unwrap_or_default(),
-        })),
+        (None, None, None, []) => Some(Task::TextToImage(v1::TextToImage { hint })),
         _ => anyhow::bail!("use --init-image [--mask | --outpaint] or --variation, not both"),
     };
     Ok(v1::GenerateRequest {

@@ -25,6 +25,9 @@ pub enum DecoderMode {
         image_latents: Tensor,
         /// How much of the schedule to run.
         strength: f64,
+        /// A ControlNet UNet's hint (1 or B, 3, 8h, 8w) in [0, 1], as
+        /// `KandinskyV22ControlnetImg2ImgPipeline` takes it; `None` for a plain UNet.
+        hint: Option<Tensor>,
     },
     /// Inpainting with a 9-channel UNet: `image_latents` (1 or B, 4, h, w) and the prepared
     /// latent keep-mask (1 or B, 1, h, w) from [`super::prepare_inpaint_mask`] (1 = keep; the
@@ -334,9 +337,14 @@ impl DecoderInputs {
             DecoderMode::Img2Img {
                 image_latents,
                 strength,
+                hint,
             } => {
                 check_rows(image_latents, "image_latents", b, true, &[4, lh, lw])?;
                 finite_range(image_latents, "image_latents")?;
+                if let Some(hint) = hint {
+                    check_rows(hint, "hint", b, true, &[3, 8 * lh, 8 * lw])?;
+                    unit_range(hint, "hint", "")?;
+                }
                 img2img_steps(*strength, steps, unet.takes_text(), scheduler)
             }
             DecoderMode::Inpaint {
@@ -384,7 +392,10 @@ impl DecoderInputs {
                 ),
             ));
         }
-        let is_controlnet = matches!(self.mode, DecoderMode::Controlnet { .. });
+        let is_controlnet = matches!(
+            self.mode,
+            DecoderMode::Controlnet { .. } | DecoderMode::Img2Img { hint: Some(_), .. }
+        );
         if is_controlnet && !unet.takes_hint() {
             return Err(invalid(
                 "hint",

@@ -242,6 +242,7 @@ fn initial_latents(
     if let DecoderMode::Img2Img {
         image_latents,
         strength,
+        ..
     } = &inputs.mode
     {
         let x = per_image(image_latents, b, n)?;
@@ -303,8 +304,10 @@ fn conditioning(
                 blend: !unet.takes_text(),
             });
         }
-        DecoderMode::Controlnet { hint: h } => hint = Some(double(per_image(h, b, n)?, cfg)?),
-        DecoderMode::Text2Img | DecoderMode::Img2Img { .. } => {}
+        DecoderMode::Controlnet { hint: h } | DecoderMode::Img2Img { hint: Some(h), .. } => {
+            hint = Some(double(per_image(h, b, n)?, cfg)?)
+        }
+        DecoderMode::Text2Img | DecoderMode::Img2Img { hint: None, .. } => {}
     }
     Ok(Conditioning {
         embeds,

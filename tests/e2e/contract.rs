@@ -93,6 +93,12 @@ fn refused(req: &v1::GenerateRequest) -> Option<String> {
 }
 
 #[test]
+fn the_gateway_and_the_stages_share_their_bounds() {
+    // The gateway (which links no model code) and the MoVQ stage check the same outpainting rule.
+    assert_eq!(OUTPAINT_MIN_INNER, kd_models::image::OUTPAINT_MIN_INNER);
+}
+
+#[test]
 fn the_server_enforces_what_the_proto_says_at_each_bound() {
     let l = Limits::default();
     // Defaults of unset optional fields.

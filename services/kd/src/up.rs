@@ -88,6 +88,20 @@ pub async fn wait_serving(addr: &str, service: &str, timeout: Duration) -> anyho
     }
 }
 
+/// Resolves when one of `children` (named by `names`) has exited: the error naming it.
+async fn first_exit(children: &mut [Child], names: &[&str]) -> anyhow::Error {
+    loop {
+        for (c, name) in children.iter_mut().zip(names) {
+            if let Ok(Some(status)) = c.try_wait() {
+                return anyhow::anyhow!(
+                    "{name} exited while the stack was starting ({status}); its error is above"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Runs `kd up` until Ctrl-C or SIGTERM.
 pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     let bin_dir = match a.bin_dir.clone() {
@@ -104,6 +118,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         ("kd-movq", "kandinsky.v1.Movq", &a.decoder_dir),
     ];
     let mut children = Vec::new();
+    let mut names = Vec::new();
     let mut urls = Vec::new();
     let mut waits = Vec::new();
     for (bin, service, dir) in stages {
@@ -126,6 +141,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             ]);
         }
         children.push(spawn(&bin_dir, bin, &args)?);
+        names.push(bin);
         urls.push(format!("http://{addr}"));
         waits.push((addr, service));
     }
@@ -144,10 +160,20 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         urls[3].clone(),
     ];
     children.push(spawn(&bin_dir, "kd-gateway", &gw_args)?);
+    names.push("kd-gateway");
     waits.push((a.listen.clone(), "kandinsky.v1.Gateway"));
     let timeout = Duration::from_secs(a.ready_timeout);
-    for (addr, service) in &waits {
-        wait_serving(addr, service, timeout).await?;
+    let ready = async {
+        for (addr, service) in &waits {
+            wait_serving(addr, service, timeout).await?;
+        }
+        anyhow::Ok(())
+    };
+    // A service that exits while the others start (a wrong folder, a port in use) ends `kd up`
+    // at once, naming it; its own error is in the log above.
+    tokio::select! {
+        r = ready => r?,
+        e = first_exit(&mut children, &names) => return Err(e),
     }
     println!("kandinsky-serve is up: gateway at http://{}", a.listen);
 

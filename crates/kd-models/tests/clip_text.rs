@@ -135,14 +135,23 @@ fn text_tower_matches_reference() {
 
 #[test]
 fn text_tower_f16_is_close() {
+    text_tower_half_is_close(DType::F16);
+}
+
+#[test]
+fn text_tower_bf16_is_close() {
+    text_tower_half_is_close(DType::BF16);
+}
+
+fn text_tower_half_is_close(dtype: DType) {
     let refs = load_reference(refdir().join("text_encoder.safetensors")).unwrap();
-    let out = text_encoder(DType::F16)
+    let out = text_encoder(dtype)
         .forward(get(&refs, "input_ids"))
         .unwrap();
     let e = rel_l2(&out.text_embeds, get(&refs, "text_embeds")).unwrap();
-    eprintln!("f16 text_embeds rel L2 {e:e}");
+    eprintln!("{dtype:?} text_embeds rel L2 {e:e}");
     assert_close(
-        "f16 text_embeds",
+        &format!("{dtype:?} text_embeds"),
         &out.text_embeds,
         get(&refs, "text_embeds"),
         1e-2,

@@ -90,6 +90,11 @@ fn prior_forward_f16_is_close() {
 }
 
 #[test]
+fn prior_forward_bf16_is_close() {
+    check_forward(DType::BF16, 1e-2);
+}
+
+#[test]
 fn prior_rejects_wrong_widths() {
     let refs = load_reference(refdir().join("prior_forward.safetensors")).unwrap();
     let p = prior(DType::F32);

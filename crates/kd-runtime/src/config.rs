@@ -170,6 +170,26 @@ pub fn parse_dtype(s: &str) -> Result<DType, String> {
 }
 
 #[cfg(feature = "models")]
+impl StageArgs {
+    /// Opens `--device` for `--dtype`: bf16 is refused on a CPU, whose candle kernels have no
+    /// bf16 matmul or convolution (a CUDA device computes it; on a CPU use f32 or f16).
+    pub fn open_device(&self) -> Result<Device, crate::ServiceError> {
+        let device = self
+            .device
+            .open()
+            .map_err(|e| crate::ServiceError::Unavailable(format!("--device: {e}")))?;
+        if device.is_cpu() && self.dtype == DType::BF16 {
+            return Err(crate::ServiceError::Unavailable(
+                "--dtype bf16 needs a CUDA device (--device cuda:N): candle's CPU kernels have \
+                 no bf16 matmul or convolution; on a CPU use --dtype f32 or f16"
+                    .into(),
+            ));
+        }
+        Ok(device)
+    }
+}
+
+#[cfg(feature = "models")]
 impl DeviceSpec {
     /// Opens the device; `cuda:N` fails with a clear message when this build has no CUDA.
     pub fn open(self) -> Result<Device, String> {
@@ -198,6 +218,30 @@ mod tests {
             .unwrap_err()
             .contains("allowed: f32, f16, bf16"));
         assert!(DeviceSpec::Cpu.open().unwrap().is_cpu());
+    }
+
+    #[test]
+    fn bf16_is_refused_on_a_cpu_naming_the_flags() {
+        let args = |dtype: &str| {
+            #[derive(clap::Parser)]
+            struct A {
+                #[command(flatten)]
+                stage: StageArgs,
+            }
+            <A as clap::Parser>::parse_from([
+                "x",
+                "--model-dir",
+                "m",
+                "--device",
+                "cpu",
+                "--dtype",
+                dtype,
+            ])
+            .stage
+        };
+        let e = args("bf16").open_device().unwrap_err().to_string();
+        assert!(e.contains("--dtype bf16 needs a CUDA device"), "{e}");
+        assert!(args("f16").open_device().unwrap().is_cpu());
     }
 }
 

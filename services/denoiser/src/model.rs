@@ -339,10 +339,7 @@ impl DecoderModel {
         args: &kd_runtime::config::StageArgs,
         defaults: &ScheduleArgs,
     ) -> Result<Self, ServiceError> {
-        let device = args
-            .device
-            .open()
-            .map_err(|e| ServiceError::Unavailable(format!("--device: {e}")))?;
+        let device = args.open_device()?;
         let mut model =
             Self::load_with(&args.model_dir, &device, args.dtype, defaults).map_err(|e| {
                 ServiceError::Unavailable(format!("loading {}: {e:#}", args.model_dir.display()))

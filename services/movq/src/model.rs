@@ -44,11 +44,7 @@ impl Movq {
     pub fn load_and_warm(config: &Config) -> Result<Self, ServiceError> {
         let dir = CheckpointDir::open(&config.stage.model_dir)?;
         let component = dir.component("movq")?;
-        let device = config
-            .stage
-            .device
-            .open()
-            .map_err(ServiceError::Unavailable)?;
+        let device = config.stage.open_device()?;
         let opts = MovqOptions {
             attention_chunk: config.attention_chunk,
             ..MovqOptions::default()

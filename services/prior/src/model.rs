@@ -34,7 +34,7 @@ impl PriorModel {
     /// Opens the device, loads the components, computes the zero-image embedding and runs one
     /// 2-step guided sample on a dummy conditioning (so the first request pays no warm-up).
     pub fn load_and_warm(args: &StageArgs) -> Result<Self, ServiceError> {
-        let device = args.device.open().map_err(ServiceError::Internal)?;
+        let device = args.open_device()?;
         let dir = CheckpointDir::open(&args.model_dir)?;
         let prior = ImagePrior::load(&dir, args.dtype, &device)?;
         let info = model_info(&dir, "prior", &COMPONENTS, args.dtype, &device)?;

@@ -36,7 +36,7 @@ impl TextModel {
         args: &StageArgs,
         decoder_dir: Option<&Path>,
     ) -> Result<Self, ServiceError> {
-        let device = args.device.open().map_err(ServiceError::Internal)?;
+        let device = args.open_device()?;
         let dir = CheckpointDir::open(&args.model_dir)?;
         let encoder = ClipTextEncoder::load(&dir, args.dtype, &device)?;
         let mut info = model_info(&dir, "text_encoder", &COMPONENTS, args.dtype, &device)?;

@@ -6,7 +6,7 @@
 CARGO ?= cargo
 PYTHON_REF ?= tools/reference/.venv/bin/python
 
-.PHONY: setup build test test-python lint fmt fixtures bench bench-fewstep demo chart-check fuzz soak clean
+.PHONY: setup build test test-python lint fmt fixtures bench bench-fewstep demo chart-check fuzz soak cuda clean
 
 ## setup: install what a fresh machine lacks (idempotent; needs root for apt-get)
 setup:
@@ -80,6 +80,11 @@ soak:
 ## demo: build, start the stack on the bundled small model, generate demo.png, stop
 demo:
 	bash tools/demo.sh
+
+## cuda: the CUDA build of the stages (+ gateway and kd) from PyPI's CUDA 13.0 wheels, no GPU
+## needed: target/cuda-dist/ and kd-cuda-bins.tar.xz (caches in ~/.cache/kandinsky-serve/cuda)
+cuda:
+	bash tools/cuda-build.sh
 
 ## chart-check: lint, render, schema-validate and assert the Helm chart (PyPI needed the first time)
 chart-check:

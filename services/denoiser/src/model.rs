@@ -262,11 +262,17 @@ impl DecoderModel {
     }
 
     /// Times one CFG step (two UNet rows) at 64² and at 128² pixels: the cost per latent pixel.
+    /// Each size is the fastest of three runs: a busy machine only adds time, and a single slow
+    /// run at 64² could hide the per-pixel cost in the difference (no refusal by size).
     pub fn calibrate(&self) -> Result<Cost, ServiceError> {
         let lp = |side: usize| latent_side(side, self.movq_scale_factor).pow(2) as f64;
-        let small = self.step_at(64)?.min(self.step_at(64)?);
-        let large = self.step_at(128)?;
-        Ok(Cost::fit((lp(64), small), (lp(128), large)))
+        let fastest = |side: usize| -> Result<std::time::Duration, ServiceError> {
+            Ok(self
+                .step_at(side)?
+                .min(self.step_at(side)?)
+                .min(self.step_at(side)?))
+        };
+        Ok(Cost::fit((lp(64), fastest(64)?), (lp(128), fastest(128)?)))
     }
 
     /// One denoising step at `side`² pixels, CFG on, in this UNet's mode: how long it took.

@@ -199,3 +199,62 @@ fn bad_inputs_are_clear_errors() {
     );
     assert!(m.contains("hint"), "{m}");
 }
+
+/// Rows at different timesteps in one call (what batching requests at different steps of their
+/// schedules needs): each half of the batch equals diffusers' output at its own timestep, and the
+/// same rows run alone, on every UNet kind.
+#[test]
+fn rows_at_different_timesteps_share_one_call() {
+    for (size, ckpt, name) in [
+        ("tiny", "kandinsky-2-2-decoder", "unet_forward"),
+        ("deep", "kandinsky-2-2-decoder", "unet_forward"),
+        (
+            "tiny",
+            "kandinsky-2-2-decoder-inpaint",
+            "unet_inpaint_forward",
+        ),
+        (
+            "tiny",
+            "kandinsky-2-2-controlnet-depth",
+            "unet_controlnet_forward",
+        ),
+    ] {
+        let unet = load_unet(size, ckpt, DType::F32);
+        let r = refs(size, name);
+        let twice = |t: &Tensor| Tensor::cat(&[t, t], 0).unwrap();
+        let sample = get(&r, "sample");
+        let b = sample.dim(0).unwrap();
+        let embeds = twice(get(&r, "image_embeds"));
+        let hint = r.get("hint").map(twice);
+        let cond = UNetConditioning::image(&embeds).with_hint(hint.as_ref());
+        let (ta, tb) = (timestep(&r, "timestep_a"), timestep(&r, "timestep_b"));
+        let ts: Vec<f64> = (0..2 * b).map(|i| if i < b { ta } else { tb }).collect();
+        let out = unet
+            .forward_rows(&twice(sample), &ts, &cond, &kd_models::interrupt::never)
+            .unwrap();
+        let (a, bb) = (out.narrow(0, 0, b).unwrap(), out.narrow(0, b, b).unwrap());
+        assert_close(&format!("{name} rows at t_a"), &a, get(&r, "out_a"), 1e-4);
+        assert_close(&format!("{name} rows at t_b"), &bb, get(&r, "out_b"), 1e-4);
+        let single = UNetConditioning::image(get(&r, "image_embeds")).with_hint(r.get("hint"));
+        let alone = unet.forward(sample, tb, &single).unwrap();
+        let err = rel_l2(&bb, &alone).unwrap();
+        eprintln!("{size}/{name}: batched vs alone rel L2 {err:e}");
+        assert!(
+            err <= 1e-5,
+            "{name}: batched rows differ from the rows alone: {err:e}"
+        );
+    }
+    // One timestep per row, no more, no less.
+    let unet = load_unet("tiny", "kandinsky-2-2-decoder", DType::F32);
+    let r = refs("tiny", "unet_forward");
+    let cond = UNetConditioning::image(get(&r, "image_embeds"));
+    let e = unet
+        .forward_rows(
+            get(&r, "sample"),
+            &[1.0; 7],
+            &cond,
+            &kd_models::interrupt::never,
+        )
+        .unwrap_err();
+    assert!(invalid_message(e).starts_with("timesteps:"));
+}

@@ -37,6 +37,13 @@ pub struct TextConditioning<'a> {
     pub hidden_states: &'a Tensor,
 }
 
+/// The timestep of a UNet call: one for every row, or one per row.
+#[derive(Debug, Clone, Copy)]
+enum StepTimes<'a> {
+    Shared(f64),
+    PerRow(&'a [f64]),
+}
+
 /// Everything the UNet is conditioned on besides the sample and the timestep.
 #[derive(Debug, Clone, Copy)]
 pub struct UNetConditioning<'a> {
@@ -365,7 +372,42 @@ impl UNet2DConditionModel {
         cond: &UNetConditioning,
         stop: Stop,
     ) -> Result<Tensor> {
-        self.forward_with(sample, timestep, cond, &mut |_, _| {}, stop)
+        self.forward_with(
+            sample,
+            StepTimes::Shared(timestep),
+            cond,
+            &mut |_, _| {},
+            stop,
+        )
+    }
+
+    /// [`Self::forward_interruptible`] with one timestep per row of `sample` (`timesteps.len()`
+    /// = B): rows of different requests at different steps of their schedules share one call,
+    /// each row computing what it would alone (the time embedding is per row).
+    pub fn forward_rows(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        cond: &UNetConditioning,
+        stop: Stop,
+    ) -> Result<Tensor> {
+        let b = sample.dim(0)?;
+        if timesteps.len() != b {
+            return Err(crate::ModelError::invalid(
+                "timesteps",
+                format!(
+                    "{} timesteps for {b} rows; give one per row",
+                    timesteps.len()
+                ),
+            ));
+        }
+        self.forward_with(
+            sample,
+            StepTimes::PerRow(timesteps),
+            cond,
+            &mut |_, _| {},
+            stop,
+        )
     }
 
     fn check_inputs(&self, sample: &Tensor, cond: &UNetConditioning) -> Result<()> {
@@ -471,13 +513,19 @@ impl UNet2DConditionModel {
         cond: &UNetConditioning,
         trace: &mut dyn FnMut(&str, &Tensor),
     ) -> Result<Tensor> {
-        self.forward_with(sample, timestep, cond, trace, &interrupt::never)
+        self.forward_with(
+            sample,
+            StepTimes::Shared(timestep),
+            cond,
+            trace,
+            &interrupt::never,
+        )
     }
 
     fn forward_with(
         &self,
         sample: &Tensor,
-        timestep: f64,
+        timesteps: StepTimes,
         cond: &UNetConditioning,
         trace: &mut dyn FnMut(&str, &Tensor),
         stop: Stop,
@@ -486,7 +534,12 @@ impl UNet2DConditionModel {
         let dt = self.dtype;
         let b = sample.dim(0)?;
         let dev = sample.device();
-        let t = Tensor::full(timestep as f32, b, dev)?;
+        let t = match timesteps {
+            StepTimes::Shared(t) => Tensor::full(t as f32, b, dev)?,
+            StepTimes::PerRow(ts) => {
+                Tensor::from_vec(ts.iter().map(|&t| t as f32).collect(), b, dev)?
+            }
+        };
         let t_emb = self.time_proj.forward(&t)?.to_dtype(dt)?;
         let emb = self.time_embedding.forward(&t_emb)?;
         trace("time_embedding", &emb);

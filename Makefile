@@ -29,6 +29,7 @@ test:
 	  $(CARGO) test --workspace --locked; \
 	fi
 	bash tools/test-python-client.sh
+	bash tools/gpu/test-skeleton.sh
 
 ## test-python: the Python client's tests (clients/python, venv in clients/python/.venv)
 test-python:

@@ -25,7 +25,9 @@ CUDA_ROOT=$CACHE/root
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target/cuda}
 CUDA_DIST=${CUDA_DIST:-$REPO/target/cuda-dist}
-STAGES="kd-text-encoder kd-prior kd-denoiser kd-movq"
+# With the CUDA backend: the four stages and kd-gpucheck (the parity and timing tool of
+# tools/gpu/check.sh); CPU-only: the gateway and kd.
+STAGES="kd-text-encoder kd-prior kd-denoiser kd-movq kd-gpucheck"
 CPU_ONLY="kd-gateway kd"
 
 say() { printf '== cuda: %s\n' "$*" >&2; }

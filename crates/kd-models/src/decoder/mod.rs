@@ -141,40 +141,138 @@ pub fn run_decoder_interruptible(
     on_step: &mut dyn FnMut(StepProgress) -> bool,
     stop: Stop,
 ) -> Result<DecoderOutcome> {
-    let plan = inputs.validate(unet, &*scheduler)?;
-    match &inputs.timesteps {
-        Some(ts) => scheduler.set_custom_timesteps(ts)?,
-        None => scheduler.set_timesteps(inputs.num_inference_steps)?,
+    let mut run = DecoderRun::start(unet, scheduler, inputs, noise)?;
+    while !run.is_done() {
+        let rows = run.unet_rows()?;
+        let mut cond = UNetConditioning::image(rows.embeds).with_hint(rows.hint);
+        if let Some((te, hs)) = rows.text {
+            cond = cond.with_text(te, hs);
+        }
+        let out = unet.forward_interruptible(&rows.sample, rows.timestep as f64, &cond, stop)?;
+        let step = run.finish_step(&out, scheduler, noise)?;
+        if !on_step(run.progress(&step)) {
+            return Ok(DecoderOutcome::Cancelled {
+                steps_done: run.steps_done(),
+            });
+        }
     }
-    let mut timesteps = scheduler.timesteps().to_vec();
-    if let DecoderMode::Img2Img { strength, .. } = inputs.mode {
-        let steps = timesteps.len();
-        let init = ((steps as f64 * strength) as usize).min(steps);
-        timesteps = timesteps[steps - init..].to_vec();
+    Ok(DecoderOutcome::Finished(run.finish()?))
+}
+
+/// One request's decoder loop as a state machine (owning its state, so a serving loop can keep
+/// runs of many requests), one UNet call per step: [`DecoderRun::unet_rows`]
+/// gives the step's UNet input rows, [`DecoderRun::finish_step`] takes the UNet's output for
+/// them. [`run_decoder`] drives one run alone; [`step_runs`] steps several runs (each with its own
+/// scheduler, schedule, guidance and noise) in one UNet call.
+pub struct DecoderRun {
+    guidance_scale: f64,
+    timesteps: Vec<usize>,
+    done: usize,
+    latents: Tensor,
+    c: Conditioning,
+    bn: usize,
+    cfg: bool,
+    learned: bool,
+}
+
+/// A run's UNet input for its next step.
+pub struct UNetRows<'r> {
+    /// (rows, C, h, w): the latents (twice under CFG) with the inpaint channels.
+    pub sample: Tensor,
+    /// The step's timestep (the same for every row of this run).
+    pub timestep: usize,
+    /// Image embeddings, one per row.
+    pub embeds: &'r Tensor,
+    /// ControlNet hint rows.
+    pub hint: Option<&'r Tensor>,
+    /// Kandinsky 2.1 text conditioning rows.
+    pub text: Option<(&'r Tensor, &'r Tensor)>,
+}
+
+impl DecoderRun {
+    /// Validates `inputs`, sets `scheduler`'s timesteps and draws the initial latents.
+    pub fn start(
+        unet: &UNet2DConditionModel,
+        scheduler: &mut dyn Scheduler,
+        inputs: &DecoderInputs,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Self> {
+        let plan = inputs.validate(unet, &*scheduler)?;
+        match &inputs.timesteps {
+            Some(ts) => scheduler.set_custom_timesteps(ts)?,
+            None => scheduler.set_timesteps(inputs.num_inference_steps)?,
+        }
+        let mut timesteps = scheduler.timesteps().to_vec();
+        if let DecoderMode::Img2Img { strength, .. } = inputs.mode {
+            let steps = timesteps.len();
+            let init = ((steps as f64 * strength) as usize).min(steps);
+            timesteps = timesteps[steps - init..].to_vec();
+        }
+        let latents = initial_latents(unet, scheduler, inputs, &plan, &timesteps, noise)?;
+        let c = conditioning(unet, inputs, &plan, &latents)?;
+        Ok(Self {
+            guidance_scale: inputs.guidance_scale,
+            timesteps,
+            done: 0,
+            latents,
+            c,
+            bn: plan.latent_shape[0],
+            cfg: plan.cfg,
+            learned: scheduler.learned_variance(),
+        })
     }
-    let mut latents = initial_latents(unet, scheduler, inputs, &plan, &timesteps, noise)?;
-    let c = conditioning(unet, inputs, &plan, &latents)?;
-    let (bn, cfg) = (plan.latent_shape[0], plan.cfg);
-    let total = timesteps.len();
-    let learned = scheduler.learned_variance();
-    for (i, &t) in timesteps.iter().enumerate() {
-        let x_in = double(latents.clone(), cfg)?;
-        let x_in = match &c.inpaint {
+
+    /// Whether every step has run.
+    pub fn is_done(&self) -> bool {
+        self.done == self.timesteps.len()
+    }
+
+    /// Steps run so far.
+    pub fn steps_done(&self) -> usize {
+        self.done
+    }
+
+    /// The UNet input of the next step (call only while not [`Self::is_done`]).
+    pub fn unet_rows(&self) -> Result<UNetRows<'_>> {
+        let x_in = double(self.latents.clone(), self.cfg)?;
+        let sample = match &self.c.inpaint {
             Some(ip) => Tensor::cat(&[&x_in, &ip.extra], 1)?,
             None => x_in,
         };
-        let mut cond = UNetConditioning::image(&c.embeds).with_hint(c.hint.as_ref());
-        if let Some((te, hs)) = &c.text {
-            cond = cond.with_text(te, hs);
+        Ok(UNetRows {
+            sample,
+            timestep: self.timesteps[self.done],
+            embeds: &self.c.embeds,
+            hint: self.c.hint.as_ref(),
+            text: self.c.text.as_ref().map(|(te, hs)| (te, hs)),
+        })
+    }
+
+    /// Rows of this run's UNet input (twice the images under CFG).
+    pub fn rows(&self) -> usize {
+        if self.cfg {
+            2 * self.bn
+        } else {
+            self.bn
         }
-        let out = unet
-            .forward_interruptible(&x_in, t as f64, &cond, stop)?
-            .to_dtype(DType::F32)?;
-        let out = guide(&out, bn, cfg, learned, inputs.guidance_scale)?;
-        let step = scheduler.step(&out, t, &latents, noise)?;
-        latents = step.prev_sample;
-        if let Some(ip) = c.inpaint.as_ref().filter(|ip| ip.blend) {
-            let proper = match timesteps.get(i + 1) {
+    }
+
+    /// Applies the UNet's output for [`Self::unet_rows`]: guidance, the scheduler step and the
+    /// inpaint blend. Returns the scheduler's step output.
+    pub fn finish_step(
+        &mut self,
+        unet_out: &Tensor,
+        scheduler: &mut dyn Scheduler,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<crate::schedulers::SchedulerStep> {
+        let i = self.done;
+        let t = self.timesteps[i];
+        let out = unet_out.to_dtype(DType::F32)?;
+        let out = guide(&out, self.bn, self.cfg, self.learned, self.guidance_scale)?;
+        let step = scheduler.step(&out, t, &self.latents, noise)?;
+        self.latents = step.prev_sample.clone();
+        if let Some(ip) = self.c.inpaint.as_ref().filter(|ip| ip.blend) {
+            let proper = match self.timesteps.get(i + 1) {
                 Some(&t_next) => scheduler.add_noise(
                     &ip.image0.broadcast_as(ip.noise.shape())?.contiguous()?,
                     &ip.noise,
@@ -182,23 +280,86 @@ pub fn run_decoder_interruptible(
                 )?,
                 None => ip.image0.clone(),
             };
-            latents = ip.blend(&proper, &latents)?;
+            self.latents = ip.blend(&proper, &self.latents)?;
         }
-        let go_on = on_step(StepProgress {
-            step: i,
-            total,
-            timestep: t,
-            latents: &latents,
+        self.done += 1;
+        Ok(step)
+    }
+
+    /// The progress of the step `finish_step` just returned.
+    pub fn progress<'s>(&'s self, step: &'s crate::schedulers::SchedulerStep) -> StepProgress<'s> {
+        StepProgress {
+            step: self.done - 1,
+            total: self.timesteps.len(),
+            timestep: self.timesteps[self.done - 1],
+            latents: &self.latents,
             pred_original_sample: step.pred_original_sample.as_ref(),
-        });
-        if !go_on {
-            return Ok(DecoderOutcome::Cancelled { steps_done: i + 1 });
         }
     }
-    if let Some(ip) = c.inpaint.as_ref().filter(|ip| ip.blend) {
-        latents = ip.blend(&ip.image0, &latents)?;
+
+    /// The final latents (after the last inpaint blend).
+    pub fn finish(self) -> Result<Tensor> {
+        Ok(match self.c.inpaint.as_ref().filter(|ip| ip.blend) {
+            Some(ip) => ip.blend(&ip.image0, &self.latents)?,
+            None => self.latents,
+        })
     }
-    Ok(DecoderOutcome::Finished(latents))
+}
+
+/// One step of several runs in ONE UNet call: their rows concatenated (each run's rows at its
+/// own timestep), the output split back and applied to each run with its own scheduler and
+/// noise. The runs must share the UNet and its latent size; runs that are done are skipped.
+/// What each run computes equals its step alone, up to the re-association of batched sums.
+pub fn step_runs(
+    unet: &UNet2DConditionModel,
+    runs: &mut [(&mut DecoderRun, &mut dyn Scheduler, &mut dyn NoiseSource)],
+    stop: Stop,
+) -> Result<()> {
+    let active: Vec<usize> = (0..runs.len()).filter(|&i| !runs[i].0.is_done()).collect();
+    if active.is_empty() {
+        return Ok(());
+    }
+    let (mut samples, mut ts, mut embeds, mut hints, mut tes, mut hss) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for &i in &active {
+        let r = runs[i].0.unet_rows()?;
+        let n = r.sample.dim(0)?;
+        ts.extend(std::iter::repeat_n(r.timestep as f64, n));
+        samples.push(r.sample);
+        embeds.push(r.embeds.clone());
+        if let Some(h) = r.hint {
+            hints.push(h.clone());
+        }
+        if let Some((te, hs)) = r.text {
+            tes.push(te.clone());
+            hss.push(hs.clone());
+        }
+    }
+    let cat = |v: &[Tensor]| -> Result<Option<Tensor>> {
+        match v.len() {
+            0 => Ok(None),
+            n if n == active.len() => Ok(Some(Tensor::cat(v, 0)?)),
+            _ => Err(ModelError::invalid(
+                "runs",
+                "runs of one UNet call must all have (or all lack) a hint and text conditioning",
+            )),
+        }
+    };
+    let embeds = Tensor::cat(&embeds, 0)?;
+    let (hint, te, hs) = (cat(&hints)?, cat(&tes)?, cat(&hss)?);
+    let mut cond = UNetConditioning::image(&embeds).with_hint(hint.as_ref());
+    if let (Some(te), Some(hs)) = (&te, &hs) {
+        cond = cond.with_text(te, hs);
+    }
+    let out = unet.forward_rows(&Tensor::cat(&samples, 0)?, &ts, &cond, stop)?;
+    let mut row = 0;
+    for &i in &active {
+        let (run, scheduler, noise) = &mut runs[i];
+        let n = run.rows();
+        run.finish_step(&out.narrow(0, row, n)?, &mut **scheduler, &mut **noise)?;
+        row += n;
+    }
+    Ok(())
 }
 
 /// `[x, x]` under CFG, else `x`.

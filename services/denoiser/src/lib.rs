@@ -5,6 +5,7 @@
 //! away or its deadline passes.
 #![forbid(unsafe_code)]
 
+pub mod batcher;
 pub mod budget;
 pub mod denoise;
 pub mod model;
@@ -45,6 +46,14 @@ pub struct Config {
     pub schedule: model::ScheduleArgs,
     #[command(flatten)]
     pub pixels: PixelArgs,
+    /// Step-level batching across requests: UNet rows per call (a CFG image is two rows).
+    /// Running requests of one size share every UNet call, joining and leaving at step
+    /// boundaries; 0 = every request runs its own loop (`--max-concurrency` at once).
+    #[arg(long, env = "KD_MAX_BATCH_ROWS", default_value_t = 0)]
+    pub max_batch_rows: usize,
+    /// With batching: how long a request arriving at an idle denoiser waits for companions.
+    #[arg(long, env = "KD_BATCH_WAIT_MS", default_value_t = 5)]
+    pub batch_wait_ms: u64,
 }
 
 /// The denoiser service.
@@ -52,6 +61,10 @@ pub struct Config {
 pub struct Denoiser {
     stage: Stage<DecoderModel>,
     limits: Limits,
+    /// Step-level batching: rows per UNet call and the join wait (`None` = off); the loop
+    /// starts with the first request (it needs the loaded model).
+    batching: Option<(usize, std::time::Duration)>,
+    batcher: Arc<std::sync::OnceLock<batcher::Batcher>>,
 }
 
 impl Denoiser {
@@ -61,14 +74,37 @@ impl Denoiser {
         max_batch: usize,
         pixels: PixelArgs,
     ) -> DenoiserServer<Self> {
-        DenoiserServer::new(Self {
+        DenoiserServer::new(Self::service(stage, max_batch, pixels, None))
+    }
+
+    fn service(
+        stage: Stage<DecoderModel>,
+        max_batch: usize,
+        pixels: PixelArgs,
+        batching: Option<(usize, std::time::Duration)>,
+    ) -> Self {
+        Self {
             stage,
             limits: Limits {
                 max_batch: max_batch.max(1),
                 pixels,
                 tensors: Default::default(),
             },
-        })
+            batching,
+            batcher: Default::default(),
+        }
+    }
+
+    /// The service with step-level batching: `rows` UNet rows per call, a new request at an
+    /// idle denoiser waiting `wait` for companions.
+    pub fn batched(
+        stage: Stage<DecoderModel>,
+        max_batch: usize,
+        pixels: PixelArgs,
+        rows: usize,
+        wait: std::time::Duration,
+    ) -> DenoiserServer<Self> {
+        DenoiserServer::new(Self::service(stage, max_batch, pixels, Some((rows, wait))))
     }
 }
 
@@ -90,7 +126,8 @@ impl v1::denoiser_server::Denoiser for Denoiser {
             Ok(plan)
         };
         let metrics = self.stage.metrics.clone();
-        let run = |m: Arc<DecoderModel>, plan: Plan, sink: Sink<DenoiseEvent>| async move {
+        let (batching, batcher) = (self.batching, self.batcher.clone());
+        let run = move |m: Arc<DecoderModel>, plan: Plan, sink: Sink<DenoiseEvent>| async move {
             let span = tracing::info_span!(
                 "denoise",
                 rows = plan.seeds.len(),
@@ -100,11 +137,20 @@ impl v1::denoiser_server::Denoiser for Denoiser {
             );
             let worker = sink.clone();
             let model = m.clone();
-            let latents = tracing::Instrument::instrument(
-                blocking(move || denoise(&model, plan, &worker, &metrics)),
-                span,
-            )
-            .await?;
+            let latents = match batching {
+                Some((rows, wait)) => {
+                    let b = batcher
+                        .get_or_init(|| batcher::Batcher::start(m.clone(), metrics, rows, wait));
+                    tracing::Instrument::instrument(b.denoise(plan, worker), span).await?
+                }
+                None => {
+                    tracing::Instrument::instrument(
+                        blocking(move || denoise(&model, plan, &worker, &metrics)),
+                        span,
+                    )
+                    .await?
+                }
+            };
             sink.send(DenoiseEvent {
                 event: Some(denoise_event::Event::Result(v1::DenoiseResult {
                     latents: Some(to_wire(&latents)?),
@@ -124,8 +170,20 @@ pub async fn run_with_listeners(
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<(), LaunchError> {
-    let stage = Stage::new(STAGE, config.max_concurrency, config.common.max_queue);
-    let service = Denoiser::new(stage.clone(), config.max_batch, config.pixels);
+    // With batching every admitted request waits in the shared loop, which bounds the work:
+    // admit as many as can share a call.
+    let concurrency = config.max_concurrency.max(config.max_batch_rows);
+    let stage = Stage::new(STAGE, concurrency, config.common.max_queue);
+    let service = match config.max_batch_rows {
+        0 => Denoiser::new(stage.clone(), config.max_batch, config.pixels),
+        rows => Denoiser::batched(
+            stage.clone(),
+            config.max_batch,
+            config.pixels,
+            rows,
+            std::time::Duration::from_millis(config.batch_wait_ms),
+        ),
+    };
     let launch = Launch::stage(stage, &config.common).serve(service);
     let pixels = config.pixels;
     let load = blocking(move || {

@@ -173,6 +173,8 @@ pub struct DecoderRun {
     bn: usize,
     cfg: bool,
     learned: bool,
+    /// The scheduler's x0 estimate at the last step, when it has one.
+    pred_original: Option<Tensor>,
 }
 
 /// A run's UNet input for its next step.
@@ -219,6 +221,7 @@ impl DecoderRun {
             bn: plan.latent_shape[0],
             cfg: plan.cfg,
             learned: scheduler.learned_variance(),
+            pred_original: None,
         })
     }
 
@@ -271,6 +274,7 @@ impl DecoderRun {
         let out = guide(&out, self.bn, self.cfg, self.learned, self.guidance_scale)?;
         let step = scheduler.step(&out, t, &self.latents, noise)?;
         self.latents = step.prev_sample.clone();
+        self.pred_original = step.pred_original_sample.clone();
         if let Some(ip) = self.c.inpaint.as_ref().filter(|ip| ip.blend) {
             let proper = match self.timesteps.get(i + 1) {
                 Some(&t_next) => scheduler.add_noise(
@@ -295,6 +299,12 @@ impl DecoderRun {
             latents: &self.latents,
             pred_original_sample: step.pred_original_sample.as_ref(),
         }
+    }
+
+    /// What a preview of the last step shows: the scheduler's x0 estimate, or the latents for
+    /// a scheduler without one (DPM-Solver++).
+    pub fn preview(&self) -> &Tensor {
+        self.pred_original.as_ref().unwrap_or(&self.latents)
     }
 
     /// The final latents (after the last inpaint blend).

@@ -1,0 +1,242 @@
+//! Step-level batching across requests (`--max-batch-rows`): one loop thread owns the running
+//! requests of one shape class (latent height × width) and steps them together, ONE UNet call per
+//! step ([`kd_models::decoder::step_runs`]), each request with its own scheduler, step count,
+//! timestep, guidance (with or without CFG), seeds and mode. Waiting requests join at every step
+//! boundary while their rows fit; finished, cancelled and expired ones leave at once; the others
+//! go on unchanged. Admission is FIFO: a request of another shape waits at the head of the queue
+//! until the running set drains, and nothing behind it overtakes it, so no request starves.
+
+use crate::denoise::preview_latents;
+use crate::model::DecoderModel;
+use crate::request::Plan;
+use candle_core::Tensor;
+use kd_models::decoder::{step_runs, DecoderRun};
+use kd_models::noise::{NoiseSource, SeededNoise};
+use kd_models::schedulers::Scheduler;
+use kd_proto::to_wire;
+use kd_proto::v1::{self, denoise_event, DenoiseEvent};
+use kd_runtime::{Metrics, ServiceError, Sink};
+use std::collections::VecDeque;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// One request handed to the loop.
+struct Job {
+    plan: Plan,
+    sink: Sink<DenoiseEvent>,
+    done: oneshot::Sender<Result<Tensor, ServiceError>>,
+}
+
+/// A request the loop is running.
+struct Running {
+    run: DecoderRun,
+    scheduler: Box<dyn Scheduler>,
+    noise: SeededNoise,
+    sink: Sink<DenoiseEvent>,
+    done: oneshot::Sender<Result<Tensor, ServiceError>>,
+    preview_every: usize,
+    total: usize,
+    shape: (usize, usize),
+}
+
+/// The handle of the batching loop.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Batcher {
+    /// Starts the loop over `model`: at most `max_rows` UNet rows per call (a request larger
+    /// than that runs alone); a new request waits up to `wait` for companions when nothing runs.
+    pub fn start(
+        model: Arc<DecoderModel>,
+        metrics: Metrics,
+        max_rows: usize,
+        wait: Duration,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("denoise-batcher".into())
+            .spawn(move || run_loop(&model, &metrics, max_rows.max(1), wait, rx))
+            .expect("spawn the batching thread");
+        Self { tx }
+    }
+
+    /// Runs `plan` in the shared loop; resolves with its final latents or its error.
+    pub async fn denoise(
+        &self,
+        plan: Plan,
+        sink: Sink<DenoiseEvent>,
+    ) -> Result<Tensor, ServiceError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Job { plan, sink, done })
+            .map_err(|_| ServiceError::Unavailable("the denoising loop has stopped".into()))?;
+        rx.await
+            .map_err(|_| ServiceError::Internal("the denoising loop dropped a request".into()))?
+    }
+}
+
+fn rows(plan: &Plan) -> usize {
+    let images = plan.seeds.len();
+    if plan.guidance_scale > 1.0 {
+        2 * images
+    } else {
+        images
+    }
+}
+
+fn run_loop(
+    model: &DecoderModel,
+    metrics: &Metrics,
+    max_rows: usize,
+    wait: Duration,
+    rx: mpsc::Receiver<Job>,
+) {
+    let mut queue: VecDeque<Job> = VecDeque::new();
+    let mut running: Vec<Running> = Vec::new();
+    loop {
+        // Idle: block for work, then give companions `wait` to arrive.
+        if running.is_empty() && queue.is_empty() {
+            match rx.recv() {
+                Ok(job) => queue.push_back(job),
+                Err(_) => return,
+            }
+            std::thread::sleep(wait);
+        }
+        queue.extend(rx.try_iter());
+        admit(model, max_rows, &mut queue, &mut running);
+        if running.is_empty() {
+            continue;
+        }
+        step(model, metrics, &mut running);
+    }
+}
+
+/// Moves queued requests into the running set, FIFO, while their rows fit and their shape is
+/// the running set's; a request that fails to start gets its error.
+fn admit(
+    model: &DecoderModel,
+    max_rows: usize,
+    queue: &mut VecDeque<Job>,
+    running: &mut Vec<Running>,
+) {
+    while let Some(job) = queue.front() {
+        let shape = (job.plan.height, job.plan.width);
+        let used: usize = running.iter().map(|r| r.run.rows()).sum();
+        let fits =
+            running.is_empty() || (running[0].shape == shape && used + rows(&job.plan) <= max_rows);
+        if !fits {
+            return;
+        }
+        let job = queue.pop_front().expect("front exists");
+        let Job {
+            mut plan,
+            sink,
+            done,
+        } = job;
+        let mut noise = SeededNoise::new(&plan.seeds);
+        match DecoderRun::start(
+            &model.unet,
+            plan.scheduler.as_mut(),
+            &plan.inputs,
+            &mut noise,
+        ) {
+            Ok(run) => running.push(Running {
+                total: plan.steps,
+                run,
+                scheduler: plan.scheduler,
+                noise,
+                sink,
+                done,
+                preview_every: plan.preview_every,
+                shape,
+            }),
+            Err(e) => {
+                let _ = done.send(Err(e.into()));
+            }
+        }
+    }
+}
+
+/// One UNet call for every running request, then each request's progress, preview, stop check
+/// and, when it finished, its latents.
+fn step(model: &DecoderModel, metrics: &Metrics, running: &mut Vec<Running>) {
+    // The batched call stops early only when every request in it wants to stop.
+    let cancels: Vec<_> = running.iter().map(|r| r.sink.cancel().clone()).collect();
+    let stop = || cancels.iter().all(|c| c.should_stop());
+    metrics.batch(running.iter().map(|r| r.run.rows()).sum());
+    let result = {
+        let mut batch: Vec<(&mut DecoderRun, &mut dyn Scheduler, &mut dyn NoiseSource)> = running
+            .iter_mut()
+            .map(|r| {
+                (
+                    &mut r.run,
+                    r.scheduler.as_mut() as &mut dyn Scheduler,
+                    &mut r.noise as &mut dyn NoiseSource,
+                )
+            })
+            .collect();
+        step_runs(&model.unet, &mut batch, &stop)
+    };
+    if let Err(e) = result {
+        // The call stopped because every request in it wanted to stop (each leaves with its
+        // own reason), or it failed, which fails every request in it.
+        let shared = ServiceError::from(e);
+        for r in running.drain(..) {
+            let err = match r.sink.cancel().check_at("during a denoising step") {
+                Err(reason) => reason,
+                Ok(()) => shared.clone(),
+            };
+            let _ = r.done.send(Err(err));
+        }
+        return;
+    }
+    metrics.steps(running.len() as u64);
+    for mut r in std::mem::take(running) {
+        match after_step(model, &mut r) {
+            Ok(false) => running.push(r),
+            Ok(true) => {
+                let latents = r
+                    .run
+                    .finish()
+                    .map_err(ServiceError::from)
+                    .and_then(|l| Ok(l.to_dtype(candle_core::DType::F32)?));
+                let _ = r.done.send(latents);
+            }
+            Err(e) => {
+                let _ = r.done.send(Err(e));
+            }
+        }
+    }
+}
+
+/// Streams one request's progress (and preview); `Ok(true)` when its last step ran, an error
+/// when it must leave (cancelled, deadline passed, its client gone).
+fn after_step(model: &DecoderModel, r: &mut Running) -> Result<bool, ServiceError> {
+    let step = r.run.steps_done();
+    let preview = if r.preview_every > 0 && step.is_multiple_of(r.preview_every) {
+        Some(to_wire(&preview_latents(
+            r.run.preview(),
+            model.movq_scale_factor,
+        )?)?)
+    } else {
+        None
+    };
+    r.sink.send_blocking(DenoiseEvent {
+        event: Some(denoise_event::Event::Progress(v1::DenoiseProgress {
+            step: step as u32,
+            total_steps: r.total as u32,
+            preview_latents: preview,
+        })),
+    })?;
+    if r.run.is_done() {
+        return Ok(true);
+    }
+    r.sink
+        .cancel()
+        .check_at(format_args!("after {step} of {} denoising steps", r.total))?;
+    Ok(false)
+}

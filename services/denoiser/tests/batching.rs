@@ -1,0 +1,116 @@
+//! Step-level batching (`--max-batch-rows`): concurrent requests of one size share UNet calls
+//! (fewer calls than steps), each ending with the latents it gets alone; a cancelled request
+//! leaves and the others finish unchanged.
+
+mod common;
+
+use common::*;
+use kd_proto::v1::{self, denoiser_client::DenoiserClient};
+use kd_testkit::metric_at;
+use kd_testkit::parity::rel_l2;
+use std::time::Duration;
+
+fn requests() -> Vec<v1::DenoiseRequest> {
+    let mut a = request(1, 6, vec![1]);
+    a.scheduler = v1::Scheduler::Ddpm as i32;
+    let mut b = request(2, 4, vec![2, 3]);
+    b.scheduler = v1::Scheduler::Ddim as i32;
+    b.guidance_scale = 7.5;
+    // No CFG: one row per image.
+    let mut c = request(1, 5, vec![4]);
+    c.scheduler = v1::Scheduler::DpmSolverPp as i32;
+    c.guidance_scale = 1.0;
+    vec![a, b, c]
+}
+
+fn latents(t: &v1::Tensor) -> candle_core::Tensor {
+    kd_proto::from_wire(t, &candle_core::Device::Cpu, &Default::default()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_share_unet_calls_and_end_as_they_end_alone() {
+    let model = tiny();
+    let alone_server = start(&model).await;
+    let batched = start_with(
+        &model,
+        &["--max-batch-rows", "16", "--batch-wait-ms", "200"],
+    )
+    .await;
+    kd_testkit::wait_serving(&batched, SERVICE, Duration::from_secs(30)).await;
+    let mut alone = Vec::new();
+    for req in requests() {
+        alone.push(
+            collect(&mut client(&alone_server).await, req)
+                .await
+                .unwrap(),
+        );
+    }
+    let calls_before = metric_at(batched.metrics, "kd_batch_size_count", &[]).await;
+    let tasks: Vec<_> = requests()
+        .into_iter()
+        .map(|req| {
+            let addr = batched.grpc;
+            tokio::spawn(async move {
+                let mut c = DenoiserClient::new(kd_testkit::connect(addr).await);
+                collect(&mut c, req).await
+            })
+        })
+        .collect();
+    let mut worst: f64 = 0.0;
+    let mut steps = 0;
+    for (task, (alone_progress, alone_latents)) in tasks.into_iter().zip(&alone) {
+        let (progress, got) = task.await.unwrap().unwrap();
+        assert_eq!(progress.len(), alone_progress.len(), "one event per step");
+        steps += progress.len();
+        let err = rel_l2(&latents(&got), &latents(alone_latents)).unwrap();
+        worst = worst.max(err);
+    }
+    let calls = metric_at(batched.metrics, "kd_batch_size_count", &[]).await - calls_before;
+    eprintln!("batched vs alone: worst latents rel L2 {worst:e}; {calls} UNet calls for {steps} request steps");
+    assert!(
+        worst <= 1e-4,
+        "a batched request differs from itself alone: {worst:e}"
+    );
+    assert!(
+        (calls as usize) < steps,
+        "{calls} UNet calls for {steps} steps: the requests never shared a call"
+    );
+    batched.shutdown().await.unwrap();
+    alone_server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_request_leaves_and_the_others_finish_unchanged() {
+    let model = tiny();
+    let batched = start_with(
+        &model,
+        &["--max-batch-rows", "16", "--batch-wait-ms", "200"],
+    )
+    .await;
+    kd_testkit::wait_serving(&batched, SERVICE, Duration::from_secs(30)).await;
+    let want = collect(&mut client(&batched).await, requests().remove(0))
+        .await
+        .unwrap()
+        .1;
+    // A long request whose caller goes away after its first step, beside the short one.
+    let mut long = request(1, 200, vec![9]);
+    long.scheduler = v1::Scheduler::Ddim as i32;
+    let addr = batched.grpc;
+    let leaver = tokio::spawn(async move {
+        let mut c = DenoiserClient::new(kd_testkit::connect(addr).await);
+        let mut stream = c.denoise(long).await.unwrap().into_inner();
+        stream.message().await.unwrap(); // one step, then hang up
+    });
+    let stay = collect(&mut client(&batched).await, requests().remove(0))
+        .await
+        .unwrap()
+        .1;
+    leaver.await.unwrap();
+    let err = rel_l2(&latents(&stay), &latents(&want)).unwrap();
+    assert!(err <= 1e-4, "the request that stayed changed: {err:e}");
+    // The loop is free again: another request runs at once.
+    collect(&mut client(&batched).await, request(1, 2, vec![5]))
+        .await
+        .unwrap();
+    batched.shutdown().await.unwrap();
+}

@@ -23,6 +23,9 @@ pub struct Metrics {
     cache: IntCounterVec,
     model_load: GaugeVec,
     steps: IntCounterVec,
+    batch_requests: HistogramVec,
+    step_seconds: HistogramVec,
+    batch_wait: HistogramVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -43,7 +46,26 @@ impl Metrics {
     pub fn new(stage: &'static str) -> Self {
         let registry = Registry::new();
         let latency_buckets = exponential_buckets(0.005, 2.0, 16).expect("buckets");
+        let step_buckets = exponential_buckets(0.001, 2.0, 16).expect("buckets");
         let m = Self {
+            batch_requests: histogram(
+                "kd_batch_requests",
+                "Requests sharing one model call (step-level batching).",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+                &["stage"],
+            ),
+            step_seconds: histogram(
+                "kd_step_seconds",
+                "Time of one batched sampling step (one model call and the requests' updates).",
+                step_buckets,
+                &["stage"],
+            ),
+            batch_wait: histogram(
+                "kd_batch_wait_seconds",
+                "Time a request waited to join the running batch, by shape class (height x width).",
+                latency_buckets.clone(),
+                &["stage", "shape"],
+            ),
             stage,
             requests: IntCounterVec::new(
                 Opts::new("kd_requests_total", "Requests received, by method."),
@@ -117,6 +139,9 @@ impl Metrics {
             Box::new(m.cache.clone()),
             Box::new(m.model_load.clone()),
             Box::new(m.steps.clone()),
+            Box::new(m.batch_requests.clone()),
+            Box::new(m.step_seconds.clone()),
+            Box::new(m.batch_wait.clone()),
         ] {
             m.registry.register(c).expect("unique metric names");
         }
@@ -173,6 +198,23 @@ impl Metrics {
     pub fn model_loaded(&self, d: Duration) {
         let g: Gauge = self.model_load.with_label_values(&[self.stage]);
         g.set(d.as_secs_f64());
+    }
+
+    /// Records one batched step: the requests sharing its model call and how long it took.
+    pub fn batched_step(&self, requests: usize, took: Duration) {
+        self.batch_requests
+            .with_label_values(&[self.stage])
+            .observe(requests as f64);
+        self.step_seconds
+            .with_label_values(&[self.stage])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records how long a request of shape class `shape` waited to join the running batch.
+    pub fn batch_wait(&self, shape: &str, d: Duration) {
+        self.batch_wait
+            .with_label_values(&[self.stage, shape])
+            .observe(d.as_secs_f64());
     }
 
     /// Counts sampling steps.
@@ -320,6 +362,8 @@ mod dashboard_tests {
         m.cache("hit");
         m.steps(1);
         m.model_loaded(Duration::from_secs(1));
+        m.batched_step(2, Duration::from_millis(5));
+        m.batch_wait("64x64", Duration::from_millis(1));
         let exported = m.render();
         let mut queried = 0;
         let bytes = text.as_bytes();

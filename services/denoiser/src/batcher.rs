@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 
 /// One request handed to the loop.
 struct Job {
+    queued: std::time::Instant,
     plan: Plan,
     sink: Sink<DenoiseEvent>,
     done: oneshot::Sender<Result<Tensor, ServiceError>>,
@@ -72,7 +73,12 @@ impl Batcher {
     ) -> Result<Tensor, ServiceError> {
         let (done, rx) = oneshot::channel();
         self.tx
-            .send(Job { plan, sink, done })
+            .send(Job {
+                queued: std::time::Instant::now(),
+                plan,
+                sink,
+                done,
+            })
             .map_err(|_| ServiceError::Unavailable("the denoising loop has stopped".into()))?;
         rx.await
             .map_err(|_| ServiceError::Internal("the denoising loop dropped a request".into()))?
@@ -107,7 +113,7 @@ fn run_loop(
             std::thread::sleep(wait);
         }
         queue.extend(rx.try_iter());
-        admit(model, max_rows, &mut queue, &mut running);
+        admit(model, metrics, max_rows, &mut queue, &mut running);
         if running.is_empty() {
             continue;
         }
@@ -119,6 +125,7 @@ fn run_loop(
 /// the running set's; a request that fails to start gets its error.
 fn admit(
     model: &DecoderModel,
+    metrics: &Metrics,
     max_rows: usize,
     queue: &mut VecDeque<Job>,
     running: &mut Vec<Running>,
@@ -133,10 +140,12 @@ fn admit(
         }
         let job = queue.pop_front().expect("front exists");
         let Job {
+            queued,
             mut plan,
             sink,
             done,
         } = job;
+        metrics.batch_wait(&format!("{}x{}", shape.0, shape.1), queued.elapsed());
         let mut noise = SeededNoise::new(&plan.seeds);
         match DecoderRun::start(
             &model.unet,
@@ -168,6 +177,7 @@ fn step(model: &DecoderModel, metrics: &Metrics, running: &mut Vec<Running>) {
     let cancels: Vec<_> = running.iter().map(|r| r.sink.cancel().clone()).collect();
     let stop = || cancels.iter().all(|c| c.should_stop());
     metrics.batch(running.iter().map(|r| r.run.rows()).sum());
+    let started = std::time::Instant::now();
     let result = {
         let mut batch: Vec<(&mut DecoderRun, &mut dyn Scheduler, &mut dyn NoiseSource)> = running
             .iter_mut()
@@ -195,6 +205,7 @@ fn step(model: &DecoderModel, metrics: &Metrics, running: &mut Vec<Running>) {
         return;
     }
     metrics.steps(running.len() as u64);
+    metrics.batched_step(running.len(), started.elapsed());
     for mut r in std::mem::take(running) {
         match after_step(model, &mut r) {
             Ok(false) => running.push(r),

@@ -75,6 +75,15 @@ async fn concurrent_requests_share_unet_calls_and_end_as_they_end_alone() {
         (calls as usize) < steps,
         "{calls} UNet calls for {steps} steps: the requests never shared a call"
     );
+    // The batching metrics: requests per call (more than one on average), step times, and the
+    // join wait of each request by its shape class.
+    let m = batched.metrics;
+    let shared = metric_at(m, "kd_batch_requests_sum", &[]).await
+        / metric_at(m, "kd_batch_requests_count", &[]).await;
+    assert!(shared > 1.0, "{shared} requests per call");
+    assert!(metric_at(m, "kd_step_seconds_count", &[]).await >= calls);
+    let waits = metric_at(m, "kd_batch_wait_seconds_count", &[("shape", "64x64")]).await;
+    assert_eq!(waits, 3.0);
     batched.shutdown().await.unwrap();
     alone_server.shutdown().await.unwrap();
 }

@@ -6,7 +6,7 @@
 CARGO ?= cargo
 PYTHON_REF ?= tools/reference/.venv/bin/python
 
-.PHONY: setup build test test-python lint fmt fixtures bench bench-fewstep demo chart-check fuzz soak cuda clean
+.PHONY: setup build test test-python lint fmt fixtures bench bench-fewstep bench-batching demo chart-check fuzz soak cuda clean
 
 ## setup: install what a fresh machine lacks (idempotent; needs root for apt-get)
 setup:
@@ -68,6 +68,10 @@ bench:
 ## bench-fewstep: a few-step student (1 and 4 steps) against its teacher's 25+50 steps, services
 bench-fewstep:
 	$(CARGO) bench -p kd-e2e --bench fewstep_latency
+
+## bench-batching: step-level batching in the denoiser on against off, 8 and 16 concurrent clients
+bench-batching:
+	$(CARGO) bench -p kd-e2e --bench batching
 
 ## fuzz: cargo-fuzz targets (wire tensors, request validation, images, tokenizers), FUZZ_SECONDS each
 fuzz:

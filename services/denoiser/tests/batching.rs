@@ -123,3 +123,52 @@ async fn a_cancelled_request_leaves_and_the_others_finish_unchanged() {
         .unwrap();
     batched.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deadline_on_one_request_does_not_disturb_its_batch_mates() {
+    let model = tiny();
+    // No refusal at admission: the short-deadline request is admitted and must leave the
+    // running batch when its deadline passes.
+    let flags = [
+        "--max-batch-rows",
+        "16",
+        "--batch-wait-ms",
+        "200",
+        "--admission-safety",
+        "0",
+    ];
+    let batched = start_with(&model, &flags).await;
+    kd_testkit::wait_serving(&batched, SERVICE, Duration::from_secs(30)).await;
+    let want = collect(&mut client(&batched).await, requests().remove(0))
+        .await
+        .unwrap()
+        .1;
+    let addr = batched.grpc;
+    let expiring = tokio::spawn(async move {
+        let mut c = DenoiserClient::new(kd_testkit::connect(addr).await);
+        let mut long = request(1, 900, vec![9]);
+        long.scheduler = v1::Scheduler::Ddim as i32;
+        with_deadline(&mut c, long, Duration::from_millis(800)).await
+    });
+    let stay = collect(&mut client(&batched).await, requests().remove(0))
+        .await
+        .unwrap()
+        .1;
+    let status = expiring.await.unwrap();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    let err = rel_l2(&latents(&stay), &latents(&want)).unwrap();
+    assert!(
+        err <= 1e-4,
+        "the request beside the expired one changed: {err:e}"
+    );
+    // The expired request left the loop: the next one runs at once.
+    let t = std::time::Instant::now();
+    collect(&mut client(&batched).await, request(1, 2, vec![5]))
+        .await
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "the loop still ran the expired request"
+    );
+    batched.shutdown().await.unwrap();
+}

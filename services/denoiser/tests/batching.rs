@@ -172,3 +172,44 @@ async fn a_deadline_on_one_request_does_not_disturb_its_batch_mates() {
     );
     batched.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiting_requests_join_in_arrival_order() {
+    // Room for two CFG requests per call: the third and later ones wait, and must start in
+    // the order they arrived (FIFO: no request starves behind a stream of later ones).
+    let flags = ["--max-batch-rows", "4", "--batch-wait-ms", "0"];
+    let batched = start_with(&tiny(), &flags).await;
+    kd_testkit::wait_serving(&batched, SERVICE, Duration::from_secs(30)).await;
+    let started = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for k in 0..6u64 {
+        let (addr, started) = (batched.grpc, started.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = DenoiserClient::new(kd_testkit::connect(addr).await);
+            let mut stream = c
+                .denoise(request(1, 20, vec![k]))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut first = true;
+            while let Some(ev) = stream.message().await.unwrap() {
+                if first && matches!(ev.event, Some(v1::denoise_event::Event::Progress(_))) {
+                    started.lock().unwrap().push(k);
+                    first = false;
+                }
+            }
+        }));
+        // Arrivals well apart, so their order at the server is their order here.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let order = started.lock().unwrap().clone();
+    assert_eq!(
+        order,
+        [0, 1, 2, 3, 4, 5],
+        "requests started out of arrival order"
+    );
+    batched.shutdown().await.unwrap();
+}

@@ -17,9 +17,16 @@ fuzz_target!(|data: &[u8]| {
                 distilled: true,
                 default_steps: 4,
                 default_timesteps: vec![999, 749, 499, 249],
+                ..DecoderProfile::teacher()
             };
-            for profile in [DecoderProfile::teacher(), student] {
+            // A model's own checks too: its tasks, its pixel limit, image-to-image's steps.
+            let small = DecoderProfile {
+                max_pixels: 256 * 256,
+                ..DecoderProfile::teacher()
+            };
+            for profile in [DecoderProfile::teacher(), student, small] {
                 let _ = plan.requested.resolve(&profile);
+                let _ = plan.for_model(&profile);
             }
         }
         Err(e) => assert!(!e.to_string().is_empty()),

@@ -333,7 +333,8 @@ services_step() {
     --decoder-dir "$DECODER_DIR" --device "$CDEV" --listen "127.0.0.1:$port" --bin-dir "$BINDIR" --ready-timeout 600 \
     >"$up" 2>&1 &
   local pid=$!
-  trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
+  # Expanded now: `pid` is local, gone by the time the EXIT trap runs.
+  trap "kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null" EXIT
   until grep -q "kandinsky-serve is up" "$up"; do
     if ! kill -0 "$pid" 2>/dev/null; then echo "kd up exited:"; tail -20 "$up"; return 1; fi
     sleep 0.2

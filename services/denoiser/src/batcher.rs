@@ -6,15 +6,14 @@
 //! go on unchanged. Admission is FIFO: a request of another shape waits at the head of the queue
 //! until the running set drains, and nothing behind it overtakes it, so no request starves.
 
-use crate::denoise::preview_latents;
+use crate::denoise::send_progress;
 use crate::model::DecoderModel;
 use crate::request::Plan;
 use candle_core::Tensor;
 use kd_models::decoder::{step_runs, DecoderRun};
 use kd_models::noise::{NoiseSource, SeededNoise};
 use kd_models::schedulers::Scheduler;
-use kd_proto::to_wire;
-use kd_proto::v1::{self, denoise_event, DenoiseEvent};
+use kd_proto::v1::DenoiseEvent;
 use kd_runtime::{Metrics, ServiceError, Sink};
 use std::collections::VecDeque;
 use std::sync::mpsc;
@@ -38,7 +37,6 @@ struct Running {
     sink: Sink<DenoiseEvent>,
     done: oneshot::Sender<Result<Tensor, ServiceError>>,
     preview_every: usize,
-    total: usize,
     shape: (usize, usize),
 }
 
@@ -154,7 +152,6 @@ fn admit(
             &mut noise,
         ) {
             Ok(run) => running.push(Running {
-                total: plan.steps,
                 run,
                 scheduler: plan.scheduler,
                 noise,
@@ -206,8 +203,8 @@ fn step(model: &DecoderModel, metrics: &Metrics, running: &mut Vec<Running>) {
     }
     metrics.steps(running.len() as u64);
     metrics.batched_step(running.len(), started.elapsed());
-    for mut r in std::mem::take(running) {
-        match after_step(model, &mut r) {
+    for r in std::mem::take(running) {
+        match after_step(model, &r) {
             Ok(false) => running.push(r),
             Ok(true) => {
                 let latents = r
@@ -226,28 +223,14 @@ fn step(model: &DecoderModel, metrics: &Metrics, running: &mut Vec<Running>) {
 
 /// Streams one request's progress (and preview); `Ok(true)` when its last step ran, an error
 /// when it must leave (cancelled, deadline passed, its client gone).
-fn after_step(model: &DecoderModel, r: &mut Running) -> Result<bool, ServiceError> {
-    let step = r.run.steps_done();
-    let preview = if r.preview_every > 0 && step.is_multiple_of(r.preview_every) {
-        Some(to_wire(&preview_latents(
-            r.run.preview(),
-            model.movq_scale_factor,
-        )?)?)
-    } else {
-        None
-    };
-    r.sink.send_blocking(DenoiseEvent {
-        event: Some(denoise_event::Event::Progress(v1::DenoiseProgress {
-            step: step as u32,
-            total_steps: r.total as u32,
-            preview_latents: preview,
-        })),
-    })?;
-    if r.run.is_done() {
-        return Ok(true);
-    }
-    r.sink
-        .cancel()
-        .check_at(format_args!("after {step} of {} denoising steps", r.total))?;
-    Ok(false)
+fn after_step(model: &DecoderModel, r: &Running) -> Result<bool, ServiceError> {
+    let steps = (r.run.steps_done(), r.run.total_steps());
+    send_progress(
+        steps,
+        r.run.preview(),
+        r.preview_every,
+        model.movq_scale_factor,
+        &r.sink,
+    )?;
+    Ok(r.run.is_done())
 }

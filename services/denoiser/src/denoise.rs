@@ -29,7 +29,16 @@ pub fn denoise(
         &mut noise,
         &mut |p| {
             metrics.steps(1);
-            match progress(&p, preview_every, model.movq_scale_factor, sink) {
+            // DPM-Solver++ has no x0 estimate: the current latents stand in.
+            let x0 = p.pred_original_sample.unwrap_or(p.latents);
+            let sent = send_progress(
+                (p.step + 1, p.total),
+                x0,
+                preview_every,
+                model.movq_scale_factor,
+                sink,
+            );
+            match sent {
                 Ok(()) => true,
                 Err(e) => {
                     stopped = Some(e);
@@ -56,18 +65,17 @@ pub fn denoise(
     }
 }
 
-/// Streams one step's progress (with a preview every `preview_every` steps), then checks
-/// whether the call should stop.
-fn progress(
-    p: &kd_models::decoder::StepProgress<'_>,
+/// Streams the progress of finished step `step` of `total` (1-based), with a preview of `x0`
+/// every `preview_every` steps, then checks whether the request should stop (not after its
+/// last step). One request's own loop and the batching loop both report through it.
+pub(crate) fn send_progress(
+    (step, total): (usize, usize),
+    x0: &Tensor,
     preview_every: usize,
     movq_scale_factor: usize,
     sink: &Sink<DenoiseEvent>,
 ) -> Result<(), ServiceError> {
-    let step = p.step + 1;
     let preview = if preview_every > 0 && step.is_multiple_of(preview_every) {
-        // DPM-Solver++ has no x0 estimate: the current latents stand in.
-        let x0 = p.pred_original_sample.unwrap_or(p.latents);
         Some(to_wire(&preview_latents(x0, movq_scale_factor)?)?)
     } else {
         None
@@ -75,13 +83,13 @@ fn progress(
     sink.send_blocking(DenoiseEvent {
         event: Some(denoise_event::Event::Progress(v1::DenoiseProgress {
             step: step as u32,
-            total_steps: p.total as u32,
+            total_steps: total as u32,
             preview_latents: preview,
         })),
     })?;
-    if step < p.total {
+    if step < total {
         sink.cancel()
-            .check_at(format_args!("after {step} of {} denoising steps", p.total))?;
+            .check_at(format_args!("after {step} of {total} denoising steps"))?;
     }
     Ok(())
 }

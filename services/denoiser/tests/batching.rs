@@ -213,3 +213,34 @@ async fn waiting_requests_join_in_arrival_order() {
     );
     batched.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn img2img_reports_the_steps_it_runs_as_alone() {
+    let model = tiny();
+    let alone = start(&model).await;
+    let batched = start_with(&model, &["--max-batch-rows", "16"]).await;
+    kd_testkit::wait_serving(&batched, SERVICE, Duration::from_secs(30)).await;
+    // strength 0.5 of 6 steps: the last 3 run.
+    let mut req = request(1, 6, vec![3]);
+    let init = candle_core::Tensor::ones(
+        (1, 4, 32, 32),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    req.image_latents = Some(kd_testkit::wire(&init));
+    req.strength = 0.5;
+    let (want_progress, want) = collect(&mut client(&alone).await, req.clone())
+        .await
+        .unwrap();
+    let (progress, got) = collect(&mut client(&batched).await, req).await.unwrap();
+    let steps = |p: &[v1::DenoiseProgress]| -> Vec<(u32, u32)> {
+        p.iter().map(|e| (e.step, e.total_steps)).collect()
+    };
+    assert_eq!(steps(&progress), [(1, 3), (2, 3), (3, 3)]);
+    assert_eq!(steps(&progress), steps(&want_progress));
+    let err = rel_l2(&latents(&got), &latents(&want)).unwrap();
+    assert!(err <= 1e-4, "batched img2img differs from alone: {err:e}");
+    batched.shutdown().await.unwrap();
+    alone.shutdown().await.unwrap();
+}

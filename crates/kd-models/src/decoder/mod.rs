@@ -235,6 +235,11 @@ impl DecoderRun {
         self.done
     }
 
+    /// Steps this run makes (img2img: the last part of the schedule only).
+    pub fn total_steps(&self) -> usize {
+        self.timesteps.len()
+    }
+
     /// The UNet input of the next step (call only while not [`Self::is_done`]).
     pub fn unet_rows(&self) -> Result<UNetRows<'_>> {
         let x_in = double(self.latents.clone(), self.cfg)?;

@@ -339,7 +339,7 @@ async fn init_image_of(st: &Stages, ctx: &Ctx, plan: &Plan) -> Result<Init, Serv
         Task::ImageToImage {
             image, strength, ..
         } => {
-            let (latents, _) = encode_image(st, ctx, image, None, plan).await?;
+            let (latents, _) = encode_image(st, ctx, image, Repaint::None, plan).await?;
             Ok(Init {
                 latents: Some(latents),
                 strength: *strength,
@@ -347,7 +347,7 @@ async fn init_image_of(st: &Stages, ctx: &Ctx, plan: &Plan) -> Result<Init, Serv
             })
         }
         Task::Inpaint { image, mask } => {
-            let (latents, mask) = encode_image(st, ctx, image, Some(mask), plan).await?;
+            let (latents, mask) = encode_image(st, ctx, image, Repaint::Mask(mask), plan).await?;
             Ok(Init {
                 latents: Some(latents),
                 strength: 0.0,
@@ -367,14 +367,8 @@ async fn init_image_of(st: &Stages, ctx: &Ctx, plan: &Plan) -> Result<Init, Serv
                 right: *right,
                 bottom: *bottom,
             };
-            let req = v1::EncodeImagesRequest {
-                images: vec![image.clone()],
-                outpaint: Some(margins),
-                width: plan.width,
-                height: plan.height,
-                ..Default::default()
-            };
-            let (latents, mask) = st.clients(ctx).encode_images(req).await?;
+            let repaint = Repaint::Outpaint(margins);
+            let (latents, mask) = encode_image(st, ctx, image, repaint, plan).await?;
             Ok(Init {
                 latents: Some(latents),
                 strength: 0.0,
@@ -498,17 +492,34 @@ fn concat_rows(parts: &[v1::Tensor]) -> Result<v1::Tensor, ServiceError> {
     tensor::concat_rows(parts).map_err(rows_err("prior"))
 }
 
-/// MoVQ latents of the init image and, for inpaint, the pre-processed repaint mask.
+/// What the MoVQ stage makes the repaint mask from.
+enum Repaint<'a> {
+    /// None (image-to-image).
+    None,
+    /// The client's mask (inpaint).
+    Mask(&'a [u8]),
+    /// The margins of the outpainting canvas.
+    Outpaint(v1::OutpaintMargins),
+}
+
+/// MoVQ latents of the init image and, for inpaint and outpaint, the pre-processed repaint
+/// mask.
 async fn encode_image(
     st: &Stages,
     ctx: &Ctx,
     image: &[u8],
-    mask: Option<&[u8]>,
+    repaint: Repaint<'_>,
     plan: &Plan,
 ) -> Result<(v1::Tensor, Option<v1::Tensor>), ServiceError> {
+    let (masks, outpaint) = match repaint {
+        Repaint::None => (Vec::new(), None),
+        Repaint::Mask(m) => (vec![m.to_vec()], None),
+        Repaint::Outpaint(margins) => (Vec::new(), Some(margins)),
+    };
     let req = v1::EncodeImagesRequest {
         images: vec![image.to_vec()],
-        masks: mask.map(|m| vec![m.to_vec()]).unwrap_or_default(),
+        masks,
+        outpaint,
         width: plan.width,
         height: plan.height,
         ..Default::default()

@@ -55,9 +55,9 @@ impl ServiceError {
     /// caller's request path); other errors unchanged.
     pub fn rename_field(self, rename: impl Fn(&str) -> Option<String>) -> Self {
         match self {
-            Self::InvalidArgument { field, message } => match rename(&field) {
-                Some(field) => Self::InvalidArgument { field, message },
-                None => Self::InvalidArgument { field, message },
+            Self::InvalidArgument { field, message } => Self::InvalidArgument {
+                field: rename(&field).unwrap_or(field),
+                message,
             },
             e => e,
         }

@@ -1,6 +1,7 @@
 //! Kandinsky model code: typed configs, diffusers-format checkpoint loading, the models, the
 //! schedulers and the pipelines, on candle. Pure and synchronous: no tokio, no gRPC.
 
+pub mod amused;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod pipeline;
 pub mod prior;
 pub mod schedulers;
 pub mod unet;
+pub mod uvit;
 
 pub use checkpoint::{CheckpointDir, ComponentDir, ModelFamily, Variant, Weights};
 pub use error::{ModelError, Result};

@@ -1,20 +1,25 @@
-//! Where the Gaussian noise of sampling comes from.
+//! Where the randomness of sampling comes from: Gaussian noise (diffusion) and uniform draws
+//! (masked-token sampling: categorical draws and Gumbel noise).
 //!
-//! Production noise is drawn on the CPU from one seeded RNG **per batch row** (per image), so an
+//! Production draws are made on the CPU from one seeded RNG **per batch row** (per image), so an
 //! image depends only on its own seed — not on batch composition, replica or device. Parity tests
 //! replay the exact tensors diffusers drew instead.
 
 use crate::error::{ModelError, Result};
 use candle_core::{Device, Tensor};
+use rand::Rng;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use std::collections::VecDeque;
 
-/// A source of standard-normal tensors, drawn in a fixed order.
+/// A source of random tensors, drawn in a fixed order.
 pub trait NoiseSource {
-    /// Draws a tensor of `shape` (f32) on `device`.
+    /// Draws a standard-normal tensor of `shape` (f32) on `device`.
     fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor>;
+
+    /// Draws a tensor of `shape` (f32) uniform in [0, 1) on `device`.
+    fn rand(&mut self, shape: &[usize], device: &Device) -> Result<Tensor>;
 }
 
 /// One ChaCha8 RNG per batch row. A draw of shape `(B, ...)` takes row `i` from RNG `i`.
@@ -40,8 +45,14 @@ impl SeededNoise {
     }
 }
 
-impl NoiseSource for SeededNoise {
-    fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
+impl SeededNoise {
+    /// Draws `shape` row by row, `draw` giving each value from its row's RNG.
+    fn draw(
+        &mut self,
+        shape: &[usize],
+        device: &Device,
+        draw: impl Fn(&mut ChaCha8Rng) -> f32,
+    ) -> Result<Tensor> {
         let (&b, rest) = shape
             .split_first()
             .ok_or_else(|| ModelError::invalid("noise shape", "must have a batch dimension"))?;
@@ -54,12 +65,19 @@ impl NoiseSource for SeededNoise {
         let per_row: usize = rest.iter().product();
         let mut data = Vec::with_capacity(b * per_row);
         for rng in &mut self.rngs {
-            data.extend((0..per_row).map(|_| {
-                let v: f32 = StandardNormal.sample(rng);
-                v
-            }));
+            data.extend((0..per_row).map(|_| draw(rng)));
         }
         Ok(Tensor::from_vec(data, shape, &Device::Cpu)?.to_device(device)?)
+    }
+}
+
+impl NoiseSource for SeededNoise {
+    fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
+        self.draw(shape, device, |rng| StandardNormal.sample(rng))
+    }
+
+    fn rand(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
+        self.draw(shape, device, |rng| rng.random::<f32>())
     }
 }
 
@@ -93,12 +111,17 @@ impl ReplayNoise {
     }
 }
 
+impl ReplayNoise {
+    fn next(&mut self) -> Result<Tensor> {
+        self.queue
+            .pop_front()
+            .ok_or_else(|| ModelError::invalid("noise", "replay source exhausted"))
+    }
+}
+
 impl NoiseSource for ReplayNoise {
     fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
-        let t = self
-            .queue
-            .pop_front()
-            .ok_or_else(|| ModelError::invalid("noise", "replay source exhausted"))?;
+        let t = self.next()?;
         if t.dims() != shape {
             return Err(ModelError::invalid(
                 "noise",
@@ -106,6 +129,25 @@ impl NoiseSource for ReplayNoise {
             ));
         }
         Ok(t.to_dtype(candle_core::DType::F32)?.to_device(device)?)
+    }
+
+    /// Replays the next draw reshaped to `shape`: diffusers draws the categorical sampler's
+    /// uniforms as one flat (B·N) vector where this crate draws (B, N), so only the element
+    /// count must match.
+    fn rand(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let t = self.next()?;
+        if t.elem_count() != shape.iter().product::<usize>() {
+            return Err(ModelError::invalid(
+                "noise",
+                format!(
+                    "replayed uniform draw has shape {:?}, expected {shape:?}",
+                    t.dims()
+                ),
+            ));
+        }
+        Ok(t.reshape(shape)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_device(device)?)
     }
 }
 

@@ -107,6 +107,18 @@ impl Text2Image {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        for dir in [prior_dir, decoder_dir] {
+            if dir.family() == ModelFamily::Amused {
+                return Err(ModelError::invalid(
+                    "model_dir",
+                    format!(
+                        "{} is an aMUSEd folder, which has no prior: load it with \
+                         kd_models::amused::AmusedPipeline",
+                        dir.root().display()
+                    ),
+                ));
+            }
+        }
         let prior = PriorStack::load(prior_dir, dtype, device)?;
         let unet_dir = decoder_dir.component("unet")?;
         let unet = UNet2DConditionModel::new(
@@ -119,7 +131,7 @@ impl Text2Image {
             ModelFamily::Kandinsky21 => {
                 Some(MultilingualTextEncoder::load(decoder_dir, dtype, device)?)
             }
-            ModelFamily::Kandinsky22 => None,
+            ModelFamily::Kandinsky22 | ModelFamily::Amused => None,
         };
         let scheduler = decoder_dir.component("scheduler")?.scheduler_config()?;
         let movq = VqModel::load(

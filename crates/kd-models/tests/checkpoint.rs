@@ -320,7 +320,7 @@ fn unknown_block_type_is_rejected_naming_field_and_supported_values() {
     let p = dir.join("movq/config.json");
     let text = std::fs::read_to_string(&p)
         .unwrap()
-        .replace("\"spatial\"", "\"group\"");
+        .replace("\"spatial\"", "\"layer\"");
     std::fs::write(&p, text).unwrap();
     let err = CheckpointDir::open(&dir)
         .unwrap()
@@ -330,7 +330,7 @@ fn unknown_block_type_is_rejected_naming_field_and_supported_values() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("norm_type") && err.contains("supported: spatial"),
+        err.contains("norm_type") && err.contains("supported: spatial, group"),
         "{err}"
     );
 }

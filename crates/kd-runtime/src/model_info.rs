@@ -102,6 +102,7 @@ pub fn wire_family(family: ModelFamily) -> v1::ModelFamily {
     match family {
         ModelFamily::Kandinsky22 => v1::ModelFamily::Kandinsky22,
         ModelFamily::Kandinsky21 => v1::ModelFamily::Kandinsky21,
+        ModelFamily::Amused => v1::ModelFamily::Amused,
     }
 }
 
@@ -111,20 +112,26 @@ pub const fn model_name(family: v1::ModelFamily) -> &'static str {
     match family {
         v1::ModelFamily::Kandinsky21 => "kandinsky-2-1",
         v1::ModelFamily::Kandinsky22 | v1::ModelFamily::Unspecified => "kandinsky-2-2",
+        v1::ModelFamily::Amused => "amused",
     }
 }
 
 /// The public name of the model a stage set serves: its family, then what its decoder is
 /// (`-distilled` for a few-step student, `-inpaint` for an inpainting UNet, `-controlnet` for a
-/// ControlNet UNet; nothing for a text-to-image teacher).
+/// ControlNet UNet; nothing for a text-to-image teacher). aMUSEd is named by the image side it was
+/// trained at (`native_size`): `amused-512` from 512 pixels up, else `amused-256`; one folder
+/// serves text-to-image, image-to-image and inpainting.
 pub const fn served_name(
     family: v1::ModelFamily,
     kind: v1::DecoderKind,
     distilled: bool,
+    native_size: u32,
 ) -> &'static str {
     use v1::DecoderKind as K;
     use v1::ModelFamily as F;
     match (family, kind, distilled) {
+        (F::Amused, _, _) if native_size >= 512 => "amused-512",
+        (F::Amused, _, _) => "amused-256",
         (F::Kandinsky21, K::Inpaint, _) => "kandinsky-2-1-inpaint",
         (F::Kandinsky21, K::Controlnet, _) => "kandinsky-2-1-controlnet",
         (F::Kandinsky21, _, true) => "kandinsky-2-1-distilled",
@@ -137,7 +144,7 @@ pub const fn served_name(
 }
 
 /// Every public model name the API knows (which ones a deployment serves, ListModels says).
-pub const MODEL_NAMES: [&str; 8] = [
+pub const MODEL_NAMES: [&str; 10] = [
     "kandinsky-2-2",
     "kandinsky-2-2-distilled",
     "kandinsky-2-2-inpaint",
@@ -146,6 +153,8 @@ pub const MODEL_NAMES: [&str; 8] = [
     "kandinsky-2-1-distilled",
     "kandinsky-2-1-inpaint",
     "kandinsky-2-1-controlnet",
+    "amused-256",
+    "amused-512",
 ];
 
 #[cfg(feature = "models")]
@@ -201,15 +210,25 @@ mod tests {
     #[test]
     fn every_served_name_is_a_public_name() {
         use v1::DecoderKind as K;
-        for family in [v1::ModelFamily::Kandinsky21, v1::ModelFamily::Kandinsky22] {
+        let families = [
+            v1::ModelFamily::Kandinsky21,
+            v1::ModelFamily::Kandinsky22,
+            v1::ModelFamily::Amused,
+        ];
+        for family in families {
             for kind in [K::Unspecified, K::TextToImage, K::Inpaint, K::Controlnet] {
                 for distilled in [false, true] {
-                    let name = served_name(family, kind, distilled);
-                    assert!(MODEL_NAMES.contains(&name), "{name}");
-                    assert!(name.starts_with(model_name(family)), "{name}");
+                    for native in [0, 256, 512, 1024] {
+                        let name = served_name(family, kind, distilled, native);
+                        assert!(MODEL_NAMES.contains(&name), "{name}");
+                        assert!(name.starts_with(model_name(family)), "{name}");
+                    }
                 }
             }
         }
+        use v1::ModelFamily::Amused;
+        assert_eq!(served_name(Amused, K::Unspecified, false, 256), "amused-256");
+        assert_eq!(served_name(Amused, K::Unspecified, false, 512), "amused-512");
         let distinct: std::collections::HashSet<_> = MODEL_NAMES.iter().collect();
         assert_eq!(distinct.len(), MODEL_NAMES.len());
     }

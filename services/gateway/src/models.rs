@@ -53,8 +53,10 @@ pub enum Step {
 pub fn stage_graph(family: v1::ModelFamily) -> &'static [Step] {
     use Step::*;
     const UNCLIP: &[Step] = &[EncodeText, Prior, InitImage, Denoise, Decode];
+    const MASKED_TOKENS: &[Step] = &[EncodeText, InitImage, Denoise, Decode];
     match family {
         v1::ModelFamily::Kandinsky21 | v1::ModelFamily::Kandinsky22 => UNCLIP,
+        v1::ModelFamily::Amused => MASKED_TOKENS,
         // Stages that report no family are checked by the family checks; serve them as 2.2.
         v1::ModelFamily::Unspecified => UNCLIP,
     }
@@ -95,7 +97,12 @@ pub async fn served_model(stages: &Stages, ctx: &Ctx) -> Result<ServedModel, Ser
     }
     let decoder = DecoderProfile::of(&infos[2].1);
     let m = ServedModel {
-        name: served_name(family, decoder.kind, decoder.distilled),
+        name: served_name(
+            family,
+            decoder.kind,
+            decoder.distilled,
+            infos[2].1.native_size,
+        ),
         family,
         decoder,
     };

@@ -34,13 +34,26 @@ impl<'a, N: NoiseSource> StopNoise<'a, N> {
     }
 }
 
-impl<N: NoiseSource> NoiseSource for StopNoise<'_, N> {
-    fn randn(&mut self, shape: &[usize], device: &Device) -> kd_models::Result<Tensor> {
+impl<N: NoiseSource> StopNoise<'_, N> {
+    /// Fails the draw (remembering why) when the request was cancelled.
+    fn check(&mut self) -> kd_models::Result<()> {
         if let Err(e) = self.cancel.check_at("during sampling") {
             self.stopped = Some(e);
             return Err(ModelError::invalid("noise", "sampling stopped"));
         }
+        Ok(())
+    }
+}
+
+impl<N: NoiseSource> NoiseSource for StopNoise<'_, N> {
+    fn randn(&mut self, shape: &[usize], device: &Device) -> kd_models::Result<Tensor> {
+        self.check()?;
         self.inner.randn(shape, device)
+    }
+
+    fn rand(&mut self, shape: &[usize], device: &Device) -> kd_models::Result<Tensor> {
+        self.check()?;
+        self.inner.rand(shape, device)
     }
 }
 

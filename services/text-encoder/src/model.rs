@@ -2,7 +2,7 @@
 //! Kandinsky 2.1, the decoder folder's multilingual text encoder, plus what the service reports.
 
 use candle_core::DType;
-use kd_models::clip::ClipTextEncoder;
+use kd_models::clip::{ClipTextEncoder, TextHiddenLayer};
 use kd_models::mclip::MultilingualTextEncoder;
 use kd_models::{CheckpointDir, ModelFamily};
 use kd_proto::v1;
@@ -38,7 +38,12 @@ impl TextModel {
     ) -> Result<Self, ServiceError> {
         let device = args.open_device()?;
         let dir = CheckpointDir::open(&args.model_dir)?;
-        let encoder = ClipTextEncoder::load(&dir, args.dtype, &device)?;
+        // aMUSEd conditions on the penultimate layer (no final norm); the priors on the last.
+        let hidden = match dir.family() {
+            ModelFamily::Amused => TextHiddenLayer::Penultimate,
+            ModelFamily::Kandinsky21 | ModelFamily::Kandinsky22 => TextHiddenLayer::Last,
+        };
+        let encoder = ClipTextEncoder::load(&dir, args.dtype, &device)?.with_hidden_layer(hidden);
         let mut info = model_info(&dir, "text_encoder", &COMPONENTS, args.dtype, &device)?;
         let decoder = decoder_dir.map(CheckpointDir::open).transpose()?;
         if let Some(d) = &decoder {
@@ -54,7 +59,7 @@ impl TextModel {
             }
         }
         let multilingual = match (dir.family(), &decoder) {
-            (ModelFamily::Kandinsky22, _) => None,
+            (ModelFamily::Kandinsky22 | ModelFamily::Amused, _) => None,
             (ModelFamily::Kandinsky21, None) => {
                 return Err(ServiceError::Internal(format!(
                     "{} is a Kandinsky 2.1 prior folder: the decoder's multilingual text encoder \

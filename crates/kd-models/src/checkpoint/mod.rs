@@ -13,7 +13,7 @@ pub use weights::{Variant, Weights};
 
 use crate::config::{
     read_json, ClipImageProcessorConfig, ClipTextConfig, ClipVisionConfig, PriorTransformerConfig,
-    SchedulerConfig, TokenizerConfig, UNet2DConditionConfig, VqModelConfig,
+    SchedulerConfig, TokenizerConfig, UNet2DConditionConfig, UVit2DConfig, VqModelConfig,
 };
 use crate::error::{ModelError, Result};
 use std::collections::BTreeMap;
@@ -26,6 +26,9 @@ pub enum ModelFamily {
     Kandinsky21,
     /// Kandinsky 2.2 (`KandinskyV22*Pipeline`).
     Kandinsky22,
+    /// aMUSEd (`AmusedPipeline`, `AmusedImg2ImgPipeline`, `AmusedInpaintPipeline`): Muse-style
+    /// masked-token generation with a CLIP text encoder, a `UVit2DModel` and a VQ-GAN.
+    Amused,
 }
 
 /// The pipelines whose folders this crate reads, with their family.
@@ -44,6 +47,9 @@ const PIPELINES: &[(&str, ModelFamily)] = &[
     ("KandinskyPipeline", ModelFamily::Kandinsky21),
     ("KandinskyImg2ImgPipeline", ModelFamily::Kandinsky21),
     ("KandinskyInpaintPipeline", ModelFamily::Kandinsky21),
+    ("AmusedPipeline", ModelFamily::Amused),
+    ("AmusedImg2ImgPipeline", ModelFamily::Amused),
+    ("AmusedInpaintPipeline", ModelFamily::Amused),
 ];
 
 /// An opened checkpoint folder.
@@ -200,6 +206,15 @@ impl ComponentDir {
         self.expect_class(&["UNet2DConditionModel"])?;
         let p = self.file("config.json");
         let c: UNet2DConditionConfig = read_json(&p)?;
+        c.validate(&p)?;
+        Ok(c)
+    }
+
+    /// `transformer/config.json` (aMUSEd), validated.
+    pub fn uvit_config(&self) -> Result<UVit2DConfig> {
+        self.expect_class(&["UVit2DModel"])?;
+        let p = self.file("config.json");
+        let c: UVit2DConfig = read_json(&p)?;
         c.validate(&p)?;
         Ok(c)
     }

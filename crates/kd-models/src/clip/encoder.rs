@@ -164,11 +164,19 @@ impl ClipEncoder {
 
     /// Runs every layer; `mask` is an additive f32 bias broadcastable to (B, heads, L, L).
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        Ok(self.forward_states(x, mask)?.0)
+    }
+
+    /// Runs every layer and returns the last layer's output and its input (transformers'
+    /// `hidden_states[-1]` and `hidden_states[-2]`; the input embeddings for a 1-layer stack).
+    pub fn forward_states(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let mut x = x.clone();
+        let mut penultimate = x.clone();
         for layer in &self.layers {
+            penultimate = x.clone();
             x = layer.forward(&x, mask)?;
         }
-        Ok(x)
+        Ok((x, penultimate))
     }
 }
 

@@ -11,6 +11,6 @@ pub mod vision;
 pub use encoder::Activation;
 pub use image_processor::{convert_to_rgb, decode_image, ClipImageProcessor};
 pub use text::{ClipTextModelWithProjection, ClipTextOutput};
-pub use text_encoder::{ClipTextEncoder, TextConditioning};
+pub use text_encoder::{ClipTextEncoder, TextConditioning, TextHiddenLayer};
 pub use tokenizer::{ClipTokenizer, TokenizedBatch};
 pub use vision::{ClipVisionModelWithProjection, ClipVisionOutput};

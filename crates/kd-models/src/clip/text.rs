@@ -19,6 +19,9 @@ pub struct ClipTextOutput {
     pub text_embeds: Tensor,
     /// After `final_layer_norm`, (B, L, hidden).
     pub last_hidden_state: Tensor,
+    /// The input of the last encoder layer, no final norm (transformers'
+    /// `hidden_states[-2]`), (B, L, hidden): what aMUSEd conditions on.
+    pub penultimate_hidden_state: Tensor,
 }
 
 /// `CLIPTextModelWithProjection`.
@@ -116,7 +119,7 @@ impl ClipTextModelWithProjection {
             .forward(&ids)?
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(l, device)?;
-        let x = self.encoder.forward(&x, Some(&mask))?;
+        let (x, penultimate_hidden_state) = self.encoder.forward_states(&x, Some(&mask))?;
         let last_hidden_state = self.final_layer_norm.forward(&x)?;
         let pooled = self
             .pooled_indices(&rows)
@@ -130,6 +133,7 @@ impl ClipTextModelWithProjection {
         Ok(ClipTextOutput {
             text_embeds,
             last_hidden_state,
+            penultimate_hidden_state,
         })
     }
 }

@@ -11,12 +11,23 @@ use crate::checkpoint::{CheckpointDir, Variant};
 use crate::error::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
 
-/// Text conditioning of the prior: CLIP `text_embeds`, `last_hidden_state` and the token mask.
+/// Which hidden state of the text tower a family conditions on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TextHiddenLayer {
+    /// `last_hidden_state` (after the final layer norm): the Kandinsky 2.2 prior.
+    #[default]
+    Last,
+    /// `hidden_states[-2]` (the last layer's input, no final norm): aMUSEd.
+    Penultimate,
+}
+
+/// Text conditioning of the prior (or of aMUSEd's transformer): CLIP `text_embeds`, the hidden
+/// states the family conditions on and the token mask.
 #[derive(Debug, Clone)]
 pub struct TextConditioning {
     /// (B, D) pooled, projected embedding.
     pub text_embeds: Tensor,
-    /// (B, 77, D) last hidden state of the text tower.
+    /// (B, 77, D) hidden states of the text tower ([`TextHiddenLayer`]).
     pub hidden_states: Tensor,
     /// (B, 77) u32 0/1: 1 for BOS..EOS, 0 for padding.
     pub mask: Tensor,
@@ -76,6 +87,7 @@ pub struct ClipTextEncoder {
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextModelWithProjection,
     device: Device,
+    hidden_layer: TextHiddenLayer,
 }
 
 impl ClipTextEncoder {
@@ -102,7 +114,19 @@ impl ClipTextEncoder {
             tokenizer,
             text_encoder,
             device: device.clone(),
+            hidden_layer: TextHiddenLayer::Last,
         }
+    }
+
+    /// Returns `hidden_layer`'s states as [`TextConditioning::hidden_states`].
+    pub fn with_hidden_layer(mut self, hidden_layer: TextHiddenLayer) -> Self {
+        self.hidden_layer = hidden_layer;
+        self
+    }
+
+    /// Which hidden states [`Self::encode`] returns.
+    pub fn hidden_layer(&self) -> TextHiddenLayer {
+        self.hidden_layer
     }
 
     /// The CLIP tokenizer.
@@ -137,9 +161,13 @@ impl ClipTextEncoder {
         let out = self
             .text_encoder
             .forward(&tokens.ids_tensor(&self.device)?)?;
+        let hidden = match self.hidden_layer {
+            TextHiddenLayer::Last => out.last_hidden_state,
+            TextHiddenLayer::Penultimate => out.penultimate_hidden_state,
+        };
         Ok(TextConditioning {
             text_embeds: out.text_embeds.to_dtype(DType::F32)?,
-            hidden_states: out.last_hidden_state.to_dtype(DType::F32)?,
+            hidden_states: hidden.to_dtype(DType::F32)?,
             mask: tokens.mask_tensor(&self.device)?,
         })
     }

@@ -16,6 +16,7 @@ mod prior;
 mod scheduler;
 mod tokenizer;
 mod unet;
+mod uvit;
 mod vq;
 
 pub use clip::{ClipTextConfig, ClipVisionConfig};
@@ -27,6 +28,7 @@ pub use scheduler::{
 };
 pub use tokenizer::TokenizerConfig;
 pub use unet::UNet2DConditionConfig;
+pub use uvit::{UVit2DConfig, MICRO_CONDS};
 pub use vq::VqModelConfig;
 
 /// A field that upstream accepts either as one value or as a per-block list.

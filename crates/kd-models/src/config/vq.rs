@@ -1,11 +1,12 @@
-//! `movq/config.json`: diffusers `VQModel` (MoVQ).
+//! `movq/config.json` / `vqvae/config.json`: diffusers `VQModel` (MoVQ, aMUSEd's VQ-GAN).
 
 use super::{check_divisible, check_one_of, check_positive, unsupported};
 use crate::error::{ModelError, Result};
 use serde::Deserialize;
 use std::path::Path;
 
-/// `VQModel` config (MoVQ).
+/// `VQModel` config (MoVQ: `norm_type` "spatial"; aMUSEd's VQ-GAN: "group" with
+/// `lookup_from_codebook`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct VqModelConfig {
@@ -64,7 +65,12 @@ impl VqModelConfig {
         1 << (self.block_out_channels.len().saturating_sub(1))
     }
 
-    /// Rejects what the MoVQ port does not implement.
+    /// Whether the decoder's norms are MoVQ's spatial norms (else group norms).
+    pub fn spatial(&self) -> bool {
+        self.norm_type == "spatial"
+    }
+
+    /// Rejects what the port does not implement.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let n = self.block_out_channels.len();
         check_positive(path, "block_out_channels (length)", n)?;
@@ -90,12 +96,21 @@ impl VqModelConfig {
                 &["UpDecoderBlock2D", "AttnUpDecoderBlock2D"],
             )?;
         }
-        check_one_of(path, "norm_type", &self.norm_type, &["spatial"])?;
+        check_one_of(path, "norm_type", &self.norm_type, &["spatial", "group"])?;
         check_one_of(path, "act_fn", &self.act_fn, &["silu"])?;
-        if self.lookup_from_codebook {
-            return Err(unsupported(path, "lookup_from_codebook", true, "false"));
-        }
         check_positive(path, "layers_per_block", self.layers_per_block)?;
+        check_positive(path, "num_vq_embeddings", self.num_vq_embeddings)?;
+        if self.spatial() && self.embed_dim() != self.latent_channels {
+            return Err(unsupported(
+                path,
+                "vq_embed_dim",
+                self.embed_dim(),
+                &format!(
+                    "null or latent_channels ({}) for the spatial-norm decoder",
+                    self.latent_channels
+                ),
+            ));
+        }
         for (i, &c) in self.block_out_channels.iter().enumerate() {
             check_divisible(
                 path,
@@ -103,13 +118,15 @@ impl VqModelConfig {
                 c,
                 self.norm_num_groups,
             )?;
-            // SpatialNorm always uses 32 groups.
-            check_divisible(
-                path,
-                &format!("block_out_channels[{i}] by 32 (SpatialNorm groups)"),
-                c,
-                32,
-            )?;
+            if self.spatial() {
+                // SpatialNorm always uses 32 groups.
+                check_divisible(
+                    path,
+                    &format!("block_out_channels[{i}] by 32 (SpatialNorm groups)"),
+                    c,
+                    32,
+                )?;
+            }
         }
         Ok(())
     }

@@ -1,11 +1,11 @@
-//! MoVQ decoder: diffusers `Decoder` (`models/autoencoders/vae.py`) with `norm_type="spatial"`:
-//! every norm is a [`SpatialNorm`] conditioned on the (pre-`post_quant_conv`) latents, blocks are
-//! `UNetMidBlock2D`, `AttnUpDecoderBlock2D` and `UpDecoderBlock2D` with spatial resnets
-//! (`ResnetBlockCondNorm2D`).
+//! The VQ decoder: diffusers `Decoder` (`models/autoencoders/vae.py`). With `norm_type="spatial"`
+//! (MoVQ) every norm is a [`SpatialNorm`] conditioned on the (pre-`post_quant_conv`) latents and
+//! the resnets are `ResnetBlockCondNorm2D`; with `norm_type="group"` (aMUSEd's VQ-GAN) every norm
+//! is a GroupNorm. Blocks are `UNetMidBlock2D`, `AttnUpDecoderBlock2D` and `UpDecoderBlock2D`.
 
 use super::attention::AttentionBlock;
 use super::encoder::MidBlock;
-use super::layers::{conv3x3, Conv3x3, ResnetBlock, SpatialNorm, Upsample};
+use super::layers::{conv3x3, Conv3x3, Norm, ResnetBlock, Upsample};
 use super::MovqOptions;
 use crate::config::VqModelConfig;
 use crate::interrupt::{self, check, Stop};
@@ -22,12 +22,12 @@ struct UpBlock {
 }
 
 impl UpBlock {
-    fn forward(&self, mut x: Tensor, zq: &Tensor, stop: Stop) -> Result<Tensor> {
+    fn forward(&self, mut x: Tensor, zq: Option<&Tensor>, stop: Stop) -> Result<Tensor> {
         for (i, r) in self.resnets.iter().enumerate() {
-            x = r.forward_stop(&x, Some(zq), stop)?;
+            x = r.forward_stop(&x, zq, stop)?;
             check(stop, "a MoVQ decoder resnet")?;
             if let Some(a) = self.attentions.get(i) {
-                x = a.forward(&x, Some(zq), stop)?;
+                x = a.forward(&x, zq, stop)?;
                 check(stop, "a MoVQ decoder attention")?;
             }
         }
@@ -44,7 +44,7 @@ pub struct Decoder {
     conv_in: Conv3x3,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
-    conv_norm_out: SpatialNorm,
+    conv_norm_out: Norm,
     conv_out: Conv3x3,
 }
 
@@ -54,7 +54,8 @@ impl Decoder {
         let (chunk, band) = (opts.attention_chunk, opts.conv_band_pixels);
         let ch = &cfg.block_out_channels;
         let groups = cfg.norm_num_groups;
-        let zc = Some(cfg.latent_channels);
+        // Spatial norms are conditioned on the latents; group norms on nothing.
+        let zc = (cfg.norm_type == "spatial").then_some(cfg.latent_channels);
         let last = ch[ch.len() - 1];
         let conv_in = conv3x3(cfg.latent_channels, last, band, vb.pp("conv_in"))?;
         let mid_block = MidBlock::new(
@@ -111,7 +112,7 @@ impl Decoder {
             conv_in,
             mid_block,
             up_blocks,
-            conv_norm_out: SpatialNorm::new(ch[0], cfg.latent_channels, vb.pp("conv_norm_out"))?,
+            conv_norm_out: Norm::new(ch[0], groups, zc, vb.pp("conv_norm_out"))?,
             conv_out: conv3x3(ch[0], cfg.out_channels, band, vb.pp("conv_out"))?,
         })
     }
@@ -126,13 +127,24 @@ impl Decoder {
     }
 
     /// Output after `conv_in`, the mid block and the first `up_blocks` up blocks (debugging).
-    pub fn forward_partial(&self, x: &Tensor, zq: &Tensor, up_blocks: usize) -> Result<Tensor> {
+    pub fn forward_partial(
+        &self,
+        x: &Tensor,
+        zq: Option<&Tensor>,
+        up_blocks: usize,
+    ) -> Result<Tensor> {
         self.partial(x, zq, up_blocks, &interrupt::never)
     }
 
-    fn partial(&self, x: &Tensor, zq: &Tensor, up_blocks: usize, stop: Stop) -> Result<Tensor> {
+    fn partial(
+        &self,
+        x: &Tensor,
+        zq: Option<&Tensor>,
+        up_blocks: usize,
+        stop: Stop,
+    ) -> Result<Tensor> {
         let x = self.conv_in.forward_stop(x, stop)?;
-        let mut x = self.mid_block.forward(&x, Some(zq), stop)?;
+        let mut x = self.mid_block.forward(&x, zq, stop)?;
         for b in self.up_blocks.iter().take(up_blocks) {
             check(stop, "a MoVQ decoder up-sampler")?;
             x = b.forward(x, zq, stop)?;
@@ -141,9 +153,9 @@ impl Decoder {
         Ok(x)
     }
 
-    /// Decodes `x` (the `post_quant_conv` output) conditioned on the raw latents `zq`, asking
-    /// `stop` between layers.
-    pub fn forward(&self, x: &Tensor, zq: &Tensor, stop: Stop) -> Result<Tensor> {
+    /// Decodes `x` (the `post_quant_conv` output) conditioned on the raw latents `zq` (spatial
+    /// norms; `None` for group norms), asking `stop` between layers.
+    pub fn forward(&self, x: &Tensor, zq: Option<&Tensor>, stop: Stop) -> Result<Tensor> {
         let x = self.partial(x, zq, self.up_blocks.len(), stop)?;
         let x = candle_nn::ops::silu(&self.conv_norm_out.forward(&x, zq)?)?;
         check(stop, "the MoVQ decoder's output norm")?;

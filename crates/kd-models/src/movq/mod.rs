@@ -1,9 +1,14 @@
-//! MoVQ (`VQModel` in diffusers, `models/autoencoders/vq_model.py`), the Kandinsky 2.2 image
-//! autoencoder (<https://arxiv.org/abs/2209.09002>), as the V22 pipelines use it:
+//! `VQModel` (diffusers `models/autoencoders/vq_model.py`): MoVQ, the Kandinsky 2.1/2.2 image
+//! autoencoder (<https://arxiv.org/abs/2209.09002>), and aMUSEd's VQ-GAN (group norms, decoded
+//! from codebook indices). As the pipelines use them:
 //!
 //! * [`VqModel::encode`] = `quant_conv(encoder(x))`: continuous latents, not quantised, not scaled;
-//! * [`VqModel::decode`] = `decode(z, force_not_quantize=True)`: `decoder(post_quant_conv(z), zq=z)`,
-//!   the codebook is never used.
+//! * [`VqModel::decode`] = `decode(z, force_not_quantize=True)`: `decoder(post_quant_conv(z), zq=z)`
+//!   (MoVQ; the codebook is never used);
+//! * [`VqModel::encode_indices`] = `quantize(encode(x))` indices: the nearest codebook entry of
+//!   each latent (aMUSEd img2img/inpaint);
+//! * [`VqModel::decode_indices`] = `decode(indices, force_not_quantize=True, shape)` with
+//!   `lookup_from_codebook`: codebook lookup, then the decoder (aMUSEd).
 //!
 //! Attention over H·W tokens is computed in chunks of [`MovqOptions::attention_chunk`] queries, so
 //! a 128×128 latent (16384 tokens) never materialises a 16384² score matrix.
@@ -22,7 +27,7 @@ use crate::checkpoint::{ComponentDir, Variant};
 use crate::config::VqModelConfig;
 use crate::error::{ModelError, Result};
 use crate::interrupt::{self, Stop};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2d, VarBuilder};
 
 /// Run-time settings of the MoVQ.
@@ -46,13 +51,16 @@ impl Default for MovqOptions {
     }
 }
 
-/// The MoVQ autoencoder (encoder, `quant_conv`, `post_quant_conv`, spatial-norm decoder).
+/// The VQ autoencoder (encoder, `quant_conv`, `post_quant_conv`, decoder, and the codebook when
+/// the config says `lookup_from_codebook`).
 #[derive(Debug, Clone)]
 pub struct VqModel {
     encoder: Encoder,
     quant_conv: Conv2d,
     post_quant_conv: Conv2d,
     decoder: Decoder,
+    /// `quantize.embedding.weight` (num_vq_embeddings, vq_embed_dim), f32.
+    codebook: Option<Tensor>,
     cfg: VqModelConfig,
     dtype: DType,
     device: Device,
@@ -60,9 +68,10 @@ pub struct VqModel {
 
 impl VqModel {
     /// Builds the model from a validated config; `vb` holds the diffusers keys (`encoder.*`,
-    /// `quant_conv.*`, `post_quant_conv.*`, `decoder.*`; `quantize.*` is not read).
+    /// `quant_conv.*`, `post_quant_conv.*`, `decoder.*`, and `quantize.embedding.weight` when
+    /// `lookup_from_codebook` is set).
     pub fn new(cfg: &VqModelConfig, opts: MovqOptions, vb: VarBuilder) -> Result<Self> {
-        if cfg.embed_dim() != cfg.latent_channels {
+        if cfg.spatial() && cfg.embed_dim() != cfg.latent_channels {
             return Err(ModelError::invalid(
                 "vq_embed_dim",
                 format!(
@@ -74,7 +83,16 @@ impl VqModel {
         }
         let lc = cfg.latent_channels;
         let ed = cfg.embed_dim();
+        let codebook = if cfg.lookup_from_codebook {
+            Some(
+                vb.get((cfg.num_vq_embeddings, ed), "quantize.embedding.weight")?
+                    .to_dtype(DType::F32)?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
+            codebook,
             encoder: Encoder::new(cfg, &opts, vb.pp("encoder"))?,
             quant_conv: layers::conv1x1(lc, ed, vb.pp("quant_conv"))?,
             post_quant_conv: layers::conv1x1(ed, lc, vb.pp("post_quant_conv"))?,
@@ -204,7 +222,98 @@ impl VqModel {
         }
         let z = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
         let x = self.post_quant_conv.forward(&z)?;
-        Ok(self.decoder.forward(&x, &z, stop)?)
+        let zq = self.cfg.spatial().then_some(&z);
+        Ok(self.decoder.forward(&x, zq, stop)?)
+    }
+
+    /// The codebook, or an error when the config does not look indices up.
+    fn codebook(&self) -> Result<&Tensor> {
+        self.codebook.as_ref().ok_or_else(|| {
+            ModelError::invalid(
+                "indices",
+                "this VQ model does not decode token indices (its config has lookup_from_codebook: false)",
+            )
+        })
+    }
+
+    /// Codebook entries of `indices` (B, h, w) → latents (B, vq_embed_dim, h, w) in the model's
+    /// dtype (`quantize.get_codebook_entry`).
+    pub fn lookup(&self, indices: &Tensor) -> Result<Tensor> {
+        let codebook = self.codebook()?;
+        let (b, h, w) = match *indices.dims() {
+            [b, h, w] if b > 0 && h > 0 && w > 0 => (b, h, w),
+            _ => {
+                return Err(ModelError::invalid(
+                    "indices",
+                    format!(
+                        "expected a (B, h, w) token map with every side ≥ 1, got shape {:?}",
+                        indices.dims()
+                    ),
+                ))
+            }
+        };
+        let ids = indices.to_dtype(DType::U32)?.to_device(&Device::Cpu)?;
+        let n = self.cfg.num_vq_embeddings;
+        if let Some(&bad) = ids
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .iter()
+            .find(|&&i| i as usize >= n)
+        {
+            return Err(ModelError::invalid(
+                "indices",
+                format!("token {bad} is outside the codebook (0..{n})"),
+            ));
+        }
+        let ids = ids.to_device(codebook.device())?.flatten_all()?;
+        let ed = self.cfg.embed_dim();
+        Ok(codebook
+            .index_select(&ids, 0)?
+            .reshape((b, h, w, ed))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?)
+    }
+
+    /// Decodes token indices (B, h, w) into images (B, out_channels, h·sf, w·sf), raw
+    /// (unclamped), as `decode(indices, force_not_quantize=True, shape=(B, h, w, C))`.
+    pub fn decode_indices(&self, indices: &Tensor, stop: Stop) -> Result<Tensor> {
+        let latents = self.lookup(indices)?;
+        self.decode_interruptible(&latents, stop)
+    }
+
+    /// The index of the nearest codebook entry (Euclidean) of each latent vector: latents
+    /// (B, vq_embed_dim, h, w) → indices (B, h, w) u32 (`quantize(latents)[2][2]`).
+    pub fn quantize_indices(&self, latents: &Tensor) -> Result<Tensor> {
+        let codebook = self.codebook()?;
+        let (b, c, h, w) = dims4("latents", latents)?;
+        if c != self.cfg.embed_dim() {
+            return Err(ModelError::invalid(
+                "latents",
+                format!(
+                    "expected {} channels, got shape {:?}",
+                    self.cfg.embed_dim(),
+                    latents.dims()
+                ),
+            ));
+        }
+        let z = latents
+            .to_device(codebook.device())?
+            .to_dtype(DType::F32)?
+            .permute((0, 2, 3, 1))?
+            .reshape((b * h * w, c))?;
+        // |z − e|² = |z|² − 2 z·e + |e|²; |z|² is the same for every entry of a row.
+        let e2 = codebook.sqr()?.sum_keepdim(1)?.t()?;
+        let dist = e2.broadcast_sub(&(z.matmul(&codebook.t()?)? * 2.0)?)?;
+        Ok(dist.argmin(D::Minus1)?.reshape((b, h, w))?)
+    }
+
+    /// Encodes images (B, in_channels, H, W) to token indices (B, H/sf, W/sf):
+    /// `quantize(encode(image))`.
+    pub fn encode_indices(&self, image: &Tensor, stop: Stop) -> Result<Tensor> {
+        let latents = self.encode_interruptible(image, stop)?;
+        self.quantize_indices(&latents)
     }
 }
 

@@ -6,6 +6,7 @@
 //! one is built per request with [`from_config`]. All sampling noise comes from a
 //! [`NoiseSource`]; nothing uses candle's device RNG.
 
+pub mod amused;
 pub mod betas;
 pub mod consistency;
 pub mod ddim;

@@ -190,6 +190,7 @@ pub fn request(a: &GenerateArgs) -> anyhow::Result<v1::GenerateRequest> {
             guidance_scale: a.guidance,
             scheduler: scheduler(&a.scheduler)? as i32,
             timesteps: a.timesteps.clone(),
+            masked_tokens: None,
         }),
         quality: quality(&a.preset)? as i32,
         output: Some(v1::OutputOptions {

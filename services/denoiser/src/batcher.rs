@@ -6,7 +6,7 @@
 //! go on unchanged. Admission is FIFO: a request of another shape waits at the head of the queue
 //! until the running set drains, and nothing behind it overtakes it, so no request starves.
 
-use crate::denoise::send_progress;
+use crate::denoise::{preview_latents, send_progress};
 use crate::model::DecoderModel;
 use crate::request::Plan;
 use candle_core::Tensor;
@@ -227,9 +227,8 @@ fn after_step(model: &DecoderModel, r: &Running) -> Result<bool, ServiceError> {
     let steps = (r.run.steps_done(), r.run.total_steps());
     send_progress(
         steps,
-        r.run.preview(),
         r.preview_every,
-        model.movq_scale_factor,
+        &|| preview_latents(r.run.preview(), model.movq_scale_factor),
         &r.sink,
     )?;
     Ok(r.run.is_done())

@@ -33,9 +33,8 @@ pub fn denoise(
             let x0 = p.pred_original_sample.unwrap_or(p.latents);
             let sent = send_progress(
                 (p.step + 1, p.total),
-                x0,
                 preview_every,
-                model.movq_scale_factor,
+                &|| preview_latents(x0, model.movq_scale_factor),
                 sink,
             );
             match sent {
@@ -65,18 +64,18 @@ pub fn denoise(
     }
 }
 
-/// Streams the progress of finished step `step` of `total` (1-based), with a preview of `x0`
-/// every `preview_every` steps, then checks whether the request should stop (not after its
-/// last step). One request's own loop and the batching loop both report through it.
+/// Streams the progress of finished step `step` of `total` (1-based), with the tensor `preview`
+/// makes every `preview_every` steps, then checks whether the request should stop (not after
+/// its last step). One request's own loop, the batching loop and the token loop all report
+/// through it.
 pub(crate) fn send_progress(
     (step, total): (usize, usize),
-    x0: &Tensor,
     preview_every: usize,
-    movq_scale_factor: usize,
+    preview: &dyn Fn() -> Result<Tensor, ServiceError>,
     sink: &Sink<DenoiseEvent>,
 ) -> Result<(), ServiceError> {
     let preview = if preview_every > 0 && step.is_multiple_of(preview_every) {
-        Some(to_wire(&preview_latents(x0, movq_scale_factor)?)?)
+        Some(to_wire(&preview()?)?)
     } else {
         None
     };

@@ -10,6 +10,7 @@ pub mod budget;
 pub mod denoise;
 pub mod model;
 pub mod request;
+pub mod tokens;
 
 use denoise::denoise;
 use kd_proto::to_wire;
@@ -164,12 +165,19 @@ impl v1::denoiser_server::Denoiser for Denoiser {
 }
 
 /// Serves on `listeners` until `shutdown`: NOT_SERVING while the model loads and warms up
-/// (one step), SERVING after.
+/// (one step), SERVING after. An aMUSEd folder is served by the token generator
+/// ([`tokens::TokenDenoiser`]) behind the same API.
 pub async fn run_with_listeners(
     config: Config,
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<(), LaunchError> {
+    // Reading the folder's family is cheap (model_index.json); an unreadable folder is reported
+    // by the load below.
+    let family = kd_models::CheckpointDir::open(&config.stage.model_dir).map(|d| d.family());
+    if let Ok(kd_models::ModelFamily::Amused) = family {
+        return run_tokens(config, listeners, shutdown).await;
+    }
     // With batching every admitted request waits in the shared loop, which bounds the work:
     // admit as many as can share a call.
     let concurrency = config.max_concurrency.max(config.max_batch_rows);
@@ -191,5 +199,34 @@ pub async fn run_with_listeners(
         model.info.max_pixels = pixels.limit(&model.device);
         Ok(model)
     });
+    launch.run(listeners, shutdown, load).await
+}
+
+/// [`run_with_listeners`] for an aMUSEd folder. Step-level batching is not implemented for the
+/// token generator: `--max-batch-rows` is ignored (with a warning) and every request runs its
+/// own loop, `--max-concurrency` at once.
+async fn run_tokens(
+    config: Config,
+    listeners: Listeners,
+    shutdown: Shutdown,
+) -> Result<(), LaunchError> {
+    if config.max_batch_rows > 0 {
+        tracing::warn!(
+            max_batch_rows = config.max_batch_rows,
+            "step-level batching is not implemented for aMUSEd folders; requests run their own loops"
+        );
+    }
+    let stage = Stage::new(STAGE, config.max_concurrency, config.common.max_queue);
+    let service = v1::denoiser_server::DenoiserServer::new(tokens::TokenDenoiser {
+        stage: stage.clone(),
+        limits: Limits {
+            max_batch: config.max_batch.max(1),
+            pixels: config.pixels,
+            tensors: Default::default(),
+        },
+    });
+    let launch = Launch::stage(stage, &config.common).serve(service);
+    let (args, pixels) = (config.stage.clone(), config.pixels);
+    let load = blocking(move || tokens::TokenModel::load_and_warm(&args, pixels));
     launch.run(listeners, shutdown, load).await
 }

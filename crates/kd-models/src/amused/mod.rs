@@ -303,6 +303,7 @@ impl TokenGenerator {
         Ok(TokenRun {
             scheduler,
             tokens,
+            predicted: None,
             index: start,
             start,
             starting_mask_ratio,
@@ -444,6 +445,8 @@ fn mask_tokens(tokens: &Tensor, mask: &Tensor, mask_id: u32) -> Result<(Tensor, 
 pub struct TokenRun {
     scheduler: AmusedScheduler,
     tokens: Tensor,
+    /// The last step's sampled tokens at every position (no mask token): what a preview shows.
+    predicted: Option<Tensor>,
     index: usize,
     start: usize,
     starting_mask_ratio: f32,
@@ -479,6 +482,12 @@ impl TokenRun {
         self.scheduler.mask_token_id()
     }
 
+    /// The last step's sampled token at every position (the scheduler's
+    /// `pred_original_sample`; no mask token), `None` before the first step.
+    pub fn predicted(&self) -> Option<&Tensor> {
+        self.predicted.as_ref()
+    }
+
     /// Makes the next step: one transformer call (both CFG halves in one batch), then the
     /// scheduler's sampling and re-masking.
     pub fn step(
@@ -499,6 +508,7 @@ impl TokenRun {
             noise,
         )?;
         self.tokens = out.prev_sample;
+        self.predicted = Some(out.pred_original_sample);
         self.index += 1;
         Ok(())
     }

@@ -9,6 +9,9 @@ Writes (and nothing else):
   the tiny K2.2 prior's `CLIPTextModelWithProjection` and the real CLIP tokenizer.
 * `tests/fixtures/deep/amused-512/`: the real block structure at reduced widths (2 ConvNeXt
   res blocks per UVit block, 2 transformer layers, several heads, a 3-level VQ-GAN).
+* `tests/fixtures/tiny/amused-transformer-flat/`: a standalone `UVit2DModel` without
+  down/upsampling (as the real amused-256), with biases and non-affine norms; its forward
+  reference is `tests/fixtures/tiny/reference/amused-flat/transformer`.
 * `tests/fixtures/{tiny,deep}/reference/amused/`:
   - `transformer`: a forward on random ids (with mask tokens), text states and micro-conds,
     with intermediate outputs (`embed`, `cond`, `down`, `transformer`);
@@ -84,6 +87,11 @@ DEEP_VQ = dict(
     out_channels=3, sample_size=64, up_block_types=["UpDecoderBlock2D"] * 3,
     mid_block_add_attention=False, lookup_from_codebook=True, force_upcast=True,
 )
+
+# The real amused-256's transformer does not down/upsample; this variant also covers biases and
+# norms without affine weights (transformer only, tests/fixtures/tiny/amused-transformer-flat).
+FLAT_TRANSFORMER = {**TINY_TRANSFORMER, "downsample": False, "upsample": False, "use_bias": True,
+                    "ln_elementwise_affine": False, "block_num_heads": 2, "num_attention_heads": 2}
 
 PROMPTS = ["a red cat on a blue sofa", "", "Муза: маска и токены", "一只猫"]
 
@@ -369,6 +377,19 @@ def generate(root: str, name: str, tcfg: dict, vcfg: dict, seed: int, dtype, tex
     print(f"wrote {rel(path)} and {rel(out)}", flush=True)
 
 
+@torch.no_grad()
+def flat_transformer() -> None:
+    """A standalone `UVit2DModel` folder without down/upsampling, and its forward reference."""
+    path = FIXTURES / "tiny" / "amused-transformer-flat"
+    if path.exists():
+        shutil.rmtree(path)
+    build(UVit2DModel, FLAT_TRANSFORMER, 300).save_pretrained(str(path), safe_serialization=True)
+    t = UVit2DModel.from_pretrained(str(path)).eval()
+    pipe = type("P", (), {"transformer": t})()
+    transformer_reference(FIXTURES / "tiny" / "reference" / "amused-flat", pipe, 301, 1, False)
+    print(f"wrote {rel(path)}", flush=True)
+
+
 def main() -> None:
     seed_all(0)
     generate("tiny", "amused-256", TINY_TRANSFORMER, TINY_VQ, 100, torch.float32, True, [
@@ -382,6 +403,7 @@ def main() -> None:
         ("img2img", "img2img", dict(prompt="winter mountains", num_inference_steps=8, strength=0.5)),
         ("inpaint", "inpaint", dict(prompt="a window", num_inference_steps=6, strength=1.0)),
     ])
+    flat_transformer()
     generate("deep", "amused-512", DEEP_TRANSFORMER, DEEP_VQ, 200, torch.float16, False, [
         ("text2img", "text2img", dict(prompt="a photo of an astronaut", num_inference_steps=12)),
         ("img2img", "img2img", dict(prompt="winter mountains", num_inference_steps=12, strength=0.7)),

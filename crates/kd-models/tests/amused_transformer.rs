@@ -1,5 +1,7 @@
 //! Parity of aMUSEd's `UVit2DModel` against the diffusers reference
-//! (`tests/fixtures/{tiny,deep}/reference/amused/transformer.safetensors`), and its input checks.
+//! (`tests/fixtures/{tiny,deep}/reference/amused/transformer.safetensors`, and
+//! `tests/fixtures/tiny/reference/amused-flat/` for a transformer without down/upsampling), and
+//! its input checks.
 
 use candle_core::{DType, Device, Tensor};
 use kd_models::config::{read_json, UVit2DConfig};
@@ -77,6 +79,19 @@ fn tiny_logits_match_diffusers() {
 fn deep_logits_match_diffusers() {
     let model = load_dir(&component_dir("deep", "amused-512"), DType::F32);
     check(&model, &refs("deep"), "deep", 1e-4);
+}
+
+/// Without down/upsampling (as the real amused-256), with biases and non-affine norms.
+#[test]
+fn flat_logits_match_diffusers() {
+    let dir = fixtures_dir().join("tiny/amused-transformer-flat");
+    let model = load_dir(&dir, DType::F32);
+    assert!(!model.config().downsample && model.config().use_bias);
+    let r = load_reference(
+        fixtures_dir().join("tiny/reference/amused-flat/transformer.safetensors"),
+    )
+    .unwrap();
+    check(&model, &r, "flat", 1e-4);
 }
 
 #[test]

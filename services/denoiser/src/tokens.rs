@@ -451,17 +451,18 @@ pub fn plan(
         "hint",
         "a ControlNet hint was sent",
     )?;
-    let steps =
-        match req.num_inference_steps {
-            0 => DEFAULT_STEPS,
-            n if n <= MAX_STEPS => n as usize,
-            n => return Err(invalid(
+    let steps = match req.num_inference_steps {
+        0 => DEFAULT_STEPS,
+        n if n <= MAX_STEPS => n as usize,
+        n => {
+            return Err(invalid(
                 "num_inference_steps",
                 format!(
                     "{n}; allowed: 1..={MAX_STEPS}, or 0 for the model's default ({DEFAULT_STEPS})"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let params = params(req, steps)?;
     let cond = req.conditioning.as_ref().ok_or_else(|| {
         invalid(

@@ -1,6 +1,7 @@
 //! The text-encoder stage over Kandinsky 2.1 folders: the prior's CLIP conditioning plus the
 //! decoder's multilingual (XLM-R + MultilingualCLIP) conditioning, equal to diffusers'
-//! (`tests/fixtures/kd21/reference/text_encoder`); the family comes from the folders.
+//! (`tests/fixtures/kd21/reference/text_encoder`); the family comes from the folders. Also an
+//! aMUSEd folder, whose conditioning is the CLIP tower's penultimate layer.
 
 use clap::Parser;
 use kd_proto::v1;
@@ -106,4 +107,49 @@ async fn a_2_1_prior_needs_the_2_1_decoder_folder() {
         err.contains("--decoder-model-dir") && err.contains("same Kandinsky version"),
         "{err}"
     );
+}
+
+/// An aMUSEd folder: the CLIP conditioning with the penultimate hidden states, equal to
+/// transformers' `hidden_states[-2]` (`tests/fixtures/tiny/reference/amused/text_encoder`).
+#[tokio::test]
+async fn an_amused_folder_returns_the_penultimate_hidden_states() {
+    let config = config(&fixtures_dir().join("tiny/amused-256"), None);
+    let server = TestServer::spawn(|l, s| run_with_listeners(config, l, s)).await;
+    wait_serving(
+        &server,
+        "kandinsky.v1.TextEncoder",
+        Duration::from_secs(120),
+    )
+    .await;
+    let info = kd_testkit::stage_info(server.channel().await)
+        .await
+        .unwrap();
+    assert_eq!(info.family, v1::ModelFamily::Amused as i32);
+    let dir = fixtures_dir().join("tiny/reference/amused");
+    let r = load_reference(dir.join("text_encoder.safetensors")).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("text_encoder.json")).unwrap())
+            .unwrap();
+    let prompts: Vec<String> = meta["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    let resp = TextEncoderClient::new(server.channel().await)
+        .encode_text(v1::EncodeTextRequest { prompts })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.decoder_conditioning.is_none());
+    let pc = resp.prior_conditioning.expect("the CLIP conditioning");
+    for (key, got) in [
+        ("text_embeds", pc.text_embeds),
+        ("penultimate", pc.hidden_states),
+    ] {
+        let e = rel_l2(&unwire(&got.expect("a tensor")), get(&r, key)).unwrap();
+        eprintln!("aMUSEd Encode {key} vs transformers: rel L2 {e:e}");
+        assert!(e <= 1e-4, "{key}: {e}");
+    }
+    server.shutdown().await.unwrap();
 }

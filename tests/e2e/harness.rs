@@ -312,3 +312,74 @@ pub fn pixels(img: &v1::GeneratedImage) -> image::RgbImage {
         .unwrap()
         .to_rgb8()
 }
+
+/// The tiny aMUSEd folder (`tests/fixtures/tiny/amused-256`).
+pub fn amused_dir() -> PathBuf {
+    fixtures_dir().join("tiny/amused-256")
+}
+
+/// An aMUSEd deployment: text encoder, denoiser (token generator) and movq (VQ-GAN) on one
+/// folder, no prior, and a gateway started with `--prior-url none`.
+pub struct AmusedStack {
+    pub text_encoder: TestServer,
+    pub denoiser: TestServer,
+    pub movq: TestServer,
+    pub gateway: TestServer,
+}
+
+impl AmusedStack {
+    /// The three stages, SERVING.
+    pub async fn stages() -> [TestServer; 3] {
+        let dir = amused_dir();
+        let te: kd_text_encoder::Config = config("kd-text-encoder", &dir, &[]);
+        let text_encoder =
+            TestServer::spawn(|l, s| kd_text_encoder::run_with_listeners(te, l, s)).await;
+        let de: kd_denoiser::Config = config("kd-denoiser", &dir, &[]);
+        let denoiser = TestServer::spawn(|l, s| kd_denoiser::run_with_listeners(de, l, s)).await;
+        let mq: kd_movq::Config = config("kd-movq", &dir, &[]);
+        let movq = TestServer::spawn(|l, s| kd_movq::run_with_listeners(mq, l, s)).await;
+        for (stage, service) in [
+            (&text_encoder, "kandinsky.v1.TextEncoder"),
+            (&denoiser, "kandinsky.v1.Denoiser"),
+            (&movq, "kandinsky.v1.Movq"),
+        ] {
+            wait_serving(stage, service, READY_TIMEOUT).await;
+        }
+        [text_encoder, denoiser, movq]
+    }
+
+    /// The stages and a gateway fronting only them, with `gateway_args`.
+    pub async fn start(gateway_args: &[&str]) -> Self {
+        let [text_encoder, denoiser, movq] = Self::stages().await;
+        let mut args = vec![
+            "kd-gateway".to_string(),
+            format!("--text-encoder-url=http://{}", text_encoder.grpc),
+            "--prior-url=none".to_string(),
+            format!("--denoiser-url=http://{}", denoiser.grpc),
+            format!("--movq-url=http://{}", movq.grpc),
+        ];
+        args.extend(gateway_args.iter().map(|s| s.to_string()));
+        let c = <kd_gateway::Config as clap::Parser>::parse_from(args);
+        let gateway = TestServer::spawn(|l, s| kd_gateway::run_with_listeners(c, l, s)).await;
+        wait_serving(&gateway, "kandinsky.v1.Gateway", READY_TIMEOUT).await;
+        Self {
+            text_encoder,
+            denoiser,
+            movq,
+            gateway,
+        }
+    }
+
+    /// The `--extra-stack` spec of these stages (no prior).
+    pub fn extra_stack(&self) -> String {
+        format!(
+            "--extra-stack=text-encoder=http://{},denoiser=http://{},movq=http://{}",
+            self.text_encoder.grpc, self.denoiser.grpc, self.movq.grpc
+        )
+    }
+
+    /// A client of the gateway.
+    pub async fn client(&self) -> GatewayClient<Channel> {
+        gateway_client(&self.gateway).await
+    }
+}

@@ -29,7 +29,8 @@ pub struct GenerateArgs {
     /// API key (sent as `authorization: Bearer <key>`).
     #[arg(long, env = "KD_API_KEY")]
     pub api_key: Option<String>,
-    /// Model to use (`kandinsky-2-1` or `kandinsky-2-2`); default: whatever the gateway serves.
+    /// Model to use (`kandinsky-2-2`, `kandinsky-2-1`, `amused-256`, …, as `ListModels` names
+    /// them); default: whatever the gateway serves.
     #[arg(long, default_value = "")]
     pub model: String,
     /// Negative prompt.
@@ -69,6 +70,12 @@ pub struct GenerateArgs {
     /// draft, balanced, best.
     #[arg(long, default_value = "default")]
     pub preset: String,
+    /// aMUSEd: sampling temperature of the first and last token step, e.g. 2,0 (the default).
+    #[arg(long, value_delimiter = ',', num_args = 2, value_names = ["START", "END"])]
+    pub temperature: Vec<f32>,
+    /// aMUSEd: the aesthetic score micro-conditioning (default 6).
+    #[arg(long)]
+    pub aesthetic_score: Option<f32>,
     /// Image-to-image: the init image file.
     #[arg(long)]
     pub init_image: Option<PathBuf>,
@@ -102,6 +109,20 @@ pub struct GenerateArgs {
     /// Deadline in seconds.
     #[arg(long, default_value_t = 600.0)]
     pub timeout: f64,
+}
+
+/// `decoder.masked_tokens` of `--temperature` / `--aesthetic-score` (unset when neither is given,
+/// so other models take the request).
+fn masked_tokens(a: &GenerateArgs) -> Option<v1::MaskedTokenParams> {
+    if a.temperature.is_empty() && a.aesthetic_score.is_none() {
+        return None;
+    }
+    Some(v1::MaskedTokenParams {
+        temperature_start: a.temperature.first().copied(),
+        temperature_end: a.temperature.get(1).copied(),
+        aesthetic_score: a.aesthetic_score,
+        ..Default::default()
+    })
 }
 
 fn scheduler(s: &str) -> anyhow::Result<v1::Scheduler> {
@@ -190,7 +211,7 @@ pub fn request(a: &GenerateArgs) -> anyhow::Result<v1::GenerateRequest> {
             guidance_scale: a.guidance,
             scheduler: scheduler(&a.scheduler)? as i32,
             timesteps: a.timesteps.clone(),
-            masked_tokens: None,
+            masked_tokens: masked_tokens(a),
         }),
         quality: quality(&a.preset)? as i32,
         output: Some(v1::OutputOptions {

@@ -17,7 +17,10 @@ pub struct UpArgs {
         default_value = "tests/fixtures/tiny/kandinsky-2-2-prior"
     )]
     pub prior_dir: PathBuf,
-    /// The decoder checkpoint folder (UNet + MoVQ).
+    /// The decoder checkpoint folder (UNet + MoVQ). An aMUSEd folder (e.g.
+    /// `tests/fixtures/tiny/amused-256`) is a whole model: its stack is the text encoder, the
+    /// denoiser (token generator) and the movq (VQ-GAN) on that folder, without a prior, and
+    /// `--prior-dir` is not used.
     #[arg(
         long,
         env = "KD_DECODER_DIR",
@@ -102,6 +105,18 @@ async fn first_exit(children: &mut [Child], names: &[&str]) -> anyhow::Error {
     }
 }
 
+/// Whether `dir` holds an aMUSEd pipeline (its `model_index.json` names an `Amused*Pipeline`).
+fn is_amused(dir: &Path) -> anyhow::Result<bool> {
+    let path = dir.join("model_index.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {} (a checkpoint folder)", path.display()))?;
+    let index: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(index["_class_name"]
+        .as_str()
+        .is_some_and(|c| c.starts_with("Amused")))
+}
+
 /// Runs `kd up` until Ctrl-C or SIGTERM.
 pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     let bin_dir = match a.bin_dir.clone() {
@@ -111,12 +126,17 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             .context("kd has no parent folder")?
             .to_path_buf(),
     };
-    let stages = [
-        ("kd-text-encoder", "kandinsky.v1.TextEncoder", &a.prior_dir),
+    let amused = is_amused(&a.decoder_dir)?;
+    let text_dir = if amused { &a.decoder_dir } else { &a.prior_dir };
+    let mut stages = vec![
+        ("kd-text-encoder", "kandinsky.v1.TextEncoder", text_dir),
         ("kd-prior", "kandinsky.v1.Prior", &a.prior_dir),
         ("kd-denoiser", "kandinsky.v1.Denoiser", &a.decoder_dir),
         ("kd-movq", "kandinsky.v1.Movq", &a.decoder_dir),
     ];
+    if amused {
+        stages.retain(|(bin, _, _)| *bin != "kd-prior");
+    }
     let mut children = Vec::new();
     let mut names = Vec::new();
     let mut urls = Vec::new();
@@ -133,7 +153,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             "--device".into(),
             a.device.clone(),
         ];
-        if bin == "kd-text-encoder" {
+        if bin == "kd-text-encoder" && !amused {
             // Kandinsky 2.1 encodes the prompt for the decoder too (ignored for 2.2 folders).
             args.extend([
                 "--decoder-model-dir".into(),
@@ -142,22 +162,28 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         }
         children.push(spawn(&bin_dir, bin, &args)?);
         names.push(bin);
-        urls.push(format!("http://{addr}"));
+        urls.push((bin, format!("http://{addr}")));
         waits.push((addr, service));
     }
+    let url = |bin: &str| {
+        urls.iter()
+            .find(|(b, _)| *b == bin)
+            .map_or_else(|| "none".to_string(), |(_, u)| u.clone())
+    };
     let gw_args = vec![
         "--listen".into(),
         a.listen.clone(),
         "--metrics-listen".into(),
         format!("127.0.0.1:{}", free_port()?),
         "--text-encoder-url".into(),
-        urls[0].clone(),
+        url("kd-text-encoder"),
+        // `none`: an aMUSEd stack has no prior.
         "--prior-url".into(),
-        urls[1].clone(),
+        url("kd-prior"),
         "--denoiser-url".into(),
-        urls[2].clone(),
+        url("kd-denoiser"),
         "--movq-url".into(),
-        urls[3].clone(),
+        url("kd-movq"),
     ];
     children.push(spawn(&bin_dir, "kd-gateway", &gw_args)?);
     names.push("kd-gateway");

@@ -328,15 +328,14 @@ pub struct AmusedStack {
 }
 
 impl AmusedStack {
-    /// The three stages, SERVING.
-    pub async fn stages() -> [TestServer; 3] {
-        let dir = amused_dir();
-        let te: kd_text_encoder::Config = config("kd-text-encoder", &dir, &[]);
+    /// The three stages on `dir`, SERVING.
+    pub async fn stages(dir: &Path) -> [TestServer; 3] {
+        let te: kd_text_encoder::Config = config("kd-text-encoder", dir, &[]);
         let text_encoder =
             TestServer::spawn(|l, s| kd_text_encoder::run_with_listeners(te, l, s)).await;
-        let de: kd_denoiser::Config = config("kd-denoiser", &dir, &[]);
+        let de: kd_denoiser::Config = config("kd-denoiser", dir, &[]);
         let denoiser = TestServer::spawn(|l, s| kd_denoiser::run_with_listeners(de, l, s)).await;
-        let mq: kd_movq::Config = config("kd-movq", &dir, &[]);
+        let mq: kd_movq::Config = config("kd-movq", dir, &[]);
         let movq = TestServer::spawn(|l, s| kd_movq::run_with_listeners(mq, l, s)).await;
         for (stage, service) in [
             (&text_encoder, "kandinsky.v1.TextEncoder"),
@@ -348,9 +347,14 @@ impl AmusedStack {
         [text_encoder, denoiser, movq]
     }
 
-    /// The stages and a gateway fronting only them, with `gateway_args`.
+    /// The stages on the tiny folder and a gateway fronting only them, with `gateway_args`.
     pub async fn start(gateway_args: &[&str]) -> Self {
-        let [text_encoder, denoiser, movq] = Self::stages().await;
+        Self::start_dir(&amused_dir(), gateway_args).await
+    }
+
+    /// The stages on the aMUSEd folder `dir` and a gateway fronting only them.
+    pub async fn start_dir(dir: &Path, gateway_args: &[&str]) -> Self {
+        let [text_encoder, denoiser, movq] = Self::stages(dir).await;
         let mut args = vec![
             "kd-gateway".to_string(),
             format!("--text-encoder-url=http://{}", text_encoder.grpc),

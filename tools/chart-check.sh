@@ -11,7 +11,8 @@
 #
 # Checks, for the default values (GPU), ci/cpu-values.yaml, ci/variants-values.yaml,
 # ci/tls-values.yaml, the model-set profiles ci/two-models-values.yaml and
-# ci/three-models-values.yaml, and a ServiceMonitor + dashboard pass:
+# ci/three-models-values.yaml, the prior-less (aMUSEd) profiles ci/amused-values.yaml and
+# ci/amused-single-values.yaml, and a ServiceMonitor + dashboard pass:
 #   helm lint --strict; helm template; kubernetes-validate --strict against the chart's oldest
 #   and the newest Kubernetes (a missing schema for a built-in group is an error; only
 #   monitoring.coreos.com, a CRD, is exempt); tools/chart_assertions.py on the rendered output;
@@ -250,6 +251,9 @@ run_profile tls "ci/tls-values.yaml (cert-manager.io exempt)" -f "$CHART/ci/tls-
 run_profile two-models "ci/two-models-values.yaml" -f "$CHART/ci/two-models-values.yaml"
 run_profile three-models "ci/three-models-values.yaml (cert-manager.io, monitoring.coreos.com exempt)" \
   -f "$CHART/ci/three-models-values.yaml"
+run_profile amused "ci/amused-values.yaml (a prior-less aMUSEd set)" -f "$CHART/ci/amused-values.yaml"
+run_profile amused-single "ci/amused-single-values.yaml (one aMUSEd model, no prior)" \
+  -f "$CHART/ci/amused-single-values.yaml"
 
 # Third pass: ServiceMonitor on, and a dashboard file dropped into a copy of the chart.
 MON_CHART="$OUT/chart-monitoring/kandinsky"
@@ -289,6 +293,14 @@ expect_fail "assertions [three-models] reject the two-model render (a set and it
   negative_assertions three-models "$OUT/two-models-k${KUBE_VERSIONS[-1]}.yaml"
 expect_fail "assertions [two-models] reject the single-model render (no model sets)" \
   "Deployment $FULLNAME-prior-kandinsky-2-1 exists" negative_assertions two-models "$OUT/gpu-k${KUBE_VERSIONS[-1]}.yaml"
+check "helm template [the amused set given a priorDir, for the next negative test]" \
+  render "$OUT/neg-amused-prior.yaml" "${KUBE_VERSIONS[-1]}" "$CHART" -f "$CHART/ci/amused-values.yaml" \
+  --set "models.sets[1].priorDir=kandinsky-2-2-prior"
+expect_fail "assertions [amused] reject an amused set that renders a prior (and prior= in its --extra-stack)" \
+  "prior[amused-256]: a prior-less set (amused-256) renders no prior" \
+  negative_assertions amused "$OUT/neg-amused-prior.yaml"
+expect_fail "assertions [amused-single] reject the default render (a prior, no --prior-url none)" \
+  "gateway: --prior-url none" negative_assertions amused-single "$OUT/gpu-k${KUBE_VERSIONS[-1]}.yaml"
 
 # The longest release name Helm allows (53 characters) must still give valid object names, also
 # with model sets named up to the 32 characters a set name may have.
@@ -364,6 +376,10 @@ check "NOTES.txt lists every model set and its stages [ci/two-models-values.yaml
 check "NOTES.txt lists every model set and its stages [ci/three-models-values.yaml, mTLS]" \
   notes_sets "$OUT/NOTES-three-models.txt" "$CHART/ci/three-models-values.yaml" \
   kandinsky-2-2 kandinsky-2-1 kandinsky-2-2-distilled
+check "NOTES.txt lists every model set and its stages [ci/amused-values.yaml, a prior-less set]" \
+  notes_sets "$OUT/NOTES-amused.txt" "$CHART/ci/amused-values.yaml" kandinsky-2-2 amused-256
+check "NOTES.txt renders [ci/amused-single-values.yaml, no prior]" \
+  notes "$OUT/NOTES-amused-single.txt" "$FULLNAME-gateway" -plaintext -f "$CHART/ci/amused-single-values.yaml"
 
 # Values the schema (or the templates) must reject.
 shopt -s nullglob
@@ -390,6 +406,9 @@ expect_fail "helm template rejects a cuda device without a GPU (prior.gpu.enable
 expect_fail "helm template rejects a set's cuda device without a GPU (a per-set override)" \
   "models.sets[1] (kandinsky-2-1): movq.device is cuda:0 but movq.gpu.enabled is false" render /dev/null "${KUBE_VERSIONS[-1]}" "$CHART" \
   -f "$CHART/ci/two-models-values.yaml" --set "models.sets[1].movq.gpu.enabled=false"
+expect_fail "helm template rejects gateway.stageUrls.prior for a default model set without a prior" \
+  "gateway.stageUrls.prior is set but the default model set has no prior" render /dev/null "${KUBE_VERSIONS[-1]}" "$CHART" \
+  -f "$CHART/ci/amused-single-values.yaml" --set gateway.stageUrls.prior=http://prior.example:50051
 expect_fail "helm template rejects tls.enabled without a certificate Secret" \
   "tls.enabled needs tls.existingSecret or tls.certManager.enabled" render /dev/null "${KUBE_VERSIONS[-1]}" "$CHART" --set tls.enabled=true
 expect_fail "helm template rejects a cert-manager Certificate without an issuer" \

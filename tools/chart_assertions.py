@@ -3,7 +3,8 @@
 
     chart_assertions.py --profile PROFILE --fullname NAME [--dashboard FILE]... manifest.yaml
 
-PROFILE is one of PROFILES below (gpu, cpu, monitoring, variants, tls, two-models, three-models).
+PROFILE is one of PROFILES below (gpu, cpu, monitoring, variants, tls, two-models, three-models,
+amused, amused-single).
 
 Each assertion prints one PASS/FAIL line; the exit status is 1 when any failed. The contract
 the chart must honour is services/README.md (binaries, flags, ports, gRPC health service names): it is
@@ -63,17 +64,20 @@ GPU_TAINT_KEY = "nvidia.com/gpu"
 MODELS_MOUNT = "/models"
 # The single-model shape's folders (models.priorDir / models.decoderDir defaults).
 SINGLE_SET = dict(name=None, prior="kandinsky-2-2-prior", decoder="kandinsky-2-2-decoder")
+# A set's prior folder None: a prior-less set (aMUSEd: one folder, in `decoder`). It has no prior
+# objects; its text-encoder reads the decoder folder without --decoder-model-dir; the gateway
+# passes --prior-url none (default set) or an --extra-stack without prior=.
 # Startup budget (failureThreshold x periodSeconds) for loading weights + warm-up.
 MIN_STARTUP_S = {"gateway": 60, "textEncoder": 600, "prior": 600, "denoiser": 600, "movq": 600}
 
 # What each render is expected to look like. Keys every profile may set (defaults in
-# PROFILE_DEFAULTS): tls_gateway (the gateway's public port speaks TLS too) and sets (None: the
-# single-model shape; else the model sets in values order, each name, prior/decoder folders,
+# PROFILE_DEFAULTS): tls_gateway (the gateway's public port speaks TLS too), single (the folders
+# of the single-model shape, SINGLE_SET by default) and sets (None: the single-model shape; else the model sets in values order, each name, prior/decoder folders,
 # claim (claim name, rendered by the chart?) and expect: {stage key: per-set overrides that must
 # show in the render, see check_expect}).
 GPU_STAGES = {"prior", "denoiser", "movq"}
 GPU_PRESENT = {"nvidia.com/gpu.present": "true"}
-PROFILE_DEFAULTS = dict(tls_gateway=False, sets=None)
+PROFILE_DEFAULTS = dict(tls_gateway=False, sets=None, single=SINGLE_SET)
 PROFILES = {
     # charts/kandinsky/values.yaml as shipped.
     "gpu": dict(gpu_stages={"prior", "denoiser", "movq"},
@@ -155,6 +159,27 @@ PROFILES = {
                          "movq": dict(limits={"memory": "8Gi", GPU_RESOURCE: 2},
                                       hpa=dict(min=1, max=2, cpu=70), pod_labels={"tier": "fast"})}),
         ]),
+    # ci/amused-values.yaml: Kandinsky 2.2 (default) + amused-256, a prior-less set (one folder:
+    # text-encoder, denoiser and movq, no prior), both on the shared created claim, a smaller
+    # aMUSEd denoiser; NetworkPolicies on.
+    "amused": dict(
+        gpu_stages=GPU_STAGES, gpu_selector=GPU_PRESENT, redis="chart", auth_secret="created",
+        models="pvc", hpa_off=set(), service_monitor=False, network_policy=True,
+        gateway_service_type="ClusterIP", tls=False,
+        sets=[
+            dict(name="kandinsky-2-2", prior="kandinsky-2-2-prior", decoder="kandinsky-2-2-decoder",
+                 claim=("{fullname}-models", True)),
+            dict(name="amused-256", prior=None, decoder="amused-256", claim=("{fullname}-models", True),
+                 expect={"denoiser": dict(requests={"cpu": "2", "memory": "4Gi"},
+                                          limits={"memory": "8Gi", GPU_RESOURCE: 1},
+                                          hpa=dict(min=1, max=4, cpu=70))}),
+        ]),
+    # ci/amused-single-values.yaml: one aMUSEd model in the one-model shape (models.priorDir "").
+    "amused-single": dict(
+        gpu_stages=GPU_STAGES, gpu_selector=GPU_PRESENT, redis="chart", auth_secret="created",
+        models="pvc", hpa_off=set(), service_monitor=False, network_policy=False,
+        gateway_service_type="ClusterIP", tls=False,
+        single=dict(name=None, prior=None, decoder="amused-512")),
 }
 PROFILES = {k: {**PROFILE_DEFAULTS, **v} for k, v in PROFILES.items()}
 TLS_DIR = "/etc/kandinsky/tls"
@@ -312,7 +337,7 @@ def main():
 
     # The model sets: the single-model shape is one set without a name (no suffix, no label).
     sets = []
-    for mset in prof["sets"] or [dict(SINGLE_SET, claim=("{fullname}-models", True) if prof["models"] == "pvc" else None)]:
+    for mset in prof["sets"] or [dict(prof["single"], claim=("{fullname}-models", True) if prof["models"] == "pvc" else None)]:
         mset = dict(mset)
         if mset.get("claim"):
             mset["claim"] = (mset["claim"][0].format(fullname=opts.fullname), mset["claim"][1])
@@ -322,7 +347,25 @@ def main():
     def stage_name(key, setname):
         return f"{opts.fullname}-{STAGES[key]['component']}" + (f"-{setname}" if setname else "")
 
-    instances = [("gateway", None)] + [(key, mset) for mset in sets for key in MODEL_KEYS]
+    def set_keys(mset):
+        """The model stages a set runs: no prior in a prior-less set."""
+        return [k for k in MODEL_KEYS if k != "prior" or mset.get("prior")]
+
+    instances = [("gateway", None)] + [(key, mset) for mset in sets for key in set_keys(mset)]
+
+    # Prior-less sets: no prior object of any kind, by name or by labels.
+    for mset in sets:
+        if mset.get("prior"):
+            continue
+        setname = mset["name"]
+        label = f"prior[{setname}]" if setname else "prior"
+        pname = stage_name("prior", setname)
+        stray = [f'{d["kind"]}/{d["metadata"]["name"]}' for d in docs
+                 if d["metadata"]["name"] in (pname, f"{pname}-metrics")
+                 or (d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "prior"
+                     and d["metadata"].get("labels", {}).get(SET_LABEL) == setname)]
+        c.check(f"{label}: a prior-less set ({mset['decoder']}) renders no prior Deployment, Service, "
+                "HPA, PDB or NetworkPolicy", not stray, str(stray))
     deployments = {}
     for key, mset in instances:
         st = STAGES[key]
@@ -451,8 +494,11 @@ def main():
         vols = {v["name"]: v for v in spec.get("volumes", [])}
         if st["model"]:
             md = flags.get("--model-dir") or ""
-            folder = f"{MODELS_MOUNT}/{mset[st['model']]}"
-            c.check(f"{label}: --model-dir is the set's {st['model']} folder ({folder})", md == folder, md)
+            # A prior-less set has one folder: its text-encoder reads the decoder folder.
+            model = st["model"] if mset.get(st["model"]) else "decoder"
+            folder = f"{MODELS_MOUNT}/{mset[model]}"
+            c.check(f"{label}: --model-dir is the set's {model} folder ({folder})"
+                    + (" (a prior-less set's one folder)" if model != st["model"] else ""), md == folder, md)
             m = [x for x in mounts if md == x["mountPath"] or md.startswith(x["mountPath"].rstrip("/") + "/")]
             c.check(f"{label}: --model-dir lies on a read-only volume mount",
                     m and all(x.get("readOnly") is True for x in m), str(m))
@@ -469,7 +515,10 @@ def main():
                             rendered == created, claim)
                 elif prof["models"] == "hostPath":
                     c.check(f"{label}: model volume is a hostPath", "hostPath" in v, str(v))
-            if key == "textEncoder":
+            if key == "textEncoder" and not mset.get("prior"):
+                c.check(f"{label}: no --decoder-model-dir (a prior-less set has one folder)",
+                        "--decoder-model-dir" not in flags, str(flags.get("--decoder-model-dir")))
+            elif key == "textEncoder":
                 dd = flags.get("--decoder-model-dir") or ""
                 c.check(f"{label}: --decoder-model-dir is the set's decoder folder (2.1's XLM-R)",
                         dd == f"{MODELS_MOUNT}/{mset['decoder']}", dd)
@@ -616,6 +665,10 @@ def main():
         # The first set is the default model: the --*-url flags.
         first = sets[0]["name"]
         for key, flag in URL_FLAGS.items():
+            if key == "prior" and not sets[0].get("prior"):
+                c.check("gateway: --prior-url none (the default model set has no prior)"
+                        + (f" [{first}]" if first else ""), gflags.get(flag) == "none", str(gflags.get(flag)))
+                continue
             want = stage_url(key, first)
             c.check(f"gateway: {flag} points at the headless {STAGES[key]['component']} Service"
                     + (f" of the default set {first}" if first else "") + f" ({want})",
@@ -625,10 +678,11 @@ def main():
         c.check(f"gateway: one --extra-stack per extra model set ({len(sets) - 1})",
                 len(stacks) == len(sets) - 1, str(stacks))
         for i, mset in enumerate(sets[1:]):
-            want = {STAGES[key]["component"]: stage_url(key, mset["name"]) for key in MODEL_KEYS}
+            want = {STAGES[key]["component"]: stage_url(key, mset["name"]) for key in set_keys(mset)}
             got = parse_stack(stacks[i]) if i < len(stacks) else None
-            c.check(f"gateway: --extra-stack #{i + 1} is set {mset['name']}: text-encoder, prior, denoiser "
-                    f"and movq at its headless Services",
+            what = ("text-encoder, prior, denoiser and movq" if mset.get("prior")
+                    else "text-encoder, denoiser and movq, no prior= (a prior-less set)")
+            c.check(f"gateway: --extra-stack #{i + 1} is set {mset['name']}: {what} at its headless Services",
                     None not in want.values() and got == want, f"{got} != {want}")
         # API keys file mounted from a Secret, read-only.
         path = gflags.get("--api-keys-file")
@@ -700,7 +754,7 @@ def main():
                        if subset(sel, s["metadata"]["labels"])
                        and (not comps or s["metadata"]["labels"].get("app.kubernetes.io/component") in comps)
                        and any(p["name"] == "metrics" for p in s["spec"]["ports"])}
-            want = {st["component"] for st in STAGES.values()}
+            want = {STAGES[key]["component"] for key, _ in instances}
             c.check("monitoring: it selects a metrics Service of every stage", want <= scraped,
                     f"missing {sorted(want - scraped)}")
             meta = "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", SET_LABEL)
@@ -752,17 +806,19 @@ def main():
                if a is not b and subset(a["spec"]["selector"]["matchLabels"],
                                         b["spec"]["template"]["metadata"].get("labels", {}))]
     c.check("no Deployment's selector matches another Deployment's pods", not overlap, str(overlap))
-    c.check(f"Deployments: the gateway + 4 per model set ({1 + 4 * len(sets)})",
-            len(deps) == 1 + 4 * len(sets), str(len(deps)))
+    n_stages = sum(len(set_keys(mset)) for mset in sets)
+    c.check(f"Deployments: the gateway + 4 per model set, 3 per prior-less set ({1 + n_stages})",
+            len(deps) == 1 + n_stages, str(len(deps)))
     if sets_mode:
         for mset in sets:
             n = mset["name"]
             mine = lambda kind: sorted(d["metadata"]["name"] for d in by_kind.get(kind, [])
                                        if d["metadata"].get("labels", {}).get(SET_LABEL) == n)
-            no_hpa = sum(1 for key in MODEL_KEYS
+            ks = set_keys(mset)
+            no_hpa = sum(1 for key in ks
                          if key in prof["hpa_off"] or ((mset.get("expect") or {}).get(key) or {}).get("hpa") is False)
-            want = {"Deployment": 4, "Service": 4, "HorizontalPodAutoscaler": 4 - no_hpa,
-                    "PodDisruptionBudget": 4, "NetworkPolicy": 4 if prof["network_policy"] else 0}
+            want = {"Deployment": len(ks), "Service": len(ks), "HorizontalPodAutoscaler": len(ks) - no_hpa,
+                    "PodDisruptionBudget": len(ks), "NetworkPolicy": len(ks) if prof["network_policy"] else 0}
             got = {kind: len(mine(kind)) for kind in want}
             c.check(f"set {n}: {want['Deployment']} Deployments, {want['Service']} Services, "
                     f"{want['HorizontalPodAutoscaler']} HPAs, {want['PodDisruptionBudget']} PDBs, "

@@ -152,6 +152,8 @@ key, anything else (lists included) replaces, and a null deletes the key (as Hel
 {{/*
 The model stage sets, as JSON {"sets": [...]}; the first is the default model. Each set: name
 ("" in the single-model shape: unsuffixed names, no set label), index, priorDir, decoderDir,
+hasPrior (false when priorDir is empty or absent: a prior-less set such as an aMUSEd folder,
+served by text-encoder, denoiser and movq only; the text-encoder then reads decoderDir),
 ownVolume (a set with its own `volume`), volume (the volume values it mounts), claimName (its
 claim, for type persistentVolumeClaim), createClaim (the chart creates that claim) and stages
 (textEncoder/prior/denoiser/movq: the top-level stage values with the set's overrides merged in).
@@ -203,6 +205,11 @@ models.sets empty: one set from models.priorDir/decoderDir/volume and the top-le
 {{- $createClaim = true }}
 {{- end }}
 {{- end }}
+{{- $priorDir := toString ($e.priorDir | default "") }}
+{{- $hasPrior := ne $priorDir "" }}
+{{- if and (not $hasPrior) (not $single) (hasKey $e "prior") (get $e "prior") }}
+{{- fail (printf "models.sets[%d].prior: set %q has no priorDir (a prior-less set, e.g. an aMUSEd folder: text-encoder, denoiser and movq only), so it runs no prior stage to override; remove models.sets[%d].prior or give the set a priorDir" $i $name $i) }}
+{{- end }}
 {{- $stages := dict }}
 {{- range $key := list "textEncoder" "prior" "denoiser" "movq" }}
 {{- $s := deepCopy (get $root.Values $key) }}
@@ -211,15 +218,16 @@ models.sets empty: one set from models.priorDir/decoderDir/volume and the top-le
 {{- end }}
 {{- $_ := set $stages $key $s }}
 {{- end }}
-{{- $out = append $out (dict "name" $name "index" $i "priorDir" $e.priorDir "decoderDir" $e.decoderDir "ownVolume" $ownVolume "volume" $volume "claimName" $claimName "createClaim" $createClaim "stages" $stages) }}
+{{- $out = append $out (dict "name" $name "index" $i "priorDir" $priorDir "decoderDir" $e.decoderDir "hasPrior" $hasPrior "ownVolume" $ownVolume "volume" $volume "claimName" $claimName "createClaim" $createClaim "stages" $stages) }}
 {{- end }}
 {{- toJson (dict "sets" $out) }}
 {{- end }}
 
 {{/*
 Every stage instance, in order, as JSON {"items": [...]}: the gateway, then each set's
-textEncoder, prior, denoiser and movq. Each: key (values key), set (the set's name, "" for the
-gateway and the single-model shape), setIndex (-1 for the gateway), values (the stage's
+textEncoder, prior, denoiser and movq (no prior for a prior-less set: no Deployment, Service,
+HPA, PDB, NetworkPolicy or certificate name for it). Each: key (values key), set (the set's
+name, "" for the gateway and the single-model shape), setIndex (-1 for the gateway), values (the stage's
 effective values), name (resource name).
 */}}
 {{- define "kandinsky.stageInstances" -}}
@@ -227,7 +235,9 @@ effective values), name (resource name).
 {{- $items := list (dict "key" "gateway" "set" "" "setIndex" -1 "values" .Values.gateway "name" (include "kandinsky.stageFullname" (list $root "gateway"))) }}
 {{- range $set := (include "kandinsky.modelSets" . | fromJson).sets }}
 {{- range $key := list "textEncoder" "prior" "denoiser" "movq" }}
+{{- if or $set.hasPrior (ne $key "prior") }}
 {{- $items = append $items (dict "key" $key "set" $set.name "setIndex" $set.index "values" (get $set.stages $key) "name" (include "kandinsky.stageFullname" (list $root $key $set.name))) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- toJson (dict "items" $items) }}
@@ -303,7 +313,10 @@ hostPath:
 {{- end }}
 {{- end }}
 
-{{/* Call with (list $ KEY SET): --model-dir of model stage KEY of SET (an entry of kandinsky.modelSets). */}}
+{{/*
+Call with (list $ KEY SET): --model-dir of model stage KEY of SET (an entry of kandinsky.modelSets).
+The prior folder's stages (text-encoder, prior) read the decoder folder in a prior-less set.
+*/}}
 {{- define "kandinsky.modelDir" -}}
 {{- $root := index . 0 }}
 {{- $key := index . 1 }}
@@ -312,7 +325,7 @@ hostPath:
 {{- $meta := get (include "kandinsky.stageMeta" $root | fromYaml) $key }}
 {{- if $s.modelDir }}
 {{- $s.modelDir }}
-{{- else if eq $meta.model "prior" }}
+{{- else if and (eq $meta.model "prior") $set.hasPrior }}
 {{- printf "%s/%s" (trimSuffix "/" $root.Values.models.mountPath) $set.priorDir }}
 {{- else }}
 {{- printf "%s/%s" (trimSuffix "/" $root.Values.models.mountPath) $set.decoderDir }}
@@ -321,7 +334,8 @@ hostPath:
 
 {{/*
 Call with (list $ KEY SET): the URL the gateway uses for stage KEY of SET (an entry of
-kandinsky.modelSets); gateway.stageUrls overrides those of the first (default) set.
+kandinsky.modelSets); gateway.stageUrls overrides those of the first (default) set. The prior of a
+prior-less set is "none" (the gateway's --prior-url none; --extra-stack leaves prior= out).
 */}}
 {{- define "kandinsky.stageUrl" -}}
 {{- $root := index . 0 }}
@@ -331,7 +345,12 @@ kandinsky.modelSets); gateway.stageUrls overrides those of the first (default) s
 {{- if eq (int $set.index) 0 }}
 {{- $override = get $root.Values.gateway.stageUrls $key }}
 {{- end }}
+{{- if and (eq $key "prior") (not $set.hasPrior) }}
 {{- if $override }}
+{{- fail "gateway.stageUrls.prior is set but the default model set has no prior (its priorDir is empty): leave gateway.stageUrls.prior empty (the gateway gets --prior-url none)" }}
+{{- end }}
+{{- "none" }}
+{{- else if $override }}
 {{- $override }}
 {{- else }}
 {{- printf "http://%s:%v" (include "kandinsky.stageFullname" (list $root $key $set.name)) $root.Values.ports.grpc }}

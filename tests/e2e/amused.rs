@@ -51,10 +51,7 @@ fn in_process(prompt: &str, seed: u64) -> image::RgbImage {
     let tokens = p
         .generate_tokens(&text, &task, &params, &mut noise, &mut |_, _, _| {})
         .unwrap();
-    let images = p.decode(&tokens).unwrap();
-    kd_models::image::postprocess(&((images * 2.0).unwrap() - 1.0).unwrap())
-        .unwrap()
-        .remove(0)
+    p.images(&tokens).unwrap().remove(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -130,17 +127,15 @@ fn png(w: u32, h: u32, f: impl Fn(u32, u32) -> image::Rgb<u8>) -> Vec<u8> {
 async fn image_to_image_and_inpainting_work_and_what_the_family_lacks_is_refused() {
     let stack = AmusedStack::start(&[]).await;
     let mut c = stack.client().await;
-    let init = png(64, 64, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 128]));
+    let init = png(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, 128])
+    });
     // Left half kept, right half regenerated.
     let mask = png(64, 64, |x, _| {
         let v = if x < 32 { 0 } else { 255 };
         image::Rgb([v, v, v])
     });
-    let text = c
-        .generate(request("a cat", 5))
-        .await
-        .unwrap()
-        .into_inner();
+    let text = c.generate(request("a cat", 5)).await.unwrap().into_inner();
 
     let mut req = request("a cat", 5);
     req.task = Some(v1::generate_request::Task::ImageToImage(v1::ImageToImage {

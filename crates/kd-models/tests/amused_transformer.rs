@@ -87,10 +87,9 @@ fn flat_logits_match_diffusers() {
     let dir = fixtures_dir().join("tiny/amused-transformer-flat");
     let model = load_dir(&dir, DType::F32);
     assert!(!model.config().downsample && model.config().use_bias);
-    let r = load_reference(
-        fixtures_dir().join("tiny/reference/amused-flat/transformer.safetensors"),
-    )
-    .unwrap();
+    let r =
+        load_reference(fixtures_dir().join("tiny/reference/amused-flat/transformer.safetensors"))
+            .unwrap();
     check(&model, &r, "flat", 1e-4);
 }
 

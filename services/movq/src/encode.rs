@@ -1,10 +1,15 @@
 //! `Movq.EncodeImages`: images (and inpaint masks) → latents (and the pre-processed repaint masks).
+//! For an aMUSEd folder: images → token maps (each latent's nearest codebook entry) and the
+//! repaint masks at token resolution, as diffusers' `AmusedImg2ImgPipeline` /
+//! `AmusedInpaintPipeline` pre-process them.
 
 use crate::model::Movq;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
+use image::{GrayImage, RgbImage};
+use kd_models::image::resample::{resize, rgb_to_luma, Filter, Pixels};
 use kd_models::image::{
-    decode_image, decode_mask, outpaint_canvas, preprocess_img2img, preprocess_inpaint, Margins,
-    MaskImage,
+    binarize_mask, decode_image, decode_mask, outpaint_canvas, preprocess_img2img,
+    preprocess_inpaint, Margins, MaskImage,
 };
 use kd_proto::v1;
 use kd_runtime::{Cancel, ServiceError};
@@ -174,13 +179,106 @@ fn preprocess(
     Ok((Tensor::cat(&px, 0)?, mask))
 }
 
+/// [`preprocess`] for an aMUSEd VQ-GAN, as its pipelines' `VaeImageProcessor(do_normalize=False)`
+/// does: each image (the outpaint canvas with `outpaint`) resized with Pillow LANCZOS (no
+/// reducing gap: the processor's defaults) to `w` × `h` and mapped to `u8 / 255` in [0, 1]; each
+/// repaint mask (the canvas mask with `outpaint`) resized LANCZOS to the token grid
+/// (`h/sf` × `w/sf`), converted to grey and binarised at 0.5, 1 = repaint — the `mask_processor`
+/// (`do_binarize=True, do_convert_grayscale=True`). Returns ((B, 3, h, w) in [0, 1],
+/// (B, 1, h/sf, w/sf) masks), f32 on the CPU.
+fn preprocess_tokens(
+    images: &[Vec<u8>],
+    masks: &[Vec<u8>],
+    outpaint: Option<Margins>,
+    (h, w, sf): (usize, usize, usize),
+) -> Result<(Tensor, Option<Tensor>), ServiceError> {
+    let mut px = Vec::with_capacity(images.len());
+    let mut repaint = Vec::with_capacity(images.len());
+    for (i, bytes) in images.iter().enumerate() {
+        let img = decode_image(bytes)?;
+        let (img, mask) = match (masks.get(i), outpaint) {
+            (Some(mask_bytes), _) => {
+                let mask = decode_mask(mask_bytes)?;
+                if mask.dimensions() != img.dimensions() {
+                    let ((mw, mh), (iw, ih)) = (mask.dimensions(), img.dimensions());
+                    return Err(ServiceError::invalid(
+                        "mask_image",
+                        format!(
+                            "mask is {mw}×{mh} (width×height) but the image is {iw}×{ih}; they \
+                             must have the same size"
+                        ),
+                    ));
+                }
+                (img, Some(mask))
+            }
+            (None, Some(margins)) => {
+                let (canvas, mask) = outpaint_canvas(&img, w as u32, h as u32, margins)?;
+                (canvas, Some(MaskImage::Luma(mask)))
+            }
+            (None, None) => (img, None),
+        };
+        if let Some(mask) = mask {
+            repaint.push(token_mask(&mask, h / sf, w / sf)?);
+        }
+        px.push(unit_pixels(&img, h, w)?);
+    }
+    let mask = if repaint.is_empty() {
+        None
+    } else {
+        Some(Tensor::cat(&repaint, 0)?)
+    };
+    Ok((Tensor::cat(&px, 0)?, mask))
+}
+
+/// `image` resized (Pillow LANCZOS) to `w` × `h` as (1, 3, h, w) f32 `u8 / 255`.
+fn unit_pixels(image: &RgbImage, h: usize, w: usize) -> Result<Tensor, ServiceError> {
+    let src = Pixels {
+        w: image.width() as usize,
+        h: image.height() as usize,
+        c: 3,
+        data: image.as_raw().clone(),
+    };
+    let p = resize(&src, w, h, Filter::Lanczos, None)?;
+    let mut v = vec![0f32; 3 * h * w];
+    for (i, px) in p.data.chunks_exact(3).enumerate() {
+        for (c, &b) in px.iter().enumerate() {
+            v[c * h * w + i] = f32::from(b) / 255.0;
+        }
+    }
+    Ok(Tensor::from_vec(v, (1, 3, h, w), &Device::Cpu)?)
+}
+
+/// The repaint mask of `mask` on a `gh` × `gw` token grid: resized (Pillow LANCZOS) in its own
+/// mode, converted to grey (Pillow resizes before `convert("L")`), binarised at 0.5 (1 = repaint),
+/// (1, 1, gh, gw) f32.
+fn token_mask(mask: &MaskImage, gh: usize, gw: usize) -> Result<Tensor, ServiceError> {
+    let ((w, h), c, data) = match mask {
+        MaskImage::Luma(m) => (m.dimensions(), 1, m.as_raw().clone()),
+        MaskImage::Rgb(m) => (m.dimensions(), 3, m.as_raw().clone()),
+    };
+    let src = Pixels {
+        w: w as usize,
+        h: h as usize,
+        c,
+        data,
+    };
+    let grey = rgb_to_luma(&resize(&src, gw, gh, Filter::Lanczos, None)?)?;
+    let grey = GrayImage::from_raw(gw as u32, gh as u32, grey.data)
+        .ok_or_else(|| ServiceError::Internal("token mask: bad buffer size".into()))?;
+    // `binarize_mask` gives the keep mask (1 = keep); the wire carries 1 = repaint.
+    Ok((1.0 - binarize_mask(&grey)?)?)
+}
+
 /// Runs one checked encode request; `cancel` stops it between MoVQ layers.
 pub(crate) fn encode(
     m: &Movq,
     req: Checked,
     cancel: &Cancel,
 ) -> Result<v1::EncodeImagesResponse, ServiceError> {
+    let sf = m.vq.scale_factor();
     let (pixels, mask) = match req {
+        // The wire's pixels are in [-1, 1]; the aMUSEd VQ-GAN takes [0, 1].
+        Checked::Pixels(x) if m.tokens => (x.affine(0.5, 0.5)?, None),
         Checked::Pixels(x) => (x, None),
         Checked::Images {
             images,
@@ -188,16 +286,32 @@ pub(crate) fn encode(
             outpaint,
             h,
             w,
-        } => preprocess(&images, &masks, outpaint, (h, w, m.vq.scale_factor()))?,
+        } if m.tokens => preprocess_tokens(&images, &masks, outpaint, (h, w, sf))?,
+        Checked::Images {
+            images,
+            masks,
+            outpaint,
+            h,
+            w,
+        } => preprocess(&images, &masks, outpaint, (h, w, sf))?,
     };
     let x = pixels
         .to_device(&m.device)
         .and_then(|x| x.to_dtype(m.vq.dtype()))?;
-    cancel.check_at("before the MoVQ encoder")?;
-    let latents =
-        m.vq.encode_interruptible(&x, &|| cancel.should_stop())
+    let stop = || cancel.should_stop();
+    let latents = if m.tokens {
+        cancel.check_at("before the VQ-GAN encoder")?;
+        // (B, h, w) u32 → the wire's I64 token map.
+        m.vq.encode_indices(&x, &stop)
             .map_err(|e| cancel.model_error(e))?
-            .to_dtype(DType::F32)?;
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::I64)?
+    } else {
+        cancel.check_at("before the MoVQ encoder")?;
+        m.vq.encode_interruptible(&x, &stop)
+            .map_err(|e| cancel.model_error(e))?
+            .to_dtype(DType::F32)?
+    };
     let wire = |t: &Tensor| kd_proto::to_wire(t).map_err(ServiceError::from);
     Ok(v1::EncodeImagesResponse {
         latents: Some(wire(&latents)?),

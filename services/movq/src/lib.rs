@@ -1,6 +1,7 @@
 //! The MoVQ stage: decodes latents into encoded images and encodes images (and inpaint masks)
 //! into latents, on one loaded `VqModel`, served over gRPC (`kandinsky.v1.Movq`) by the one
-//! stage launcher.
+//! stage launcher. For an aMUSEd folder the model is its VQ-GAN (`vqvae/`) and the latents are
+//! (B, h, w) token maps: DecodeLatents takes one, EncodeImages returns one (and token-grid masks).
 #![forbid(unsafe_code)]
 
 mod decode;

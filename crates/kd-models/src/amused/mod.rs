@@ -604,6 +604,11 @@ impl AmusedPipeline {
             .clamp(0f32, 1f32)?)
     }
 
+    /// 8-bit RGB images of token maps (B, h, w), as diffusers' `output_type="pil"`.
+    pub fn images(&self, tokens: &Tensor) -> Result<Vec<image::RgbImage>> {
+        crate::image::rgb_images(&self.decode(tokens)?.permute((0, 2, 3, 1))?)
+    }
+
     /// Runs a whole token loop; `on_step(done, total, tokens)` after each step.
     pub fn generate_tokens(
         &self,

@@ -84,8 +84,19 @@ pub fn postprocess_nhwc01(images: &Tensor) -> Result<Tensor> {
 /// Decoded images (B, 3, H, W) → RGB images exactly as diffusers' `numpy_to_pil`:
 /// `round_half_even(clamp(x·0.5 + 0.5, 0, 1)·255)` computed in f32.
 pub fn postprocess(images: &Tensor) -> Result<Vec<RgbImage>> {
-    let nhwc = postprocess_nhwc01(images)?;
-    let (b, h, w, _) = nhwc.dims4()?;
+    rgb_images(&postprocess_nhwc01(images)?)
+}
+
+/// Images in [0, 1] as NHWC f32 (B, H, W, 3) → RGB images as diffusers' `numpy_to_pil`:
+/// `round_half_even(x·255)` in f32. aMUSEd's images are already in [0, 1] (its image processor
+/// does not normalise), so they take this directly: going through [`postprocess`]'s
+/// `x·0.5 + 0.5` would round `2x − 1` in f32 and could move a byte.
+pub fn rgb_images(nhwc: &Tensor) -> Result<Vec<RgbImage>> {
+    let (b, h, w, c) = nhwc.dims4().map_err(|_| bad_images(nhwc))?;
+    if c != 3 {
+        return Err(bad_images(nhwc));
+    }
+    let nhwc = nhwc.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     let v: Vec<f32> = nhwc.flatten_all()?.to_vec1()?;
     let per = h * w * 3;
     (0..b)
@@ -104,7 +115,7 @@ fn bad_images(t: &Tensor) -> ModelError {
     ModelError::invalid(
         "images",
         format!(
-            "expected decoded images (B, 3, H, W), got shape {:?}",
+            "expected decoded images (B, 3, H, W) or (B, H, W, 3) in [0, 1], got shape {:?}",
             t.dims()
         ),
     )

@@ -1,5 +1,6 @@
 //! Any bytes as a `GenerateRequest`, through the gateway's validation (every task, the sampling
-//! presets for a teacher and a student): an error naming a field, never a panic or an overflow.
+//! presets for a teacher, a student and an aMUSEd model): an error naming a field, never a panic
+//! or an overflow.
 #![no_main]
 
 use kd_gateway::sampling::DecoderProfile;
@@ -24,7 +25,13 @@ fuzz_target!(|data: &[u8]| {
                 max_pixels: 256 * 256,
                 ..DecoderProfile::teacher()
             };
-            for profile in [DecoderProfile::teacher(), student, small] {
+            // aMUSEd: no prior, its own scheduler, masked-token parameters.
+            let amused = DecoderProfile {
+                family: kd_proto::v1::ModelFamily::Amused,
+                default_steps: 12,
+                ..DecoderProfile::teacher()
+            };
+            for profile in [DecoderProfile::teacher(), student, small, amused] {
                 let _ = plan.requested.resolve(&profile);
                 let _ = plan.for_model(&profile);
             }

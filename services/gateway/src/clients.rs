@@ -113,24 +113,44 @@ where
 /// trace context (one client span per call), the error mapping naming the stage and the check
 /// of the fields the gateway needs from the answer, once.
 pub struct StageClients<'a> {
-    /// The four replica pools.
-    pub pools: [&'a Pool; 4],
+    /// The replica pools of the set's stages.
+    pub text_encoder: &'a Pool,
+    /// `None` for a set without a prior (aMUSEd).
+    pub prior: Option<&'a Pool>,
+    pub denoiser: &'a Pool,
+    pub movq: &'a Pool,
     /// The request's deadline and event sink.
     pub ctx: &'a Ctx,
 }
 
 impl StageClients<'_> {
     fn text_encoder(&self) -> &Pool {
-        self.pools[0]
+        self.text_encoder
     }
-    fn prior(&self) -> &Pool {
-        self.pools[1]
+    /// The prior: a set without one has a family whose stage graph calls none (checked when
+    /// the served model is learned), so asking for it is the gateway's own error.
+    fn prior(&self) -> Result<&Pool, ServiceError> {
+        self.prior.ok_or_else(|| {
+            ServiceError::Internal("this stage set has no prior stage to call".into())
+        })
     }
     fn denoiser(&self) -> &Pool {
-        self.pools[2]
+        self.denoiser
     }
     fn movq(&self) -> &Pool {
-        self.pools[3]
+        self.movq
+    }
+
+    /// The pools of the stages the set has, in pipeline order.
+    fn pools(&self) -> impl Iterator<Item = &Pool> {
+        [
+            Some(self.text_encoder),
+            self.prior,
+            Some(self.denoiser),
+            Some(self.movq),
+        ]
+        .into_iter()
+        .flatten()
     }
 
     /// `TextEncoder.EncodeText`.
@@ -154,7 +174,7 @@ impl StageClients<'_> {
 
     /// `Prior.Sample`: the image embeddings.
     pub async fn sample(&self, req: v1::SampleRequest) -> Result<v1::Tensor, ServiceError> {
-        call(self.prior(), "Sample", self.ctx, req, |ch, r| async move {
+        call(self.prior()?, "Sample", self.ctx, req, |ch, r| async move {
             limits!(PriorClient::new(ch)).sample(r).await
         })
         .await?
@@ -168,7 +188,7 @@ impl StageClients<'_> {
         req: v1::InterpolateRequest,
     ) -> Result<v1::Tensor, ServiceError> {
         call(
-            self.prior(),
+            self.prior()?,
             "Interpolate",
             self.ctx,
             req,
@@ -185,7 +205,7 @@ impl StageClients<'_> {
         req: v1::EmbedImagesRequest,
     ) -> Result<v1::Tensor, ServiceError> {
         call(
-            self.prior(),
+            self.prior()?,
             "EmbedImages",
             self.ctx,
             req,
@@ -200,7 +220,7 @@ impl StageClients<'_> {
     pub async fn zero_image_embedding(&self) -> Result<v1::Tensor, ServiceError> {
         let req = v1::ZeroImageEmbeddingRequest {};
         call(
-            self.prior(),
+            self.prior()?,
             "ZeroImageEmbedding",
             self.ctx,
             req,
@@ -270,10 +290,11 @@ impl StageClients<'_> {
         .images)
     }
 
-    /// `StageInfo.Info` of each of the four stages, with the stage's name.
+    /// `StageInfo.Info` of each stage of the set (three without a prior), with the stage's
+    /// name.
     pub async fn infos(&self) -> Result<Vec<(&'static str, v1::ModelInfo)>, ServiceError> {
-        let mut infos = Vec::with_capacity(self.pools.len());
-        for pool in self.pools {
+        let mut infos = Vec::with_capacity(4);
+        for pool in self.pools() {
             let req = v1::InfoRequest {};
             let info = call(pool, "Info", self.ctx, req, |ch, r| async move {
                 StageInfoClient::new(ch).info(r).await

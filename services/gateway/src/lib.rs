@@ -18,7 +18,7 @@ use kd_runtime::launch::MessageLimit;
 use kd_runtime::stage::EventStream;
 use kd_runtime::{Call, Launch, LaunchError, Listeners, ServiceError, Shutdown, Sink, Stage};
 use models::Models;
-use models::Stages;
+use models::{StackUrls, Stages};
 use pipeline::Ctx;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,7 +41,8 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub text_encoder_url: Vec<String>,
-    /// Prior stage address(es), comma-separated.
+    /// Prior stage address(es), comma-separated; `none` for a default set without a prior
+    /// (aMUSEd). A Kandinsky set without a prior is a deployment error naming the set.
     #[arg(
         long,
         env = "KD_PRIOR_URL",
@@ -66,8 +67,9 @@ pub struct Config {
     )]
     pub movq_url: Vec<String>,
     /// Another model's stage set, `text-encoder=URL,prior=URL,denoiser=URL,movq=URL` (repeat
-    /// the flag, or separate with `;` in the env var). The stages' folders decide which model
-    /// each set serves; requests name it in `model`. The `--*-url` set is the default.
+    /// the flag, or separate with `;` in the env var); leave `prior=` out (or write
+    /// `prior=none`) for a model without a prior (aMUSEd). The stages' folders decide which
+    /// model each set serves; requests name it in `model`. The `--*-url` set is the default.
     #[arg(long, env = "KD_EXTRA_STACKS", value_delimiter = ';')]
     pub extra_stack: Vec<String>,
     /// File with one accepted API key per line (`#` comments on lines of their own); a file
@@ -203,17 +205,23 @@ fn call_of<T>(request: &Request<T>) -> Call {
     Call::with_margin(request, DEADLINE_MARGIN)
 }
 
-/// The replica pools of one stage set (text encoder, prior, denoiser, movq URLs).
+/// The replica pools of one stage set, named `label` in errors.
 async fn stage_set(
-    urls: [&[String]; 4],
+    label: String,
+    urls: &StackUrls,
     refresh: Duration,
     tls: &Option<Arc<rustls::ClientConfig>>,
 ) -> anyhow::Result<Stages> {
+    let prior = match &urls.prior {
+        Some(p) => Some(Pool::new(p, "prior", refresh, tls.clone()).await?),
+        None => None,
+    };
     Ok(Stages {
-        text_encoder: Pool::new(urls[0], "text_encoder", refresh, tls.clone()).await?,
-        prior: Pool::new(urls[1], "prior", refresh, tls.clone()).await?,
-        denoiser: Pool::new(urls[2], "denoiser", refresh, tls.clone()).await?,
-        movq: Pool::new(urls[3], "movq", refresh, tls.clone()).await?,
+        label,
+        text_encoder: Pool::new(&urls.text_encoder, "text_encoder", refresh, tls.clone()).await?,
+        prior,
+        denoiser: Pool::new(&urls.denoiser, "denoiser", refresh, tls.clone()).await?,
+        movq: Pool::new(&urls.movq, "movq", refresh, tls.clone()).await?,
         served: Default::default(),
     })
 }
@@ -243,19 +251,22 @@ async fn stacks(config: &Config) -> Result<Vec<Stages>, ServiceError> {
     let refresh = Duration::from_secs_f64(config.resolve_interval_secs.max(0.1));
     let bad = |e: anyhow::Error| ServiceError::Unavailable(format!("{e:#}"));
     let tls = stage_tls(config)?;
-    let default = [
-        &config.text_encoder_url[..],
-        &config.prior_url,
-        &config.denoiser_url,
-        &config.movq_url,
-    ];
-    let mut stacks = vec![stage_set(default, refresh, &tls).await.map_err(bad)?];
+    let default = StackUrls {
+        text_encoder: config.text_encoder_url.clone(),
+        prior: models::prior_urls(&config.prior_url)
+            .map_err(|e| ServiceError::Unavailable(format!("--prior-url: {e}")))?,
+        denoiser: config.denoiser_url.clone(),
+        movq: config.movq_url.clone(),
+    };
+    let label = "the default stage set (--*-url)".to_string();
+    let mut stacks = vec![stage_set(label, &default, refresh, &tls)
+        .await
+        .map_err(bad)?];
     for spec in &config.extra_stack {
         let urls = models::parse_stack(spec)
-            .map_err(|e| ServiceError::Unavailable(format!("--extra-stack {spec:?}: {e}")))?
-            .map(|u| vec![u]);
-        let urls = [&urls[0][..], &urls[1], &urls[2], &urls[3]];
-        stacks.push(stage_set(urls, refresh, &tls).await.map_err(bad)?);
+            .map_err(|e| ServiceError::Unavailable(format!("--extra-stack {spec:?}: {e}")))?;
+        let label = format!("stage set --extra-stack {spec:?}");
+        stacks.push(stage_set(label, &urls, refresh, &tls).await.map_err(bad)?);
     }
     Ok(stacks)
 }

@@ -1,5 +1,7 @@
-//! Orchestration of one validated request across the stages:
-//! text encoder → prior → denoiser (streamed progress) → movq.
+//! Orchestration of one validated request across the stages of its family's stage graph:
+//! text encoder → prior → denoiser (streamed progress) → movq; aMUSEd has no prior (its
+//! denoiser is conditioned on the text encoder's rows and samples a token map, which the movq
+//! stage decodes).
 //!
 //! Every outgoing call carries the remaining deadline; a stage that cannot be reached becomes
 //! UNAVAILABLE naming the stage. Progress goes to an optional event sink (the streaming call).
@@ -26,6 +28,17 @@ fn repeat_conditioning(
     n: usize,
 ) -> Result<v1::TextEmbeddings, ServiceError> {
     tensor::repeat_text_embeddings(c, n).map_err(rows_err("text_encoder"))
+}
+
+/// aMUSEd's conditioning of one prompt: its pooled, projected embedding and its penultimate
+/// hidden states (no image embeddings, no attention mask).
+fn masked_token_conditioning(text: v1::TextEmbeddings) -> v1::DecoderConditioning {
+    v1::DecoderConditioning {
+        image_embeds: None,
+        text_embeds: text.text_embeds,
+        text_hidden_states: text.hidden_states,
+        text_attention_mask: None,
+    }
 }
 
 /// The UNet's conditioning: image embeddings, plus the multilingual text for Kandinsky 2.1.
@@ -80,6 +93,7 @@ fn denoiser_field(task: &'static str) -> impl Fn(&str) -> Option<String> {
             }
             "hint" | "hint_image" => format!("{task}.hint"),
             "strength" => format!("{task}.strength"),
+            f if f.starts_with("masked_tokens") => format!("decoder.{f}"),
             _ => return None,
         })
     }
@@ -93,6 +107,8 @@ pub async fn generate(
     ctx: &Ctx,
 ) -> Result<(Vec<v1::GeneratedImage>, &'static str), ServiceError> {
     let (st, served) = models.select(plan.model.as_deref(), ctx).await?;
+    // The options the family lacks first: they name the field and the family.
+    plan.check_family(&served.decoder)?;
     let (task, hint) = (plan.task.kind(), plan.task.has_hint());
     if !served.serves(task, hint) {
         return Err(models.refuse_task(&served, task, hint, ctx).await);
@@ -152,12 +168,12 @@ async fn run_step(
         }
         Step::InitImage => w.init = init_image(st, ctx, plan).await?,
         Step::Denoise => {
-            let embeds = needs(w.embeds.take(), step, "image embeddings")?;
-            let decoder_text = w.texts.as_ref().and_then(|t| t.decoder.as_ref());
+            let conditioning = denoiser_conditioning(step, served.family, plan.seeds.len(), w)?;
             let init = std::mem::take(&mut w.init);
+            let req = denoise_request(plan, served.family, conditioning, init);
             ctx.progress(v1::Stage::Denoiser, 0, plan.sampling.decoder_steps)
                 .await?;
-            w.latents = Some(denoise(st, ctx, plan, decoder_text, embeds, init).await?);
+            w.latents = Some(denoise(st, ctx, plan, req).await?);
         }
         Step::Decode => {
             let latents = needs(w.latents.take(), step, "latents")?;
@@ -379,24 +395,47 @@ async fn init_image_of(st: &Stages, ctx: &Ctx, plan: &Plan) -> Result<Init, Serv
     }
 }
 
-/// Step 4: the denoiser, streaming progress (and previews, decoded, to a streaming client).
-async fn denoise(
-    st: &Stages,
-    ctx: &Ctx,
+/// The denoiser's conditioning and negative conditioning.
+struct Conditioning {
+    cond: v1::DecoderConditioning,
+    uncond: v1::DecoderConditioning,
+}
+
+/// What the denoiser is conditioned on: the prior's image embeddings (with Kandinsky 2.1's
+/// multilingual text); for aMUSEd, which has no prior, the text encoder's rows (the prompt's
+/// repeated to `n` rows, the negative or empty prompt's one row, which the denoiser broadcasts).
+fn denoiser_conditioning(
+    step: Step,
+    family: v1::ModelFamily,
+    n: usize,
+    w: &mut Work,
+) -> Result<Conditioning, ServiceError> {
+    if family == v1::ModelFamily::Amused {
+        let texts = needs(w.texts.as_ref(), step, "texts")?;
+        return Ok(Conditioning {
+            cond: masked_token_conditioning(repeat_conditioning(&texts.cond, n)?),
+            uncond: masked_token_conditioning(texts.uncond.clone()),
+        });
+    }
+    let embeds = needs(w.embeds.take(), step, "image embeddings")?;
+    let decoder_text = w.texts.as_ref().and_then(|t| t.decoder.as_ref());
+    Ok(Conditioning {
+        cond: decoder_conditioning(embeds.image, decoder_text.map(|(c, _)| c)),
+        uncond: decoder_conditioning(embeds.negative, decoder_text.map(|(_, u)| u)),
+    })
+}
+
+/// Step 4's request. aMUSEd gets its masked-token parameters and never a scheduler, an explicit
+/// schedule or a hint (its token map goes to the movq stage as the latents do).
+fn denoise_request(
     plan: &Plan,
-    decoder_text: Option<&(v1::TextEmbeddings, v1::TextEmbeddings)>,
-    embeds: Embeddings,
+    family: v1::ModelFamily,
+    conditioning: Conditioning,
     init: Init,
-) -> Result<v1::Tensor, ServiceError> {
-    let req = v1::DenoiseRequest {
-        conditioning: Some(decoder_conditioning(
-            embeds.image,
-            decoder_text.map(|(c, _)| c),
-        )),
-        negative_conditioning: Some(decoder_conditioning(
-            embeds.negative,
-            decoder_text.map(|(_, u)| u),
-        )),
+) -> v1::DenoiseRequest {
+    let mut req = v1::DenoiseRequest {
+        conditioning: Some(conditioning.cond),
+        negative_conditioning: Some(conditioning.uncond),
         height: plan.height,
         width: plan.width,
         // An explicit schedule goes instead of the step count.
@@ -416,6 +455,22 @@ async fn denoise(
         hint_image: plan.task.hint().cloned().unwrap_or_default(),
         ..Default::default()
     };
+    if family == v1::ModelFamily::Amused {
+        req.scheduler = v1::Scheduler::Unspecified as i32;
+        req.timesteps.clear();
+        req.hint_image.clear();
+        req.masked_tokens = plan.requested.masked_tokens;
+    }
+    req
+}
+
+/// Step 4: the denoiser, streaming progress (and previews, decoded, to a streaming client).
+async fn denoise(
+    st: &Stages,
+    ctx: &Ctx,
+    plan: &Plan,
+    req: v1::DenoiseRequest,
+) -> Result<v1::Tensor, ServiceError> {
     let rename = denoiser_field(task_field(&plan.task));
     let mut stream = st
         .clients(ctx)
@@ -541,4 +596,124 @@ async fn decode(
         ..Default::default()
     };
     st.clients(ctx).decode_latents(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampling::DecoderProfile;
+    use crate::validate::{validate, Limits};
+
+    /// A (rows, 2) f32 wire tensor filled with `v`.
+    fn rows(n: usize, v: u8) -> v1::Tensor {
+        v1::Tensor {
+            shape: vec![n as i64, 2],
+            dtype: v1::DType::DtypeF32 as i32,
+            data: vec![v; n * 8].into(),
+        }
+    }
+
+    fn text(v: u8) -> v1::TextEmbeddings {
+        v1::TextEmbeddings {
+            text_embeds: Some(rows(1, v)),
+            hidden_states: Some(rows(1, v + 1)),
+            attention_mask: Some(rows(1, 9)),
+        }
+    }
+
+    fn amused() -> DecoderProfile {
+        DecoderProfile {
+            family: v1::ModelFamily::Amused,
+            default_steps: 12,
+            ..DecoderProfile::teacher()
+        }
+    }
+
+    #[test]
+    fn amused_is_conditioned_on_the_text_encoders_rows() {
+        let mut w = Work {
+            texts: Some(Texts {
+                all: v1::TextEmbeddings::default(),
+                cond: text(1),
+                uncond: text(3),
+                decoder: None,
+            }),
+            ..Default::default()
+        };
+        let c = denoiser_conditioning(Step::Denoise, v1::ModelFamily::Amused, 2, &mut w).unwrap();
+        assert_eq!(
+            c.cond,
+            v1::DecoderConditioning {
+                image_embeds: None,
+                text_embeds: Some(rows(2, 1)),
+                text_hidden_states: Some(rows(2, 2)),
+                text_attention_mask: None,
+            }
+        );
+        assert_eq!(
+            c.uncond,
+            v1::DecoderConditioning {
+                image_embeds: None,
+                text_embeds: Some(rows(1, 3)),
+                text_hidden_states: Some(rows(1, 4)),
+                text_attention_mask: None,
+            }
+        );
+        // Kandinsky needs the prior's embeddings.
+        let e = denoiser_conditioning(Step::Denoise, v1::ModelFamily::Kandinsky22, 2, &mut w)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("image embeddings"), "{e}");
+    }
+
+    #[test]
+    fn the_amused_denoise_request_carries_its_params_and_no_scheduler() {
+        let params = v1::MaskedTokenParams {
+            aesthetic_score: Some(7.0),
+            ..Default::default()
+        };
+        let req = v1::GenerateRequest {
+            prompt: "a cat".into(),
+            width: Some(64),
+            height: Some(128),
+            seeds: vec![4],
+            preview_every: 3,
+            task: Some(v1::generate_request::Task::ImageToImage(v1::ImageToImage {
+                image: vec![1],
+                strength: Some(0.5),
+                hint: Vec::new(),
+            })),
+            decoder: Some(v1::DecoderParams {
+                masked_tokens: Some(params),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let plan = validate(&req, &Limits::default(), || 7)
+            .unwrap()
+            .for_model(&amused())
+            .unwrap();
+        let conditioning = Conditioning {
+            cond: masked_token_conditioning(text(1)),
+            uncond: masked_token_conditioning(text(3)),
+        };
+        let init = Init {
+            latents: Some(rows(1, 5)),
+            strength: 0.5,
+            mask: None,
+        };
+        let r = denoise_request(&plan, v1::ModelFamily::Amused, conditioning, init);
+        assert_eq!(r.masked_tokens, Some(params));
+        assert_eq!(
+            (r.scheduler, r.timesteps.len(), r.hint_image.len()),
+            (v1::Scheduler::Unspecified as i32, 0, 0)
+        );
+        assert_eq!(
+            (r.num_inference_steps, r.guidance_scale, r.strength),
+            (12, 10.0, 0.5)
+        );
+        assert_eq!((r.height, r.width, r.seeds), (128, 64, vec![4]));
+        assert_eq!((r.image_latents, r.preview_every), (Some(rows(1, 5)), 3));
+        assert!(r.latents.is_none() && r.hint.is_none());
+    }
 }

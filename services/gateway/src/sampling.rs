@@ -15,10 +15,24 @@ pub const PRIOR_MIN_STEPS: u32 = 2;
 pub const DEFAULT_GUIDANCE: f32 = 4.0;
 /// Guidance of a distilled student when unset: none (it was distilled without CFG).
 pub const STUDENT_GUIDANCE: f32 = 1.0;
+/// aMUSEd's guidance when unset (diffusers' `AmusedPipeline` default).
+pub const AMUSED_GUIDANCE: f32 = 10.0;
+/// aMUSEd's decoder steps when its denoiser reports none (diffusers' `AmusedPipeline` default).
+pub const AMUSED_DEFAULT_STEPS: u32 = 12;
+/// aMUSEd's decoder steps of QUALITY_DRAFT and QUALITY_BEST (BALANCED: the denoiser's default).
+pub const AMUSED_DRAFT_STEPS: u32 = 8;
+pub const AMUSED_BEST_STEPS: u32 = 24;
+/// Largest `decoder.masked_tokens.temperature_start` / `temperature_end`.
+pub const MAX_TEMPERATURE: f32 = 100.0;
+/// Largest `decoder.masked_tokens.aesthetic_score`.
+pub const MAX_AESTHETIC_SCORE: f32 = 10.0;
 
 /// What the model that serves a request says about its decoder (its denoiser's `Info`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecoderProfile {
+    /// The model's family: aMUSEd samples masked tokens (its own presets, no prior, no
+    /// scheduler choice); Kandinsky 2.1 and 2.2 run a diffusion UNet.
+    pub family: v1::ModelFamily,
     /// A few-step distilled student.
     pub distilled: bool,
     /// Its default schedule: `default_timesteps` when not empty, else `default_steps` steps.
@@ -31,9 +45,10 @@ pub struct DecoderProfile {
 }
 
 impl DecoderProfile {
-    /// A teacher with the public API's default of 50 decoder steps.
+    /// A Kandinsky 2.2 teacher with the public API's default of 50 decoder steps.
     pub fn teacher() -> Self {
         Self {
+            family: v1::ModelFamily::Kandinsky22,
             distilled: false,
             default_steps: 50,
             default_timesteps: Vec::new(),
@@ -42,13 +57,19 @@ impl DecoderProfile {
         }
     }
 
-    /// The profile the denoiser reports (`distilled`, `default_steps`, `default_timesteps`).
+    /// The profile the denoiser reports (`family`, `distilled`, `default_steps`,
+    /// `default_timesteps`).
     pub fn of(info: &v1::ModelInfo) -> Self {
-        let teacher = Self::teacher();
+        let family = info.family();
+        let unreported_steps = match family {
+            v1::ModelFamily::Amused => AMUSED_DEFAULT_STEPS,
+            _ => Self::teacher().default_steps,
+        };
         Self {
+            family,
             distilled: info.distilled,
             default_steps: if info.default_steps == 0 {
-                teacher.default_steps
+                unreported_steps
             } else {
                 info.default_steps
             },
@@ -60,6 +81,20 @@ impl DecoderProfile {
             },
             max_pixels: info.max_pixels,
         }
+    }
+
+    /// Whether the model samples masked tokens (aMUSEd).
+    pub fn masked_tokens(&self) -> bool {
+        self.family == v1::ModelFamily::Amused
+    }
+}
+
+/// How errors name a family.
+pub fn family_label(family: v1::ModelFamily) -> &'static str {
+    match family {
+        v1::ModelFamily::Amused => "aMUSEd",
+        v1::ModelFamily::Kandinsky21 => "Kandinsky 2.1",
+        v1::ModelFamily::Kandinsky22 | v1::ModelFamily::Unspecified => "Kandinsky 2.2",
     }
 }
 
@@ -73,11 +108,15 @@ pub struct Requested {
     pub decoder_timesteps: Vec<u32>,
     pub decoder_guidance: Option<f32>,
     pub scheduler: v1::Scheduler,
+    /// aMUSEd's masked-token parameters (`decoder.masked_tokens`), range-checked except the crop
+    /// coordinates, which [`check_crop`] bounds by the image size.
+    pub masked_tokens: Option<v1::MaskedTokenParams>,
 }
 
 /// The sampling of one request on one model, every field resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampling {
+    /// Prior steps and guidance (0 for a family without a prior).
     pub prior_steps: u32,
     pub prior_guidance: f32,
     /// Decoder UNet steps (the length of `decoder_timesteps` when it is set).
@@ -111,6 +150,58 @@ fn guidance(field: &str, v: Option<f32>) -> Result<Option<f32>, ServiceError> {
         )),
         v => Ok(v),
     }
+}
+
+/// A masked-token parameter: unset, or a finite number in `0..=max`.
+fn bounded(field: &str, v: Option<f32>, max: f32) -> Result<(), ServiceError> {
+    match v {
+        Some(v) if !v.is_finite() || !(0.0..=max).contains(&v) => Err(bad(
+            field,
+            format!("{v}; allowed: a finite number in 0..={max}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The ranges of `decoder.masked_tokens` that do not depend on the image size.
+fn check_masked_tokens(p: &v1::MaskedTokenParams) -> Result<(), ServiceError> {
+    let field = |name: &str| format!("decoder.masked_tokens.{name}");
+    bounded(
+        &field("temperature_start"),
+        p.temperature_start,
+        MAX_TEMPERATURE,
+    )?;
+    bounded(
+        &field("temperature_end"),
+        p.temperature_end,
+        MAX_TEMPERATURE,
+    )?;
+    bounded(
+        &field("aesthetic_score"),
+        p.aesthetic_score,
+        MAX_AESTHETIC_SCORE,
+    )
+}
+
+/// The crop coordinates of `decoder.masked_tokens` within a `width` × `height` image.
+pub fn check_crop(
+    p: Option<&v1::MaskedTokenParams>,
+    width: u32,
+    height: u32,
+) -> Result<(), ServiceError> {
+    let Some(p) = p else { return Ok(()) };
+    for (name, v, side, what) in [
+        ("crop_top", p.crop_top, height, "height"),
+        ("crop_left", p.crop_left, width, "width"),
+    ] {
+        if v > side {
+            return Err(bad(
+                &format!("decoder.masked_tokens.{name}"),
+                format!("{v}; allowed: 0..={side} (the image {what})"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The enum names a client may send for `decoder.scheduler`.
@@ -151,6 +242,9 @@ impl Requested {
             }
             check_timesteps(&timesteps)?;
         }
+        if let Some(p) = &decoder.masked_tokens {
+            check_masked_tokens(p)?;
+        }
         Ok(Self {
             quality,
             prior_steps: steps(
@@ -167,11 +261,67 @@ impl Requested {
             decoder_timesteps: timesteps,
             decoder_guidance: guidance("decoder.guidance_scale", decoder.guidance_scale)?,
             scheduler,
+            masked_tokens: decoder.masked_tokens,
         })
+    }
+
+    /// Refuses the fields the model's family lacks, naming the field and the family: for
+    /// aMUSEd `prior.*`, `decoder.scheduler` and `decoder.timesteps`; for Kandinsky
+    /// `decoder.masked_tokens`.
+    pub fn check_family(&self, profile: &DecoderProfile) -> Result<(), ServiceError> {
+        let family = family_label(profile.family);
+        if !profile.masked_tokens() {
+            return match self.masked_tokens {
+                Some(_) => Err(bad(
+                    "decoder.masked_tokens",
+                    format!(
+                        "set for a {family} model, which samples no masked tokens; allowed: \
+                         unset (aMUSEd models only)"
+                    ),
+                )),
+                None => Ok(()),
+            };
+        }
+        let no_prior = |field: &str, v: String| {
+            bad(
+                field,
+                format!("{v}; {family} models have no prior; allowed: unset"),
+            )
+        };
+        if let Some(n) = self.prior_steps {
+            return Err(no_prior("prior.num_inference_steps", n.to_string()));
+        }
+        if let Some(g) = self.prior_guidance {
+            return Err(no_prior("prior.guidance_scale", g.to_string()));
+        }
+        if self.scheduler != v1::Scheduler::Unspecified {
+            return Err(bad(
+                "decoder.scheduler",
+                format!(
+                    "{}; {family} models sample masked tokens on their own schedule; allowed: \
+                     SCHEDULER_UNSPECIFIED",
+                    self.scheduler.as_str_name()
+                ),
+            ));
+        }
+        if !self.decoder_timesteps.is_empty() {
+            return Err(bad(
+                "decoder.timesteps",
+                format!(
+                    "{} timesteps; {family} models take no explicit schedule; allowed: none \
+                     (set decoder.num_inference_steps)",
+                    self.decoder_timesteps.len()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Fills the unset fields for a model with `profile`, by the quality preset.
     pub fn resolve(&self, profile: &DecoderProfile) -> Result<Sampling, ServiceError> {
+        if profile.masked_tokens() {
+            return Ok(self.resolve_masked_tokens(profile));
+        }
         use v1::Quality::*;
         let draft = self.quality == Draft;
         let prior_steps = self.prior_steps.unwrap_or(match self.quality {
@@ -224,6 +374,26 @@ impl Requested {
             decoder_guidance,
             scheduler,
         })
+    }
+
+    /// aMUSEd's presets: decoder steps 8 (DRAFT), the denoiser's default (BALANCED), 24
+    /// (BEST); guidance [`AMUSED_GUIDANCE`]; the checkpoint's own schedule, never switched; no
+    /// prior. The fields aMUSEd lacks are refused by [`Requested::check_family`].
+    fn resolve_masked_tokens(&self, profile: &DecoderProfile) -> Sampling {
+        use v1::Quality::*;
+        let decoder_steps = self.decoder_steps.unwrap_or(match self.quality {
+            Draft => AMUSED_DRAFT_STEPS,
+            Best => AMUSED_BEST_STEPS,
+            Unspecified | Balanced => profile.default_steps,
+        });
+        Sampling {
+            prior_steps: 0,
+            prior_guidance: 0.0,
+            decoder_steps,
+            decoder_timesteps: Vec::new(),
+            decoder_guidance: self.decoder_guidance.unwrap_or(AMUSED_GUIDANCE),
+            scheduler: v1::Scheduler::Unspecified,
+        }
     }
 }
 
@@ -390,5 +560,216 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(q.contains("quality") && q.contains("QUALITY_DRAFT"), "{q}");
+    }
+
+    fn amused() -> DecoderProfile {
+        DecoderProfile::of(&v1::ModelInfo {
+            family: v1::ModelFamily::Amused as i32,
+            default_steps: 12,
+            decoder_kind: v1::DecoderKind::TextToImage as i32,
+            native_size: 256,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn amused_presets_keep_its_schedule_and_guidance_ten() {
+        let a = amused();
+        assert!(a.masked_tokens());
+        let run = |d: v1::DecoderParams, q| req(d, q).resolve(&a).unwrap();
+        let balanced = run(Default::default(), v1::Quality::Unspecified);
+        assert_eq!(
+            (
+                balanced.decoder_steps,
+                balanced.decoder_guidance,
+                balanced.scheduler,
+                balanced.decoder_timesteps.len()
+            ),
+            (12, AMUSED_GUIDANCE, v1::Scheduler::Unspecified, 0)
+        );
+        assert_eq!(
+            run(Default::default(), v1::Quality::Balanced).decoder_steps,
+            12
+        );
+        // DRAFT: fewer steps, no switch to DPM-Solver++.
+        let draft = run(Default::default(), v1::Quality::Draft);
+        assert_eq!(
+            (draft.decoder_steps, draft.scheduler),
+            (AMUSED_DRAFT_STEPS, v1::Scheduler::Unspecified)
+        );
+        assert_eq!(
+            run(Default::default(), v1::Quality::Best).decoder_steps,
+            AMUSED_BEST_STEPS
+        );
+        // Explicit fields win.
+        let explicit = run(
+            v1::DecoderParams {
+                num_inference_steps: Some(5),
+                guidance_scale: Some(3.0),
+                ..Default::default()
+            },
+            v1::Quality::Best,
+        );
+        assert_eq!(
+            (explicit.decoder_steps, explicit.decoder_guidance),
+            (5, 3.0)
+        );
+        // A denoiser that reports no default gets diffusers' 12.
+        let unreported = DecoderProfile::of(&v1::ModelInfo {
+            family: v1::ModelFamily::Amused as i32,
+            ..Default::default()
+        });
+        assert_eq!(unreported.default_steps, AMUSED_DEFAULT_STEPS);
+        // A Kandinsky denoiser that reports none keeps the teacher's 50.
+        let k = DecoderProfile::of(&v1::ModelInfo::default());
+        assert_eq!((k.default_steps, k.masked_tokens()), (50, false));
+    }
+
+    /// The error of `of(req)` then `check_family(profile)`.
+    fn refusal(r: v1::GenerateRequest, profile: &DecoderProfile) -> String {
+        match Requested::of(&r) {
+            Ok(requested) => requested.check_family(profile).unwrap_err().to_string(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn options_amused_lacks_are_refused_naming_field_and_family() {
+        let a = amused();
+        let prior = |steps, guidance| v1::GenerateRequest {
+            prior: Some(v1::PriorParams {
+                num_inference_steps: steps,
+                guidance_scale: guidance,
+            }),
+            ..Default::default()
+        };
+        let decoder = |d: v1::DecoderParams| v1::GenerateRequest {
+            decoder: Some(d),
+            ..Default::default()
+        };
+        let cases = [
+            (
+                prior(Some(10), None),
+                "invalid `prior.num_inference_steps`: 10; aMUSEd models have no prior; \
+                 allowed: unset",
+            ),
+            (
+                prior(None, Some(4.0)),
+                "invalid `prior.guidance_scale`: 4; aMUSEd models have no prior; allowed: unset",
+            ),
+            (
+                decoder(v1::DecoderParams {
+                    scheduler: v1::Scheduler::Ddim as i32,
+                    ..Default::default()
+                }),
+                "invalid `decoder.scheduler`: SCHEDULER_DDIM; aMUSEd models sample masked \
+                 tokens on their own schedule; allowed: SCHEDULER_UNSPECIFIED",
+            ),
+            (
+                decoder(v1::DecoderParams {
+                    timesteps: vec![999, 499],
+                    ..Default::default()
+                }),
+                "invalid `decoder.timesteps`: 2 timesteps; aMUSEd models take no explicit \
+                 schedule; allowed: none (set decoder.num_inference_steps)",
+            ),
+        ];
+        for (r, want) in cases {
+            assert_eq!(refusal(r.clone(), &a), want);
+            // Kandinsky takes them.
+            Requested::of(&r)
+                .unwrap()
+                .check_family(&DecoderProfile::teacher())
+                .unwrap();
+        }
+        // An empty `prior` message sets nothing: accepted.
+        Requested::of(&prior(None, None))
+            .unwrap()
+            .check_family(&a)
+            .unwrap();
+    }
+
+    #[test]
+    fn masked_tokens_are_amused_only_and_range_checked() {
+        let with = |p: v1::MaskedTokenParams| v1::GenerateRequest {
+            decoder: Some(v1::DecoderParams {
+                masked_tokens: Some(p),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let ok = with(v1::MaskedTokenParams {
+            temperature_start: Some(100.0),
+            temperature_end: Some(0.0),
+            aesthetic_score: Some(10.0),
+            ..Default::default()
+        });
+        let requested = Requested::of(&ok).unwrap();
+        requested.check_family(&amused()).unwrap();
+        assert_eq!(requested.masked_tokens, ok.decoder.unwrap().masked_tokens);
+        for family in [v1::ModelFamily::Kandinsky21, v1::ModelFamily::Kandinsky22] {
+            let k = DecoderProfile {
+                family,
+                ..DecoderProfile::teacher()
+            };
+            let e = refusal(with(Default::default()), &k);
+            assert!(
+                e.starts_with("invalid `decoder.masked_tokens`: set for a Kandinsky 2.")
+                    && e.contains("allowed: unset (aMUSEd models only)"),
+                "{e}"
+            );
+        }
+        let bad = [
+            (
+                v1::MaskedTokenParams {
+                    temperature_start: Some(100.5),
+                    ..Default::default()
+                },
+                "invalid `decoder.masked_tokens.temperature_start`: 100.5; allowed: a finite \
+                 number in 0..=100",
+            ),
+            (
+                v1::MaskedTokenParams {
+                    temperature_end: Some(f32::NAN),
+                    ..Default::default()
+                },
+                "invalid `decoder.masked_tokens.temperature_end`: NaN; allowed: a finite number \
+                 in 0..=100",
+            ),
+            (
+                v1::MaskedTokenParams {
+                    aesthetic_score: Some(-1.0),
+                    ..Default::default()
+                },
+                "invalid `decoder.masked_tokens.aesthetic_score`: -1; allowed: a finite number \
+                 in 0..=10",
+            ),
+            (
+                v1::MaskedTokenParams {
+                    aesthetic_score: Some(f32::INFINITY),
+                    ..Default::default()
+                },
+                "invalid `decoder.masked_tokens.aesthetic_score`: inf; allowed: a finite number \
+                 in 0..=10",
+            ),
+        ];
+        for (p, want) in bad {
+            assert_eq!(Requested::of(&with(p)).unwrap_err().to_string(), want);
+        }
+        let crop = v1::MaskedTokenParams {
+            crop_top: 64,
+            crop_left: 65,
+            ..Default::default()
+        };
+        check_crop(Some(&crop), 65, 64).unwrap();
+        check_crop(None, 64, 64).unwrap();
+        assert_eq!(
+            check_crop(Some(&crop), 64, 64).unwrap_err().to_string(),
+            "invalid `decoder.masked_tokens.crop_left`: 65; allowed: 0..=64 (the image width)"
+        );
+        assert_eq!(
+            check_crop(Some(&crop), 128, 32).unwrap_err().to_string(),
+            "invalid `decoder.masked_tokens.crop_top`: 64; allowed: 0..=32 (the image height)"
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! [`Plan`] with defaults applied and one seed per image. Errors name the field and the allowed
 //! values (INVALID_ARGUMENT).
 
-use crate::sampling::{DecoderProfile, Requested, Sampling};
+use crate::sampling::{check_crop, family_label, DecoderProfile, Requested, Sampling};
 use kd_proto::v1::{self, fusion_item, generate_request::Task as ProtoTask};
 use kd_runtime::model_info::MODEL_NAMES;
 use kd_runtime::ServiceError;
@@ -188,6 +188,7 @@ pub fn validate(
     }
     let seeds = seeds(req, limits, random_seed)?;
     let requested = Requested::of(req)?;
+    check_crop(requested.masked_tokens.as_ref(), width, height)?;
     let (format, quality) = output(req.output.unwrap_or_default())?;
     // Explicit steps bound the previews now; preset steps once the model is known.
     let explicit = match requested.decoder_timesteps.len() {
@@ -480,13 +481,39 @@ impl Task {
     pub fn has_hint(&self) -> bool {
         self.hint().is_some()
     }
+
+    /// The request field of the task's hint.
+    fn hint_field(&self) -> &'static str {
+        match self {
+            Task::ImageToImage { .. } => "image_to_image.hint",
+            _ => "text_to_image.hint",
+        }
+    }
 }
 
 impl Plan {
+    /// Refuses, before any stage runs, the options the family of the model that serves the
+    /// plan lacks, naming the field and the family (see [`Requested::check_family`]; aMUSEd
+    /// takes no ControlNet hint either).
+    pub fn check_family(&self, profile: &DecoderProfile) -> Result<(), ServiceError> {
+        self.requested.check_family(profile)?;
+        if profile.masked_tokens() && self.task.has_hint() {
+            return Err(bad(
+                self.task.hint_field(),
+                format!(
+                    "set; {} models take no ControlNet hint; allowed: empty",
+                    family_label(profile.family)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// This plan with its sampling resolved for the model that serves it (a distilled student
     /// gets its own schedule and no CFG by default), and checked against what that model's
     /// denoiser reports: its largest image, and image-to-image's steps.
     pub fn for_model(&self, profile: &DecoderProfile) -> Result<Plan, ServiceError> {
+        self.check_family(profile)?;
         let sampling = self.requested.resolve(profile)?;
         check_preview_every(self.preview_every, sampling.decoder_steps)?;
         let pixels = u64::from(self.width) * u64::from(self.height);
@@ -562,5 +589,101 @@ fn model(name: &str) -> Result<Option<String>, ServiceError> {
                 MODEL_NAMES.join(", ")
             ),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn amused() -> DecoderProfile {
+        DecoderProfile {
+            family: v1::ModelFamily::Amused,
+            default_steps: 12,
+            ..DecoderProfile::teacher()
+        }
+    }
+
+    fn request(task: Option<ProtoTask>) -> v1::GenerateRequest {
+        v1::GenerateRequest {
+            prompt: "a cat".into(),
+            width: Some(128),
+            height: Some(64),
+            task,
+            ..Default::default()
+        }
+    }
+
+    fn plan(req: &v1::GenerateRequest) -> Result<Plan, ServiceError> {
+        validate(req, &Limits::default(), || 7)
+    }
+
+    #[test]
+    fn amused_refuses_hints_naming_the_field_and_the_family() {
+        let hinted = [
+            (
+                ProtoTask::TextToImage(v1::TextToImage { hint: vec![1] }),
+                "text_to_image.hint",
+            ),
+            (
+                ProtoTask::ImageToImage(v1::ImageToImage {
+                    image: vec![1],
+                    strength: None,
+                    hint: vec![1],
+                }),
+                "image_to_image.hint",
+            ),
+        ];
+        for (task, field) in hinted {
+            let p = plan(&request(Some(task))).unwrap();
+            let e = p.for_model(&amused()).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!(
+                    "invalid `{field}`: set; aMUSEd models take no ControlNet hint; allowed: empty"
+                )
+            );
+            assert_eq!(p.check_family(&amused()).unwrap_err().to_string(), e);
+        }
+    }
+
+    #[test]
+    fn an_amused_plan_gets_its_presets_and_keeps_its_masked_tokens() {
+        let mut req = request(Some(ProtoTask::Inpaint(v1::Inpaint {
+            image: vec![1],
+            mask: vec![2],
+        })));
+        let params = v1::MaskedTokenParams {
+            temperature_start: Some(3.0),
+            crop_top: 64,
+            crop_left: 128,
+            ..Default::default()
+        };
+        req.decoder = Some(v1::DecoderParams {
+            masked_tokens: Some(params),
+            ..Default::default()
+        });
+        let p = plan(&req).unwrap().for_model(&amused()).unwrap();
+        assert_eq!(
+            (p.sampling.decoder_steps, p.sampling.decoder_guidance),
+            (12, 10.0)
+        );
+        assert_eq!(p.requested.masked_tokens, Some(params));
+        // The same request on a Kandinsky model names the field.
+        let e = plan(&req)
+            .unwrap()
+            .for_model(&DecoderProfile::teacher())
+            .unwrap_err();
+        assert!(
+            e.to_string().starts_with("invalid `decoder.masked_tokens`"),
+            "{e}"
+        );
+        // Crop coordinates beyond the image are refused at validation.
+        req.decoder.as_mut().unwrap().masked_tokens = Some(v1::MaskedTokenParams {
+            crop_top: 65,
+            ..Default::default()
+        });
+        let e = plan(&req).unwrap_err().to_string();
+        assert!(e.contains("decoder.masked_tokens.crop_top"), "{e}");
     }
 }

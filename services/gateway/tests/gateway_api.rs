@@ -415,3 +415,51 @@ async fn the_transport_takes_a_32_mib_image_and_refuses_a_larger_request_naming_
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
     server.shutdown().await.unwrap();
 }
+
+/// A gateway whose default set has no prior (`--prior-url none`) plus `extra`, over stage
+/// addresses where nothing listens.
+async fn start_without_prior(extra: &[&str]) -> TestServer {
+    let mut args = vec!["kd-gateway".to_string(), "--prior-url=none".into()];
+    for flag in ["--text-encoder-url", "--denoiser-url", "--movq-url"] {
+        args.push(format!("{flag}={}", dead_url().await));
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let config = <Config as clap::Parser>::parse_from(args);
+    TestServer::spawn(|l, s| run_with_listeners(config, l, s)).await
+}
+
+#[tokio::test]
+async fn stage_sets_without_a_prior_start_and_a_misplaced_none_stops_the_start() {
+    let spec = format!(
+        "--extra-stack=text-encoder={},denoiser={},movq={}",
+        dead_url().await,
+        dead_url().await,
+        dead_url().await
+    );
+    let server = start_without_prior(&[&spec]).await;
+    let mut c = client(server.grpc).await;
+    // Loaded: the first stage asked is the text encoder, which is down.
+    let err = c.generate(valid()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("stage text_encoder is unavailable"),
+        "{}",
+        err.message()
+    );
+    server.shutdown().await.unwrap();
+
+    // `none` listed with an address is a start-up error naming the flag.
+    let (mut server, _) = start_with(None, &["--prior-url", "none"]).await;
+    let err = server.join().await.unwrap_err();
+    assert!(
+        err.contains("--prior-url") && err.contains("stands alone"),
+        "{err}"
+    );
+    // So is an extra stack that lacks a stage other than the prior.
+    let mut server = start_without_prior(&["--extra-stack=text-encoder=http://t:1"]).await;
+    let err = server.join().await.unwrap_err();
+    assert!(
+        err.contains("--extra-stack") && err.contains("missing denoiser, movq"),
+        "{err}"
+    );
+}

@@ -11,8 +11,8 @@
 //! machine-readable.
 
 use kd_e2e::{AmusedStack, Stack};
-use kd_testkit::fixtures_dir;
 use kd_proto::v1;
+use kd_testkit::fixtures_dir;
 use std::time::Instant;
 
 fn env(name: &str, default: usize) -> usize {
@@ -54,11 +54,7 @@ async fn main() {
         tiny.client().await,
         deep.client().await,
     ];
-    let labels = [
-        "kandinsky-2-2 25+50",
-        "amused tiny 12",
-        "amused deep 12",
-    ];
+    let labels = ["kandinsky-2-2 25+50", "amused tiny 12", "amused deep 12"];
     let mut line = String::from("amused_latency");
     for size in sizes {
         let mut times = vec![Vec::new(); clients.len()];
@@ -77,7 +73,10 @@ async fn main() {
         let med: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
         println!("{size}x{size}, {runs} runs, median seconds through the services:");
         for (label, m) in labels.iter().zip(&med) {
-            println!("  {label:<22} {m:8.3} s   kandinsky-2-2/this {:6.2}x", med[0] / m);
+            println!(
+                "  {label:<22} {m:8.3} s   kandinsky-2-2/this {:6.2}x",
+                med[0] / m
+            );
         }
         line.push_str(&format!(
             " ratio_tiny_{size}={:.3} ratio_deep_{size}={:.3} kd22_{size}_s={:.3} tiny_{size}_s={:.3} deep_{size}_s={:.3}",

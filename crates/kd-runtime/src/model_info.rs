@@ -227,8 +227,14 @@ mod tests {
             }
         }
         use v1::ModelFamily::Amused;
-        assert_eq!(served_name(Amused, K::Unspecified, false, 256), "amused-256");
-        assert_eq!(served_name(Amused, K::Unspecified, false, 512), "amused-512");
+        assert_eq!(
+            served_name(Amused, K::Unspecified, false, 256),
+            "amused-256"
+        );
+        assert_eq!(
+            served_name(Amused, K::Unspecified, false, 512),
+            "amused-512"
+        );
         let distinct: std::collections::HashSet<_> = MODEL_NAMES.iter().collect();
         assert_eq!(distinct.len(), MODEL_NAMES.len());
     }

@@ -17,7 +17,9 @@ use kd_proto::to_wire;
 use kd_proto::v1::{self, denoise_event, denoiser_server::DenoiserServer, DenoiseEvent};
 use kd_runtime::config::{CommonArgs, PixelArgs, StageArgs};
 use kd_runtime::stage::EventStream;
-use kd_runtime::{blocking, Call, Launch, LaunchError, Listeners, Shutdown, Sink, Stage};
+use kd_runtime::{
+    blocking, Call, Launch, LaunchError, Listeners, ServiceError, Shutdown, Sink, Stage,
+};
 use model::DecoderModel;
 use request::{Limits, Plan};
 use std::sync::Arc;
@@ -57,10 +59,33 @@ pub struct Config {
     pub batch_wait_ms: u64,
 }
 
+/// What the stage loaded: a decoder UNet (Kandinsky 2.1 / 2.2) or, for an aMUSEd folder, the
+/// masked-token generator. The folder decides, read while loading (the stage answers health
+/// NOT_SERVING meanwhile).
+pub enum Loaded {
+    Decoder(Arc<DecoderModel>),
+    Tokens(Box<tokens::TokenModel>),
+}
+
+impl kd_runtime::StageModel for Loaded {
+    fn info(&self) -> &v1::ModelInfo {
+        match self {
+            Self::Decoder(m) => &m.info,
+            Self::Tokens(m) => &m.info,
+        }
+    }
+}
+
+/// A request checked against what was loaded.
+pub enum Checked {
+    Decoder(Plan),
+    Tokens(tokens::TokenPlan),
+}
+
 /// The denoiser service.
 #[derive(Clone)]
 pub struct Denoiser {
-    stage: Stage<DecoderModel>,
+    stage: Stage<Loaded>,
     limits: Limits,
     /// Step-level batching: rows per UNet call and the join wait (`None` = off); the loop
     /// starts with the first request (it needs the loaded model).
@@ -70,16 +95,12 @@ pub struct Denoiser {
 
 impl Denoiser {
     /// The service over `stage`, accepting at most `max_batch` rows and `pixels` per request.
-    pub fn new(
-        stage: Stage<DecoderModel>,
-        max_batch: usize,
-        pixels: PixelArgs,
-    ) -> DenoiserServer<Self> {
+    pub fn new(stage: Stage<Loaded>, max_batch: usize, pixels: PixelArgs) -> DenoiserServer<Self> {
         DenoiserServer::new(Self::service(stage, max_batch, pixels, None))
     }
 
     fn service(
-        stage: Stage<DecoderModel>,
+        stage: Stage<Loaded>,
         max_batch: usize,
         pixels: PixelArgs,
         batching: Option<(usize, std::time::Duration)>,
@@ -97,9 +118,10 @@ impl Denoiser {
     }
 
     /// The service with step-level batching: `rows` UNet rows per call, a new request at an
-    /// idle denoiser waiting `wait` for companions.
+    /// idle denoiser waiting `wait` for companions (decoder UNets only: an aMUSEd request runs
+    /// its own loop).
     pub fn batched(
-        stage: Stage<DecoderModel>,
+        stage: Stage<Loaded>,
         max_batch: usize,
         pixels: PixelArgs,
         rows: usize,
@@ -121,41 +143,66 @@ impl v1::denoiser_server::Denoiser for Denoiser {
         let req = request.into_inner();
         let limits = self.limits;
         let deadline = call.deadline;
-        let check = move |m: &DecoderModel| {
-            let plan = request::plan(m, &limits, &req)?;
-            m.cost.check(&plan, m.movq_scale_factor, deadline)?;
-            Ok(plan)
+        let check = move |m: &Loaded| {
+            Ok(match m {
+                Loaded::Decoder(m) => {
+                    let plan = request::plan(m, &limits, &req)?;
+                    m.cost.check(&plan, m.movq_scale_factor, deadline)?;
+                    Checked::Decoder(plan)
+                }
+                Loaded::Tokens(m) => Checked::Tokens(tokens::check(m, &limits, &req, deadline)?),
+            })
         };
         let metrics = self.stage.metrics.clone();
         let (batching, batcher) = (self.batching, self.batcher.clone());
-        let run = move |m: Arc<DecoderModel>, plan: Plan, sink: Sink<DenoiseEvent>| async move {
-            let span = tracing::info_span!(
-                "denoise",
-                rows = plan.seeds.len(),
-                steps = plan.steps,
-                height = plan.height,
-                width = plan.width,
-            );
+        let run = move |m: Arc<Loaded>, checked: Checked, sink: Sink<DenoiseEvent>| async move {
             let worker = sink.clone();
-            let model = m.clone();
-            let latents = match batching {
-                Some((rows, wait)) => {
-                    let b = batcher
-                        .get_or_init(|| batcher::Batcher::start(m.clone(), metrics, rows, wait));
-                    tracing::Instrument::instrument(b.denoise(plan, worker), span).await?
+            let (latents, info) = match (&*m, checked) {
+                (Loaded::Decoder(d), Checked::Decoder(plan)) => {
+                    let span = tracing::info_span!(
+                        "denoise",
+                        rows = plan.seeds.len(),
+                        steps = plan.steps,
+                        height = plan.height,
+                        width = plan.width,
+                    );
+                    let model = d.clone();
+                    let latents = match batching {
+                        Some((rows, wait)) => {
+                            let b = batcher.get_or_init(|| {
+                                batcher::Batcher::start(d.clone(), metrics, rows, wait)
+                            });
+                            tracing::Instrument::instrument(b.denoise(plan, worker), span).await?
+                        }
+                        None => {
+                            tracing::Instrument::instrument(
+                                blocking(move || denoise(&model, plan, &worker, &metrics)),
+                                span,
+                            )
+                            .await?
+                        }
+                    };
+                    (latents, d.info.clone())
                 }
-                None => {
-                    tracing::Instrument::instrument(
-                        blocking(move || denoise(&model, plan, &worker, &metrics)),
+                (Loaded::Tokens(t), Checked::Tokens(plan)) => {
+                    let span = tokens::span(&plan);
+                    let model = m.clone();
+                    let tokens = tracing::Instrument::instrument(
+                        blocking(move || match &*model {
+                            Loaded::Tokens(t) => tokens::generate(t, plan, &worker, &metrics),
+                            Loaded::Decoder(_) => unreachable_model(),
+                        }),
                         span,
                     )
-                    .await?
+                    .await?;
+                    (tokens, t.info.clone())
                 }
+                _ => return unreachable_model(),
             };
             sink.send(DenoiseEvent {
                 event: Some(denoise_event::Event::Result(v1::DenoiseResult {
                     latents: Some(to_wire(&latents)?),
-                    model: Some(m.info.clone()),
+                    model: Some(info),
                 })),
             })
             .await
@@ -164,20 +211,23 @@ impl v1::denoiser_server::Denoiser for Denoiser {
     }
 }
 
+/// A request checked against one kind of model reaching the other (the loaded model never
+/// changes, so this cannot happen).
+fn unreachable_model<T>() -> Result<T, ServiceError> {
+    Err(ServiceError::Internal(
+        "a request checked for one kind of model ran on another".into(),
+    ))
+}
+
 /// Serves on `listeners` until `shutdown`: NOT_SERVING while the model loads and warms up
-/// (one step), SERVING after. An aMUSEd folder is served by the token generator
-/// ([`tokens::TokenDenoiser`]) behind the same API.
+/// (one step), SERVING after. An aMUSEd folder loads the token generator
+/// ([`tokens::TokenModel`]) behind the same API; step-level batching applies to decoder UNets
+/// only (aMUSEd requests run their own loops, up to the admission's concurrency).
 pub async fn run_with_listeners(
     config: Config,
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<(), LaunchError> {
-    // Reading the folder's family is cheap (model_index.json); an unreadable folder is reported
-    // by the load below.
-    let family = kd_models::CheckpointDir::open(&config.stage.model_dir).map(|d| d.family());
-    if let Ok(kd_models::ModelFamily::Amused) = family {
-        return run_tokens(config, listeners, shutdown).await;
-    }
     // With batching every admitted request waits in the shared loop, which bounds the work:
     // admit as many as can share a call.
     let concurrency = config.max_concurrency.max(config.max_batch_rows);
@@ -195,38 +245,22 @@ pub async fn run_with_listeners(
     let launch = Launch::stage(stage, &config.common).serve(service);
     let pixels = config.pixels;
     let load = blocking(move || {
-        let mut model = DecoderModel::load_and_warm(&config.stage, &config.schedule)?;
+        // Opened once (model_index.json is read once): the family decides what to load.
+        let dir = kd_models::CheckpointDir::open(&config.stage.model_dir)?;
+        if dir.family() == kd_models::ModelFamily::Amused {
+            if config.max_batch_rows > 0 {
+                tracing::warn!(
+                    max_batch_rows = config.max_batch_rows,
+                    "step-level batching is not implemented for aMUSEd folders; each request \
+                     runs its own token loop"
+                );
+            }
+            let model = tokens::TokenModel::load_and_warm(&config.stage, &dir, pixels)?;
+            return Ok(Loaded::Tokens(Box::new(model)));
+        }
+        let mut model = DecoderModel::load_and_warm(&config.stage, &dir, &config.schedule)?;
         model.info.max_pixels = pixels.limit(&model.device);
-        Ok(model)
+        Ok(Loaded::Decoder(Arc::new(model)))
     });
-    launch.run(listeners, shutdown, load).await
-}
-
-/// [`run_with_listeners`] for an aMUSEd folder. Step-level batching is not implemented for the
-/// token generator: `--max-batch-rows` is ignored (with a warning) and every request runs its
-/// own loop, `--max-concurrency` at once.
-async fn run_tokens(
-    config: Config,
-    listeners: Listeners,
-    shutdown: Shutdown,
-) -> Result<(), LaunchError> {
-    if config.max_batch_rows > 0 {
-        tracing::warn!(
-            max_batch_rows = config.max_batch_rows,
-            "step-level batching is not implemented for aMUSEd folders; requests run their own loops"
-        );
-    }
-    let stage = Stage::new(STAGE, config.max_concurrency, config.common.max_queue);
-    let service = v1::denoiser_server::DenoiserServer::new(tokens::TokenDenoiser {
-        stage: stage.clone(),
-        limits: Limits {
-            max_batch: config.max_batch.max(1),
-            pixels: config.pixels,
-            tensors: Default::default(),
-        },
-    });
-    let launch = Launch::stage(stage, &config.common).serve(service);
-    let (args, pixels) = (config.stage.clone(), config.pixels);
-    let load = blocking(move || tokens::TokenModel::load_and_warm(&args, pixels));
     launch.run(listeners, shutdown, load).await
 }

@@ -116,7 +116,17 @@ impl DecoderModel {
         dtype: DType,
         defaults: &ScheduleArgs,
     ) -> anyhow::Result<Self> {
-        let ckpt = CheckpointDir::open(dir)?;
+        Self::load_from(&CheckpointDir::open(dir)?, device, dtype, defaults)
+    }
+
+    /// [`DecoderModel::load_with`] of an opened folder.
+    pub fn load_from(
+        ckpt: &CheckpointDir,
+        device: &Device,
+        dtype: DType,
+        defaults: &ScheduleArgs,
+    ) -> anyhow::Result<Self> {
+        let dir = ckpt.root();
         let unet_dir = ckpt.component("unet")?;
         let cfg = unet_dir.unet_config()?;
         let variant = if dtype == DType::F32 {
@@ -153,7 +163,7 @@ impl DecoderModel {
             cfg.addition_embed_type
         );
         let mut info = kd_runtime::model_info::model_info(
-            &ckpt,
+            ckpt,
             "unet",
             &["unet", "scheduler", "movq"],
             dtype,
@@ -340,16 +350,17 @@ impl DecoderModel {
 }
 
 impl DecoderModel {
-    /// Opens the device, loads the decoder folder of `args` and runs one warm-up step.
+    /// Opens the device, loads the decoder folder `ckpt` (opened from `args`' model dir) and
+    /// runs one warm-up step.
     pub fn load_and_warm(
         args: &kd_runtime::config::StageArgs,
+        ckpt: &CheckpointDir,
         defaults: &ScheduleArgs,
     ) -> Result<Self, ServiceError> {
         let device = args.open_device()?;
-        let mut model =
-            Self::load_with(&args.model_dir, &device, args.dtype, defaults).map_err(|e| {
-                ServiceError::Unavailable(format!("loading {}: {e:#}", args.model_dir.display()))
-            })?;
+        let mut model = Self::load_from(ckpt, &device, args.dtype, defaults).map_err(|e| {
+            ServiceError::Unavailable(format!("loading {}: {e:#}", args.model_dir.display()))
+        })?;
         model.warm_up()?;
         model.cost = StepCost(model.calibrate()?, args.admission_safety);
         tracing::info!(

@@ -16,15 +16,13 @@ use kd_models::amused::{
 use kd_models::clip::TextConditioning;
 use kd_models::noise::SeededNoise;
 use kd_models::{CheckpointDir, ModelError};
-use kd_proto::v1::{self, denoise_event, DenoiseEvent};
-use kd_proto::{from_wire, to_wire};
+use kd_proto::from_wire;
+use kd_proto::v1::{self, DenoiseEvent};
 use kd_runtime::budget::{self, Cost};
 use kd_runtime::config::{PixelArgs, StageArgs};
 use kd_runtime::model_info::model_info;
-use kd_runtime::{Metrics, ServiceError, Sink, Stage, StageModel};
-use std::sync::Arc;
+use kd_runtime::{Metrics, ServiceError, Sink};
 use std::time::Instant;
-use tonic::{Request, Response, Status};
 
 /// The components whose files make up the revision.
 const COMPONENTS: [&str; 3] = ["transformer", "scheduler", "vqvae"];
@@ -53,20 +51,17 @@ impl std::fmt::Debug for TokenModel {
     }
 }
 
-impl StageModel for TokenModel {
-    fn info(&self) -> &v1::ModelInfo {
-        &self.info
-    }
-}
-
 impl TokenModel {
-    /// Opens the device, loads the aMUSEd folder's transformer and scheduler, runs one step and
-    /// calibrates the step cost.
-    pub fn load_and_warm(args: &StageArgs, pixels: PixelArgs) -> Result<Self, ServiceError> {
+    /// Opens the device, loads the aMUSEd folder `dir` (opened from `args`' model dir): its
+    /// transformer and scheduler; runs one step and calibrates the step cost.
+    pub fn load_and_warm(
+        args: &StageArgs,
+        dir: &CheckpointDir,
+        pixels: PixelArgs,
+    ) -> Result<Self, ServiceError> {
         let device = args.open_device()?;
-        let dir = CheckpointDir::open(&args.model_dir)?;
-        let generator = TokenGenerator::load(&dir, args.dtype, &device)?;
-        let mut info = model_info(&dir, "transformer", &COMPONENTS, args.dtype, &device)?;
+        let generator = TokenGenerator::load(dir, args.dtype, &device)?;
+        let mut info = model_info(dir, "transformer", &COMPONENTS, args.dtype, &device)?;
         info.default_steps = DEFAULT_STEPS as u32;
         info.decoder_kind = v1::DecoderKind::TextToImage as i32;
         info.native_size = generator.native_size().try_into().unwrap_or(u32::MAX);
@@ -578,7 +573,7 @@ pub fn preview_tokens(tokens: &Tensor, scale_factor: usize) -> Result<Tensor, Se
 }
 
 /// Runs one checked request on the calling (blocking-pool) thread; returns the token map.
-fn generate(
+pub fn generate(
     m: &TokenModel,
     plan: TokenPlan,
     sink: &Sink<DenoiseEvent>,
@@ -607,55 +602,27 @@ fn generate(
     Ok(run.tokens().to_dtype(DType::I64)?)
 }
 
-/// The denoiser service over an aMUSEd folder.
-#[derive(Clone)]
-pub struct TokenDenoiser {
-    pub(crate) stage: Stage<TokenModel>,
-    pub(crate) limits: Limits,
+/// Checks a request against the loaded model and its deadline (before admission).
+pub fn check(
+    m: &TokenModel,
+    limits: &Limits,
+    req: &v1::DenoiseRequest,
+    deadline: Option<Instant>,
+) -> Result<TokenPlan, ServiceError> {
+    let plan = plan(m, limits, req)?;
+    check_budget(m, &plan, deadline)?;
+    Ok(plan)
 }
 
-#[tonic::async_trait]
-impl v1::denoiser_server::Denoiser for TokenDenoiser {
-    type DenoiseStream = kd_runtime::stage::EventStream<DenoiseEvent>;
-
-    async fn denoise(
-        &self,
-        request: Request<v1::DenoiseRequest>,
-    ) -> Result<Response<Self::DenoiseStream>, Status> {
-        let call = kd_runtime::Call::of(&request);
-        let req = request.into_inner();
-        let limits = self.limits;
-        let deadline = call.deadline;
-        let check = move |m: &TokenModel| {
-            let plan = plan(m, &limits, &req)?;
-            check_budget(m, &plan, deadline)?;
-            Ok(plan)
-        };
-        let metrics = self.stage.metrics.clone();
-        let run = move |m: Arc<TokenModel>, plan: TokenPlan, sink: Sink<DenoiseEvent>| async move {
-            let span = tracing::info_span!(
-                "generate_tokens",
-                rows = plan.rows,
-                steps = plan.steps,
-                height = plan.height,
-                width = plan.width,
-            );
-            let (worker, model) = (sink.clone(), m.clone());
-            let tokens = tracing::Instrument::instrument(
-                kd_runtime::blocking(move || generate(&model, plan, &worker, &metrics)),
-                span,
-            )
-            .await?;
-            sink.send(DenoiseEvent {
-                event: Some(denoise_event::Event::Result(v1::DenoiseResult {
-                    latents: Some(to_wire(&tokens)?),
-                    model: Some(m.info.clone()),
-                })),
-            })
-            .await
-        };
-        self.stage.stream("Denoise", call, check, run).await
-    }
+/// The tracing span of one token run.
+pub fn span(plan: &TokenPlan) -> tracing::Span {
+    tracing::info_span!(
+        "generate_tokens",
+        rows = plan.rows,
+        steps = plan.steps,
+        height = plan.height,
+        width = plan.width,
+    )
 }
 
 #[cfg(test)]

@@ -6,9 +6,16 @@
 //!                         scheduler/, image_processor/
 //! kandinsky-2-2-decoder/  model_index.json, unet/, movq/, scheduler/
 //! ```
+//!
+//! Component weights are safetensors; where a component ships only PyTorch pickles
+//! (`diffusion_pytorch_model.bin`, `pytorch_model.bin`), and for original-format single files
+//! (`Kandinsky-2-0.pt`, Lightning `.ckpt`), [`PickleWeights`] reads them without executing
+//! anything (see the `pickle` module: an allow-list of pickle globals, everything else refused).
 
+mod pickle;
 mod weights;
 
+pub use pickle::{PickleTensorInfo, PickleWeights, ALLOWED_GLOBALS};
 pub use weights::{Variant, Weights};
 
 use crate::config::{
@@ -283,7 +290,8 @@ impl ComponentDir {
         read_json(&self.file("tokenizer_config.json"))
     }
 
-    /// The component's safetensors weights (preferring `variant` where both are stored).
+    /// The component's safetensors weights (preferring `variant` where both are stored), or,
+    /// failing those, its PyTorch `.bin` pickles (see [`Weights::open_dir`]).
     pub fn weights(&self, variant: Variant) -> Result<Weights> {
         Weights::open_dir(&self.path, variant)
     }

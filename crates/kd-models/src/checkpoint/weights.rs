@@ -1,7 +1,13 @@
 //! Safetensors weights of one checkpoint component, single-file or sharded, fp32 or fp16 on
 //! disk, loadable as any float dtype. Every lookup is checked against the expected shape before
 //! any data is converted, and failures name the file, the key and what was expected.
+//!
+//! Components that ship only PyTorch pickles (`diffusion_pytorch_model.bin`, `pytorch_model.bin`,
+//! sharded `*.bin.index.json`) and original-format single files (`.pt`, `.ckpt`) are read through
+//! [`PickleWeights`] (never executed; see `checkpoint::pickle`), with the same lookups and errors.
+//! Safetensors always wins when a folder has both.
 
+use super::pickle::PickleWeights;
 use crate::error::{ModelError, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
@@ -13,9 +19,30 @@ use std::path::{Path, PathBuf};
 /// Weight file base names used by diffusers (`diffusion_pytorch_model`) and transformers (`model`).
 const BASE_NAMES: [&str; 2] = ["diffusion_pytorch_model", "model"];
 
-/// The memory-mapped safetensors files of one component.
+/// PyTorch pickle base names (`<base>[.fp16].bin`), tried only when no safetensors file exists:
+/// diffusers (`diffusion_pytorch_model`) and transformers (`pytorch_model`).
+const BIN_BASE_NAMES: [&str; 2] = ["diffusion_pytorch_model", "pytorch_model"];
+
+/// File extensions read as PyTorch pickles by [`Weights::open_files`] and [`Weights::open_index`].
+const PICKLE_EXTENSIONS: [&str; 4] = ["bin", "pt", "pth", "ckpt"];
+
+/// One weight file.
+enum Source {
+    /// Memory-mapped safetensors.
+    Safetensors(MmapedSafetensors),
+    /// A `torch.save` archive, read on demand.
+    Pickle(PickleWeights),
+}
+
+fn is_pickle(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| PICKLE_EXTENSIONS.contains(&e))
+}
+
+/// The weight files of one component: memory-mapped safetensors, or PyTorch pickles.
 pub struct Weights {
-    files: Vec<(PathBuf, MmapedSafetensors)>,
+    files: Vec<(PathBuf, Source)>,
     /// Tensor name → index into `files`.
     index: HashMap<String, usize>,
 }
@@ -43,7 +70,10 @@ pub enum Variant {
 
 impl Weights {
     /// Finds and maps the weight files in `dir`: `<base>[.fp16].safetensors` or a sharded
-    /// `<base>[.fp16].safetensors.index.json` whose `weight_map` names the shards.
+    /// `<base>[.fp16].safetensors.index.json` whose `weight_map` names the shards; failing every
+    /// safetensors name, the PyTorch pickles `diffusion_pytorch_model[.fp16].bin` /
+    /// `pytorch_model[.fp16].bin` or a sharded `<base>[.fp16].bin.index.json` (the variant
+    /// preference applies within each format).
     pub fn open_dir(dir: &Path, variant: Variant) -> Result<Self> {
         let suffixes: &[&str] = match variant {
             Variant::Default => &["", ".fp16"],
@@ -61,15 +91,43 @@ impl Weights {
                 }
             }
         }
+        for suffix in suffixes {
+            for base in BIN_BASE_NAMES {
+                let single = dir.join(format!("{base}{suffix}.bin"));
+                if single.is_file() {
+                    return Self::open_files(vec![single]);
+                }
+                let index = dir.join(format!("{base}{suffix}.bin.index.json"));
+                if index.is_file() {
+                    return Self::open_index(&index);
+                }
+            }
+        }
         Err(ModelError::Checkpoint {
             path: dir.to_path_buf(),
             message: "no weights found (expected diffusion_pytorch_model.safetensors, \
-                      model.safetensors, an .fp16 variant, or a sharded *.safetensors.index.json)"
+                      model.safetensors, an .fp16 variant, or a sharded *.safetensors.index.json; \
+                      or else the PyTorch pickles diffusion_pytorch_model.bin, pytorch_model.bin, \
+                      an .fp16 variant, or a sharded *.bin.index.json)"
                 .into(),
         })
     }
 
-    /// Maps the shards listed by a `*.safetensors.index.json`.
+    /// One original-format PyTorch checkpoint (`Kandinsky-2-0.pt`, a Lightning `.ckpt`, a
+    /// `pytorch_model.bin`), read safely (see [`PickleWeights::open`]): with `key = None` the
+    /// tensors of the saved dict, nested dicts flattened into dotted names; with `Some(key)`
+    /// only those of the dict `root[key]` (e.g. `"state_dict"`).
+    pub fn open_pickle(path: &Path, key: Option<&str>) -> Result<Self> {
+        let pw = PickleWeights::open(path, key)?;
+        let index = pw.keys().into_iter().map(|k| (k.to_string(), 0)).collect();
+        Ok(Self {
+            files: vec![(path.to_path_buf(), Source::Pickle(pw))],
+            index,
+        })
+    }
+
+    /// Maps the shards listed by a `*.safetensors.index.json` (or reads those of a
+    /// `*.bin.index.json`: shards named `.bin`/`.pt`/`.pth`/`.ckpt` are PyTorch pickles).
     pub fn open_index(index: &Path) -> Result<Self> {
         #[derive(serde::Deserialize)]
         struct Index {
@@ -103,11 +161,20 @@ impl Weights {
         Ok(weights)
     }
 
-    /// Maps the given safetensors files (validating each header).
+    /// Maps the given safetensors files (validating each header); files named `.bin`, `.pt`,
+    /// `.pth` or `.ckpt` are read as PyTorch pickles ([`PickleWeights::open`] with no key).
     pub fn open_files(paths: Vec<PathBuf>) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for path in paths {
+            if is_pickle(&path) {
+                let pw = PickleWeights::open(&path, None)?;
+                for name in pw.keys() {
+                    index.insert(name.to_string(), files.len());
+                }
+                files.push((path, Source::Pickle(pw)));
+                continue;
+            }
             // SAFETY: the checkpoint files are mapped read-only and treated as immutable for the
             // life of the process, as a deployment mounts them (read-only volume).
             let st =
@@ -118,7 +185,7 @@ impl Weights {
             for (name, _) in st.tensors() {
                 index.insert(name, files.len());
             }
-            files.push((path, st));
+            files.push((path, Source::Safetensors(st)));
         }
         Ok(Self { files, index })
     }
@@ -138,8 +205,13 @@ impl Weights {
     /// Stored shape and dtype of `key`, if present.
     pub fn info(&self, key: &str) -> Option<(Vec<usize>, safetensors::Dtype)> {
         let &i = self.index.get(key)?;
-        let view = self.files[i].1.get(key).ok()?;
-        Some((view.shape().to_vec(), view.dtype()))
+        match &self.files[i].1 {
+            Source::Safetensors(st) => {
+                let view = st.get(key).ok()?;
+                Some((view.shape().to_vec(), view.dtype()))
+            }
+            Source::Pickle(pw) => pw.info(key).map(|i| (i.shape, i.stored)),
+        }
     }
 
     fn files_display(&self) -> String {
@@ -165,17 +237,29 @@ impl Weights {
                 expected: expected.to_vec(),
             });
         };
-        let (path, st) = &self.files[i];
-        let view = st.get(key).map_err(ModelError::from)?;
-        if view.shape() != expected {
-            return Err(ModelError::ShapeMismatch {
-                file: path.clone(),
-                key: key.to_string(),
-                expected: expected.to_vec(),
-                actual: view.shape().to_vec(),
-            });
+        let (path, source) = &self.files[i];
+        let shape_mismatch = |actual: &[usize]| ModelError::ShapeMismatch {
+            file: path.clone(),
+            key: key.to_string(),
+            expected: expected.to_vec(),
+            actual: actual.to_vec(),
+        };
+        match source {
+            Source::Safetensors(st) => {
+                let view = st.get(key).map_err(ModelError::from)?;
+                if view.shape() != expected {
+                    return Err(shape_mismatch(view.shape()));
+                }
+                Ok(st.load(key, device)?.to_dtype(dtype)?)
+            }
+            Source::Pickle(pw) => {
+                let shape = pw.info(key).map(|i| i.shape).unwrap_or_default();
+                if shape != expected {
+                    return Err(shape_mismatch(&shape));
+                }
+                Ok(pw.load(key, device)?.to_dtype(dtype)?)
+            }
         }
-        Ok(st.load(key, device)?.to_dtype(dtype)?)
     }
 
     /// Loads `key` as stored (no shape check), converted to `dtype`.
@@ -187,7 +271,10 @@ impl Weights {
                 expected: vec![],
             });
         };
-        Ok(self.files[i].1.load(key, device)?.to_dtype(dtype)?)
+        match &self.files[i].1 {
+            Source::Safetensors(st) => Ok(st.load(key, device)?.to_dtype(dtype)?),
+            Source::Pickle(pw) => Ok(pw.load(key, device)?.to_dtype(dtype)?),
+        }
     }
 
     /// A candle `VarBuilder` over these weights; lookups go through [`Weights::load`], so a

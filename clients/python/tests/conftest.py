@@ -28,6 +28,8 @@ PRIOR = FIXTURES / "tiny" / "kandinsky-2-2-prior"
 DECODER = FIXTURES / "deep" / "kandinsky-2-2-decoder"
 INPAINT_DECODER = FIXTURES / "tiny" / "kandinsky-2-2-decoder-inpaint"
 CONTROLNET_DECODER = FIXTURES / "tiny" / "kandinsky-2-2-controlnet-depth"
+#: An aMUSEd folder is a whole model: `kd up` runs it without a prior.
+AMUSED = FIXTURES / "tiny" / "amused-256"
 READY = "kandinsky-serve is up"
 
 #: Small and fast: what every test asks unless it tests the parameter itself.
@@ -162,6 +164,12 @@ def inpaint_stack() -> Iterator[Stack]:
 def controlnet_stack() -> Iterator[Stack]:
     """`kd up` with the ControlNet (depth) decoder."""
     yield from _stack("controlnet", CONTROLNET_DECODER)
+
+
+@pytest.fixture(scope="session")
+def amused_stack() -> Iterator[Stack]:
+    """`kd up` with the aMUSEd folder (text encoder, token generator, VQ-GAN; no prior)."""
+    yield from _stack("amused", AMUSED)
 
 
 @pytest.fixture(scope="session")

@@ -404,6 +404,8 @@ class Client:
         scheduler: Union[str, int, None] = None,
         timesteps: Optional[Sequence[int]] = None,
         quality: Union[str, int, None] = None,
+        temperature: Optional[Sequence[float]] = None,
+        aesthetic_score: Optional[float] = None,
         image: Optional[ImageInput] = None,
         strength: Optional[float] = None,
         mask: Optional[ImageInput] = None,
@@ -433,7 +435,9 @@ class Client:
         give the same bytes. ``scheduler``: ``"ddpm"``, ``"ddim"``, ``"dpm_solver_pp"``,
         ``"lcm"``, ``"tcd"``. ``quality``: ``"draft"``, ``"balanced"``, ``"best"``.
         ``output_format``: ``"png"`` (default), ``"jpeg"``, ``"webp"`` with ``output_quality``
-        1..100. ``timeout``: seconds, the call's gRPC deadline.
+        1..100. ``timeout``: seconds, the call's gRPC deadline. aMUSEd models only:
+        ``temperature=(start, end)`` (the token sampling temperature of the first and last step,
+        default ``(2, 0)``) and ``aesthetic_score`` (micro-conditioning, default 6).
 
         Raises a :class:`~kandinsky_serve.KandinskyError` subclass on failure, e.g.
         :class:`~kandinsky_serve.InvalidArgument` naming the field.
@@ -495,6 +499,8 @@ class Client:
         scheduler: Union[str, int, None] = None,
         timesteps: Optional[Sequence[int]] = None,
         quality: Union[str, int, None] = None,
+        temperature: Optional[Sequence[float]] = None,
+        aesthetic_score: Optional[float] = None,
         image: Optional[ImageInput] = None,
         strength: Optional[float] = None,
         mask: Optional[ImageInput] = None,
@@ -532,6 +538,23 @@ class Client:
             _set_list(req.decoder.timesteps, list(timesteps), "decoder.timesteps")
         if quality is not None:
             req.quality = enum_number(gateway_pb2.Quality.DESCRIPTOR, quality, "quality")
+        if temperature is not None:
+            pair = list(temperature)
+            if len(pair) != 2:
+                raise _bad(
+                    "decoder.masked_tokens.temperature_start",
+                    f"{temperature!r}; allowed: a (start, end) pair",
+                )
+            masked = req.decoder.masked_tokens
+            _set(masked, "temperature_start", pair[0], "decoder.masked_tokens.temperature_start")
+            _set(masked, "temperature_end", pair[1], "decoder.masked_tokens.temperature_end")
+        if aesthetic_score is not None:
+            _set(
+                req.decoder.masked_tokens,
+                "aesthetic_score",
+                aesthetic_score,
+                "decoder.masked_tokens.aesthetic_score",
+            )
         if output_format is not None:
             req.output.format = enum_number(
                 common_pb2.ImageFormat.DESCRIPTOR, output_format, "output.format"

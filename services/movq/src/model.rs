@@ -58,14 +58,26 @@ impl Movq {
             attention_chunk: config.attention_chunk,
             ..MovqOptions::default()
         };
-        let vq = VqModel::load(&component, opts, config.stage.dtype, &device)?;
+        // `force_upcast` (aMUSEd's VQ-GAN: its fp16 decode overflows to NaN, as the model card
+        // warns) runs the autoencoder in f32 whatever --dtype says, as diffusers' pipelines do.
+        let cfg = component.vq_config()?;
+        let dtype = if cfg.force_upcast && config.stage.dtype != DType::F32 {
+            tracing::info!(
+                requested = ?config.stage.dtype,
+                "the VQ model's config says force_upcast: running it in f32"
+            );
+            DType::F32
+        } else {
+            config.stage.dtype
+        };
+        let vq = VqModel::load(&component, opts, dtype, &device)?;
         if tokens && !vq.config().lookup_from_codebook {
             return Err(ServiceError::Internal(format!(
                 "{}: an aMUSEd VQ-GAN must decode token maps (lookup_from_codebook: true)",
                 dir.root().join(name).join("config.json").display()
             )));
         }
-        let info = model_info(&dir, name, &[name], config.stage.dtype, &device)?;
+        let info = model_info(&dir, name, &[name], dtype, &device)?;
         let mut m = Self {
             vq,
             tokens,

@@ -534,3 +534,15 @@ async fn what_is_not_a_token_map_is_refused_naming_latents() {
     );
     srv.shutdown().await.unwrap();
 }
+
+/// The VQ-GAN's config says `force_upcast`: it runs in f32 whatever `--dtype` asks (its fp16
+/// decode overflows), as diffusers' pipelines upcast it.
+#[tokio::test]
+async fn force_upcast_runs_the_vq_gan_in_f32() {
+    let config =
+        <Config as clap::Parser>::parse_from(stage_args("kd-movq", &amused(), &["--dtype=f16"]));
+    let srv = TestServer::spawn(|l, s| run_with_listeners(config, l, s)).await;
+    wait_serving(&srv, "kandinsky.v1.Movq", Duration::from_secs(120)).await;
+    let info = stage_info(srv.channel().await).await.unwrap();
+    assert_eq!(info.dtype, v1::DType::DtypeF32 as i32, "{info:?}");
+}

@@ -12,15 +12,20 @@ the FLOPs of one forward are counted with `torch.utils.flop_counter` (a multiply
   model is trained on 256x256 images, downsampling and upsampling layers are added").
 
 Prints one line per model part and the per-image totals for 12 steps with classifier-free
-guidance (two transformer rows per step). Never run by CI.
+guidance (two transformer rows per step), then, for comparison, a Kandinsky 2.2 image at the
+same sizes with the real configs of `tools/gpu/make_checkpoint.py` (text tower, prior 25 steps,
+UNet 50 steps, both with classifier-free guidance, MoVQ decode). Never run by CI.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusers import UVit2DModel, VQModel
+from diffusers import PriorTransformer, UNet2DConditionModel, UVit2DModel, VQModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 VQ = dict(act_fn="silu", block_out_channels=[128, 256, 256, 512, 768],
@@ -72,5 +77,39 @@ def main() -> None:
               f"all params {(params(t) + params(vq) + params(clip)) / 1e6:8.1f} M")
 
 
+@torch.no_grad()
+def kandinsky22() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
+    import make_checkpoint as mc  # the real Kandinsky 2.2 configs
+
+    dev = torch.device("meta")
+    with dev:
+        unet = UNet2DConditionModel(**mc.UNET_FULL).eval()
+        movq = VQModel(**mc.MOVQ_FULL).eval()
+        prior = PriorTransformer(**mc.PRIOR_FULL).eval()
+        text = CLIPTextModelWithProjection(CLIPTextConfig(**mc.TEXT_FULL)).eval()
+    ids = torch.zeros((1, 77), dtype=torch.long, device=dev)
+    f_text = flops(lambda: text(ids))
+    emb = torch.zeros((2, 1280), device=dev)
+    f_prior = flops(lambda: prior(emb, torch.tensor([1, 1], device=dev), proj_embedding=emb,
+                                  encoder_hidden_states=torch.zeros((2, 77, 1280), device=dev),
+                                  attention_mask=torch.ones((2, 77), dtype=torch.bool, device=dev)))
+    total_p = params(unet) + params(movq) + params(prior) + params(text)
+    print(f"kandinsky-2-2  params {total_p / 1e6:8.1f} M (unet {params(unet) / 1e6:.1f}, movq "
+          f"{params(movq) / 1e6:.1f}, prior {params(prior) / 1e6:.1f}, text {params(text) / 1e6:.1f})")
+    for side in (256, 512):
+        lat = side // 8
+        x = torch.zeros((2, 4, lat, lat), device=dev)
+        f_unet = flops(lambda: unet(x, torch.tensor([1, 1], device=dev), encoder_hidden_states=None,
+                                    added_cond_kwargs={"image_embeds": emb}))
+        z = torch.zeros((1, 4, lat, lat), device=dev)
+        f_movq = flops(lambda: movq.decode(z, force_not_quantize=True))
+        total = 2 * f_text + 25 * f_prior + 50 * f_unet + f_movq
+        print(f"kandinsky-2-2  {side}x{side}: one CFG UNet step {f_unet / 1e9:8.1f} GFLOP; prior step "
+              f"{f_prior / 1e9:6.1f} GFLOP; MoVQ decode {f_movq / 1e9:8.1f} GFLOP; image (2 prompts + "
+              f"25 prior + 50 UNet steps + decode) {total / 1e12:6.2f} TFLOP")
+
+
 if __name__ == "__main__":
     main()
+    kandinsky22()

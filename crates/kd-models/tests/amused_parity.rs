@@ -137,6 +137,8 @@ fn vq_gan_decodes_indices_and_encodes_to_indices_as_diffusers() {
         let decoded = vq
             .decode_indices(get(&refs, "indices"), &interrupt::never)
             .unwrap();
+        let err = kd_testkit::parity::rel_l2(&decoded, get(&refs, "decoded")).unwrap();
+        eprintln!("{group} VQ decode from indices: rel L2 {err:e}");
         assert_close(
             &format!("{group} decode"),
             &decoded,
@@ -308,6 +310,8 @@ fn run_pipeline(group: &str, ckpt: &str, case: &str) {
         get(&refs, "tokens"),
     );
     let image = pipe.decode(&tokens).unwrap().permute((0, 2, 3, 1)).unwrap();
+    let err = kd_testkit::parity::rel_l2(&image, get(&refs, "image")).unwrap();
+    eprintln!("{group} {case}: tokens identical, image rel L2 {err:e}");
     assert_close(
         &format!("{group} {case} image"),
         &image,

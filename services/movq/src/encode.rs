@@ -142,6 +142,56 @@ fn check_pixels(m: &Movq, t: &v1::Tensor) -> Result<Tensor, ServiceError> {
     Ok(x.to_dtype(DType::F32)?)
 }
 
+/// Each request image with its repaint mask: the client's mask (inpaint), the outpainting
+/// canvas and its margins mask (outpaint), or none (image-to-image). `same_size`: a client mask
+/// must have its image's size (aMUSEd resizes the two separately).
+fn images_and_masks(
+    images: &[Vec<u8>],
+    masks: &[Vec<u8>],
+    outpaint: Option<Margins>,
+    (h, w): (usize, usize),
+    same_size: bool,
+) -> Result<Vec<(RgbImage, Option<MaskImage>)>, ServiceError> {
+    images
+        .iter()
+        .enumerate()
+        .map(|(i, bytes)| {
+            let img = decode_image(bytes)?;
+            Ok(match (masks.get(i), outpaint) {
+                (Some(mask_bytes), _) => {
+                    let mask = decode_mask(mask_bytes)?;
+                    if same_size && mask.dimensions() != img.dimensions() {
+                        let ((mw, mh), (iw, ih)) = (mask.dimensions(), img.dimensions());
+                        return Err(ServiceError::invalid(
+                            "mask_image",
+                            format!(
+                                "mask is {mw}×{mh} (width×height) but the image is {iw}×{ih}; \
+                                 they must have the same size"
+                            ),
+                        ));
+                    }
+                    (img, Some(mask))
+                }
+                (None, Some(margins)) => {
+                    let (canvas, mask) = outpaint_canvas(&img, w as u32, h as u32, margins)?;
+                    (canvas, Some(MaskImage::Luma(mask)))
+                }
+                (None, None) => (img, None),
+            })
+        })
+        .collect()
+}
+
+/// Stacks per-image tensors, and the masks when there are any.
+fn stack(px: Vec<Tensor>, repaint: Vec<Tensor>) -> Result<(Tensor, Option<Tensor>), ServiceError> {
+    let mask = if repaint.is_empty() {
+        None
+    } else {
+        Some(Tensor::cat(&repaint, 0)?)
+    };
+    Ok((Tensor::cat(&px, 0)?, mask))
+}
+
 /// Decodes and pre-processes the images (as diffusers' img2img / inpaint pipelines do); with
 /// masks, also the repaint masks (1 = repaint), as the denoiser takes them.
 fn preprocess(
@@ -150,18 +200,8 @@ fn preprocess(
     outpaint: Option<Margins>,
     (h, w, sf): (usize, usize, usize),
 ) -> Result<(Tensor, Option<Tensor>), ServiceError> {
-    let mut px = Vec::with_capacity(images.len());
-    let mut repaint = Vec::with_capacity(images.len());
-    for (i, bytes) in images.iter().enumerate() {
-        let img = decode_image(bytes)?;
-        let (img, mask) = match (masks.get(i), outpaint) {
-            (Some(mask_bytes), _) => (img, Some(decode_mask(mask_bytes)?)),
-            (None, Some(margins)) => {
-                let (canvas, mask) = outpaint_canvas(&img, w as u32, h as u32, margins)?;
-                (canvas, Some(MaskImage::Luma(mask)))
-            }
-            (None, None) => (img, None),
-        };
+    let (mut px, mut repaint) = (Vec::new(), Vec::new());
+    for (img, mask) in images_and_masks(images, masks, outpaint, (h, w), false)? {
         match mask {
             Some(mask) => {
                 let (keep, x) = preprocess_inpaint(&img, &mask, h, w, sf)?;
@@ -171,12 +211,7 @@ fn preprocess(
             None => px.push(preprocess_img2img(&img, h, w, sf)?),
         }
     }
-    let mask = if repaint.is_empty() {
-        None
-    } else {
-        Some(Tensor::cat(&repaint, 0)?)
-    };
-    Ok((Tensor::cat(&px, 0)?, mask))
+    stack(px, repaint)
 }
 
 /// [`preprocess`] for an aMUSEd VQ-GAN, as its pipelines' `VaeImageProcessor(do_normalize=False)`
@@ -192,42 +227,14 @@ fn preprocess_tokens(
     outpaint: Option<Margins>,
     (h, w, sf): (usize, usize, usize),
 ) -> Result<(Tensor, Option<Tensor>), ServiceError> {
-    let mut px = Vec::with_capacity(images.len());
-    let mut repaint = Vec::with_capacity(images.len());
-    for (i, bytes) in images.iter().enumerate() {
-        let img = decode_image(bytes)?;
-        let (img, mask) = match (masks.get(i), outpaint) {
-            (Some(mask_bytes), _) => {
-                let mask = decode_mask(mask_bytes)?;
-                if mask.dimensions() != img.dimensions() {
-                    let ((mw, mh), (iw, ih)) = (mask.dimensions(), img.dimensions());
-                    return Err(ServiceError::invalid(
-                        "mask_image",
-                        format!(
-                            "mask is {mw}×{mh} (width×height) but the image is {iw}×{ih}; they \
-                             must have the same size"
-                        ),
-                    ));
-                }
-                (img, Some(mask))
-            }
-            (None, Some(margins)) => {
-                let (canvas, mask) = outpaint_canvas(&img, w as u32, h as u32, margins)?;
-                (canvas, Some(MaskImage::Luma(mask)))
-            }
-            (None, None) => (img, None),
-        };
+    let (mut px, mut repaint) = (Vec::new(), Vec::new());
+    for (img, mask) in images_and_masks(images, masks, outpaint, (h, w), true)? {
         if let Some(mask) = mask {
             repaint.push(token_mask(&mask, h / sf, w / sf)?);
         }
         px.push(unit_pixels(&img, h, w)?);
     }
-    let mask = if repaint.is_empty() {
-        None
-    } else {
-        Some(Tensor::cat(&repaint, 0)?)
-    };
-    Ok((Tensor::cat(&px, 0)?, mask))
+    stack(px, repaint)
 }
 
 /// `image` resized (Pillow LANCZOS) to `w` × `h` as (1, 3, h, w) f32 `u8 / 255`.

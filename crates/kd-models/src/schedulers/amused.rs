@@ -23,6 +23,7 @@
 
 use crate::error::{ModelError, Result};
 use crate::noise::NoiseSource;
+use crate::schedulers::betas::linspace_f32;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use std::path::Path;
@@ -90,25 +91,6 @@ impl MaskingSchedule {
     }
 }
 
-/// `torch.linspace(start, end, n)` in float32 (torch fills the first half from `start` and the
-/// second from `end`).
-pub fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
-    if n == 1 {
-        return vec![start];
-    }
-    let step = (end - start) / (n - 1) as f32;
-    let half = n / 2;
-    (0..n)
-        .map(|i| {
-            if i < half {
-                start + step * i as f32
-            } else {
-                end - step * (n - 1 - i) as f32
-            }
-        })
-        .collect()
-}
-
 /// The result of one step.
 #[derive(Debug, Clone)]
 pub struct AmusedStep {
@@ -149,7 +131,7 @@ impl AmusedScheduler {
         Ok(Self {
             mask_token_id,
             schedule,
-            temperatures: linspace_f32(temperature.0, temperature.1, steps),
+            temperatures: linspace_f32(temperature.0.into(), temperature.1.into(), steps),
         })
     }
 

@@ -9,6 +9,7 @@ pub mod decoder;
 pub mod error;
 pub mod image;
 pub mod interrupt;
+pub mod kl;
 pub mod mclip;
 pub mod movq;
 pub mod noise;

@@ -55,12 +55,14 @@ fixtures: $(PYTHON_REF)
 	$(PYTHON_REF) tools/reference/gen_fewstep.py
 	$(PYTHON_REF) tools/reference/gen_amused.py
 	$(PYTHON_REF) tools/reference/gen_pickles.py
+	$(PYTHON_REF) tools/reference/gen_kd20.py
 	$(PYTHON_REF) tools/reference/gen_kd20_vae.py
 	$(PYTHON_REF) tools/reference/dedupe_fixtures.py
 
 $(PYTHON_REF):
 	python3 -m venv tools/reference/.venv
 	tools/reference/.venv/bin/pip install -q -r tools/reference/requirements.txt
+	tools/reference/.venv/bin/pip install -q --no-deps -e ../shared/reference/kandinsky2-src
 
 ## bench: speed and memory benchmarks (release build)
 bench:

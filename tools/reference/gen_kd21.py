@@ -258,7 +258,9 @@ def build_decoder_checkpoints(tok) -> None:
     unet = build_unet(UNET21, 2200)
     unet_inpaint = build_unet(UNET21_INPAINT, 2300)
     for path, cls, u in ((CK_DEC, KandinskyPipeline, unet), (CK_INPAINT, KandinskyInpaintPipeline, unet_inpaint)):
-        pipe = cls(text_encoder=mclip, tokenizer=tok, unet=u, scheduler=DDIMScheduler(**DDIM21), movq=movq)
+        # The UNets are stored in fp16 (half the bytes; the references use the reloaded values).
+        pipe = cls(text_encoder=mclip, tokenizer=tok, unet=u.to(torch.float16), scheduler=DDIMScheduler(**DDIM21),
+                   movq=movq)
         pipe.save_pretrained(str(path), safe_serialization=True)
         # The hub folder ships the SentencePiece model next to tokenizer.json.
         shutil.copy(TOK_MODEL, path / "tokenizer" / "sentencepiece.bpe.model")

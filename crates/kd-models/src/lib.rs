@@ -9,6 +9,7 @@ pub mod decoder;
 pub mod error;
 pub mod image;
 pub mod interrupt;
+pub mod kd20;
 pub mod kl;
 pub mod mclip;
 pub mod movq;

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_EACH=${FUZZ_SECONDS:-60}
-TARGETS=(wire_tensor generate_request image_decode tokenize pickle_weights)
+TARGETS=(wire_tensor generate_request image_decode tokenize pickle_weights spm_model)
 
 rustup run nightly rustc --version >/dev/null 2>&1 \
   || { echo "fuzz: the nightly toolchain is missing (rustup toolchain install nightly)" >&2; exit 2; }

@@ -528,3 +528,32 @@ fn out_of_vocabulary_ids_are_rejected() {
     let zero = Tensor::new(&[[0i64, 0]], &Device::Cpu).unwrap();
     assert!(mt5.forward(&ids.clamp(0i64, 5i64).unwrap(), &zero).is_err());
 }
+
+/// A charsmap whose header claims more trie bytes than it holds is refused before the
+/// `tokenizers` parser reserves them (found by the `spm_model` fuzz target: a 2-byte claim of
+/// 8 GiB).
+#[test]
+fn a_charsmap_claiming_more_than_it_holds_is_refused() {
+    use kd_models::kd20::{Mt5Tokenizer, SpmModel, T5SpecialTokens};
+    let dir = kd_testkit::fixtures_dir().join("kd20/text_encoder2");
+    let path = dir.join("spiece.model");
+    let mut model = SpmModel::from_file(&path).unwrap();
+    let special = T5SpecialTokens::from_dir(&dir).unwrap();
+    for charsmap in [
+        vec![0xf0, 0xff, 0xff, 0xff, 1, 2, 3, 4],
+        vec![7, 0, 0, 0],
+        vec![1, 2],
+    ] {
+        model.normalizer_spec.precompiled_charsmap = charsmap;
+        let err = Mt5Tokenizer::new(&model, &special, &path)
+            .unwrap_err()
+            .to_string();
+        // Refused by the header check (the parser's own error would say "Cannot parse").
+        assert!(
+            err.contains("precompiled_charsmap")
+                && err.contains("spiece.model")
+                && (err.contains("claims") || err.contains("header") || err.contains("outside")),
+            "{err}"
+        );
+    }
+}

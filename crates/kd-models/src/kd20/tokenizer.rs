@@ -120,6 +120,67 @@ fn tok_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
     }
 }
 
+/// Checks a `precompiled_charsmap` before the `tokenizers` crate uses it: its parser reserves
+/// what the header claims, and its double-array lookups index without bounds checks. The layout
+/// is a little-endian u32 byte length of the trie, the trie's u32 units, then the normalised
+/// strings (NUL-separated UTF-8). Accepted when the trie fits the bytes and every lookup the
+/// trie can make stays inside it: from any unit `p` that is not a value unit, the children
+/// `p ^ offset(p) ^ c` for every byte `c`, and every leaf's string offset is a character
+/// boundary of the strings. Real
+/// SentencePiece tries (darts-clone, allocated in blocks of 256 units) satisfy this.
+fn check_charsmap(charsmap: &[u8]) -> std::result::Result<(), String> {
+    let field = "normalizer_spec.precompiled_charsmap";
+    let claimed = charsmap
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or(format!("{field}: shorter than its 4-byte header"))?;
+    if !claimed.is_multiple_of(4) || claimed > charsmap.len() - 4 {
+        return Err(format!(
+            "{field}: its trie claims {claimed} bytes of {} (a multiple of 4 within the charsmap \
+             is allowed)",
+            charsmap.len() - 4
+        ));
+    }
+    let units: Vec<usize> = charsmap[4..4 + claimed]
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .collect();
+    let strings = std::str::from_utf8(&charsmap[4 + claimed..])
+        .map_err(|_| format!("{field}: its normalised strings are not UTF-8"))?;
+    if units.is_empty() {
+        return Err(format!("{field}: an empty trie"));
+    }
+    // The unit encoding of darts-clone (as `spm_precompiled` reads it).
+    let offset = |u: usize| (u >> 10) << ((u & (1 << 9)) >> 6);
+    let has_leaf = |u: usize| (u >> 8) & 1 == 1;
+    let value = |u: usize| u & ((1 << 31) - 1);
+    // Value units (bit 31) hold a leaf's string offset; no lookup continues from them (their
+    // label never matches a byte) — except the root, which every lookup starts from.
+    let is_value = |u: usize| u & (1 << 31) != 0;
+    for (p, &u) in units
+        .iter()
+        .enumerate()
+        .filter(|&(p, &u)| p == 0 || !is_value(u))
+    {
+        let base = p ^ offset(u);
+        if base | 0xFF >= units.len() {
+            return Err(format!(
+                "{field}: trie unit {p} points outside the trie ({} units)",
+                units.len()
+            ));
+        }
+        if has_leaf(u) {
+            let v = value(units[base]);
+            if v > strings.len() || !strings.is_char_boundary(v) {
+                return Err(format!(
+                    "{field}: trie unit {p} names string offset {v}, outside the strings"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Builds the `tokenizers` pipeline transformers makes of a T5 SentencePiece model (unpadded,
 /// untruncated). `path` names the model file in errors.
 pub fn t5_tokenizer_from_spm(
@@ -162,6 +223,7 @@ pub fn t5_tokenizer_from_spm(
     let mut tok = Tokenizer::new(unigram);
     let charsmap = &model.normalizer_spec.precompiled_charsmap;
     if !charsmap.is_empty() {
+        check_charsmap(charsmap).map_err(|e| tok_err(path, e))?;
         let pre = Precompiled::from(charsmap)
             .map_err(|e| tok_err(path, format!("normalizer_spec.precompiled_charsmap: {e}")))?;
         tok.with_normalizer(Some(pre))

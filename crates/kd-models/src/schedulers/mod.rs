@@ -12,6 +12,7 @@ pub mod consistency;
 pub mod ddim;
 pub mod ddpm;
 pub mod dpm_solver;
+pub mod guided;
 
 use crate::config::SchedulerConfig;
 use crate::error::{ModelError, Result};

@@ -13,8 +13,10 @@ pub mod mt5;
 pub mod spm;
 pub mod text;
 pub mod tokenizer;
+pub mod unet;
 
 pub use mt5::{Mt5Config, Mt5Encoder, Mt5Output};
 pub use spm::SpmModel;
 pub use text::{Kd20TextConditioning, Kd20TextEncoders, Kd20Tokens};
 pub use tokenizer::{Mt5Tokenizer, T5SpecialTokens};
+pub use unet::{Kd20TextEmb, Kd20UnetConfig, Kd20UnetText, Text2ImUNet};

@@ -59,6 +59,7 @@ fixtures: $(PYTHON_REF)
 	$(PYTHON_REF) tools/reference/gen_kd20_vae.py
 	$(PYTHON_REF) tools/reference/gen_kd20_sampling.py
 	$(PYTHON_REF) tools/reference/gen_kd20_unet.py
+	$(PYTHON_REF) tools/reference/gen_kd20_pipeline.py
 	$(PYTHON_REF) tools/reference/dedupe_fixtures.py
 
 $(PYTHON_REF):

@@ -7,15 +7,19 @@
 //!   run as `Kandinsky2.encode_text` runs them: [`Kd20TextEncoders`].
 //! * [`mt5`]: the mT5 encoder with attention mask and T5 relative-position buckets.
 //! * [`tokenizer`]: the mT5 tokenizer built from `spiece.model` as transformers converts it.
+//! * [`pipeline`]: `Kandinsky2` from the official folder and `generate_text2img`:
+//!   [`Kd20Pipeline`].
 //! * [`spm`]: a dependency-free reader of SentencePiece model files (protobuf `ModelProto`).
 
 pub mod mt5;
+pub mod pipeline;
 pub mod spm;
 pub mod text;
 pub mod tokenizer;
 pub mod unet;
 
 pub use mt5::{Mt5Config, Mt5Encoder, Mt5Output};
+pub use pipeline::{Kd20Images, Kd20Pipeline, Kd20Text2Img};
 pub use spm::SpmModel;
 pub use text::{Kd20TextConditioning, Kd20TextEncoders, Kd20Tokens};
 pub use tokenizer::{Mt5Tokenizer, T5SpecialTokens};

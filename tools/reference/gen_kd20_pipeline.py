@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Kandinsky 2.0 end-to-end pipeline fixture: the OFFICIAL `Kandinsky2` object.
+
+Writes, under `tests/fixtures/kd20/` (next to the text encoders of gen_kd20.py, which it reads):
+
+* `Kandinsky-2-0.pt`: a tiny `Text2ImUNet` state dict (fp16, official key names), built as
+  gen_kd20_unet.py builds its model (GroupNorm at 4 groups, the hard-coded mT5 width 512 turned
+  into the fixture mT5's 32) but with the widths of the fixture text encoders:
+  `text_encoder_in_dim1` 32 (XLM-R hidden), `text_encoder_in_dim2` 24 (the M-CLIP projection),
+  image_size 16, in 4 / out 8 channels.
+* `unet.json`: the `model_config` keys + the non-upstream `norm_num_groups` / `text_encoder2_dim`.
+* `vae.ckpt` + `vae.json`: a tiny official `AutoencoderKL` (`{"state_dict": fp16}`), GroupNorm at
+  2 groups as gen_kd20_vae.py, but ch_mult [1, 2, 2, 2] (a scale factor of 8 as the real 2.0 VAE:
+  `get_new_h_w` hard-codes 64 pixels -> 8 latents); `vae.json` is the `image_enc_params` entry.
+* `reference/pipeline.safetensors` + `reference/pipeline.json`: per case `<case>.noise.<i>`
+  (every `torch.randn` / `randn_like` draw of the run, in order, rounded to f16 at the source so
+  the replay is exact), `<case>.images` (f32 (B, 3, h, w): `generate_img`'s crop, just before
+  `process_images`) and `<case>.uint8` ((B, h, w, 3), `process_images`' arrays).
+
+The references come from `Kandinsky2(config, "Kandinsky-2-0.pt", "cpu")` itself (its `__init__`
+reads the tokenizers, text encoders, VAE and UNet from these files) and `generate_text2img` (img2img is
+not covered: `generate_img2img` resizes the init image to 512x512 and samples 512x512 images). Run through `make fixtures` (needs tools/reference/.venv); CI never runs it.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.machinery
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import gen_kd20_sampling as gs  # noqa: E402
+import gen_kd20_unet as gu  # noqa: E402
+import gen_kd20_vae as gv  # noqa: E402
+from common import FIXTURES, perturb, save_reference, seed_all, write_json  # noqa: E402
+
+OUT = FIXTURES / "kd20"
+TE1, TE2 = OUT / "text_encoder1", OUT / "text_encoder2"
+BUDGET_BYTES = 500_000
+MT5_DIM = 32
+XLMR_HIDDEN, MCLIP_OUT = 32, 24
+
+MODEL_CONFIG = dict(gu.MODEL_CONFIG, text_encoder_in_dim1=XLMR_HIDDEN, text_encoder_in_dim2=MCLIP_OUT)
+DDCONFIG = dict(gv.DDCONFIG, ch_mult=[1, 2, 2, 2])
+
+CASES = [
+    # name, kind, prompt, kwargs
+    ("p_latin", "text2img", "a red fox in the snow",
+     dict(num_steps=4, batch_size=2, guidance_scale=7, h=64, w=64, sampler="p_sampler")),
+    ("ddim_cyrillic", "text2img", "рыжая лиса на снегу",
+     dict(num_steps=4, batch_size=1, guidance_scale=1, h=40, w=64, sampler="ddim_sampler")),
+]
+
+
+def main() -> None:
+    seed_all(0)
+    _, t2i, mc, configs = gu.import_official()
+    pl = sys.modules.get("pytorch_lightning")
+    if pl is not None and pl.__spec__ is None:  # gu's stand-in: later find_spec calls need a spec
+        pl.__spec__ = importlib.machinery.ModuleSpec("pytorch_lightning", None)
+    _, ae, _ = gv.import_official()
+    k2 = importlib.import_module("kandinsky2.kandinsky2_model")
+    cf = configs
+    utils = sys.modules["kandinsky2.utils"]
+
+    # --- the UNet checkpoint
+    gu.MT5_DIM = MT5_DIM  # read by gu.build at call time
+    assert set(MODEL_CONFIG) == set(configs.CONFIG_2_0["model_config"])
+    torch.manual_seed(4000)
+    model = gu.build(t2i, mc, dict(MODEL_CONFIG))
+    perturb(model, 4001, scale=0.3)
+    sd = {k: v.to(torch.float16).contiguous() for k, v in sorted(model.state_dict().items())}
+    unet_path = OUT / "Kandinsky-2-0.pt"
+    torch.save(sd, unet_path)
+    write_json(OUT / "unet.json", dict(MODEL_CONFIG, norm_num_groups=gu.GROUPS, text_encoder2_dim=MT5_DIM))
+
+    # --- the VAE checkpoint
+    with gv.quiet():
+        vae = ae.AutoencoderKL(ddconfig=dict(DDCONFIG), embed_dim=gv.EMBED_DIM)
+    perturb(vae, seed=4002)
+    vsd = {k: v.detach().to(torch.float16).contiguous() for k, v in vae.state_dict().items()}
+    torch.save({"state_dict": vsd, "global_step": 1}, OUT / "vae.ckpt")
+    scale = float(configs.CONFIG_2_0["image_enc_params"]["scale"])
+    write_json(OUT / "vae.json", {
+        "name": "AutoencoderKL", "scale": scale,
+        "params": {"embed_dim": gv.EMBED_DIM, "ddconfig": {**DDCONFIG, "norm_num_groups": gv.GROUPS}},
+    })
+
+    # --- the official object
+    config = copy.deepcopy(cf.CONFIG_2_0)
+    config["tokenizer_name1"], config["tokenizer_name2"] = str(TE1), str(TE2)
+    config["text_enc_params1"] = {**config["text_enc_params1"], "model_path": str(TE1),
+                                  "in_features": XLMR_HIDDEN, "out_features": MCLIP_OUT}
+    config["text_enc_params2"] = {**config["text_enc_params2"], "model_path": str(TE2)}
+    config["image_enc_params"]["params"] = {"ckpt_path": str(OUT / "vae.ckpt"), "embed_dim": gv.EMBED_DIM,
+                                            "ddconfig": dict(DDCONFIG)}
+    config["model_config"] = dict(MODEL_CONFIG)
+    k2.create_model = lambda **cfg: gu.build(t2i, mc, cfg)  # the 512 -> 32 width patch while building
+    with gv.quiet():
+        m = k2.Kandinsky2(config, str(unet_path), "cpu", task_type="text2img")
+    loaded = m.model.state_dict()
+    assert set(loaded) == set(sd), set(loaded) ^ set(sd)
+    for k, v in sd.items():
+        assert torch.equal(loaded[k], v.float()), k
+    vl = m.image_encoder.state_dict()
+    assert set(vl) == set(vsd), set(vl) ^ set(vsd)
+    for k, v in vsd.items():
+        assert torch.equal(vl[k], v.float()), k
+
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict = {"cases": {}}
+    o_proc = utils.process_images
+    for name, kind, prompt, kw in CASES:
+        captured = {}
+
+        def process_images(batch, _c=captured):
+            _c["images"] = batch.detach().float().clone()
+            return o_proc(batch)
+
+        k2.process_images = process_images
+        try:
+            with gs.official_run() as (drawn, _pct):
+                pil = m.generate_text2img(prompt, progress=False, **kw)
+        finally:
+            k2.process_images = o_proc
+        tensors[f"{name}.images"] = captured["images"]
+        tensors[f"{name}.uint8"] = torch.from_numpy(np.stack([np.asarray(p) for p in pil]))
+        for i, d in enumerate(drawn):
+            tensors[f"{name}.noise.{i}"] = d.half()
+        meta["cases"][name] = dict(kind=kind, prompt=prompt, draws=len(drawn), **kw)
+        print(name, tuple(captured["images"].shape), "draws", len(drawn))
+    meta["shapes"] = {k: list(v.shape) for k, v in sorted(tensors.items())}
+    save_reference(OUT / "reference" / "pipeline", tensors, None)
+    (OUT / "reference" / "pipeline.json").write_text(json.dumps(meta, indent=2, sort_keys=True,
+                                                                ensure_ascii=False) + "\n")
+
+    new = [unet_path, OUT / "unet.json", OUT / "vae.ckpt", OUT / "vae.json",
+           OUT / "reference" / "pipeline.safetensors", OUT / "reference" / "pipeline.json"]
+    total = sum(p.stat().st_size for p in new)
+    print(f"{OUT}: {total} new bytes")
+    assert total <= BUDGET_BYTES, f"{total} bytes > budget {BUDGET_BYTES}"
+
+
+if __name__ == "__main__":
+    main()

@@ -17,9 +17,17 @@ Writes, under `tests/fixtures/kd20/` (next to the text encoders of gen_kd20.py, 
   the replay is exact), `<case>.images` (f32 (B, 3, h, w): `generate_img`'s crop, just before
   `process_images`) and `<case>.uint8` ((B, h, w, 3), `process_images`' arrays).
 
+* `reference/pipeline_img2img.safetensors` + `.json`: `generate_img2img` per IMG2IMG_CASES, same
+  keys plus `init` (the prepared init image of every case, f32 (1, 3, 64, 64) in [-1, 1]). The official
+  `prepare_image` resizes to 512x512 (and the latents then follow the image: `generate_img` is
+  called without h/w, so its 512 crop is a no-op); here ONLY that resize size is patched to 64x64
+  (same bicubic resize, same `/ 127.5 - 1`), everything else is the official call. Draws: the
+  posterior `sample()`, q_sample's `randn_like`, then the sampler's.
+
 The references come from `Kandinsky2(config, "Kandinsky-2-0.pt", "cpu")` itself (its `__init__`
-reads the tokenizers, text encoders, VAE and UNet from these files) and `generate_text2img` (img2img is
-not covered: `generate_img2img` resizes the init image to 512x512 and samples 512x512 images). Run through `make fixtures` (needs tools/reference/.venv); CI never runs it.
+reads the tokenizers, text encoders, VAE and UNet from these files), `generate_text2img` and
+`generate_img2img` (inpainting is not covered: it needs the inpainting UNet). Run through
+`make fixtures` (needs tools/reference/.venv); CI never runs it.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from common import FIXTURES, perturb, save_reference, seed_all, write_json  # no
 
 OUT = FIXTURES / "kd20"
 TE1, TE2 = OUT / "text_encoder1", OUT / "text_encoder2"
-BUDGET_BYTES = 500_000
+BUDGET_BYTES = 750_000
 MT5_DIM = 32
 XLMR_HIDDEN, MCLIP_OUT = 32, 24
 
@@ -57,6 +65,27 @@ CASES = [
     ("ddim_cyrillic", "text2img", "рыжая лиса на снегу",
      dict(num_steps=4, batch_size=1, guidance_scale=1, h=40, w=64, sampler="ddim_sampler")),
 ]
+
+IMG2IMG_CASES = [
+    # name, prompt, kwargs of generate_img2img
+    ("i2i_p", "a red fox in the snow",
+     dict(strength=0.5, num_steps=4, guidance_scale=7, sampler="p_sampler")),
+    ("i2i_ddim", "рыжая лиса на снегу",
+     dict(strength=0.5, num_steps=4, guidance_scale=7, sampler="ddim_sampler")),
+]
+IMG2IMG_SIZE = 64
+
+
+def init_pil():
+    """A deterministic 80x72 RGB init image (smooth gradients + a little texture)."""
+    from PIL import Image
+    y, x = np.mgrid[0:72, 0:80].astype(np.float32)
+    rng = np.random.default_rng(5)
+    r = 255 * x / 79
+    g = 255 * y / 71
+    b = 127.5 + 100 * np.sin(x / 7) * np.cos(y / 5)
+    arr = np.stack([r, g, b], -1) + rng.normal(0, 12, (72, 80, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
 def main() -> None:
@@ -141,8 +170,45 @@ def main() -> None:
     (OUT / "reference" / "pipeline.json").write_text(json.dumps(meta, indent=2, sort_keys=True,
                                                                 ensure_ascii=False) + "\n")
 
+    # --- img2img: the official generate_img2img, prepare_image's resize patched to 64x64
+    o_prep = k2.prepare_image
+    tensors, meta = {}, {"cases": {}, "size": IMG2IMG_SIZE}
+    pil_in = init_pil()
+    for name, prompt, kw in IMG2IMG_CASES:
+        captured = {}
+
+        def process_images(batch, _c=captured):
+            _c["images"] = batch.detach().float().clone()
+            return o_proc(batch)
+
+        def prepare_image(pil_image, _c=captured):
+            img = o_prep(pil_image, w=IMG2IMG_SIZE, h=IMG2IMG_SIZE)
+            _c["init"] = img.detach().float().clone()
+            return img
+
+        k2.process_images, k2.prepare_image = process_images, prepare_image
+        try:
+            with gs.official_run() as (drawn, _pct):
+                pil = m.generate_img2img(prompt, pil_in, progress=False, **kw)
+        finally:
+            k2.process_images, k2.prepare_image = o_proc, o_prep
+        if "init" in tensors:  # one init image for every case
+            assert torch.equal(tensors["init"], captured["init"])
+        tensors["init"] = captured["init"]
+        tensors[f"{name}.images"] = captured["images"]
+        tensors[f"{name}.uint8"] = torch.from_numpy(np.stack([np.asarray(p) for p in pil]))
+        for i, d in enumerate(drawn):
+            tensors[f"{name}.noise.{i}"] = d.half()
+        meta["cases"][name] = dict(prompt=prompt, draws=len(drawn), **kw)
+        print(name, tuple(captured["images"].shape), "draws", len(drawn), [tuple(d.shape) for d in drawn])
+    meta["shapes"] = {k: list(v.shape) for k, v in sorted(tensors.items())}
+    save_reference(OUT / "reference" / "pipeline_img2img", tensors, None)
+    (OUT / "reference" / "pipeline_img2img.json").write_text(json.dumps(meta, indent=2, sort_keys=True,
+                                                                        ensure_ascii=False) + "\n")
+
     new = [unet_path, OUT / "unet.json", OUT / "vae.ckpt", OUT / "vae.json",
-           OUT / "reference" / "pipeline.safetensors", OUT / "reference" / "pipeline.json"]
+           OUT / "reference" / "pipeline.safetensors", OUT / "reference" / "pipeline.json",
+           OUT / "reference" / "pipeline_img2img.safetensors", OUT / "reference" / "pipeline_img2img.json"]
     total = sum(p.stat().st_size for p in new)
     print(f"{OUT}: {total} new bytes")
     assert total <= BUDGET_BYTES, f"{total} bytes > budget {BUDGET_BYTES}"

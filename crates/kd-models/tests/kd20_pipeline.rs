@@ -1,11 +1,12 @@
 //! Kandinsky 2.0 end to end: `Kd20Pipeline` against the OFFICIAL `Kandinsky2` object's
-//! `generate_text2img` on the tiny checkpoint folder `tests/fixtures/kd20/`
-//! (`tools/reference/gen_kd20_pipeline.py`). Every torch draw is replayed in order.
+//! `generate_text2img` / `generate_img2img` on the tiny checkpoint folder `tests/fixtures/kd20/`
+//! (`tools/reference/gen_kd20_pipeline.py`; img2img with `prepare_image`'s resize patched to
+//! 64×64 there). Every torch draw is replayed in order.
 
 use candle_core::{DType, Device, Tensor};
-use kd_models::kd20::pipeline::process_images;
+use kd_models::kd20::pipeline::{process_images, Kd20Img2Img};
 use kd_models::kd20::{Kd20Pipeline, Kd20Text2Img};
-use kd_models::noise::{ReplayNoise, SeededNoise};
+use kd_models::noise::{NoiseSource, ReplayNoise, SeededNoise};
 use kd_models::schedulers::guided::SamplerKind;
 use kd_models::ModelError;
 use kd_testkit::parity::{fixtures_dir, get, load_reference, rel_l2};
@@ -19,6 +20,8 @@ struct Fixture {
     pipe: Kd20Pipeline,
     refs: HashMap<String, Tensor>,
     meta: Value,
+    i2i_refs: HashMap<String, Tensor>,
+    i2i_meta: Value,
 }
 
 fn fx() -> &'static Fixture {
@@ -26,10 +29,14 @@ fn fx() -> &'static Fixture {
     F.get_or_init(|| {
         let dir = fixtures_dir().join("kd20");
         let meta = std::fs::read_to_string(dir.join("reference/pipeline.json")).unwrap();
+        let i2i_meta =
+            std::fs::read_to_string(dir.join("reference/pipeline_img2img.json")).unwrap();
         Fixture {
             pipe: Kd20Pipeline::load(&dir, DType::F32, &Device::Cpu).unwrap(),
             refs: load_reference(dir.join("reference/pipeline.safetensors")).unwrap(),
             meta: serde_json::from_str(&meta).unwrap(),
+            i2i_refs: load_reference(dir.join("reference/pipeline_img2img.safetensors")).unwrap(),
+            i2i_meta: serde_json::from_str(&i2i_meta).unwrap(),
         }
     })
 }
@@ -47,13 +54,17 @@ fn args_of(case: &str) -> Kd20Text2Img {
     }
 }
 
-fn replay(case: &str) -> ReplayNoise {
-    let n = fx().meta["cases"][case]["draws"].as_u64().unwrap() as usize;
-    ReplayNoise::new((0..n).map(|i| {
-        get(&fx().refs, &format!("{case}.noise.{i}"))
+fn replay_from(refs: &'static HashMap<String, Tensor>, meta: &Value, case: &str) -> ReplayNoise {
+    let n = meta["cases"][case]["draws"].as_u64().unwrap() as usize;
+    ReplayNoise::new((0..n).map(move |i| {
+        get(refs, &format!("{case}.noise.{i}"))
             .to_dtype(DType::F32)
             .unwrap()
     }))
+}
+
+fn replay(case: &str) -> ReplayNoise {
+    replay_from(&fx().refs, &fx().meta, case)
 }
 
 fn check_case(case: &str) {
@@ -61,17 +72,18 @@ fn check_case(case: &str) {
     let mut noise = replay(case);
     let out = fx().pipe.text2img(&args, &mut noise).unwrap();
     assert_eq!(noise.remaining(), 0, "{case}: draws left over");
-    let want = get(&fx().refs, &format!("{case}.images"));
+    compare(&fx().refs, case, &out);
+}
+
+fn compare(refs: &HashMap<String, Tensor>, case: &str, out: &kd_models::kd20::Kd20Images) {
+    let want = get(refs, &format!("{case}.images"));
     let rel = rel_l2(&out.raw, want).unwrap();
-    let want_u8: Vec<u8> = get(&fx().refs, &format!("{case}.uint8"))
+    let want_u8: Vec<u8> = get(refs, &format!("{case}.uint8"))
         .flatten_all()
         .unwrap()
         .to_vec1()
         .unwrap();
-    assert_eq!(
-        out.uint8.dims(),
-        get(&fx().refs, &format!("{case}.uint8")).dims()
-    );
+    assert_eq!(out.uint8.dims(), get(refs, &format!("{case}.uint8")).dims());
     let got_u8: Vec<u8> = out.uint8.flatten_all().unwrap().to_vec1().unwrap();
     let max_diff = got_u8
         .iter()
@@ -96,6 +108,77 @@ fn text2img_p_sampler_matches_official() {
 #[test]
 fn text2img_ddim_cropped_matches_official() {
     check_case("ddim_cyrillic");
+}
+
+fn i2i_args(case: &str) -> Kd20Img2Img {
+    let m = &fx().i2i_meta["cases"][case];
+    Kd20Img2Img {
+        prompt: m["prompt"].as_str().unwrap().to_string(),
+        batch_size: 1,
+        strength: m["strength"].as_f64().unwrap(),
+        num_steps: m["num_steps"].as_u64().unwrap() as usize,
+        guidance_scale: m["guidance_scale"].as_f64().unwrap(),
+        sampler: m["sampler"].as_str().unwrap().parse().unwrap(),
+    }
+}
+
+fn check_i2i(case: &str) {
+    let args = i2i_args(case);
+    let mut noise = replay_from(&fx().i2i_refs, &fx().i2i_meta, case);
+    let init = get(&fx().i2i_refs, "init");
+    let out = fx().pipe.img2img(&args, init, &mut noise).unwrap();
+    assert_eq!(noise.remaining(), 0, "{case}: draws left over");
+    compare(&fx().i2i_refs, case, &out);
+}
+
+#[test]
+fn img2img_p_sampler_matches_official() {
+    check_i2i("i2i_p");
+}
+
+#[test]
+fn img2img_ddim_matches_official() {
+    check_i2i("i2i_ddim");
+}
+
+#[test]
+fn img2img_refuses_bad_strength_and_rows() {
+    let init = get(&fx().i2i_refs, "init");
+    let base = Kd20Img2Img {
+        num_steps: 2,
+        ..Kd20Img2Img::new("x")
+    };
+    let mut noise = SeededNoise::new(&[0]);
+    let args = Kd20Img2Img {
+        strength: 1.0,
+        ..base.clone()
+    };
+    assert_eq!(
+        field(fx().pipe.img2img(&args, init, &mut noise).unwrap_err()),
+        "strength"
+    );
+    let two = Tensor::cat(&[init, init, init], 0).unwrap();
+    let args = Kd20Img2Img {
+        batch_size: 2,
+        ..base.clone()
+    };
+    assert_eq!(
+        field(fx().pipe.img2img(&args, &two, &mut noise).unwrap_err()),
+        "image"
+    );
+    // One init row for two images: both rows sampled, H × W kept. (Not `SeededNoise`: its
+    // draws must all have one batch size, and img2img draws B rows, then 2B.)
+    struct AnyNoise;
+    impl NoiseSource for AnyNoise {
+        fn randn(&mut self, shape: &[usize], device: &Device) -> kd_models::Result<Tensor> {
+            Ok(Tensor::randn(0f32, 1.0, shape, device)?)
+        }
+        fn rand(&mut self, shape: &[usize], device: &Device) -> kd_models::Result<Tensor> {
+            Ok(Tensor::rand(0f32, 1.0, shape, device)?)
+        }
+    }
+    let out = fx().pipe.img2img(&args, init, &mut AnyNoise).unwrap();
+    assert_eq!(out.raw.dims(), &[2, 3, 64, 64]);
 }
 
 #[test]

@@ -17,6 +17,14 @@
 //!   eta 0, PLMS), the first `B` rows kept;
 //! * `image_encoder.decode(samples / scale)`, cropped to `[:h, :w]`, and `process_images`:
 //!   `((x + 1) · 127.5).round().clamp(0, 255)` as `u8`, NHWC (torch rounds half to even).
+//!
+//! [`Kd20Pipeline::img2img`] is `generate_img2img`: the init image is encoded
+//! (`image_encoder.encode(image).sample() · scale`, one draw), noised by `q_sample` to
+//! `timestep_map[start_step − 1]` on the unrespaced linear schedule (one draw), repeated for the
+//! guidance halves and sampled from `init_step = int(num_timesteps · (1 − strength))`. The
+//! official `prepare_image` (bicubic resize to 512×512, `/ 127.5 − 1`) is the caller's: this
+//! takes the prepared tensor, and the latents follow its size (`generate_img` is called without
+//! `h`/`w`, so upstream's 512 crop is a no-op there and is not applied here).
 
 use super::text::Kd20TextEncoders;
 use super::unet::{Kd20UnetConfig, Kd20UnetText, Text2ImUNet};
@@ -24,7 +32,9 @@ use crate::error::{ModelError, Result};
 use crate::interrupt;
 use crate::kl::{AutoencoderKl, KlConfig};
 use crate::noise::NoiseSource;
-use crate::schedulers::guided::{pipeline_diffusion, DiffusionConfig, GenerateImg, SamplerKind};
+use crate::schedulers::guided::{
+    img2img_start, pipeline_diffusion, DiffusionConfig, GaussianDiffusion, GenerateImg, SamplerKind,
+};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
@@ -81,6 +91,34 @@ impl Kd20Text2Img {
             }
         }
         Ok(())
+    }
+}
+
+/// `generate_img2img`'s arguments (defaults: the official ones, see [`Self::new`]).
+#[derive(Debug, Clone)]
+pub struct Kd20Img2Img {
+    pub prompt: String,
+    /// Images for the prompt; the init image has this many rows or one (then repeated first:
+    /// each row gets its own posterior and `q_sample` draws). Upstream always has 1.
+    pub batch_size: usize,
+    /// `start_step = int(num_timesteps · (1 − strength))` must be ≥ 1.
+    pub strength: f64,
+    pub num_steps: usize,
+    pub guidance_scale: f64,
+    pub sampler: SamplerKind,
+}
+
+impl Kd20Img2Img {
+    /// `generate_img2img`'s defaults: strength 0.7, 100 steps, guidance 7, DDIM, 1 image.
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            batch_size: 1,
+            strength: 0.7,
+            num_steps: 100,
+            guidance_scale: 7.0,
+            sampler: SamplerKind::Ddim,
+        }
     }
 }
 
@@ -163,11 +201,97 @@ impl Kd20Pipeline {
     /// `generate_text2img`: every Gaussian draw comes from `noise`, in the official order.
     pub fn text2img(&self, args: &Kd20Text2Img, noise: &mut dyn NoiseSource) -> Result<Kd20Images> {
         args.validate()?;
-        let b = args.batch_size;
         let diffusion = pipeline_diffusion(&self.diffusion, args.sampler, args.num_steps)?;
+        let (lh, lw) = Self::latent_size(args.height, args.width);
+        let gen = GenerateImg {
+            num_steps: args.num_steps,
+            guidance_scale: args.guidance_scale,
+            ..GenerateImg::new(args.sampler, args.batch_size)
+        };
+        let decoded =
+            self.sample_and_decode(&args.prompt, &gen, &diffusion, (lh, lw), None, noise)?;
+        let (_, _, dh, dw) = decoded.dims4()?;
+        let raw = decoded
+            .narrow(2, 0, args.height.min(dh))?
+            .narrow(3, 0, args.width.min(dw))?
+            .contiguous()?;
+        let uint8 = process_images(&raw)?;
+        Ok(Kd20Images { raw, uint8 })
+    }
 
+    /// `generate_img2img` on an already prepared init image (B or 1, 3, H, W) in [-1, 1], H and
+    /// W multiples of the VAE's scale factor (upstream: `prepare_image`'s 512×512, the
+    /// caller's job). Draws, in order: the posterior sample, `q_sample`'s, the sampler's. The
+    /// output is H × W.
+    pub fn img2img(
+        &self,
+        args: &Kd20Img2Img,
+        image: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Kd20Images> {
+        Kd20Text2Img {
+            prompt: args.prompt.clone(),
+            batch_size: args.batch_size,
+            num_steps: args.num_steps,
+            guidance_scale: args.guidance_scale,
+            height: 1,
+            width: 1,
+            sampler: args.sampler,
+        }
+        .validate()?;
+        let (rows, _, _, _) = image.dims4()?;
+        let b = args.batch_size;
+        if rows != 1 && rows != b {
+            return Err(ModelError::invalid(
+                "image",
+                format!("{rows} rows; allowed 1 or batch_size ({b})"),
+            ));
+        }
+        let diffusion = pipeline_diffusion(&self.diffusion, args.sampler, args.num_steps)?;
+        // Checked before any draw (img2img_start checks it again).
+        diffusion.img2img_start_step(args.strength)?;
+        let image = if rows == 1 && b > 1 {
+            image.repeat((b, 1, 1, 1))?
+        } else {
+            image.clone()
+        };
+        let latents = self.vae.encode(&image.to_dtype(self.vae.dtype())?, noise)?;
+        let start = img2img_start(&diffusion, &latents, args.strength, noise)?;
+        let (_, _, lh, lw) = latents.dims4()?;
+        let gen = GenerateImg {
+            num_steps: args.num_steps,
+            guidance_scale: args.guidance_scale,
+            init_step: Some(start.init_step),
+            ..GenerateImg::new(args.sampler, b)
+        };
+        let raw = self
+            .sample_and_decode(
+                &args.prompt,
+                &gen,
+                &diffusion,
+                (lh, lw),
+                Some(&start.x_t),
+                noise,
+            )?
+            .contiguous()?;
+        let uint8 = process_images(&raw)?;
+        Ok(Kd20Images { raw, uint8 })
+    }
+
+    /// `generate_img` up to the decode: text conditioning, guided sampling of `(2B, C, lh, lw)`
+    /// latents (from `x_t` when given), the first `B` rows decoded (f32, uncropped).
+    fn sample_and_decode(
+        &self,
+        prompt: &str,
+        gen: &GenerateImg,
+        diffusion: &GaussianDiffusion,
+        (lh, lw): (usize, usize),
+        x_t: Option<&Tensor>,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
+        let b = gen.batch_size;
         // encode_text: [prompt] * B + [""] * B (cond rows first).
-        let mut rows: Vec<&str> = vec![args.prompt.as_str(); b];
+        let mut rows: Vec<&str> = vec![prompt; b];
         rows.extend(std::iter::repeat_n("", b));
         let cond = self.text.encode(&rows)?;
         let emb = self.unet.text_embedding(&Kd20UnetText {
@@ -180,34 +304,20 @@ impl Kd20Pipeline {
         let mut model = |x: &Tensor, t: &Tensor| {
             unet.forward_with_text_emb(x, t, &emb, None, &interrupt::never)
         };
-
-        let (lh, lw) = Self::latent_size(args.height, args.width);
-        let gen = GenerateImg {
-            num_steps: args.num_steps,
-            guidance_scale: args.guidance_scale,
-            ..GenerateImg::new(args.sampler, b)
-        };
         let c = self.unet.config().in_channels;
         let samples = gen.run(
-            &diffusion,
+            diffusion,
             [c, lh, lw],
-            None,
+            x_t,
             None,
             &mut model,
             noise,
             &self.device,
         )?;
-        let decoded = self
+        Ok(self
             .vae
             .decode(&samples.to_dtype(self.vae.dtype())?)?
-            .to_dtype(DType::F32)?;
-        let (_, _, dh, dw) = decoded.dims4()?;
-        let raw = decoded
-            .narrow(2, 0, args.height.min(dh))?
-            .narrow(3, 0, args.width.min(dw))?
-            .contiguous()?;
-        let uint8 = process_images(&raw)?;
-        Ok(Kd20Images { raw, uint8 })
+            .to_dtype(DType::F32)?)
     }
 }
 

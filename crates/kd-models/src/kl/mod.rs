@@ -40,7 +40,7 @@ use crate::checkpoint::Weights;
 use crate::config::VqModelConfig;
 use crate::error::{ModelError, Result};
 use crate::interrupt::{self, Stop};
-use crate::movq::{Decoder, Encoder, MovqOptions};
+use crate::movq::{check_image, check_latents, Decoder, Encoder, MovqOptions};
 use crate::noise::NoiseSource;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
@@ -208,23 +208,7 @@ impl AutoencoderKl {
     /// [`Self::decode`] asking `stop` between layers ([`ModelError::Interrupted`] when it says
     /// stop).
     pub fn decode_interruptible(&self, latents: &Tensor, stop: Stop) -> Result<Tensor> {
-        let (_, c, h, w) = dims4("latents", latents)?;
-        let e = self.cfg.params.embed_dim;
-        if c != e {
-            return Err(ModelError::invalid(
-                "latents",
-                format!(
-                    "expected {e} channels (B, {e}, h, w), got shape {:?}",
-                    latents.dims()
-                ),
-            ));
-        }
-        if h == 0 || w == 0 {
-            return Err(ModelError::invalid(
-                "latents",
-                format!("latent height and width must be at least 1, got {h}×{w}"),
-            ));
-        }
+        check_latents(latents, self.cfg.params.embed_dim)?;
         let z = latents
             .to_device(&self.device)?
             .to_dtype(DType::F32)?
@@ -238,29 +222,8 @@ impl AutoencoderKl {
     /// `quant_conv(encoder(image))`: the posterior's moments (B, 2·embed_dim, H/sf, W/sf) in
     /// the model's dtype. Same checks as [`Self::encode`].
     pub fn moments(&self, image: &Tensor, stop: Stop) -> Result<Tensor> {
-        let (_, c, h, w) = dims4("image", image)?;
-        let d = &self.cfg.params.ddconfig;
-        let sf = self.scale_factor();
-        if c != d.in_channels {
-            return Err(ModelError::invalid(
-                "image",
-                format!(
-                    "expected {} channels (B, {}, H, W), got shape {:?}",
-                    d.in_channels,
-                    d.in_channels,
-                    image.dims()
-                ),
-            ));
-        }
-        if h == 0 || w == 0 || !h.is_multiple_of(sf) || !w.is_multiple_of(sf) {
-            return Err(ModelError::invalid(
-                "image",
-                format!(
-                    "height and width must be positive multiples of {sf} (the autoencoder's \
-                     scale factor), got {h}×{w}"
-                ),
-            ));
-        }
+        let in_channels = self.cfg.params.ddconfig.in_channels;
+        check_image(image, in_channels, self.scale_factor(), "the autoencoder's")?;
         let x = image.to_device(&self.device)?.to_dtype(self.dtype)?;
         let h = self.encoder.forward(&x, stop)?;
         interrupt::check(stop, "the KL encoder's output")?;
@@ -335,19 +298,6 @@ fn vq_config(cfg: &KlConfig, latent_channels: usize) -> VqModelConfig {
         mid_block_add_attention: true,
         lookup_from_codebook: false,
         ..VqModelConfig::default()
-    }
-}
-
-fn dims4(field: &'static str, t: &Tensor) -> Result<(usize, usize, usize, usize)> {
-    match *t.dims() {
-        [b, c, h, w] if b > 0 => Ok((b, c, h, w)),
-        _ => Err(ModelError::invalid(
-            field,
-            format!(
-                "expected a 4-D tensor (B ≥ 1, C, H, W), got shape {:?}",
-                t.dims()
-            ),
-        )),
     }
 }
 

@@ -167,27 +167,7 @@ impl VqModel {
     /// [`Self::encode`] asking `stop` between layers ([`ModelError::Interrupted`] when it says
     /// stop).
     pub fn encode_interruptible(&self, image: &Tensor, stop: Stop) -> Result<Tensor> {
-        let (_, c, h, w) = dims4("image", image)?;
-        let sf = self.scale_factor();
-        if c != self.cfg.in_channels {
-            return Err(ModelError::invalid(
-                "image",
-                format!(
-                    "expected {} channels (B, {}, H, W), got shape {:?}",
-                    self.cfg.in_channels,
-                    self.cfg.in_channels,
-                    image.dims()
-                ),
-            ));
-        }
-        if h == 0 || w == 0 || !h.is_multiple_of(sf) || !w.is_multiple_of(sf) {
-            return Err(ModelError::invalid(
-                "image",
-                format!(
-                    "height and width must be positive multiples of {sf} (the MoVQ scale factor), got {h}×{w}"
-                ),
-            ));
-        }
+        check_image(image, self.cfg.in_channels, self.scale_factor(), "the MoVQ")?;
         let x = image.to_device(&self.device)?.to_dtype(self.dtype)?;
         let h = self.encoder.forward(&x, stop)?;
         Ok(self.quant_conv.forward(&h)?)
@@ -203,23 +183,7 @@ impl VqModel {
     /// [`Self::decode`] asking `stop` between layers ([`ModelError::Interrupted`] when it says
     /// stop).
     pub fn decode_interruptible(&self, latents: &Tensor, stop: Stop) -> Result<Tensor> {
-        let (_, c, h, w) = dims4("latents", latents)?;
-        let ed = self.cfg.embed_dim();
-        if c != ed {
-            return Err(ModelError::invalid(
-                "latents",
-                format!(
-                    "expected {ed} channels (B, {ed}, h, w), got shape {:?}",
-                    latents.dims()
-                ),
-            ));
-        }
-        if h == 0 || w == 0 {
-            return Err(ModelError::invalid(
-                "latents",
-                format!("latent height and width must be at least 1, got {h}×{w}"),
-            ));
-        }
+        check_latents(latents, self.cfg.embed_dim())?;
         let z = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
         let x = self.post_quant_conv.forward(&z)?;
         let zq = self.cfg.spatial().then_some(&z);
@@ -317,7 +281,52 @@ impl VqModel {
     }
 }
 
-fn dims4(field: &'static str, t: &Tensor) -> Result<(usize, usize, usize, usize)> {
+/// `image` (B ≥ 1, `channels`, H, W) with H and W positive multiples of `sf` (`model` names the
+/// autoencoder in the message, e.g. "the MoVQ").
+pub(crate) fn check_image(image: &Tensor, channels: usize, sf: usize, model: &str) -> Result<()> {
+    let (_, c, h, w) = dims4("image", image)?;
+    if c != channels {
+        return Err(ModelError::invalid(
+            "image",
+            format!(
+                "expected {channels} channels (B, {channels}, H, W), got shape {:?}",
+                image.dims()
+            ),
+        ));
+    }
+    if h == 0 || w == 0 || !h.is_multiple_of(sf) || !w.is_multiple_of(sf) {
+        return Err(ModelError::invalid(
+            "image",
+            format!(
+                "height and width must be positive multiples of {sf} ({model} scale factor), got {h}×{w}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `latents` (B ≥ 1, `channels`, h ≥ 1, w ≥ 1).
+pub(crate) fn check_latents(latents: &Tensor, channels: usize) -> Result<()> {
+    let (_, c, h, w) = dims4("latents", latents)?;
+    if c != channels {
+        return Err(ModelError::invalid(
+            "latents",
+            format!(
+                "expected {channels} channels (B, {channels}, h, w), got shape {:?}",
+                latents.dims()
+            ),
+        ));
+    }
+    if h == 0 || w == 0 {
+        return Err(ModelError::invalid(
+            "latents",
+            format!("latent height and width must be at least 1, got {h}×{w}"),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn dims4(field: &'static str, t: &Tensor) -> Result<(usize, usize, usize, usize)> {
     match *t.dims() {
         [b, c, h, w] if b > 0 => Ok((b, c, h, w)),
         _ => Err(ModelError::invalid(

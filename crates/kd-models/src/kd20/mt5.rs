@@ -436,30 +436,9 @@ impl Mt5Encoder {
     /// Runs the encoder on (B, L) integer `input_ids` and 0/1 `attention_mask` (any integer or
     /// float dtype); every row needs at least one attended token.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Mt5Output> {
-        let (b, l) = input_ids.dims2().map_err(|_| {
-            ModelError::invalid(
-                "input_ids",
-                format!("must be (B, L), got {:?}", input_ids.dims()),
-            )
-        })?;
-        if attention_mask.dims() != [b, l] {
-            return Err(ModelError::invalid(
-                "attention_mask",
-                format!(
-                    "must have the shape of input_ids {:?}, got {:?}",
-                    [b, l],
-                    attention_mask.dims()
-                ),
-            ));
-        }
-        if b == 0 || l == 0 {
-            return Err(ModelError::invalid(
-                "input_ids",
-                "must hold at least one token per row",
-            ));
-        }
+        let (ids, mask) = crate::mclip::model::ids_and_mask(input_ids, attention_mask)?;
+        let (b, l) = (ids.len(), ids[0].len());
         let device = input_ids.device();
-        let ids = input_ids.to_dtype(DType::I64)?.to_vec2::<i64>()?;
         let mut flat_ids = Vec::with_capacity(b * l);
         for row in &ids {
             for &id in row {
@@ -473,21 +452,6 @@ impl Mt5Encoder {
                     ));
                 }
                 flat_ids.push(id as u32);
-            }
-        }
-        let mask = attention_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        for (r, row) in mask.iter().enumerate() {
-            if row.iter().any(|&m| m != 0.0 && m != 1.0) {
-                return Err(ModelError::invalid(
-                    "attention_mask",
-                    format!("row {r} holds values other than 0 and 1"),
-                ));
-            }
-            if !row.contains(&1.0) {
-                return Err(ModelError::invalid(
-                    "attention_mask",
-                    format!("row {r} attends to no token (needs at least one 1)"),
-                ));
             }
         }
         let mask = Tensor::from_vec(mask.concat(), (b, 1, 1, l), device)?;

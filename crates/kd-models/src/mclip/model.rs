@@ -170,46 +170,10 @@ impl MultilingualClip {
         input_ids: &Tensor,
         attention_mask: &Tensor,
     ) -> Result<MultilingualClipOutput> {
-        let (b, l) = input_ids.dims2().map_err(|_| {
-            ModelError::invalid(
-                "input_ids",
-                format!("must be (B, L), got {:?}", input_ids.dims()),
-            )
-        })?;
-        if attention_mask.dims() != [b, l] {
-            return Err(ModelError::invalid(
-                "attention_mask",
-                format!(
-                    "must have the shape of input_ids {:?}, got {:?}",
-                    [b, l],
-                    attention_mask.dims()
-                ),
-            ));
-        }
-        if b == 0 || l == 0 {
-            return Err(ModelError::invalid(
-                "input_ids",
-                "must hold at least one token per row",
-            ));
-        }
+        let (ids, mask) = ids_and_mask(input_ids, attention_mask)?;
+        let (b, l) = (ids.len(), ids[0].len());
         let device = input_ids.device();
-        let ids = input_ids.to_dtype(DType::I64)?.to_vec2::<i64>()?;
-        let mask = attention_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let (ids_u32, positions) = self.ids_and_positions(&ids)?;
-        for (r, row) in mask.iter().enumerate() {
-            if row.iter().any(|&m| m != 0.0 && m != 1.0) {
-                return Err(ModelError::invalid(
-                    "attention_mask",
-                    format!("row {r} holds values other than 0 and 1"),
-                ));
-            }
-            if !row.contains(&1.0) {
-                return Err(ModelError::invalid(
-                    "attention_mask",
-                    format!("row {r} attends to no token (needs at least one 1)"),
-                ));
-            }
-        }
         let flat_mask: Vec<f32> = mask.into_iter().flatten().collect();
         let mask = Tensor::from_vec(flat_mask, (b, l), device)?;
         let ids_t = Tensor::from_vec(ids_u32, (b, l), device)?;
@@ -276,4 +240,51 @@ impl MultilingualClip {
         }
         Ok((out_ids, positions))
     }
+}
+
+/// Token ids and the 0/1 attention mask, one row per prompt.
+pub(crate) type IdRows = (Vec<Vec<i64>>, Vec<Vec<f32>>);
+
+/// Checks (B ≥ 1, L ≥ 1) integer `input_ids` and a 0/1 `attention_mask` of the same shape (any
+/// integer or float dtype) with at least one attended token per row; returns them as rows.
+pub(crate) fn ids_and_mask(input_ids: &Tensor, attention_mask: &Tensor) -> Result<IdRows> {
+    let (b, l) = input_ids.dims2().map_err(|_| {
+        ModelError::invalid(
+            "input_ids",
+            format!("must be (B, L), got {:?}", input_ids.dims()),
+        )
+    })?;
+    if attention_mask.dims() != [b, l] {
+        return Err(ModelError::invalid(
+            "attention_mask",
+            format!(
+                "must have the shape of input_ids {:?}, got {:?}",
+                [b, l],
+                attention_mask.dims()
+            ),
+        ));
+    }
+    if b == 0 || l == 0 {
+        return Err(ModelError::invalid(
+            "input_ids",
+            "must hold at least one token per row",
+        ));
+    }
+    let ids = input_ids.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+    let mask = attention_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    for (r, row) in mask.iter().enumerate() {
+        if row.iter().any(|&m| m != 0.0 && m != 1.0) {
+            return Err(ModelError::invalid(
+                "attention_mask",
+                format!("row {r} holds values other than 0 and 1"),
+            ));
+        }
+        if !row.contains(&1.0) {
+            return Err(ModelError::invalid(
+                "attention_mask",
+                format!("row {r} attends to no token (needs at least one 1)"),
+            ));
+        }
+    }
+    Ok((ids, mask))
 }

@@ -22,37 +22,20 @@ use super::tokenizer::Mt5Tokenizer;
 use crate::checkpoint::{Variant, Weights};
 use crate::config::{read_json, unsupported};
 use crate::error::{ModelError, Result};
+use crate::mclip::config::RawXlmr;
 use crate::mclip::{MClipConfig, MultilingualClip, XlmrBatch, XlmrTokenizer, MAX_LENGTH};
 use candle_core::{DType, Device, Tensor};
-use serde::Deserialize;
 use std::path::Path;
 
 /// The `LinearTransformation` weight that fixes the projection's sizes.
 const PROJECTION_KEY: &str = "LinearTransformation.weight";
-
-#[derive(Debug, Deserialize)]
-struct RawXlmrConfig {
-    model_type: Option<String>,
-    vocab_size: Option<usize>,
-    hidden_size: Option<usize>,
-    num_hidden_layers: Option<usize>,
-    num_attention_heads: Option<usize>,
-    intermediate_size: Option<usize>,
-    hidden_act: Option<String>,
-    max_position_embeddings: Option<usize>,
-    type_vocab_size: Option<usize>,
-    layer_norm_eps: Option<f64>,
-    pad_token_id: Option<u32>,
-    position_embedding_type: Option<String>,
-    is_decoder: Option<bool>,
-}
 
 /// `text_encoder1/config.json`: a plain transformers `XLMRobertaConfig` (what
 /// `AutoConfig.from_pretrained` reads; `model_type` must be `xlm-roberta`), as the XLM-R part of
 /// an [`MClipConfig`] whose projection sizes are still to be set
 /// ([`MClipConfig::transformer_dimensions`] = `hidden_size`, [`MClipConfig::num_dims`] = 0).
 pub fn xlmr_config_from_file(path: &Path) -> Result<MClipConfig> {
-    let raw: RawXlmrConfig = read_json(path)?;
+    let raw: RawXlmr = read_json(path)?;
     match raw.model_type.as_deref() {
         Some("xlm-roberta") => {}
         Some(other) => return Err(unsupported(path, "model_type", other, "\"xlm-roberta\"")),
@@ -63,35 +46,7 @@ pub fn xlmr_config_from_file(path: &Path) -> Result<MClipConfig> {
             })
         }
     }
-    if let Some(pe) = &raw.position_embedding_type {
-        if pe != "absolute" {
-            return Err(unsupported(
-                path,
-                "position_embedding_type",
-                pe,
-                "\"absolute\"",
-            ));
-        }
-    }
-    if raw.is_decoder == Some(true) {
-        return Err(unsupported(path, "is_decoder", true, "false"));
-    }
-    // XLMRobertaConfig's defaults.
-    let hidden_size = raw.hidden_size.unwrap_or(768);
-    Ok(MClipConfig {
-        vocab_size: raw.vocab_size.unwrap_or(30522),
-        hidden_size,
-        num_hidden_layers: raw.num_hidden_layers.unwrap_or(12),
-        num_attention_heads: raw.num_attention_heads.unwrap_or(12),
-        intermediate_size: raw.intermediate_size.unwrap_or(3072),
-        hidden_act: raw.hidden_act.unwrap_or_else(|| "gelu".into()),
-        max_position_embeddings: raw.max_position_embeddings.unwrap_or(512),
-        type_vocab_size: raw.type_vocab_size.unwrap_or(2),
-        layer_norm_eps: raw.layer_norm_eps.unwrap_or(1e-12),
-        pad_token_id: raw.pad_token_id.unwrap_or(1),
-        transformer_dimensions: hidden_size,
-        num_dims: 0,
-    })
+    raw.into_config(path, None, 0)
 }
 
 /// Loads `text_encoder1/` (config + weights): the official `MultilingualCLIP`, its projection

@@ -42,10 +42,10 @@ pub struct MClipConfig {
     pub num_dims: usize,
 }
 
-/// The JSON as stored, before defaults and validation.
+/// The XLM-R keys of a config as stored (transformers' `XLMRobertaConfig`), before defaults.
 #[derive(Debug, Deserialize)]
-struct RawConfig {
-    model_type: Option<String>,
+pub(crate) struct RawXlmr {
+    pub(crate) model_type: Option<String>,
     vocab_size: Option<usize>,
     hidden_size: Option<usize>,
     num_hidden_layers: Option<usize>,
@@ -58,6 +58,54 @@ struct RawConfig {
     pad_token_id: Option<u32>,
     position_embedding_type: Option<String>,
     is_decoder: Option<bool>,
+}
+
+impl RawXlmr {
+    /// An [`MClipConfig`] of these keys with `XLMRobertaConfig`'s defaults and the projection
+    /// sizes given (`transformer_dimensions` `None` = `hidden_size`); refuses relative position
+    /// embeddings and decoders, naming `path`. Not validated.
+    pub(crate) fn into_config(
+        self,
+        path: &Path,
+        transformer_dimensions: Option<usize>,
+        num_dims: usize,
+    ) -> Result<MClipConfig> {
+        if let Some(pe) = &self.position_embedding_type {
+            if pe != "absolute" {
+                return Err(unsupported(
+                    path,
+                    "position_embedding_type",
+                    pe,
+                    "\"absolute\"",
+                ));
+            }
+        }
+        if self.is_decoder == Some(true) {
+            return Err(unsupported(path, "is_decoder", true, "false"));
+        }
+        let hidden_size = self.hidden_size.unwrap_or(768);
+        Ok(MClipConfig {
+            vocab_size: self.vocab_size.unwrap_or(30522),
+            hidden_size,
+            num_hidden_layers: self.num_hidden_layers.unwrap_or(12),
+            num_attention_heads: self.num_attention_heads.unwrap_or(12),
+            intermediate_size: self.intermediate_size.unwrap_or(3072),
+            hidden_act: self.hidden_act.unwrap_or_else(|| "gelu".into()),
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(512),
+            type_vocab_size: self.type_vocab_size.unwrap_or(2),
+            layer_norm_eps: self.layer_norm_eps.unwrap_or(1e-12),
+            pad_token_id: self.pad_token_id.unwrap_or(1),
+            transformer_dimensions: transformer_dimensions.unwrap_or(hidden_size),
+            num_dims,
+        })
+    }
+}
+
+/// The JSON as stored, before defaults and validation.
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    #[serde(flatten)]
+    xlmr: RawXlmr,
     #[serde(rename = "transformerDimensions")]
     transformer_dimensions: Option<usize>,
     #[serde(rename = "transformerDimSize")]
@@ -79,41 +127,19 @@ impl MClipConfig {
     /// Reads and validates `path` (a `text_encoder/config.json`).
     pub fn from_file(path: &Path) -> Result<Self> {
         let raw: RawConfig = read_json(path)?;
-        if let Some(mt) = &raw.model_type {
+        if let Some(mt) = &raw.xlmr.model_type {
             if mt != "M-CLIP" {
                 return Err(unsupported(path, "model_type", mt, "\"M-CLIP\""));
             }
         }
-        if let Some(pe) = &raw.position_embedding_type {
-            if pe != "absolute" {
-                return Err(unsupported(
-                    path,
-                    "position_embedding_type",
-                    pe,
-                    "\"absolute\"",
-                ));
-            }
-        }
-        if raw.is_decoder == Some(true) {
-            return Err(unsupported(path, "is_decoder", true, "false"));
-        }
-        let cfg = Self {
-            vocab_size: raw.vocab_size.unwrap_or(30522),
-            hidden_size: raw.hidden_size.unwrap_or(768),
-            num_hidden_layers: raw.num_hidden_layers.unwrap_or(12),
-            num_attention_heads: raw.num_attention_heads.unwrap_or(12),
-            intermediate_size: raw.intermediate_size.unwrap_or(3072),
-            hidden_act: raw.hidden_act.unwrap_or_else(|| "gelu".into()),
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(512),
-            type_vocab_size: raw.type_vocab_size.unwrap_or(2),
-            layer_norm_eps: raw.layer_norm_eps.unwrap_or(1e-12),
-            pad_token_id: raw.pad_token_id.unwrap_or(1),
-            transformer_dimensions: raw
-                .transformer_dimensions
-                .or(raw.transformer_dim_size)
-                .unwrap_or(1024),
-            num_dims: raw.num_dims.or(raw.image_dim_size).unwrap_or(768),
-        };
+        let transformer_dimensions = raw
+            .transformer_dimensions
+            .or(raw.transformer_dim_size)
+            .unwrap_or(1024);
+        let num_dims = raw.num_dims.or(raw.image_dim_size).unwrap_or(768);
+        let cfg = raw
+            .xlmr
+            .into_config(path, Some(transformer_dimensions), num_dims)?;
         cfg.validate(path)?;
         Ok(cfg)
     }

@@ -22,14 +22,17 @@ pub trait NoiseSource {
     fn rand(&mut self, shape: &[usize], device: &Device) -> Result<Tensor>;
 }
 
-/// One ChaCha8 RNG per batch row. A draw of shape `(B, ...)` takes row `i` from RNG `i`.
+/// One ChaCha8 RNG per batch row. A draw of shape `(B, ...)` takes row `i` from RNG `i`. A draw
+/// of `k·B` rows (Kandinsky 2.0 samples the classifier-free guidance halves as one `2B` batch)
+/// takes each RNG's row once and repeats the `B` rows `k` times: both halves of an image draw
+/// from its seed, and the stream advances as for one draw.
 #[derive(Debug, Clone)]
 pub struct SeededNoise {
     rngs: Vec<ChaCha8Rng>,
 }
 
 impl SeededNoise {
-    /// One RNG per seed; the batch size of every draw must equal `seeds.len()`.
+    /// One RNG per seed; the batch size of every draw must be `seeds.len()` or a multiple of it.
     pub fn new(seeds: &[u64]) -> Self {
         Self {
             rngs: seeds
@@ -56,10 +59,11 @@ impl SeededNoise {
         let (&b, rest) = shape
             .split_first()
             .ok_or_else(|| ModelError::invalid("noise shape", "must have a batch dimension"))?;
-        if b != self.rngs.len() {
+        let n = self.rngs.len();
+        if n == 0 || b == 0 || !b.is_multiple_of(n) {
             return Err(ModelError::invalid(
                 "seeds",
-                format!("{} seeds for a batch of {b}", self.rngs.len()),
+                format!("{n} seeds for a batch of {b} (allowed: a multiple of the seeds)"),
             ));
         }
         let per_row: usize = rest.iter().product();
@@ -67,7 +71,14 @@ impl SeededNoise {
         for rng in &mut self.rngs {
             data.extend((0..per_row).map(|_| draw(rng)));
         }
-        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?.to_device(device)?)
+        let mut row_shape = shape.to_vec();
+        row_shape[0] = n;
+        let t = Tensor::from_vec(data, row_shape, &Device::Cpu)?;
+        let t = match b / n {
+            1 => t,
+            k => Tensor::cat(&vec![&t; k], 0)?,
+        };
+        Ok(t.to_device(device)?)
     }
 }
 
@@ -183,6 +194,30 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert_ne!(a0, a1);
+    }
+
+    #[test]
+    fn a_multiple_of_the_rows_repeats_each_seeds_draw() {
+        let dev = Device::Cpu;
+        let rows = |t: &Tensor| -> Vec<Vec<f32>> {
+            (0..t.dim(0).unwrap())
+                .map(|i| t.get(i).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+                .collect()
+        };
+        let mut doubled = SeededNoise::new(&[3, 4]);
+        let mut single = SeededNoise::new(&[3, 4]);
+        for _ in 0..2 {
+            let d = rows(&doubled.randn(&[4, 2, 3], &dev).unwrap());
+            let s = rows(&single.randn(&[2, 2, 3], &dev).unwrap());
+            assert_eq!(
+                d,
+                [s.clone(), s].concat(),
+                "the halves repeat, the streams advance once"
+            );
+        }
+        let e = SeededNoise::new(&[3, 4]).randn(&[3, 2], &dev).unwrap_err();
+        assert!(e.to_string().contains("multiple"), "{e}");
+        assert!(SeededNoise::new(&[]).randn(&[0, 2], &dev).is_err());
     }
 
     #[test]

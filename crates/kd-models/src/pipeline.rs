@@ -108,14 +108,21 @@ impl Text2Image {
         device: &Device,
     ) -> Result<Self> {
         for dir in [prior_dir, decoder_dir] {
-            if dir.family() == ModelFamily::Amused {
+            let whole = match dir.family() {
+                ModelFamily::Amused => Some(
+                    "an aMUSEd folder, which has no prior: load it with \
+                     kd_models::amused::AmusedPipeline",
+                ),
+                ModelFamily::Kandinsky20 => Some(
+                    "a Kandinsky 2.0 folder, which has no prior: \
+                     load it with kd_models::kd20::Kd20Pipeline",
+                ),
+                _ => None,
+            };
+            if let Some(what) = whole {
                 return Err(ModelError::invalid(
                     "model_dir",
-                    format!(
-                        "{} is an aMUSEd folder, which has no prior: load it with \
-                         kd_models::amused::AmusedPipeline",
-                        dir.root().display()
-                    ),
+                    format!("{} is {what}", dir.root().display()),
                 ));
             }
         }
@@ -131,7 +138,7 @@ impl Text2Image {
             ModelFamily::Kandinsky21 => {
                 Some(MultilingualTextEncoder::load(decoder_dir, dtype, device)?)
             }
-            ModelFamily::Kandinsky22 | ModelFamily::Amused => None,
+            ModelFamily::Kandinsky22 | ModelFamily::Amused | ModelFamily::Kandinsky20 => None,
         };
         let scheduler = decoder_dir.component("scheduler")?.scheduler_config()?;
         let movq = VqModel::load(

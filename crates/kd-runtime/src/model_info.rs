@@ -45,7 +45,8 @@ fn io_err(path: &Path, e: std::io::Error) -> ServiceError {
 #[cfg(feature = "models")]
 /// A short (12 hex digit) hash of the listed components' files: the bytes of every small JSON
 /// config (`config.json`, `scheduler_config.json`, ...) and the name and size of every other file
-/// (the safetensors weights, tokenizer files). Cheap: weights are never read.
+/// (the safetensors weights, tokenizer files). Cheap: weights are never read. The component `.`
+/// is the folder's own files (a Kandinsky 2.0 folder's `.pt` / `.ckpt` checkpoints and sidecars).
 pub fn revision(dir: &CheckpointDir, components: &[&str]) -> Result<String, ServiceError> {
     let mut h = Fnv::new();
     for &name in components {
@@ -103,6 +104,7 @@ pub fn wire_family(family: ModelFamily) -> v1::ModelFamily {
         ModelFamily::Kandinsky22 => v1::ModelFamily::Kandinsky22,
         ModelFamily::Kandinsky21 => v1::ModelFamily::Kandinsky21,
         ModelFamily::Amused => v1::ModelFamily::Amused,
+        ModelFamily::Kandinsky20 => v1::ModelFamily::Kandinsky20,
     }
 }
 
@@ -113,6 +115,7 @@ pub const fn model_name(family: v1::ModelFamily) -> &'static str {
         v1::ModelFamily::Kandinsky21 => "kandinsky-2-1",
         v1::ModelFamily::Kandinsky22 | v1::ModelFamily::Unspecified => "kandinsky-2-2",
         v1::ModelFamily::Amused => "amused",
+        v1::ModelFamily::Kandinsky20 => "kandinsky-2-0",
     }
 }
 
@@ -132,6 +135,8 @@ pub const fn served_name(
     match (family, kind, distilled) {
         (F::Amused, _, _) if native_size >= 512 => "amused-512",
         (F::Amused, _, _) => "amused-256",
+        (F::Kandinsky20, K::Inpaint, _) => "kandinsky-2-0-inpaint",
+        (F::Kandinsky20, _, _) => "kandinsky-2-0",
         (F::Kandinsky21, K::Inpaint, _) => "kandinsky-2-1-inpaint",
         (F::Kandinsky21, K::Controlnet, _) => "kandinsky-2-1-controlnet",
         (F::Kandinsky21, _, true) => "kandinsky-2-1-distilled",
@@ -144,7 +149,7 @@ pub const fn served_name(
 }
 
 /// Every public model name the API knows (which ones a deployment serves, ListModels says).
-pub const MODEL_NAMES: [&str; 10] = [
+pub const MODEL_NAMES: [&str; 12] = [
     "kandinsky-2-2",
     "kandinsky-2-2-distilled",
     "kandinsky-2-2-inpaint",
@@ -155,6 +160,8 @@ pub const MODEL_NAMES: [&str; 10] = [
     "kandinsky-2-1-controlnet",
     "amused-256",
     "amused-512",
+    "kandinsky-2-0",
+    "kandinsky-2-0-inpaint",
 ];
 
 #[cfg(feature = "models")]

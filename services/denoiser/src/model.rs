@@ -89,16 +89,25 @@ impl std::fmt::Debug for DecoderModel {
     }
 }
 
-/// The scheduler class a request's `scheduler` enum names (`None` = the checkpoint's own).
-pub fn scheduler_class(s: v1::Scheduler) -> Option<&'static str> {
-    match s {
+/// The scheduler class a request's `scheduler` enum names (`Ok(None)` = the checkpoint's own);
+/// PLMS is Kandinsky 2.0's sampler, not a diffusers decoder's.
+pub fn scheduler_class(s: v1::Scheduler) -> Result<Option<&'static str>, ServiceError> {
+    Ok(match s {
+        v1::Scheduler::Plms => {
+            return Err(ServiceError::invalid(
+                "scheduler",
+                "SCHEDULER_PLMS is Kandinsky 2.0's sampler; allowed here: SCHEDULER_UNSPECIFIED, \
+                 SCHEDULER_DDPM, SCHEDULER_DDIM, SCHEDULER_DPM_SOLVER_PP, SCHEDULER_LCM, \
+                 SCHEDULER_TCD",
+            ))
+        }
         v1::Scheduler::Unspecified => None,
         v1::Scheduler::Ddpm => Some("DDPMScheduler"),
         v1::Scheduler::Ddim => Some("DDIMScheduler"),
         v1::Scheduler::DpmSolverPp => Some("DPMSolverMultistepScheduler"),
         v1::Scheduler::Lcm => Some("LCMScheduler"),
         v1::Scheduler::Tcd => Some("TCDScheduler"),
-    }
+    })
 }
 
 impl DecoderModel {
@@ -232,7 +241,7 @@ impl DecoderModel {
     /// diffusers' `XScheduler.from_config(checkpoint_config)` builds it.
     pub fn scheduler_config(&self, choice: v1::Scheduler) -> Result<SchedulerConfig, ServiceError> {
         let mut json = self.scheduler_json.clone();
-        if let Some(class) = scheduler_class(choice) {
+        if let Some(class) = scheduler_class(choice)? {
             json.insert("_class_name".into(), class.into());
         }
         let cfg: SchedulerConfig = serde_json::from_value(serde_json::Value::Object(json))

@@ -64,7 +64,7 @@ pub fn stage_graph(family: v1::ModelFamily) -> &'static [Step] {
     const MASKED_TOKENS: &[Step] = &[EncodeText, InitImage, Denoise, Decode];
     match family {
         v1::ModelFamily::Kandinsky21 | v1::ModelFamily::Kandinsky22 => UNCLIP,
-        v1::ModelFamily::Amused => MASKED_TOKENS,
+        v1::ModelFamily::Amused | v1::ModelFamily::Kandinsky20 => MASKED_TOKENS,
         // Stages that report no family are checked by the family checks; serve them as 2.2.
         v1::ModelFamily::Unspecified => UNCLIP,
     }

@@ -38,6 +38,7 @@ fn masked_token_conditioning(text: v1::TextEmbeddings) -> v1::DecoderConditionin
         text_embeds: text.text_embeds,
         text_hidden_states: text.hidden_states,
         text_attention_mask: None,
+        text_hidden_states_2: None,
     }
 }
 
@@ -52,6 +53,7 @@ fn decoder_conditioning(
         text_embeds: text.text_embeds,
         text_hidden_states: text.hidden_states,
         text_attention_mask: text.attention_mask,
+        text_hidden_states_2: None,
     }
 }
 
@@ -648,6 +650,7 @@ mod tests {
                 text_embeds: Some(rows(2, 1)),
                 text_hidden_states: Some(rows(2, 2)),
                 text_attention_mask: None,
+                text_hidden_states_2: None,
             }
         );
         assert_eq!(
@@ -657,6 +660,7 @@ mod tests {
                 text_embeds: Some(rows(1, 3)),
                 text_hidden_states: Some(rows(1, 4)),
                 text_attention_mask: None,
+                text_hidden_states_2: None,
             }
         );
         // Kandinsky needs the prior's embeddings.

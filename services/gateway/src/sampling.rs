@@ -94,6 +94,7 @@ pub fn family_label(family: v1::ModelFamily) -> &'static str {
     match family {
         v1::ModelFamily::Amused => "aMUSEd",
         v1::ModelFamily::Kandinsky21 => "Kandinsky 2.1",
+        v1::ModelFamily::Kandinsky20 => "Kandinsky 2.0",
         v1::ModelFamily::Kandinsky22 | v1::ModelFamily::Unspecified => "Kandinsky 2.2",
     }
 }

@@ -1,13 +1,16 @@
 //! `Encode`: prompts → CLIP text conditioning for the prior (and, for Kandinsky 2.1, the
-//! multilingual conditioning of the decoder), plus the CLIP token ids.
+//! multilingual conditioning of the decoder), plus the CLIP token ids. A Kandinsky 2.0 folder
+//! answers with its two encoders' outputs (`decoder_conditioning`: M-CLIP,
+//! `decoder_conditioning_2`: mT5) and the XLM-R ids; no prior conditioning.
 //!
 //! Prompts longer than 77 tokens are truncated, as diffusers' tokenizer call does; only the
 //! character length is bounded ([`MAX_PROMPT_CHARS`]), to bound tokenisation work.
 
-use crate::model::TextModel;
+use crate::model::{Encoders, TextModel};
 use crate::MAX_PROMPT_CHARS;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use kd_models::clip::TokenizedBatch;
+use kd_models::kd20::Kd20TextEncoders;
 use kd_proto::{to_wire, v1};
 use kd_runtime::cache::CacheKey;
 use kd_runtime::ServiceError;
@@ -55,26 +58,60 @@ pub fn compute(
     model: &TextModel,
     prompts: &[String],
 ) -> Result<v1::EncodeTextResponse, ServiceError> {
-    let tokens: TokenizedBatch = model.encoder.tokenize(prompts)?;
-    let cond = model.encoder.encode_tokens(&tokens)?;
+    let (encoder, multilingual) = match &model.encoders {
+        Encoders::Clip {
+            encoder,
+            multilingual,
+        } => (encoder, multilingual),
+        Encoders::Kd20(e) => return compute_kd20(model, e, prompts),
+    };
+    let tokens: TokenizedBatch = encoder.tokenize(prompts)?;
+    let cond = encoder.encode_tokens(&tokens)?;
     Ok(v1::EncodeTextResponse {
         prior_conditioning: Some(v1::TextEmbeddings {
             text_embeds: Some(wire(&cond.text_embeds)?),
             hidden_states: Some(wire(&cond.hidden_states)?),
             attention_mask: Some(wire(&rows_i64(&tokens.attention_mask)?)?),
         }),
-        decoder_conditioning: match &model.multilingual {
+        decoder_conditioning: match multilingual {
             None => None,
             Some(m) => {
                 let c = m.encode(prompts)?;
                 Some(v1::TextEmbeddings {
                     text_embeds: Some(wire(&c.text_embeds)?),
                     hidden_states: Some(wire(&c.hidden_states)?),
-                    attention_mask: Some(wire(&c.mask.to_dtype(candle_core::DType::I64)?)?),
+                    attention_mask: Some(wire(&c.mask.to_dtype(DType::I64)?)?),
                 })
             }
         },
         input_ids: Some(wire(&rows_i64(&tokens.input_ids)?)?),
+        model: Some(model.info.clone()),
+        decoder_conditioning_2: None,
+    })
+}
+
+/// Kandinsky 2.0's `encode_text` for both encoders, as the official pipeline runs them.
+fn compute_kd20(
+    model: &TextModel,
+    encoders: &Kd20TextEncoders,
+    prompts: &[String],
+) -> Result<v1::EncodeTextResponse, ServiceError> {
+    let tokens = encoders.tokenize(prompts)?;
+    let c = encoders.encode_tokens(&tokens)?;
+    let mask = |m: &Tensor| wire(&m.to_dtype(DType::I64)?);
+    Ok(v1::EncodeTextResponse {
+        prior_conditioning: None,
+        decoder_conditioning: Some(v1::TextEmbeddings {
+            text_embeds: Some(wire(&c.pooled1)?),
+            hidden_states: Some(wire(&c.full1)?),
+            attention_mask: Some(mask(&c.mask1)?),
+        }),
+        decoder_conditioning_2: Some(v1::TextEmbeddings {
+            text_embeds: None,
+            hidden_states: Some(wire(&c.full2)?),
+            attention_mask: Some(mask(&c.mask2)?),
+        }),
+        input_ids: Some(wire(&tokens.tokens1.input_ids.to_dtype(DType::I64)?)?),
         model: Some(model.info.clone()),
     })
 }

@@ -1,9 +1,11 @@
 //! The text-encoder stage: the CLIP tokenizer and text tower of a Kandinsky prior folder (and,
-//! for Kandinsky 2.1, the decoder folder's multilingual XLM-R encoder), served over gRPC
+//! for Kandinsky 2.1, the decoder folder's multilingual XLM-R encoder; for an aMUSEd folder its
+//! CLIP tower; for a Kandinsky 2.0 folder its M-CLIP and mT5 encoders), served over gRPC
 //! (`kandinsky.v1.TextEncoder`) by the one stage launcher.
 //!
 //! Requests enter in [`service`]; [`encode`] checks and computes; the numbers are computed by
-//! [`kd_models::clip::ClipTextEncoder`] and [`kd_models::mclip::MultilingualTextEncoder`].
+//! [`kd_models::clip::ClipTextEncoder`], [`kd_models::mclip::MultilingualTextEncoder`] and
+//! [`kd_models::kd20::Kd20TextEncoders`].
 #![forbid(unsafe_code)]
 
 pub mod encode;

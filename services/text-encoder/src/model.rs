@@ -1,8 +1,10 @@
 //! The loaded model of this stage: the CLIP prompt encoder of the prior folder and, for
-//! Kandinsky 2.1, the decoder folder's multilingual text encoder, plus what the service reports.
+//! Kandinsky 2.1, the decoder folder's multilingual text encoder; for a Kandinsky 2.0 folder its
+//! two multilingual encoders (M-CLIP and mT5); plus what the service reports.
 
 use candle_core::DType;
 use kd_models::clip::{ClipTextEncoder, TextHiddenLayer};
+use kd_models::kd20::Kd20TextEncoders;
 use kd_models::mclip::MultilingualTextEncoder;
 use kd_models::{CheckpointDir, ModelFamily};
 use kd_proto::v1;
@@ -15,13 +17,26 @@ use std::path::Path;
 /// revision).
 pub const COMPONENTS: [&str; 2] = ["tokenizer", "text_encoder"];
 
+/// A Kandinsky 2.0 folder's text encoder sub-folders (whose files make up its revision).
+pub const KD20_COMPONENTS: [&str; 2] = ["text_encoder1", "text_encoder2"];
+
+/// The prompt encoders of a folder's family.
+#[derive(Debug)]
+pub enum Encoders {
+    /// Kandinsky 2.1 / 2.2 / aMUSEd: tokenizer + CLIP text tower (the prior's conditioning, or
+    /// aMUSEd's), and for 2.1 the XLM-R tokenizer + MultilingualCLIP (the decoder's).
+    Clip {
+        encoder: ClipTextEncoder,
+        multilingual: Option<MultilingualTextEncoder>,
+    },
+    /// Kandinsky 2.0: M-CLIP (XLM-R) and the mT5 encoder, each with its tokenizer.
+    Kd20(Box<Kd20TextEncoders>),
+}
+
 /// The prompt encoders and their [`v1::ModelInfo`].
 #[derive(Debug)]
 pub struct TextModel {
-    /// Tokenizer + CLIP text tower (the prior's conditioning; both families).
-    pub encoder: ClipTextEncoder,
-    /// Kandinsky 2.1: XLM-R tokenizer + MultilingualCLIP (the decoder's conditioning).
-    pub multilingual: Option<MultilingualTextEncoder>,
+    pub encoders: Encoders,
     /// What Encode and Info report. For 2.1 the revision covers both folders.
     pub info: v1::ModelInfo,
     /// The compute dtype.
@@ -38,10 +53,28 @@ impl TextModel {
     ) -> Result<Self, ServiceError> {
         let device = args.open_device()?;
         let dir = CheckpointDir::open(&args.model_dir)?;
+        if dir.family() == ModelFamily::Kandinsky20 {
+            if let Some(d) = decoder_dir {
+                return Err(ServiceError::Internal(format!(
+                    "--decoder-model-dir {} was set, but {} is a Kandinsky 2.0 folder, which \
+                     holds both of its text encoders: unset it",
+                    d.display(),
+                    dir.root().display()
+                )));
+            }
+            let encoders = Kd20TextEncoders::load(dir.root(), args.dtype, &device)?;
+            let model = Self {
+                encoders: Encoders::Kd20(Box::new(encoders)),
+                info: model_info(&dir, "text_encoder", &KD20_COMPONENTS, args.dtype, &device)?,
+                dtype: args.dtype,
+            };
+            model.warm_up()?;
+            return Ok(model);
+        }
         // aMUSEd conditions on the penultimate layer (no final norm); the priors on the last.
         let hidden = match dir.family() {
             ModelFamily::Amused => TextHiddenLayer::Penultimate,
-            ModelFamily::Kandinsky21 | ModelFamily::Kandinsky22 => TextHiddenLayer::Last,
+            _ => TextHiddenLayer::Last,
         };
         let encoder = ClipTextEncoder::load(&dir, args.dtype, &device)?.with_hidden_layer(hidden);
         let mut info = model_info(&dir, "text_encoder", &COMPONENTS, args.dtype, &device)?;
@@ -59,7 +92,7 @@ impl TextModel {
             }
         }
         let multilingual = match (dir.family(), &decoder) {
-            (ModelFamily::Kandinsky22 | ModelFamily::Amused, _) => None,
+            (ModelFamily::Kandinsky22 | ModelFamily::Amused | ModelFamily::Kandinsky20, _) => None,
             (ModelFamily::Kandinsky21, None) => {
                 return Err(ServiceError::Internal(format!(
                     "{} is a Kandinsky 2.1 prior folder: the decoder's multilingual text encoder \
@@ -75,8 +108,10 @@ impl TextModel {
             }
         };
         let model = Self {
-            encoder,
-            multilingual,
+            encoders: Encoders::Clip {
+                encoder,
+                multilingual,
+            },
             info,
             dtype: args.dtype,
         };
@@ -85,9 +120,19 @@ impl TextModel {
     }
 
     fn warm_up(&self) -> Result<(), ServiceError> {
-        self.encoder.encode(&[""])?;
-        if let Some(m) = &self.multilingual {
-            m.encode(&[""])?;
+        match &self.encoders {
+            Encoders::Clip {
+                encoder,
+                multilingual,
+            } => {
+                encoder.encode(&[""])?;
+                if let Some(m) = multilingual {
+                    m.encode(&[""])?;
+                }
+            }
+            Encoders::Kd20(e) => {
+                e.encode(&[""])?;
+            }
         }
         Ok(())
     }

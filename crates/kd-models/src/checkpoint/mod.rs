@@ -36,7 +36,21 @@ pub enum ModelFamily {
     /// aMUSEd (`AmusedPipeline`, `AmusedImg2ImgPipeline`, `AmusedInpaintPipeline`): Muse-style
     /// masked-token generation with a CLIP text encoder, a `UVit2DModel` and a VQ-GAN.
     Amused,
+    /// Kandinsky 2.0 in the official layout (no `model_index.json`): `Kandinsky-2-0.pt` (or
+    /// `Kandinsky-2-0-inpainting.pt`), `vae.ckpt`, `text_encoder1/`, `text_encoder2/`.
+    Kandinsky20,
 }
+
+/// The pipeline class name a Kandinsky 2.0 folder reports (the official `Kandinsky2`).
+pub const KD20_PIPELINE_CLASS: &str = "Kandinsky2";
+/// The UNet checkpoints whose presence makes a folder without `model_index.json` a Kandinsky 2.0
+/// folder (the text-to-image one first: a folder holding both serves text-to-image).
+pub const KD20_UNET_FILES: [&str; 2] = ["Kandinsky-2-0.pt", "Kandinsky-2-0-inpainting.pt"];
+/// A Kandinsky 2.0 folder's text encoder sub-folders, with the official classes.
+const KD20_COMPONENTS: [(&str, &str); 2] = [
+    ("text_encoder1", "MultilingualCLIP"),
+    ("text_encoder2", "MT5EncoderModel"),
+];
 
 /// The pipelines whose folders this crate reads, with their family.
 const PIPELINES: &[(&str, ModelFamily)] = &[
@@ -81,10 +95,25 @@ pub struct ComponentDir {
 }
 
 impl CheckpointDir {
-    /// Opens `root/model_index.json` and checks every listed component folder exists.
+    /// Opens `root/model_index.json` and checks every listed component folder exists. A folder
+    /// without `model_index.json` holding one of [`KD20_UNET_FILES`] is a Kandinsky 2.0 folder
+    /// in the official layout (its text encoder folders are listed when present).
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
         let index_path = root.join("model_index.json");
+        if !index_path.exists() && KD20_UNET_FILES.iter().any(|f| root.join(f).is_file()) {
+            let components = KD20_COMPONENTS
+                .iter()
+                .filter(|(name, _)| root.join(name).is_dir())
+                .map(|(name, class)| (name.to_string(), ("kandinsky2".into(), class.to_string())))
+                .collect();
+            return Ok(Self {
+                root,
+                pipeline_class: KD20_PIPELINE_CLASS.into(),
+                family: ModelFamily::Kandinsky20,
+                components,
+            });
+        }
         let index: serde_json::Map<String, serde_json::Value> = read_json(&index_path)?;
         let pipeline_class = index
             .get("_class_name")

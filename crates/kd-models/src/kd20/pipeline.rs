@@ -39,7 +39,9 @@ use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
 /// The UNet checkpoint's file name in the official folder.
-pub const KD20_UNET_FILE: &str = "Kandinsky-2-0.pt";
+pub const KD20_UNET_FILE: &str = crate::checkpoint::KD20_UNET_FILES[0];
+/// The inpainting UNet checkpoint's file name (`get_kandinsky2(task_type="inpainting")`).
+pub const KD20_INPAINT_UNET_FILE: &str = crate::checkpoint::KD20_UNET_FILES[1];
 /// The autoencoder checkpoint's file name in the official folder.
 pub const KD20_VAE_FILE: &str = "vae.ckpt";
 

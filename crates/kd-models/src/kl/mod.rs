@@ -46,6 +46,16 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
 use std::path::Path;
 
+/// The posterior draws of a served request (`EncodeImages` with seeds): one RNG per image, each
+/// seeded from the image's seed mixed with a fixed tag, so the posterior's ε is not the first
+/// draw of the denoiser's stream for the same seed (which `q_sample` takes next).
+pub fn posterior_noise(seeds: &[u64]) -> crate::noise::SeededNoise {
+    /// "posterio" in ASCII: the stream tag.
+    const TAG: u64 = 0x706f_7374_6572_696f;
+    let derived: Vec<u64> = seeds.iter().map(|&s| s ^ TAG).collect();
+    crate::noise::SeededNoise::new(&derived)
+}
+
 /// Upstream clamps the log-variance to this range before taking `exp`.
 pub const LOGVAR_RANGE: (f64, f64) = (-30.0, 20.0);
 

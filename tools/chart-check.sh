@@ -377,7 +377,7 @@ check "NOTES.txt lists every model set and its stages [ci/three-models-values.ya
   notes_sets "$OUT/NOTES-three-models.txt" "$CHART/ci/three-models-values.yaml" \
   kandinsky-2-2 kandinsky-2-1 kandinsky-2-2-distilled
 check "NOTES.txt lists every model set and its stages [ci/amused-values.yaml, a prior-less set]" \
-  notes_sets "$OUT/NOTES-amused.txt" "$CHART/ci/amused-values.yaml" kandinsky-2-2 amused-256
+  notes_sets "$OUT/NOTES-amused.txt" "$CHART/ci/amused-values.yaml" kandinsky-2-2 amused-256 kandinsky-2-0
 check "NOTES.txt renders [ci/amused-single-values.yaml, no prior]" \
   notes "$OUT/NOTES-amused-single.txt" "$FULLNAME-gateway" -plaintext -f "$CHART/ci/amused-single-values.yaml"
 

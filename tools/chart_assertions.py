@@ -159,9 +159,9 @@ PROFILES = {
                          "movq": dict(limits={"memory": "8Gi", GPU_RESOURCE: 2},
                                       hpa=dict(min=1, max=2, cpu=70), pod_labels={"tier": "fast"})}),
         ]),
-    # ci/amused-values.yaml: Kandinsky 2.2 (default) + amused-256, a prior-less set (one folder:
-    # text-encoder, denoiser and movq, no prior), both on the shared created claim, a smaller
-    # aMUSEd denoiser; NetworkPolicies on.
+    # ci/amused-values.yaml: Kandinsky 2.2 (default) + amused-256 and kandinsky-2-0, prior-less
+    # sets (one folder: text-encoder, denoiser and movq, no prior), all on the shared created
+    # claim, a smaller aMUSEd denoiser; NetworkPolicies on.
     "amused": dict(
         gpu_stages=GPU_STAGES, gpu_selector=GPU_PRESENT, redis="chart", auth_secret="created",
         models="pvc", hpa_off=set(), service_monitor=False, network_policy=True,
@@ -173,6 +173,8 @@ PROFILES = {
                  expect={"denoiser": dict(requests={"cpu": "2", "memory": "4Gi"},
                                           limits={"memory": "8Gi", GPU_RESOURCE: 1},
                                           hpa=dict(min=1, max=4, cpu=70))}),
+            dict(name="kandinsky-2-0", prior=None, decoder="kandinsky-2-0",
+                 claim=("{fullname}-models", True)),
         ]),
     # ci/amused-single-values.yaml: one aMUSEd model in the one-model shape (models.priorDir "").
     "amused-single": dict(

@@ -10,7 +10,7 @@
 //! `E2E_SIZES` (pixels, default "256,512"), `E2E_RUNS` (default 3). The last line is
 //! machine-readable.
 
-use kd_e2e::{AmusedStack, Stack};
+use kd_e2e::{PriorLessStack, Stack};
 use kd_proto::v1;
 use kd_testkit::fixtures_dir;
 use std::time::Instant;
@@ -47,8 +47,8 @@ async fn main() {
         .map(|s| s.trim().parse().expect("E2E_SIZES: pixel sides"))
         .collect();
     let kd22 = Stack::start(&[]).await;
-    let tiny = AmusedStack::start_dir(&fixtures_dir().join("tiny/amused-256"), &[]).await;
-    let deep = AmusedStack::start_dir(&fixtures_dir().join("deep/amused-512"), &[]).await;
+    let tiny = PriorLessStack::start_dir(&fixtures_dir().join("tiny/amused-256"), &[]).await;
+    let deep = PriorLessStack::start_dir(&fixtures_dir().join("deep/amused-512"), &[]).await;
     let mut clients = [
         kd22.client().await,
         tiny.client().await,

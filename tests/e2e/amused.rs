@@ -5,7 +5,7 @@
 //! Kandinsky 2.2 and aMUSEd routes by model name.
 
 use candle_core::{DType, Device};
-use kd_e2e::{amused_dir, gateway_client, list_models, pixels, AmusedStack, Stack};
+use kd_e2e::{amused_dir, gateway_client, list_models, pixels, PriorLessStack, Stack};
 use kd_models::amused::{AmusedPipeline, TokenParams, TokenTask};
 use kd_models::noise::SeededNoise;
 use kd_models::CheckpointDir;
@@ -56,7 +56,7 @@ fn in_process(prompt: &str, seed: u64) -> image::RgbImage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn text_to_image_equals_the_in_process_pipeline_and_streams_token_steps() {
-    let stack = AmusedStack::start(&[]).await;
+    let stack = PriorLessStack::start(&[]).await;
     let models = list_models(&stack.gateway).await;
     assert_eq!(models.len(), 1);
     let m = &models[0];
@@ -125,7 +125,7 @@ fn png(w: u32, h: u32, f: impl Fn(u32, u32) -> image::Rgb<u8>) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn image_to_image_and_inpainting_work_and_what_the_family_lacks_is_refused() {
-    let stack = AmusedStack::start(&[]).await;
+    let stack = PriorLessStack::start(&[]).await;
     let mut c = stack.client().await;
     let init = png(64, 64, |x, y| {
         image::Rgb([(x * 4) as u8, (y * 4) as u8, 128])
@@ -185,7 +185,7 @@ async fn image_to_image_and_inpainting_work_and_what_the_family_lacks_is_refused
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_gateway_fronts_kandinsky_2_2_and_amused_by_model_name() {
     let kd22 = Stack::start(&[]).await;
-    let amused = AmusedStack::start(&[]).await;
+    let amused = PriorLessStack::start(&[]).await;
     let stages = [
         kd22.text_encoder.grpc,
         kd22.prior.grpc,

@@ -318,16 +318,28 @@ pub fn amused_dir() -> PathBuf {
     fixtures_dir().join("tiny/amused-256")
 }
 
-/// An aMUSEd deployment: text encoder, denoiser (token generator) and movq (VQ-GAN) on one
-/// folder, no prior, and a gateway started with `--prior-url none`.
-pub struct AmusedStack {
+/// The tiny Kandinsky 2.0 folder in the official layout (`tests/fixtures/kd20`).
+pub fn kd20_dir() -> PathBuf {
+    fixtures_dir().join("kd20")
+}
+
+/// The tiny Kandinsky 2.0 inpainting folder (`tests/fixtures/kd20-inpaint`).
+pub fn kd20_inpaint_dir() -> PathBuf {
+    fixtures_dir().join("kd20-inpaint")
+}
+
+/// A deployment of a whole model without a prior (an aMUSEd folder: text encoder, denoiser =
+/// token generator, movq = VQ-GAN; a Kandinsky 2.0 folder: its two text encoders, its UNet with
+/// the official samplers, its KL autoencoder): three stages on one folder and a gateway started
+/// with `--prior-url none`.
+pub struct PriorLessStack {
     pub text_encoder: TestServer,
     pub denoiser: TestServer,
     pub movq: TestServer,
     pub gateway: TestServer,
 }
 
-impl AmusedStack {
+impl PriorLessStack {
     /// The three stages on `dir`, SERVING.
     pub async fn stages(dir: &Path) -> [TestServer; 3] {
         let te: kd_text_encoder::Config = config("kd-text-encoder", dir, &[]);
@@ -352,7 +364,7 @@ impl AmusedStack {
         Self::start_dir(&amused_dir(), gateway_args).await
     }
 
-    /// The stages on the aMUSEd folder `dir` and a gateway fronting only them.
+    /// The stages on the prior-less folder `dir` and a gateway fronting only them.
     pub async fn start_dir(dir: &Path, gateway_args: &[&str]) -> Self {
         let [text_encoder, denoiser, movq] = Self::stages(dir).await;
         let mut args = vec![

@@ -152,7 +152,7 @@ key, anything else (lists included) replaces, and a null deletes the key (as Hel
 {{/*
 The model stage sets, as JSON {"sets": [...]}; the first is the default model. Each set: name
 ("" in the single-model shape: unsuffixed names, no set label), index, priorDir, decoderDir,
-hasPrior (false when priorDir is empty or absent: a prior-less set such as an aMUSEd folder,
+hasPrior (false when priorDir is empty or absent: a prior-less set such as an aMUSEd or Kandinsky 2.0 folder,
 served by text-encoder, denoiser and movq only; the text-encoder then reads decoderDir),
 ownVolume (a set with its own `volume`), volume (the volume values it mounts), claimName (its
 claim, for type persistentVolumeClaim), createClaim (the chart creates that claim) and stages

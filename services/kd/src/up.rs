@@ -18,9 +18,9 @@ pub struct UpArgs {
     )]
     pub prior_dir: PathBuf,
     /// The decoder checkpoint folder (UNet + MoVQ). An aMUSEd folder (e.g.
-    /// `tests/fixtures/tiny/amused-256`) is a whole model: its stack is the text encoder, the
-    /// denoiser (token generator) and the movq (VQ-GAN) on that folder, without a prior, and
-    /// `--prior-dir` is not used.
+    /// `tests/fixtures/tiny/amused-256`) or a Kandinsky 2.0 folder in the official layout (e.g.
+    /// `tests/fixtures/kd20`) is a whole model: its stack is the text encoder, the denoiser and
+    /// the movq stage on that folder, without a prior, and `--prior-dir` is not used.
     #[arg(
         long,
         env = "KD_DECODER_DIR",
@@ -105,9 +105,17 @@ async fn first_exit(children: &mut [Child], names: &[&str]) -> anyhow::Error {
     }
 }
 
-/// Whether `dir` holds an aMUSEd pipeline (its `model_index.json` names an `Amused*Pipeline`).
-fn is_amused(dir: &Path) -> anyhow::Result<bool> {
+/// The UNet checkpoints of a Kandinsky 2.0 folder in the official layout (no
+/// `model_index.json`; `kd_models::checkpoint::KD20_UNET_FILES`).
+const KD20_UNET_FILES: [&str; 2] = ["Kandinsky-2-0.pt", "Kandinsky-2-0-inpainting.pt"];
+
+/// Whether `dir` holds a whole model without a prior: an aMUSEd pipeline (its
+/// `model_index.json` names an `Amused*Pipeline`) or a Kandinsky 2.0 folder.
+fn is_prior_less(dir: &Path) -> anyhow::Result<bool> {
     let path = dir.join("model_index.json");
+    if !path.exists() && KD20_UNET_FILES.iter().any(|f| dir.join(f).is_file()) {
+        return Ok(true);
+    }
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("reading {} (a checkpoint folder)", path.display()))?;
     let index: serde_json::Value =
@@ -126,15 +134,19 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             .context("kd has no parent folder")?
             .to_path_buf(),
     };
-    let amused = is_amused(&a.decoder_dir)?;
-    let text_dir = if amused { &a.decoder_dir } else { &a.prior_dir };
+    let prior_less = is_prior_less(&a.decoder_dir)?;
+    let text_dir = if prior_less {
+        &a.decoder_dir
+    } else {
+        &a.prior_dir
+    };
     let mut stages = vec![
         ("kd-text-encoder", "kandinsky.v1.TextEncoder", text_dir),
         ("kd-prior", "kandinsky.v1.Prior", &a.prior_dir),
         ("kd-denoiser", "kandinsky.v1.Denoiser", &a.decoder_dir),
         ("kd-movq", "kandinsky.v1.Movq", &a.decoder_dir),
     ];
-    if amused {
+    if prior_less {
         stages.retain(|(bin, _, _)| *bin != "kd-prior");
     }
     let mut children = Vec::new();
@@ -153,7 +165,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             "--device".into(),
             a.device.clone(),
         ];
-        if bin == "kd-text-encoder" && !amused {
+        if bin == "kd-text-encoder" && !prior_less {
             // Kandinsky 2.1 encodes the prompt for the decoder too (ignored for 2.2 folders).
             args.extend([
                 "--decoder-model-dir".into(),
@@ -177,7 +189,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         format!("127.0.0.1:{}", free_port()?),
         "--text-encoder-url".into(),
         url("kd-text-encoder"),
-        // `none`: an aMUSEd stack has no prior.
+        // `none`: an aMUSEd or Kandinsky 2.0 stack has no prior.
         "--prior-url".into(),
         url("kd-prior"),
         "--denoiser-url".into(),

@@ -433,7 +433,8 @@ class Client:
 
         ``seeds``: one per image (a single int for one image); the same seed and parameters
         give the same bytes. ``scheduler``: ``"ddpm"``, ``"ddim"``, ``"dpm_solver_pp"``,
-        ``"lcm"``, ``"tcd"``. ``quality``: ``"draft"``, ``"balanced"``, ``"best"``.
+        ``"lcm"``, ``"tcd"``, and for Kandinsky 2.0 ``"plms"`` (there ``"ddpm"`` is the official
+        p-sampler). ``quality``: ``"draft"``, ``"balanced"``, ``"best"``.
         ``output_format``: ``"png"`` (default), ``"jpeg"``, ``"webp"`` with ``output_quality``
         1..100. ``timeout``: seconds, the call's gRPC deadline. aMUSEd models only:
         ``temperature=(start, end)`` (the token sampling temperature of the first and last step,

@@ -1,10 +1,14 @@
 //! `Movq.DecodeLatents`: latents → encoded images (and optionally the post-processed pixels).
-//! For an aMUSEd folder the latents are a (B, h, w) token map, decoded by the VQ-GAN.
+//! For an aMUSEd folder the latents are a (B, h, w) token map, decoded by the VQ-GAN; for a
+//! Kandinsky 2.0 folder they are the UNet's scaled latents, decoded by the KL autoencoder and
+//! converted to bytes as the official `process_images` does.
 
-use crate::model::Movq;
+use crate::model::{Autoencoder, Movq};
 use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
 use kd_models::image::{encode_image, postprocess, postprocess_nhwc01, rgb_images, OutputFormat};
-use kd_models::interrupt;
+use kd_models::kd20::pipeline::process_images;
+use kd_models::movq::VqModel;
 use kd_proto::v1;
 use kd_runtime::{Cancel, ServiceError};
 
@@ -40,16 +44,30 @@ pub(crate) fn output_format(format: i32, quality: u32) -> Result<OutputFormat, S
     }
 }
 
-/// Decodes and checks the `latents` field: (B, latent_channels, h, w) with B ≤ max batch, or for
-/// an aMUSEd VQ-GAN a (B, h, w) token map.
+/// Decodes and checks the `latents` field: (B, latent_channels, h, w) floats with B ≤ max batch,
+/// or for an aMUSEd VQ-GAN a (B, h, w) token map.
 fn latents(m: &Movq, t: Option<&v1::Tensor>) -> Result<Tensor, ServiceError> {
-    if m.tokens {
-        return token_map(m, t);
+    if let Autoencoder::VqGan(vq) = &m.ae {
+        return token_map(m, vq, t);
     }
-    let t = t.ok_or_else(|| ServiceError::invalid("latents", "required: (B, 4, h, w) tensor"))?;
+    let c = m.ae.latent_channels();
+    let t = t.ok_or_else(|| {
+        ServiceError::invalid("latents", format!("required: (B, {c}, h, w) tensor"))
+    })?;
     let x = kd_proto::from_wire(t, &m.device, &Default::default())
         .map_err(|e| ServiceError::tensor("latents", e))?;
-    let c = m.vq.config().latent_channels;
+    if !x.dtype().is_float() {
+        // Only an aMUSEd VQ-GAN decodes token maps.
+        return Err(ServiceError::invalid(
+            "latents",
+            format!(
+                "dtype {:?} (a token map); allowed: F32, F16, BF16 (this stage serves a {} of \
+                 continuous latents)",
+                x.dtype(),
+                m.ae.what()
+            ),
+        ));
+    }
     let dims = x.dims().to_vec();
     let ok = dims.len() == 4
         && dims[1] == c
@@ -62,23 +80,16 @@ fn latents(m: &Movq, t: Option<&v1::Tensor>) -> Result<Tensor, ServiceError> {
             format!("shape {dims:?}; allowed (B, {c}, h, w) with B in 1..={} and h, w in 1..={MAX_LATENT_SIDE}", m.max_batch),
         ));
     }
-    let sf = m.vq.scale_factor();
-    m.check_pixels("latents", dims[2] * sf, dims[3] * sf)?;
-    if x.dtype() == DType::I64 {
-        return Err(ServiceError::invalid(
-            "latents",
-            "dtype I64; allowed: F32, F16, BF16",
-        ));
-    }
+    m.latent_pixels("latents", dims[2], dims[3])?;
     Ok(x)
 }
 
 /// Decodes and checks the `latents` field of an aMUSEd VQ-GAN: a (B, h, w) integer token map with
 /// B ≤ max batch, sides within the pixel limits and every id in the codebook. Returns it as U32
 /// on the CPU (the codebook lookup moves it to the device).
-fn token_map(m: &Movq, t: Option<&v1::Tensor>) -> Result<Tensor, ServiceError> {
-    let n = m.vq.config().num_vq_embeddings;
-    let sf = m.vq.scale_factor();
+fn token_map(m: &Movq, vq: &VqModel, t: Option<&v1::Tensor>) -> Result<Tensor, ServiceError> {
+    let n = vq.config().num_vq_embeddings;
+    let sf = vq.scale_factor();
     let max_side = (MAX_TOKEN_IMAGE_SIDE / sf).max(1);
     let allowed = format!(
         "allowed: a (B, h, w) I64 token map (this stage serves an aMUSEd VQ-GAN) with B in 1..={}, \
@@ -100,7 +111,7 @@ fn token_map(m: &Movq, t: Option<&v1::Tensor>) -> Result<Tensor, ServiceError> {
             format!("shape {dims:?}, dtype {:?}; {allowed}", x.dtype()),
         ));
     }
-    m.check_pixels("latents", dims[1] * sf, dims[2] * sf)?;
+    m.latent_pixels("latents", dims[1], dims[2])?;
     let ids = x.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
     if let Some((i, bad)) = ids
         .iter()
@@ -149,7 +160,7 @@ pub(crate) fn check(
     Ok(checked)
 }
 
-/// Runs one checked decode request; `cancel` stops it between MoVQ layers.
+/// Runs one checked decode request; `cancel` stops it between the autoencoder's layers.
 pub(crate) fn decode(
     m: &Movq,
     req: Checked,
@@ -157,28 +168,40 @@ pub(crate) fn decode(
 ) -> Result<v1::DecodeLatentsResponse, ServiceError> {
     let format = req.format;
     let stop = || cancel.should_stop();
-    let (images, nhwc01) = if m.tokens {
-        cancel.check_at("before the VQ-GAN decoder")?;
-        // aMUSEd: `vqvae.decode(ids, force_not_quantize=True, shape=…).sample.clip(0, 1)`, as
-        // `AmusedPipeline::decode`.
-        let x01 =
-            m.vq.decode_indices(&req.latents, &stop)
+    let (images, nhwc01) = match &m.ae {
+        Autoencoder::VqGan(vq) => {
+            cancel.check_at("before the VQ-GAN decoder")?;
+            // aMUSEd: `vqvae.decode(ids, force_not_quantize=True, shape=…).sample.clip(0, 1)`,
+            // as `AmusedPipeline::decode`.
+            let x01 = vq
+                .decode_indices(&req.latents, &stop)
                 .map_err(|e| cancel.model_error(e))?
                 .to_dtype(DType::F32)?
                 .clamp(0f32, 1f32)?;
-        let nhwc = x01
-            .to_device(&Device::Cpu)?
-            .permute((0, 2, 3, 1))?
-            .contiguous()?;
-        (rgb_images(&nhwc)?, nhwc)
-    } else {
-        let z = req.latents.to_dtype(m.vq.dtype())?;
-        cancel.check_at("before the MoVQ decoder")?;
-        let pixels =
-            m.vq.decode_interruptible(&z, &stop)
+            let nhwc = x01
+                .to_device(&Device::Cpu)?
+                .permute((0, 2, 3, 1))?
+                .contiguous()?;
+            (rgb_images(&nhwc)?, nhwc)
+        }
+        Autoencoder::Movq(vq) => {
+            let z = req.latents.to_dtype(vq.dtype())?;
+            cancel.check_at("before the MoVQ decoder")?;
+            let pixels = vq
+                .decode_interruptible(&z, &stop)
                 .map_err(|e| cancel.model_error(e))?
                 .to_dtype(DType::F32)?;
-        (postprocess(&pixels)?, postprocess_nhwc01(&pixels)?)
+            (postprocess(&pixels)?, postprocess_nhwc01(&pixels)?)
+        }
+        Autoencoder::Kl(kl) => {
+            cancel.check_at("before the KL decoder")?;
+            // Kandinsky 2.0: `image_encoder.decode(latents / scale)`, then `process_images`.
+            let x = kl
+                .decode_interruptible(&req.latents, &stop)
+                .map_err(|e| cancel.model_error(e))?
+                .to_device(&Device::Cpu)?;
+            official_images(&process_images(&x)?)?
+        }
     };
     let images = images
         .iter()
@@ -207,15 +230,25 @@ pub(crate) fn decode(
     })
 }
 
-/// One small decode, so the first real request does not pay for lazy initialisation.
-pub(crate) fn warm_up(m: &Movq) -> Result<(), ServiceError> {
-    if m.tokens {
-        let ids = Tensor::zeros((1, 8, 8), DType::U32, &Device::Cpu)?;
-        m.vq.decode_indices(&ids, &interrupt::never)?;
-        return Ok(());
-    }
-    let c = m.vq.config().latent_channels;
-    let z = Tensor::zeros((1, c, 8, 8), m.vq.dtype(), &m.device)?;
-    m.vq.decode(&z)?;
-    Ok(())
+/// The official Kandinsky 2.0 bytes (`process_images`' (B, H, W, 3) u8 NHWC on the CPU) as RGB
+/// images, and as (B, H, W, 3) f32 `u8 / 255` pixels.
+fn official_images(nhwc: &Tensor) -> Result<(Vec<RgbImage>, Tensor), ServiceError> {
+    let (b, h, w, c) = nhwc.dims4()?;
+    let bytes = nhwc.flatten_all()?.to_vec1::<u8>()?;
+    let unit: Vec<f32> = bytes.iter().map(|&v| f32::from(v) / 255.0).collect();
+    let size = |v: usize| {
+        u32::try_from(v).map_err(|_| ServiceError::Internal(format!("image side {v} is over u32")))
+    };
+    let (iw, ih) = (size(w)?, size(h)?);
+    let per_image = h * w * c;
+    let images = bytes
+        .chunks_exact(per_image.max(1))
+        .take(b)
+        .map(|px| {
+            RgbImage::from_raw(iw, ih, px.to_vec()).ok_or_else(|| {
+                ServiceError::Internal(format!("decoded image: {c} channels, expected 3"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((images, Tensor::from_vec(unit, (b, h, w, c), &Device::Cpu)?))
 }

@@ -1,7 +1,12 @@
 //! The MoVQ stage: decodes latents into encoded images and encodes images (and inpaint masks)
-//! into latents, on one loaded `VqModel`, served over gRPC (`kandinsky.v1.Movq`) by the one
-//! stage launcher. For an aMUSEd folder the model is its VQ-GAN (`vqvae/`) and the latents are
-//! (B, h, w) token maps: DecodeLatents takes one, EncodeImages returns one (and token-grid masks).
+//! into latents, on one loaded autoencoder, served over gRPC (`kandinsky.v1.Movq`) by the one
+//! stage launcher. For a Kandinsky 2.1 / 2.2 folder it is the MoVQ (`movq/`). For an aMUSEd
+//! folder it is the VQ-GAN (`vqvae/`) and the latents are (B, h, w) token maps: DecodeLatents
+//! takes one, EncodeImages returns one (and token-grid masks). For a Kandinsky 2.0 folder it is
+//! the KL autoencoder (`vae.ckpt`, config `vae.json` or the official one): DecodeLatents takes
+//! the UNet's scaled latents and converts as the official `process_images`; EncodeImages
+//! prepares images as the official `prepare_image` and samples the posterior from one seed per
+//! image (`EncodeImagesRequest.seeds`, required there and refused elsewhere).
 #![forbid(unsafe_code)]
 
 mod decode;

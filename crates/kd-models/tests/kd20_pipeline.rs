@@ -1,7 +1,8 @@
 //! Kandinsky 2.0 end to end: `Kd20Pipeline` against the OFFICIAL `Kandinsky2` object's
-//! `generate_text2img` / `generate_img2img` on the tiny checkpoint folder `tests/fixtures/kd20/`
-//! (`tools/reference/gen_kd20_pipeline.py`; img2img with `prepare_image`'s resize patched to
-//! 64×64 there). Every torch draw is replayed in order.
+//! `generate_text2img` (p, DDIM, PLMS) / `generate_img2img` on the tiny checkpoint folder
+//! `tests/fixtures/kd20/` (`tools/reference/gen_kd20_pipeline.py`; img2img with
+//! `prepare_image`'s resize patched to 64×64 there). Every torch draw is replayed in order.
+//! (Inpainting and the denoiser API: `kd20_denoise.rs`.)
 
 use candle_core::{DType, Device, Tensor};
 use kd_models::kd20::pipeline::{process_images, Kd20Img2Img};
@@ -22,6 +23,8 @@ struct Fixture {
     meta: Value,
     i2i_refs: HashMap<String, Tensor>,
     i2i_meta: Value,
+    plms_refs: HashMap<String, Tensor>,
+    plms_meta: Value,
 }
 
 fn fx() -> &'static Fixture {
@@ -31,18 +34,25 @@ fn fx() -> &'static Fixture {
         let meta = std::fs::read_to_string(dir.join("reference/pipeline.json")).unwrap();
         let i2i_meta =
             std::fs::read_to_string(dir.join("reference/pipeline_img2img.json")).unwrap();
+        let plms_meta = std::fs::read_to_string(dir.join("reference/pipeline_plms.json")).unwrap();
         Fixture {
             pipe: Kd20Pipeline::load(&dir, DType::F32, &Device::Cpu).unwrap(),
             refs: load_reference(dir.join("reference/pipeline.safetensors")).unwrap(),
             meta: serde_json::from_str(&meta).unwrap(),
             i2i_refs: load_reference(dir.join("reference/pipeline_img2img.safetensors")).unwrap(),
             i2i_meta: serde_json::from_str(&i2i_meta).unwrap(),
+            plms_refs: load_reference(dir.join("reference/pipeline_plms.safetensors")).unwrap(),
+            plms_meta: serde_json::from_str(&plms_meta).unwrap(),
         }
     })
 }
 
 fn args_of(case: &str) -> Kd20Text2Img {
-    let m = &fx().meta["cases"][case];
+    args_from(&fx().meta, case)
+}
+
+fn args_from(meta: &Value, case: &str) -> Kd20Text2Img {
+    let m = &meta["cases"][case];
     Kd20Text2Img {
         prompt: m["prompt"].as_str().unwrap().to_string(),
         batch_size: m["batch_size"].as_u64().unwrap() as usize,
@@ -108,6 +118,20 @@ fn text2img_p_sampler_matches_official() {
 #[test]
 fn text2img_ddim_cropped_matches_official() {
     check_case("ddim_cyrillic");
+}
+
+/// PLMS at 5 steps: the improved-Euler first step (two UNet calls, two draws) and the
+/// Adams–Bashforth orders 2, 3 and 4.
+#[test]
+fn text2img_plms_matches_official() {
+    let case = "plms_latin";
+    let f = fx();
+    let args = args_from(&f.plms_meta, case);
+    assert_eq!(args.sampler, SamplerKind::Plms);
+    let mut noise = replay_from(&f.plms_refs, &f.plms_meta, case);
+    let out = f.pipe.text2img(&args, &mut noise).unwrap();
+    assert_eq!(noise.remaining(), 0, "{case}: draws left over");
+    compare(&f.plms_refs, case, &out);
 }
 
 fn i2i_args(case: &str) -> Kd20Img2Img {

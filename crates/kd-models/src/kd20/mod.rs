@@ -7,10 +7,13 @@
 //!   run as `Kandinsky2.encode_text` runs them: [`Kd20TextEncoders`].
 //! * [`mt5`]: the mT5 encoder with attention mask and T5 relative-position buckets.
 //! * [`tokenizer`]: the mT5 tokenizer built from `spiece.model` as transformers converts it.
-//! * [`pipeline`]: `Kandinsky2` from the official folder and `generate_text2img`:
-//!   [`Kd20Pipeline`].
+//! * [`denoise`]: `generate_img` on the UNet alone (text-to-image, img2img after encoding,
+//!   inpainting after encoding), with per-step progress: [`Kd20Denoiser`].
+//! * [`pipeline`]: `Kandinsky2` from the official folder, `generate_text2img`,
+//!   `generate_img2img` and `generate_inpainting` on [`Kd20Denoiser`]: [`Kd20Pipeline`].
 //! * [`spm`]: a dependency-free reader of SentencePiece model files (protobuf `ModelProto`).
 
+pub mod denoise;
 pub mod mt5;
 pub mod pipeline;
 pub mod spm;
@@ -18,8 +21,9 @@ pub mod text;
 pub mod tokenizer;
 pub mod unet;
 
+pub use denoise::{Kd20Denoiser, Kd20Sampling, Kd20Step, Kd20Task, Kd20Text};
 pub use mt5::{Mt5Config, Mt5Encoder, Mt5Output};
-pub use pipeline::{Kd20Images, Kd20Pipeline, Kd20Text2Img};
+pub use pipeline::{Kd20Images, Kd20Img2Img, Kd20InpaintArgs, Kd20Pipeline, Kd20Text2Img};
 pub use spm::SpmModel;
 pub use text::{Kd20TextConditioning, Kd20TextEncoders, Kd20Tokens};
 pub use tokenizer::{Mt5Tokenizer, T5SpecialTokens};

@@ -5,6 +5,7 @@
 //! `init_step`), and the img2img start (`utils.py: q_sample`).
 
 use super::respace::space_timesteps;
+use super::samplers::{no_observer, SamplerStep, StepObserver};
 use super::threshold::{dynamic_threshold, DenoisedFn};
 use crate::error::{ModelError, Result};
 use crate::noise::NoiseSource;
@@ -453,13 +454,48 @@ impl GaussianDiffusion {
     where
         M: FnMut(&Tensor, &Tensor) -> Result<Tensor>,
     {
+        Ok(self
+            .p_sample_with_pred(model, x, i, clip_denoised, denoised_fn, noise)?
+            .0)
+    }
+
+    /// [`Self::p_sample`] also returning the step's `pred_xstart` (after `denoised_fn` and
+    /// `clip_denoised`, as the mean used it).
+    pub fn p_sample_with_pred<M>(
+        &self,
+        model: &mut M,
+        x: &Tensor,
+        i: usize,
+        clip_denoised: bool,
+        denoised_fn: Option<&DenoisedFn>,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<(Tensor, Tensor)>
+    where
+        M: FnMut(&Tensor, &Tensor) -> Result<Tensor>,
+    {
         let out = self.p_mean_variance(model, x, i, clip_denoised, denoised_fn)?;
         let z = noise.randn(x.dims(), x.device())?;
         if i == 0 {
-            return Ok(out.mean);
+            return Ok((out.mean, out.pred_xstart));
         }
         let std = out.log_variance.affine(0.5, 0.0)?.exp()?;
-        Ok((out.mean + std.mul(&z)?)?)
+        Ok(((out.mean + std.mul(&z)?)?, out.pred_xstart))
+    }
+
+    /// The number of [`Self::p_sample`] steps `p_sample_loop` runs with `init_step` (all the
+    /// respaced steps without one); refuses an `init_step` outside `1 ..= num_timesteps`.
+    pub fn p_sample_steps(&self, init_step: Option<usize>) -> Result<usize> {
+        match init_step {
+            None => Ok(self.num_timesteps()),
+            Some(s) if (1..=self.num_timesteps()).contains(&s) => Ok(s),
+            Some(s) => Err(ModelError::invalid(
+                "init_step",
+                format!(
+                    "{s}; allowed 1 ..= {} (the official loop has no step to run at 0)",
+                    self.num_timesteps()
+                ),
+            )),
+        }
     }
 
     /// `p_sample_loop(model, shape, noise=x_t, ...)`: `x_t` or a `randn(shape)` draw, then
@@ -476,19 +512,27 @@ impl GaussianDiffusion {
     where
         M: FnMut(&Tensor, &Tensor) -> Result<Tensor>,
     {
-        let n = match opts.init_step {
-            None => self.num_timesteps(),
-            Some(s) if (1..=self.num_timesteps()).contains(&s) => s,
-            Some(s) => {
-                return Err(ModelError::invalid(
-                    "init_step",
-                    format!(
-                        "{s}; allowed 1 ..= {} (the official loop has no step to run at 0)",
-                        self.num_timesteps()
-                    ),
-                ))
-            }
-        };
+        self.p_sample_loop_observed(model, shape, x_t, opts, noise, device, &mut no_observer)
+    }
+
+    /// [`Self::p_sample_loop`] calling `observer` after every step (the official
+    /// `progress` loop's place) with the steps done, the total ([`Self::p_sample_steps`]) and
+    /// the step's `pred_xstart` (all rows); an error from it stops the loop and is returned.
+    #[allow(clippy::too_many_arguments)]
+    pub fn p_sample_loop_observed<M>(
+        &self,
+        model: &mut M,
+        shape: &[usize],
+        x_t: Option<&Tensor>,
+        opts: &PSampleOptions,
+        noise: &mut dyn NoiseSource,
+        device: &Device,
+        observer: &mut StepObserver<'_>,
+    ) -> Result<Tensor>
+    where
+        M: FnMut(&Tensor, &Tensor) -> Result<Tensor>,
+    {
+        let n = self.p_sample_steps(opts.init_step)?;
         if let Some(df) = &opts.denoised_fn {
             df.validate(shape)?;
         }
@@ -504,8 +548,8 @@ impl GaussianDiffusion {
             }
             None => noise.randn(shape, device)?,
         };
-        for i in (0..n).rev() {
-            x = self.p_sample(
+        for (done, i) in (0..n).rev().enumerate() {
+            let (next, pred) = self.p_sample_with_pred(
                 model,
                 &x,
                 i,
@@ -513,6 +557,12 @@ impl GaussianDiffusion {
                 opts.denoised_fn.as_ref(),
                 noise,
             )?;
+            x = next;
+            observer(SamplerStep {
+                done: done + 1,
+                total: n,
+                pred_x0: &pred,
+            })?;
         }
         Ok(x)
     }

@@ -87,7 +87,9 @@ pub use pipeline::{
     SamplerKind,
 };
 pub use respace::space_timesteps;
-pub use samplers::{DdimSampler, DdimSchedule, PlmsSampler, DDPM_NUM_TIMESTEPS};
+pub use samplers::{
+    DdimSampler, DdimSchedule, PlmsSampler, SamplerStep, StepObserver, DDPM_NUM_TIMESTEPS,
+};
 pub use threshold::{
     dynamic_threshold, dynamic_threshold_scale, np_percentile, DenoisedFn, DenoisedType,
 };

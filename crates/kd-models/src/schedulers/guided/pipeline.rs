@@ -4,7 +4,7 @@
 //! and `utils.py: prepare_mask`.
 
 use super::diffusion::{DiffusionConfig, GaussianDiffusion, PSampleOptions};
-use super::samplers::{DdimSampler, PlmsSampler};
+use super::samplers::{no_observer, DdimSampler, DdimSchedule, PlmsSampler, StepObserver};
 use super::threshold::{DenoisedFn, DenoisedType};
 use crate::error::{ModelError, Result};
 use crate::noise::NoiseSource;
@@ -183,6 +183,50 @@ impl GenerateImg {
     where
         M: FnMut(&Tensor, &Tensor) -> Result<Tensor>,
     {
+        self.run_observed(
+            diffusion,
+            latent_chw,
+            x_t,
+            inpaint,
+            unet,
+            noise,
+            device,
+            &mut no_observer,
+        )
+    }
+
+    /// The number of sampler steps [`Self::run`] takes on `diffusion` (what an observer gets
+    /// as `total`): the p-sampler's respaced count or `init_step`; for DDIM/PLMS the DDIM
+    /// timesteps `<= init_step` (`1000 // S` striding: S = 6 runs 7 steps; 0 when `init_step` is 0). Checks
+    /// `num_steps` and `init_step` as `run` does.
+    pub fn total_steps(&self, diffusion: &GaussianDiffusion) -> Result<usize> {
+        match self.sampler {
+            SamplerKind::P => diffusion.p_sample_steps(self.init_step),
+            SamplerKind::Ddim | SamplerKind::Plms => {
+                check_steps(self.num_steps)?;
+                Ok(DdimSchedule::new(diffusion, self.num_steps, 0.0, self.init_step)?.len())
+            }
+        }
+    }
+
+    /// [`Self::run`] calling `observer` after every sampler step with the steps done,
+    /// [`Self::total_steps`] and the step's x₀ prediction of all `2 · batch_size` rows (see
+    /// [`SamplerStep`](super::SamplerStep)); an error from it stops sampling and is returned.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_observed<M>(
+        &self,
+        diffusion: &GaussianDiffusion,
+        latent_chw: [usize; 3],
+        x_t: Option<&Tensor>,
+        inpaint: Option<(&Tensor, &Tensor)>,
+        unet: &mut M,
+        noise: &mut dyn NoiseSource,
+        device: &Device,
+        observer: &mut StepObserver<'_>,
+    ) -> Result<Tensor>
+    where
+        M: FnMut(&Tensor, &Tensor) -> Result<Tensor>,
+    {
         if self.batch_size == 0 {
             return Err(ModelError::invalid("batch_size", "0; allowed ≥ 1"));
         }
@@ -193,7 +237,11 @@ impl GenerateImg {
             ));
         }
         let [c, h, w] = latent_chw;
-        let shape = [2 * self.batch_size, c, h, w];
+        let rows = self
+            .batch_size
+            .checked_mul(2)
+            .ok_or_else(|| ModelError::invalid("batch_size", "too large"))?;
+        let shape = [rows, c, h, w];
         let samples = match self.sampler {
             SamplerKind::P => {
                 let opts = PSampleOptions {
@@ -206,19 +254,21 @@ impl GenerateImg {
                     init_step: self.init_step,
                 };
                 let mut model = guided_model_fn(unet, self.guidance_scale, true);
-                diffusion.p_sample_loop(&mut model, &shape, x_t, &opts, noise, device)?
+                diffusion.p_sample_loop_observed(
+                    &mut model, &shape, x_t, &opts, noise, device, observer,
+                )?
             }
             SamplerKind::Ddim => {
                 check_steps(self.num_steps)?;
                 let s = DdimSampler::new(diffusion, self.num_steps, 0.0, self.init_step)?;
                 let mut model = guided_model_fn(unet, self.guidance_scale, false);
-                s.sample(&mut model, &shape, x_t, noise, device)?
+                s.sample_observed(&mut model, &shape, x_t, noise, device, observer)?
             }
             SamplerKind::Plms => {
                 check_steps(self.num_steps)?;
                 let s = PlmsSampler::new(diffusion, self.num_steps, self.init_step)?;
                 let mut model = guided_model_fn(unet, self.guidance_scale, false);
-                s.sample(&mut model, &shape, x_t, noise, device)?
+                s.sample_observed(&mut model, &shape, x_t, noise, device, observer)?
             }
         };
         Ok(samples.narrow(0, 0, self.batch_size)?)

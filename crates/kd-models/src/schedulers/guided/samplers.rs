@@ -10,6 +10,28 @@ use crate::error::{ModelError, Result};
 use crate::noise::NoiseSource;
 use candle_core::{DType, Device, Tensor};
 
+/// One sampler step just taken, as a progress observer sees it (the official samplers'
+/// `img_callback(pred_x0, i)`).
+#[derive(Debug, Clone, Copy)]
+pub struct SamplerStep<'a> {
+    /// Steps done so far, `1 ..= total` (PLMS's two-call first step counts once).
+    pub done: usize,
+    /// The steps this run takes.
+    pub total: usize,
+    /// The step's x₀ prediction for the whole batch as the update used it: the p-sampler's
+    /// `pred_xstart` after `denoised_fn` and `clip_denoised`, DDIM's / PLMS's `pred_x0` (PLMS:
+    /// from the combined ε).
+    pub pred_x0: &'a Tensor,
+}
+
+/// Called after every sampler step; an error from it aborts sampling and is returned.
+pub type StepObserver<'o> = dyn FnMut(SamplerStep<'_>) -> Result<()> + 'o;
+
+/// The observer of the unobserved entry points.
+pub(crate) fn no_observer(_: SamplerStep<'_>) -> Result<()> {
+    Ok(())
+}
+
 /// `DDIMSampler.ddpm_num_timesteps`: the samplers only work on the unrespaced 1000 steps.
 pub const DDPM_NUM_TIMESTEPS: usize = 1000;
 
@@ -200,12 +222,36 @@ impl DdimSampler {
     where
         M: FnMut(&Tensor, &Tensor) -> Result<Tensor>,
     {
+        self.sample_observed(model, shape, x_t, noise, device, &mut no_observer)
+    }
+
+    /// [`Self::sample`] calling `observer` after every step with the step's `pred_x0`; an
+    /// error from it stops sampling and is returned.
+    pub fn sample_observed<M>(
+        &self,
+        model: &mut M,
+        shape: &[usize],
+        x_t: Option<&Tensor>,
+        noise: &mut dyn NoiseSource,
+        device: &Device,
+        observer: &mut StepObserver<'_>,
+    ) -> Result<Tensor>
+    where
+        M: FnMut(&Tensor, &Tensor) -> Result<Tensor>,
+    {
         let mut x = start(shape, x_t, noise, device)?;
         let s = &self.schedule;
-        for index in (0..s.len()).rev() {
+        let n = s.len();
+        for (done, index) in (0..n).rev().enumerate() {
             let t = Tensor::full(s.timesteps[index] as f32, shape[0], x.device())?;
             let e_t = eps_of(model(&x, &t)?, &x)?;
-            x = s.x_prev(&x, &e_t, index, noise)?.0;
+            let (next, pred_x0) = s.x_prev(&x, &e_t, index, noise)?;
+            x = next;
+            observer(SamplerStep {
+                done: done + 1,
+                total: n,
+                pred_x0: &pred_x0,
+            })?;
         }
         Ok(x)
     }
@@ -244,6 +290,24 @@ impl PlmsSampler {
     where
         M: FnMut(&Tensor, &Tensor) -> Result<Tensor>,
     {
+        self.sample_observed(model, shape, x_t, noise, device, &mut no_observer)
+    }
+
+    /// [`Self::sample`] calling `observer` after every step (not after each model call: the
+    /// first step's two calls are one step) with the step's `pred_x0` (from the combined ε);
+    /// an error from it stops sampling and is returned.
+    pub fn sample_observed<M>(
+        &self,
+        model: &mut M,
+        shape: &[usize],
+        x_t: Option<&Tensor>,
+        noise: &mut dyn NoiseSource,
+        device: &Device,
+        observer: &mut StepObserver<'_>,
+    ) -> Result<Tensor>
+    where
+        M: FnMut(&Tensor, &Tensor) -> Result<Tensor>,
+    {
         let mut x = start(shape, x_t, noise, device)?;
         let s = &self.schedule;
         let n = s.len();
@@ -276,11 +340,17 @@ impl PlmsSampler {
                     )?
                 }
             };
-            x = s.x_prev(&x, &e_prime, index, noise)?.0;
+            let (next, pred_x0) = s.x_prev(&x, &e_prime, index, noise)?;
+            x = next;
             old_eps.push(e_t);
             if old_eps.len() >= 4 {
                 old_eps.remove(0);
             }
+            observer(SamplerStep {
+                done: i + 1,
+                total: n,
+                pred_x0: &pred_x0,
+            })?;
         }
         Ok(x)
     }

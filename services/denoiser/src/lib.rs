@@ -8,9 +8,11 @@
 pub mod batcher;
 pub mod budget;
 pub mod denoise;
+pub mod guided;
 pub mod model;
 pub mod request;
 pub mod tokens;
+pub mod wire;
 
 use denoise::denoise;
 use kd_proto::to_wire;
@@ -59,12 +61,14 @@ pub struct Config {
     pub batch_wait_ms: u64,
 }
 
-/// What the stage loaded: a decoder UNet (Kandinsky 2.1 / 2.2) or, for an aMUSEd folder, the
-/// masked-token generator. The folder decides, read while loading (the stage answers health
-/// NOT_SERVING meanwhile).
+/// What the stage loaded: a decoder UNet (Kandinsky 2.1 / 2.2), for an aMUSEd folder the
+/// masked-token generator, for a Kandinsky 2.0 folder its UNet with the official guided
+/// samplers. The folder decides, read while loading (the stage answers health NOT_SERVING
+/// meanwhile).
 pub enum Loaded {
     Decoder(Arc<DecoderModel>),
     Tokens(Box<tokens::TokenModel>),
+    Guided(Box<guided::GuidedModel>),
 }
 
 impl kd_runtime::StageModel for Loaded {
@@ -72,6 +76,7 @@ impl kd_runtime::StageModel for Loaded {
         match self {
             Self::Decoder(m) => &m.info,
             Self::Tokens(m) => &m.info,
+            Self::Guided(m) => &m.info,
         }
     }
 }
@@ -80,6 +85,7 @@ impl kd_runtime::StageModel for Loaded {
 pub enum Checked {
     Decoder(Plan),
     Tokens(tokens::TokenPlan),
+    Guided(guided::GuidedPlan),
 }
 
 /// The denoiser service.
@@ -151,6 +157,7 @@ impl v1::denoiser_server::Denoiser for Denoiser {
                     Checked::Decoder(plan)
                 }
                 Loaded::Tokens(m) => Checked::Tokens(tokens::check(m, &limits, &req, deadline)?),
+                Loaded::Guided(m) => Checked::Guided(guided::check(m, &limits, &req, deadline)?),
             })
         };
         let metrics = self.stage.metrics.clone();
@@ -190,12 +197,25 @@ impl v1::denoiser_server::Denoiser for Denoiser {
                     let tokens = tracing::Instrument::instrument(
                         blocking(move || match &*model {
                             Loaded::Tokens(t) => tokens::generate(t, plan, &worker, &metrics),
-                            Loaded::Decoder(_) => unreachable_model(),
+                            _ => unreachable_model(),
                         }),
                         span,
                     )
                     .await?;
                     (tokens, t.info.clone())
+                }
+                (Loaded::Guided(g), Checked::Guided(plan)) => {
+                    let span = guided::span(&plan);
+                    let model = m.clone();
+                    let latents = tracing::Instrument::instrument(
+                        blocking(move || match &*model {
+                            Loaded::Guided(g) => guided::generate(g, plan, &worker, &metrics),
+                            _ => unreachable_model(),
+                        }),
+                        span,
+                    )
+                    .await?;
+                    (latents, g.info.clone())
                 }
                 _ => return unreachable_model(),
             };
@@ -221,8 +241,9 @@ fn unreachable_model<T>() -> Result<T, ServiceError> {
 
 /// Serves on `listeners` until `shutdown`: NOT_SERVING while the model loads and warms up
 /// (one step), SERVING after. An aMUSEd folder loads the token generator
-/// ([`tokens::TokenModel`]) behind the same API; step-level batching applies to decoder UNets
-/// only (aMUSEd requests run their own loops, up to the admission's concurrency).
+/// ([`tokens::TokenModel`]) and a Kandinsky 2.0 folder its guided sampler
+/// ([`guided::GuidedModel`]) behind the same API; step-level batching applies to decoder UNets
+/// only (the others run their own loops, up to the admission's concurrency).
 pub async fn run_with_listeners(
     config: Config,
     listeners: Listeners,
@@ -247,16 +268,28 @@ pub async fn run_with_listeners(
     let load = blocking(move || {
         // Opened once (model_index.json is read once): the family decides what to load.
         let dir = kd_models::CheckpointDir::open(&config.stage.model_dir)?;
-        if dir.family() == kd_models::ModelFamily::Amused {
-            if config.max_batch_rows > 0 {
-                tracing::warn!(
-                    max_batch_rows = config.max_batch_rows,
-                    "step-level batching is not implemented for aMUSEd folders; each request \
-                     runs its own token loop"
-                );
+        let own_loop = match dir.family() {
+            kd_models::ModelFamily::Amused => Some("aMUSEd"),
+            kd_models::ModelFamily::Kandinsky20 => Some("Kandinsky 2.0"),
+            _ => None,
+        };
+        if let (Some(family), true) = (own_loop, config.max_batch_rows > 0) {
+            tracing::warn!(
+                max_batch_rows = config.max_batch_rows,
+                "step-level batching is not implemented for {family} folders; each request runs \
+                 its own loop"
+            );
+        }
+        match dir.family() {
+            kd_models::ModelFamily::Amused => {
+                let model = tokens::TokenModel::load_and_warm(&config.stage, &dir, pixels)?;
+                return Ok(Loaded::Tokens(Box::new(model)));
             }
-            let model = tokens::TokenModel::load_and_warm(&config.stage, &dir, pixels)?;
-            return Ok(Loaded::Tokens(Box::new(model)));
+            kd_models::ModelFamily::Kandinsky20 => {
+                let model = guided::GuidedModel::load_and_warm(&config.stage, &dir, pixels)?;
+                return Ok(Loaded::Guided(Box::new(model)));
+            }
+            _ => {}
         }
         let mut model = DecoderModel::load_and_warm(&config.stage, &dir, &config.schedule)?;
         model.info.max_pixels = pixels.limit(&model.device);

@@ -7,7 +7,8 @@
 //! is cancelled or its deadline passes.
 
 use crate::denoise::{send_progress, PREVIEW_MAX_SIDE};
-use crate::request::{Limits, MAX_SIDE, MAX_STEPS, MIN_SIDE, SIZE_MULTIPLE};
+use crate::request::{Limits, MAX_STEPS, MIN_SIDE};
+use crate::wire::{broadcast, float, invalid, side};
 use candle_core::{DType, Device, Tensor};
 use kd_models::amused::{
     MicroConds, TokenConditioning, TokenGenerator, TokenParams, TokenTask, DEFAULT_STEPS,
@@ -145,8 +146,9 @@ pub struct TokenPlan {
     steps: usize,
 }
 
-fn invalid(field: &str, message: impl Into<String>) -> ServiceError {
-    ServiceError::invalid(field, message)
+/// Refuses a Kandinsky-only field that is set.
+fn refuse_if(set: bool, field: &str, what: &str) -> Result<(), ServiceError> {
+    crate::wire::refuse_if(set, field, what, "an aMUSEd (masked-token) model")
 }
 
 /// The wire field of a model error's field.
@@ -165,43 +167,6 @@ fn on_wire(e: ModelError) -> ServiceError {
         }
         other => other.into(),
     }
-}
-
-/// Refuses a Kandinsky-only field that is set.
-fn refuse_if(set: bool, field: &str, what: &str) -> Result<(), ServiceError> {
-    if set {
-        return Err(invalid(
-            field,
-            format!(
-                "{what}; this denoiser serves an aMUSEd (masked-token) model, which takes none"
-            ),
-        ));
-    }
-    Ok(())
-}
-
-fn side(name: &str, v: u32, multiple: usize) -> Result<usize, ServiceError> {
-    let m = (SIZE_MULTIPLE as usize).max(multiple);
-    if !(MIN_SIDE..=MAX_SIDE).contains(&v) || !(v as usize).is_multiple_of(m) {
-        return Err(invalid(
-            name,
-            format!("{v}; allowed: a multiple of {m} in {MIN_SIDE}..={MAX_SIDE}"),
-        ));
-    }
-    Ok(v as usize)
-}
-
-/// Decodes a float wire tensor to f32 on the CPU.
-fn float(limits: &Limits, t: &v1::Tensor, field: &str) -> Result<Tensor, ServiceError> {
-    let x =
-        from_wire(t, &Device::Cpu, &limits.tensors).map_err(|e| ServiceError::tensor(field, e))?;
-    if !x.dtype().is_float() {
-        return Err(invalid(
-            field,
-            format!("dtype {:?}; allowed: f32, f16, bf16", x.dtype()),
-        ));
-    }
-    Ok(x.to_dtype(DType::F32)?)
 }
 
 /// `{name}.text_embeds` (R, D) and `{name}.text_hidden_states` (R, L, E) of the model's widths.
@@ -258,22 +223,6 @@ fn text_rows(
         hidden_states: hs,
         mask,
     })
-}
-
-/// Repeats a one-row tensor to `rows` (a `1 or B` field).
-fn broadcast(t: Tensor, rows: usize, field: &str) -> Result<Tensor, ServiceError> {
-    match t.dim(0)? {
-        r if r == rows => Ok(t),
-        1 => {
-            let mut reps = vec![1; t.rank()];
-            reps[0] = rows;
-            Ok(t.repeat(reps)?)
-        }
-        r => Err(invalid(
-            field,
-            format!("{r} rows; allowed: 1 or {rows} (one per image)"),
-        )),
-    }
 }
 
 fn negative_rows(t: TextConditioning, rows: usize) -> Result<TextConditioning, ServiceError> {

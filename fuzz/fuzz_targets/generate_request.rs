@@ -31,7 +31,13 @@ fuzz_target!(|data: &[u8]| {
                 default_steps: 12,
                 ..DecoderProfile::teacher()
             };
-            for profile in [DecoderProfile::teacher(), student, small, amused] {
+            // Kandinsky 2.0: no prior, the official samplers (PLMS its own), 50 steps balanced.
+            let kd20 = DecoderProfile {
+                family: kd_proto::v1::ModelFamily::Kandinsky20,
+                default_steps: 50,
+                ..DecoderProfile::teacher()
+            };
+            for profile in [DecoderProfile::teacher(), student, small, amused, kd20] {
                 let _ = plan.requested.resolve(&profile);
                 let _ = plan.for_model(&profile);
             }

@@ -3,6 +3,7 @@
 //! [`ServiceError`]s naming the stage.
 
 use crate::balance::Pool;
+use crate::models::{check_family, ServedModel};
 use kd_proto::v1::{
     self, denoiser_client::DenoiserClient, movq_client::MovqClient, prior_client::PriorClient,
     stage_info_client::StageInfoClient, text_encoder_client::TextEncoderClient, GenerateEvent,
@@ -115,7 +116,7 @@ where
 pub struct StageClients<'a> {
     /// The replica pools of the set's stages.
     pub text_encoder: &'a Pool,
-    /// `None` for a set without a prior (aMUSEd).
+    /// `None` for a set without a prior (aMUSEd, Kandinsky 2.0).
     pub prior: Option<&'a Pool>,
     pub denoiser: &'a Pool,
     pub movq: &'a Pool,
@@ -153,10 +154,14 @@ impl StageClients<'_> {
         .flatten()
     }
 
-    /// `TextEncoder.EncodeText`.
+    /// `TextEncoder.EncodeText`, from a text encoder of `served`'s family, with the
+    /// conditionings that family's pipeline needs: the CLIP `prior_conditioning` (Kandinsky 2.1
+    /// and 2.2, aMUSEd), or Kandinsky 2.0's two encoders' (`decoder_conditioning`'s
+    /// `text_embeds` and `hidden_states`, `decoder_conditioning_2`'s `hidden_states`).
     pub async fn encode_text(
         &self,
         req: v1::EncodeTextRequest,
+        served: &ServedModel,
     ) -> Result<v1::EncodeTextResponse, ServiceError> {
         let r = call(
             self.text_encoder(),
@@ -166,10 +171,33 @@ impl StageClients<'_> {
             |ch, r| async move { limits!(TextEncoderClient::new(ch)).encode_text(r).await },
         )
         .await?;
-        if r.prior_conditioning.is_none() {
-            return Err(missing("text_encoder", "prior_conditioning"));
+        check_family("text_encoder", r.model.as_ref(), served)?;
+        if served.family != v1::ModelFamily::Kandinsky20 {
+            return match r.prior_conditioning {
+                Some(_) => Ok(r),
+                None => Err(missing("text_encoder", "prior_conditioning")),
+            };
         }
-        Ok(r)
+        let first = r.decoder_conditioning.as_ref();
+        let second = r.decoder_conditioning_2.as_ref();
+        let needed = [
+            (
+                "decoder_conditioning.text_embeds",
+                first.and_then(|c| c.text_embeds.as_ref()),
+            ),
+            (
+                "decoder_conditioning.hidden_states",
+                first.and_then(|c| c.hidden_states.as_ref()),
+            ),
+            (
+                "decoder_conditioning_2.hidden_states",
+                second.and_then(|c| c.hidden_states.as_ref()),
+            ),
+        ];
+        match needed.iter().find(|(_, t)| t.is_none()) {
+            Some((field, _)) => Err(missing("text_encoder", field)),
+            None => Ok(r),
+        }
     }
 
     /// `Prior.Sample`: the image embeddings.

@@ -1,7 +1,7 @@
 //! The models a gateway serves: one stage set (text encoder, prior, denoiser, movq; no prior for
-//! aMUSEd) per model, each stage set's family read from its stages, never configured. The first
-//! set is the default (what a request that names no model gets); a request naming a model goes
-//! to the set serving it.
+//! aMUSEd and Kandinsky 2.0) per model, each stage set's family read from its stages, never
+//! configured. The first set is the default (what a request that names no model gets); a request
+//! naming a model goes to the set serving it.
 
 use crate::balance::Pool;
 use crate::clients::{Ctx, StageClients};
@@ -61,13 +61,23 @@ pub enum Step {
 pub fn stage_graph(family: v1::ModelFamily) -> &'static [Step] {
     use Step::*;
     const UNCLIP: &[Step] = &[EncodeText, Prior, InitImage, Denoise, Decode];
-    const MASKED_TOKENS: &[Step] = &[EncodeText, InitImage, Denoise, Decode];
+    const TEXT_CONDITIONED: &[Step] = &[EncodeText, InitImage, Denoise, Decode];
     match family {
         v1::ModelFamily::Kandinsky21 | v1::ModelFamily::Kandinsky22 => UNCLIP,
-        v1::ModelFamily::Amused | v1::ModelFamily::Kandinsky20 => MASKED_TOKENS,
+        v1::ModelFamily::Amused | v1::ModelFamily::Kandinsky20 => TEXT_CONDITIONED,
         // Stages that report no family are checked by the family checks; serve them as 2.2.
         v1::ModelFamily::Unspecified => UNCLIP,
     }
+}
+
+/// Whether `family` is an unCLIP Kandinsky (2.1, 2.2; stages that report no family are served
+/// as 2.2): a prior, diffusers' decoder schedulers with explicit schedules, ControlNet and
+/// variation / fusion. aMUSEd and Kandinsky 2.0 have none of them.
+pub fn is_unclip(family: v1::ModelFamily) -> bool {
+    matches!(
+        family,
+        v1::ModelFamily::Kandinsky21 | v1::ModelFamily::Kandinsky22 | v1::ModelFamily::Unspecified
+    )
 }
 
 /// How long the gateway trusts what the stages said they serve.
@@ -131,7 +141,7 @@ fn missing_denoiser(set: &str) -> ServiceError {
     ServiceError::Internal(format!("{set}: no denoiser answered its Info"))
 }
 
-/// Whether `family`'s stage graph calls a prior (Kandinsky 2.1 and 2.2; not aMUSEd).
+/// Whether `family`'s stage graph calls a prior (Kandinsky 2.1 and 2.2; not aMUSEd nor 2.0).
 pub fn needs_prior(family: v1::ModelFamily) -> bool {
     stage_graph(family).contains(&Step::Prior)
 }
@@ -155,7 +165,8 @@ fn prior_missing(set: &str, family: v1::ModelFamily) -> ServiceError {
 
 /// The tasks a model of `family` whose decoder is `kind` serves (`ModelDescription.tasks`).
 /// aMUSEd's one token generator serves text-to-image, image-to-image, inpaint and outpaint (no
-/// prior: no variation, no fusion).
+/// prior: no variation, no fusion). Kandinsky 2.0 (no prior either) serves text-to-image and
+/// image-to-image, and its inpainting checkpoint inpaint and outpaint.
 pub fn tasks(family: v1::ModelFamily, kind: v1::DecoderKind) -> &'static [v1::TaskKind] {
     use v1::TaskKind as T;
     if family == v1::ModelFamily::Amused {
@@ -163,6 +174,7 @@ pub fn tasks(family: v1::ModelFamily, kind: v1::DecoderKind) -> &'static [v1::Ta
     }
     match kind {
         v1::DecoderKind::Inpaint => &[T::Inpaint, T::Outpaint],
+        _ if !is_unclip(family) => &[T::TextToImage, T::ImageToImage],
         v1::DecoderKind::Controlnet => &[T::TextToImage, T::ImageToImage],
         v1::DecoderKind::TextToImage | v1::DecoderKind::Unspecified => {
             &[T::TextToImage, T::ImageToImage, T::Variation, T::Fusion]
@@ -171,9 +183,9 @@ pub fn tasks(family: v1::ModelFamily, kind: v1::DecoderKind) -> &'static [v1::Ta
 }
 
 /// Whether a model of `family` whose decoder is `kind` takes a ControlNet hint (and requires
-/// one).
+/// one): unCLIP Kandinsky ControlNet decoders only.
 pub fn takes_hint(family: v1::ModelFamily, kind: v1::DecoderKind) -> bool {
-    family != v1::ModelFamily::Amused && kind == v1::DecoderKind::Controlnet
+    is_unclip(family) && kind == v1::DecoderKind::Controlnet
 }
 
 /// How a task reads in errors.
@@ -371,7 +383,7 @@ impl Models {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StackUrls {
     pub text_encoder: Vec<String>,
-    /// `None`: the set has no prior (aMUSEd).
+    /// `None`: the set has no prior (aMUSEd, Kandinsky 2.0).
     pub prior: Option<Vec<String>>,
     pub denoiser: Vec<String>,
     pub movq: Vec<String>,
@@ -393,7 +405,8 @@ pub fn prior_urls(urls: &[String]) -> Result<Option<Vec<String>>, String> {
 }
 
 /// Parses one `--extra-stack` value: `text-encoder=URL,prior=URL,denoiser=URL,movq=URL`, where
-/// `prior=` may be left out (or be `prior=none`) for a model without a prior (aMUSEd).
+/// `prior=` may be left out (or be `prior=none`) for a model without a prior (aMUSEd,
+/// Kandinsky 2.0).
 pub fn parse_stack(spec: &str) -> Result<StackUrls, String> {
     const KEYS: [&str; 4] = ["text-encoder", "prior", "denoiser", "movq"];
     const PRIOR: usize = 1;
@@ -519,6 +532,46 @@ mod tests {
         assert_eq!(prior_urls(&two), Ok(Some(two.clone())));
         let mixed = vec!["http://a:1".to_string(), "none".to_string()];
         assert!(prior_urls(&mixed).unwrap_err().contains("stands alone"));
+    }
+
+    #[test]
+    fn kandinsky_2_0_serves_two_tasks_per_checkpoint_without_prior_or_hints() {
+        use v1::TaskKind as T;
+        let family = v1::ModelFamily::Kandinsky20;
+        assert!(!needs_prior(family) && !is_unclip(family));
+        for (kind, name, served, refused) in [
+            (
+                v1::DecoderKind::TextToImage,
+                "kandinsky-2-0",
+                [T::TextToImage, T::ImageToImage],
+                [T::Inpaint, T::Outpaint, T::Variation, T::Fusion],
+            ),
+            (
+                v1::DecoderKind::Inpaint,
+                "kandinsky-2-0-inpaint",
+                [T::Inpaint, T::Outpaint],
+                [T::TextToImage, T::ImageToImage, T::Variation, T::Fusion],
+            ),
+        ] {
+            let m = ServedModel {
+                name,
+                family,
+                decoder: DecoderProfile {
+                    family,
+                    kind,
+                    ..DecoderProfile::teacher()
+                },
+            };
+            assert_eq!(m.tasks(), served, "{name}");
+            assert!(!m.takes_hint(), "{name}");
+            for t in served {
+                assert!(m.serves(t, false), "{name} {t:?}");
+                assert!(!m.serves(t, true), "{name} {t:?} with a hint");
+            }
+            for t in refused {
+                assert!(!m.serves(t, false), "{name} {t:?}");
+            }
+        }
     }
 
     #[test]

@@ -1,14 +1,16 @@
 //! Orchestration of one validated request across the stages of its family's stage graph:
 //! text encoder → prior → denoiser (streamed progress) → movq; aMUSEd has no prior (its
 //! denoiser is conditioned on the text encoder's rows and samples a token map, which the movq
-//! stage decodes).
+//! stage decodes), nor has Kandinsky 2.0 (its denoiser is conditioned on its two text encoders'
+//! rows, always with the negative or empty prompt's for classifier-free guidance; its movq
+//! stage samples the init image's posterior from the image's seed).
 //!
 //! Every outgoing call carries the remaining deadline; a stage that cannot be reached becomes
 //! UNAVAILABLE naming the stage. Progress goes to an optional event sink (the streaming call).
 
 use crate::clients::missing;
 pub use crate::clients::{Ctx, Events, StageClients};
-use crate::models::{check_family, stage_graph, Models, ServedModel, Stages, Step};
+use crate::models::{stage_graph, Models, ServedModel, Stages, Step};
 use crate::validate::{FusionInput, Plan, Task};
 use kd_proto::tensor::{self, WireTensorError};
 use kd_proto::v1::{self, denoise_event, interpolate_item};
@@ -55,6 +57,37 @@ fn decoder_conditioning(
         text_attention_mask: text.attention_mask,
         text_hidden_states_2: None,
     }
+}
+
+/// Kandinsky 2.0's conditioning of one prompt's row, repeated to `n` rows: the first (M-CLIP)
+/// encoder's pooled projection and hidden states, the second (mT5) encoder's hidden states (no
+/// image embeddings, no attention masks: the official UNet takes none).
+fn kd20_conditioning(
+    first: &v1::TextEmbeddings,
+    second: &v1::TextEmbeddings,
+    n: usize,
+) -> Result<v1::DecoderConditioning, ServiceError> {
+    let first = repeat_conditioning(
+        &v1::TextEmbeddings {
+            attention_mask: None,
+            ..first.clone()
+        },
+        n,
+    )?;
+    let second = repeat_conditioning(
+        &v1::TextEmbeddings {
+            hidden_states: second.hidden_states.clone(),
+            ..Default::default()
+        },
+        n,
+    )?;
+    Ok(v1::DecoderConditioning {
+        image_embeds: None,
+        text_embeds: first.text_embeds,
+        text_hidden_states: first.hidden_states,
+        text_attention_mask: None,
+        text_hidden_states_2: second.hidden_states,
+    })
 }
 
 fn conditioning_row(c: &v1::TextEmbeddings, i: usize) -> Result<v1::TextEmbeddings, ServiceError> {
@@ -160,15 +193,14 @@ async fn run_step(
             w.texts = Some(encode_text(st, ctx, plan, served).await?);
         }
         Step::Prior => {
-            let (steps, texts) = (
-                plan.sampling.prior_steps,
-                needs(w.texts.as_ref(), step, "texts")?,
-            );
+            let steps = plan.sampling.prior_steps;
+            let clip = w.texts.as_ref().and_then(|t| t.clip.as_ref());
+            let clip = needs(clip, step, "the CLIP text conditioning")?;
             ctx.progress(v1::Stage::Prior, 0, steps).await?;
-            w.embeds = Some(prior_embeddings(st, ctx, plan, texts).await?);
+            w.embeds = Some(prior_embeddings(st, ctx, plan, clip).await?);
             ctx.progress(v1::Stage::Prior, steps, steps).await?;
         }
-        Step::InitImage => w.init = init_image(st, ctx, plan).await?,
+        Step::InitImage => w.init = init_image(st, ctx, plan, served.family).await?,
         Step::Denoise => {
             let conditioning = denoiser_conditioning(step, served.family, plan.seeds.len(), w)?;
             let init = std::mem::take(&mut w.init);
@@ -186,27 +218,50 @@ async fn run_step(
     Ok(())
 }
 
-/// What the text encoder gave for `[prompt, negative-or-empty, fusion texts...]`.
-struct Texts {
-    /// The whole batch (fusion texts from row 2).
-    all: v1::TextEmbeddings,
-    /// The prompt's row.
+/// One text conditioning's rows of the prompt and of the negative (or empty) prompt.
+#[derive(Debug, Clone, PartialEq)]
+struct PromptRows {
     cond: v1::TextEmbeddings,
-    /// The negative (or empty) prompt's row.
     uncond: v1::TextEmbeddings,
-    /// Kandinsky 2.1: the decoder's multilingual text conditioning (prompt, negative), one row
-    /// per image.
-    decoder: Option<(v1::TextEmbeddings, v1::TextEmbeddings)>,
 }
 
-/// Step 1: the text conditionings.
+impl PromptRows {
+    /// Rows 0 (the prompt) and 1 (the negative or empty prompt) of a batch.
+    fn of(batch: &v1::TextEmbeddings) -> Result<Self, ServiceError> {
+        Ok(Self {
+            cond: conditioning_row(batch, 0)?,
+            uncond: conditioning_row(batch, 1)?,
+        })
+    }
+}
+
+/// The CLIP text conditioning (the prior's; aMUSEd's denoiser's).
+struct ClipTexts {
+    /// The whole batch (fusion texts from row 2).
+    all: v1::TextEmbeddings,
+    /// Its prompt and negative rows.
+    rows: PromptRows,
+}
+
+/// What the text encoder gave for `[prompt, negative-or-empty, fusion texts...]`.
+struct Texts {
+    /// Kandinsky 2.1 and 2.2, aMUSEd; `None` for Kandinsky 2.0.
+    clip: Option<ClipTexts>,
+    /// The decoder's own text conditioning: Kandinsky 2.1's multilingual encoder, Kandinsky
+    /// 2.0's first (M-CLIP) encoder.
+    decoder: Option<PromptRows>,
+    /// Kandinsky 2.0's second (mT5) encoder.
+    decoder_2: Option<PromptRows>,
+}
+
+/// Step 1: the text conditionings. The second prompt is the negative one, or the empty prompt
+/// (the unconditional rows of every family's classifier-free guidance).
 async fn encode_text(
     st: &Stages,
     ctx: &Ctx,
     plan: &Plan,
     served: &ServedModel,
 ) -> Result<Texts, ServiceError> {
-    let n = plan.seeds.len();
     let uncond_text = plan.negative_prompt.clone().unwrap_or_default();
     let mut prompts = vec![plan.prompt.clone(), uncond_text];
     if let Task::Fusion { items } = &plan.task {
@@ -218,22 +273,20 @@ async fn encode_text(
     }
     let enc = st
         .clients(ctx)
-        .encode_text(v1::EncodeTextRequest { prompts })
+        .encode_text(v1::EncodeTextRequest { prompts }, served)
         .await?;
-    check_family("text_encoder", enc.model.as_ref(), served)?;
-    let all = enc.prior_conditioning.unwrap_or_default();
-    let decoder = match &enc.decoder_conditioning {
-        Some(d) => Some((
-            repeat_conditioning(&conditioning_row(d, 0)?, n)?,
-            repeat_conditioning(&conditioning_row(d, 1)?, n)?,
-        )),
+    let rows = |c: Option<&v1::TextEmbeddings>| c.map(PromptRows::of).transpose();
+    let clip = match enc.prior_conditioning {
+        Some(all) => Some(ClipTexts {
+            rows: PromptRows::of(&all)?,
+            all,
+        }),
         None => None,
     };
     Ok(Texts {
-        cond: conditioning_row(&all, 0)?,
-        uncond: conditioning_row(&all, 1)?,
-        all,
-        decoder,
+        clip,
+        decoder: rows(enc.decoder_conditioning.as_ref())?,
+        decoder_2: rows(enc.decoder_conditioning_2.as_ref())?,
     })
 }
 
@@ -243,13 +296,14 @@ struct Embeddings {
     negative: v1::Tensor,
 }
 
-/// Step 2: the prior.
+/// Step 2: the prior, on the CLIP text conditioning.
 async fn prior_embeddings(
     st: &Stages,
     ctx: &Ctx,
     plan: &Plan,
-    texts: &Texts,
+    texts: &ClipTexts,
 ) -> Result<Embeddings, ServiceError> {
+    let PromptRows { cond, uncond } = &texts.rows;
     let image = match &plan.task {
         Task::Variation { image } => {
             let req = v1::EmbedImagesRequest {
@@ -264,11 +318,11 @@ async fn prior_embeddings(
             repeat_rows(&e, plan.seeds.len())?
         }
         Task::Fusion { items } => fusion_embeddings(st, ctx, plan, texts, items).await?,
-        _ => sample(st, ctx, plan, &texts.cond, &texts.uncond).await?,
+        _ => sample(st, ctx, plan, cond, uncond).await?,
     };
     let negative = match &plan.negative_prompt {
         // As diffusers: the negative prompt is sampled through the prior too (cond = uncond).
-        Some(_) => sample(st, ctx, plan, &texts.uncond, &texts.uncond).await?,
+        Some(_) => sample(st, ctx, plan, uncond, uncond).await?,
         None => st.clients(ctx).zero_image_embedding().await?,
     };
     Ok(Embeddings { image, negative })
@@ -298,7 +352,7 @@ async fn fusion_embeddings(
     st: &Stages,
     ctx: &Ctx,
     plan: &Plan,
-    texts: &Texts,
+    texts: &ClipTexts,
     items: &[(FusionInput, f32)],
 ) -> Result<v1::Tensor, ServiceError> {
     let mut text_row = 2;
@@ -321,7 +375,7 @@ async fn fusion_embeddings(
     for &seed in &plan.seeds {
         let req = v1::InterpolateRequest {
             items: proto_items.clone(),
-            unconditional: Some(texts.uncond.clone()),
+            unconditional: Some(texts.rows.uncond.clone()),
             num_inference_steps: plan.sampling.prior_steps,
             guidance_scale: plan.sampling.prior_guidance,
             seed,
@@ -346,18 +400,32 @@ struct Init {
 }
 
 /// Step 3: init image / mask for image-to-image and inpaint.
-async fn init_image(st: &Stages, ctx: &Ctx, plan: &Plan) -> Result<Init, ServiceError> {
-    init_image_of(st, ctx, plan)
+async fn init_image(
+    st: &Stages,
+    ctx: &Ctx,
+    plan: &Plan,
+    family: v1::ModelFamily,
+) -> Result<Init, ServiceError> {
+    init_image_of(st, ctx, plan, family)
         .await
         .map_err(|e| e.rename_field(image_field(task_field(&plan.task))))
 }
 
-async fn init_image_of(st: &Stages, ctx: &Ctx, plan: &Plan) -> Result<Init, ServiceError> {
+async fn init_image_of(
+    st: &Stages,
+    ctx: &Ctx,
+    plan: &Plan,
+    family: v1::ModelFamily,
+) -> Result<Init, ServiceError> {
+    let encode = |image, repaint| {
+        let req = encode_images_request(plan, family, image, repaint);
+        async move { st.clients(ctx).encode_images(req).await }
+    };
     match &plan.task {
         Task::ImageToImage {
             image, strength, ..
         } => {
-            let (latents, _) = encode_image(st, ctx, image, Repaint::None, plan).await?;
+            let (latents, _) = encode(image, Repaint::None).await?;
             Ok(Init {
                 latents: Some(latents),
                 strength: *strength,
@@ -365,7 +433,7 @@ async fn init_image_of(st: &Stages, ctx: &Ctx, plan: &Plan) -> Result<Init, Serv
             })
         }
         Task::Inpaint { image, mask } => {
-            let (latents, mask) = encode_image(st, ctx, image, Repaint::Mask(mask), plan).await?;
+            let (latents, mask) = encode(image, Repaint::Mask(mask)).await?;
             Ok(Init {
                 latents: Some(latents),
                 strength: 0.0,
@@ -385,8 +453,7 @@ async fn init_image_of(st: &Stages, ctx: &Ctx, plan: &Plan) -> Result<Init, Serv
                 right: *right,
                 bottom: *bottom,
             };
-            let repaint = Repaint::Outpaint(margins);
-            let (latents, mask) = encode_image(st, ctx, image, repaint, plan).await?;
+            let (latents, mask) = encode(image, Repaint::Outpaint(margins)).await?;
             Ok(Init {
                 latents: Some(latents),
                 strength: 0.0,
@@ -404,31 +471,56 @@ struct Conditioning {
 }
 
 /// What the denoiser is conditioned on: the prior's image embeddings (with Kandinsky 2.1's
-/// multilingual text); for aMUSEd, which has no prior, the text encoder's rows (the prompt's
-/// repeated to `n` rows, the negative or empty prompt's one row, which the denoiser broadcasts).
+/// multilingual text, `n` rows each); for aMUSEd and Kandinsky 2.0, which have no prior, the
+/// text encoder's rows: the prompt's repeated to `n` rows, the negative or empty prompt's one
+/// row, which the denoiser broadcasts (Kandinsky 2.0 always gets it: the official pipeline
+/// always guides).
 fn denoiser_conditioning(
     step: Step,
     family: v1::ModelFamily,
     n: usize,
     w: &mut Work,
 ) -> Result<Conditioning, ServiceError> {
-    if family == v1::ModelFamily::Amused {
-        let texts = needs(w.texts.as_ref(), step, "texts")?;
-        return Ok(Conditioning {
-            cond: masked_token_conditioning(repeat_conditioning(&texts.cond, n)?),
-            uncond: masked_token_conditioning(texts.uncond.clone()),
-        });
+    let texts = w.texts.as_ref();
+    match family {
+        v1::ModelFamily::Amused => {
+            let clip = needs(texts.and_then(|t| t.clip.as_ref()), step, "CLIP texts")?;
+            Ok(Conditioning {
+                cond: masked_token_conditioning(repeat_conditioning(&clip.rows.cond, n)?),
+                uncond: masked_token_conditioning(clip.rows.uncond.clone()),
+            })
+        }
+        v1::ModelFamily::Kandinsky20 => {
+            let first = texts.and_then(|t| t.decoder.as_ref());
+            let first = needs(first, step, "the first text encoder's rows")?;
+            let second = texts.and_then(|t| t.decoder_2.as_ref());
+            let second = needs(second, step, "the second text encoder's rows")?;
+            Ok(Conditioning {
+                cond: kd20_conditioning(&first.cond, &second.cond, n)?,
+                uncond: kd20_conditioning(&first.uncond, &second.uncond, 1)?,
+            })
+        }
+        _ => {
+            let embeds = needs(w.embeds.take(), step, "image embeddings")?;
+            let (cond_text, uncond_text) = match texts.and_then(|t| t.decoder.as_ref()) {
+                Some(rows) => (
+                    Some(repeat_conditioning(&rows.cond, n)?),
+                    Some(repeat_conditioning(&rows.uncond, n)?),
+                ),
+                None => (None, None),
+            };
+            Ok(Conditioning {
+                cond: decoder_conditioning(embeds.image, cond_text.as_ref()),
+                uncond: decoder_conditioning(embeds.negative, uncond_text.as_ref()),
+            })
+        }
     }
-    let embeds = needs(w.embeds.take(), step, "image embeddings")?;
-    let decoder_text = w.texts.as_ref().and_then(|t| t.decoder.as_ref());
-    Ok(Conditioning {
-        cond: decoder_conditioning(embeds.image, decoder_text.map(|(c, _)| c)),
-        uncond: decoder_conditioning(embeds.negative, decoder_text.map(|(_, u)| u)),
-    })
 }
 
 /// Step 4's request. aMUSEd gets its masked-token parameters and never a scheduler, an explicit
-/// schedule or a hint (its token map goes to the movq stage as the latents do).
+/// schedule or a hint (its token map goes to the movq stage as the latents do); Kandinsky 2.0
+/// its resolved sampler (DDIM, DDPM = the official p_sampler, or PLMS) and never an explicit
+/// schedule or a hint (both refused before any stage runs).
 fn denoise_request(
     plan: &Plan,
     family: v1::ModelFamily,
@@ -457,11 +549,18 @@ fn denoise_request(
         hint_image: plan.task.hint().cloned().unwrap_or_default(),
         ..Default::default()
     };
-    if family == v1::ModelFamily::Amused {
-        req.scheduler = v1::Scheduler::Unspecified as i32;
-        req.timesteps.clear();
-        req.hint_image.clear();
-        req.masked_tokens = plan.requested.masked_tokens;
+    match family {
+        v1::ModelFamily::Amused => {
+            req.scheduler = v1::Scheduler::Unspecified as i32;
+            req.timesteps.clear();
+            req.hint_image.clear();
+            req.masked_tokens = plan.requested.masked_tokens;
+        }
+        v1::ModelFamily::Kandinsky20 => {
+            req.timesteps.clear();
+            req.hint_image.clear();
+        }
+        _ => {}
     }
     req
 }
@@ -559,29 +658,37 @@ enum Repaint<'a> {
     Outpaint(v1::OutpaintMargins),
 }
 
-/// MoVQ latents of the init image and, for inpaint and outpaint, the pre-processed repaint
-/// mask.
-async fn encode_image(
-    st: &Stages,
-    ctx: &Ctx,
+/// The movq request for the init image's latents and, for inpaint and outpaint, the
+/// pre-processed repaint mask. Kandinsky 2.0's autoencoder samples its posterior: the image
+/// (and its mask) goes once per image to generate, each with that image's seed, so that every
+/// image depends on its own seed only (B rows of latents and masks). The other families encode
+/// it once, deterministically, and take no seeds (one row, which the denoiser broadcasts).
+fn encode_images_request(
+    plan: &Plan,
+    family: v1::ModelFamily,
     image: &[u8],
     repaint: Repaint<'_>,
-    plan: &Plan,
-) -> Result<(v1::Tensor, Option<v1::Tensor>), ServiceError> {
+) -> v1::EncodeImagesRequest {
+    let seeded = family == v1::ModelFamily::Kandinsky20;
+    let copies = if seeded { plan.seeds.len() } else { 1 };
     let (masks, outpaint) = match repaint {
         Repaint::None => (Vec::new(), None),
-        Repaint::Mask(m) => (vec![m.to_vec()], None),
+        Repaint::Mask(m) => (vec![m.to_vec(); copies], None),
         Repaint::Outpaint(margins) => (Vec::new(), Some(margins)),
     };
-    let req = v1::EncodeImagesRequest {
-        images: vec![image.to_vec()],
+    v1::EncodeImagesRequest {
+        images: vec![image.to_vec(); copies],
         masks,
         outpaint,
         width: plan.width,
         height: plan.height,
+        seeds: if seeded {
+            plan.seeds.clone()
+        } else {
+            Vec::new()
+        },
         ..Default::default()
-    };
-    st.clients(ctx).encode_images(req).await
+    }
 }
 
 async fn decode(
@@ -635,10 +742,15 @@ mod tests {
     fn amused_is_conditioned_on_the_text_encoders_rows() {
         let mut w = Work {
             texts: Some(Texts {
-                all: v1::TextEmbeddings::default(),
-                cond: text(1),
-                uncond: text(3),
+                clip: Some(ClipTexts {
+                    all: v1::TextEmbeddings::default(),
+                    rows: PromptRows {
+                        cond: text(1),
+                        uncond: text(3),
+                    },
+                }),
                 decoder: None,
+                decoder_2: None,
             }),
             ..Default::default()
         };
@@ -719,5 +831,183 @@ mod tests {
         assert_eq!((r.height, r.width, r.seeds), (128, 64, vec![4]));
         assert_eq!((r.image_latents, r.preview_every), (Some(rows(1, 5)), 3));
         assert!(r.latents.is_none() && r.hint.is_none());
+    }
+
+    fn kd20() -> DecoderProfile {
+        DecoderProfile::of(&v1::ModelInfo {
+            family: v1::ModelFamily::Kandinsky20 as i32,
+            decoder_kind: v1::DecoderKind::TextToImage as i32,
+            ..Default::default()
+        })
+    }
+
+    /// An mT5 row: hidden states and a mask, no pooled embedding.
+    fn mt5(v: u8) -> v1::TextEmbeddings {
+        v1::TextEmbeddings {
+            text_embeds: None,
+            hidden_states: Some(rows(1, v)),
+            attention_mask: Some(rows(1, 9)),
+        }
+    }
+
+    #[test]
+    fn kandinsky_2_0_is_conditioned_on_both_text_encoders_and_always_on_the_negative() {
+        let texts = |second: Option<PromptRows>| Texts {
+            clip: None,
+            decoder: Some(PromptRows {
+                cond: text(1),
+                uncond: text(3),
+            }),
+            decoder_2: second,
+        };
+        let mut w = Work {
+            texts: Some(texts(Some(PromptRows {
+                cond: mt5(5),
+                uncond: mt5(7),
+            }))),
+            ..Default::default()
+        };
+        let family = v1::ModelFamily::Kandinsky20;
+        let c = denoiser_conditioning(Step::Denoise, family, 3, &mut w).unwrap();
+        // The prompt's rows, one per image; no image embeddings, no masks.
+        assert_eq!(
+            c.cond,
+            v1::DecoderConditioning {
+                image_embeds: None,
+                text_embeds: Some(rows(3, 1)),
+                text_hidden_states: Some(rows(3, 2)),
+                text_attention_mask: None,
+                text_hidden_states_2: Some(rows(3, 5)),
+            }
+        );
+        // The negative (or empty) prompt's one row, broadcast by the denoiser.
+        assert_eq!(
+            c.uncond,
+            v1::DecoderConditioning {
+                image_embeds: None,
+                text_embeds: Some(rows(1, 3)),
+                text_hidden_states: Some(rows(1, 4)),
+                text_attention_mask: None,
+                text_hidden_states_2: Some(rows(1, 7)),
+            }
+        );
+        // Without the mT5 rows it is the gateway's own error, naming what is missing.
+        let mut w = Work {
+            texts: Some(texts(None)),
+            ..Default::default()
+        };
+        let e = denoiser_conditioning(Step::Denoise, family, 3, &mut w)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("second text encoder"), "{e}");
+    }
+
+    fn kd20_plan(
+        decoder: Option<v1::DecoderParams>,
+        task: Option<v1::generate_request::Task>,
+    ) -> Plan {
+        let req = v1::GenerateRequest {
+            prompt: "a cat".into(),
+            width: Some(128),
+            height: Some(64),
+            num_images: Some(3),
+            seeds: vec![4, 5, 6],
+            preview_every: 5,
+            decoder,
+            task,
+            ..Default::default()
+        };
+        validate(&req, &Limits::default(), || 7)
+            .unwrap()
+            .for_model(&kd20())
+            .unwrap()
+    }
+
+    fn kd20_conditioning_of_rows() -> Conditioning {
+        Conditioning {
+            cond: kd20_conditioning(&text(1), &mt5(5), 3).unwrap(),
+            uncond: kd20_conditioning(&text(3), &mt5(7), 1).unwrap(),
+        }
+    }
+
+    #[test]
+    fn the_kandinsky_2_0_denoise_request_carries_its_sampler_seeds_and_negative() {
+        let family = v1::ModelFamily::Kandinsky20;
+        let plan = kd20_plan(None, None);
+        let r = denoise_request(&plan, family, kd20_conditioning_of_rows(), Init::default());
+        // BALANCED: 50 DDIM steps, guidance 7; both conditionings.
+        assert_eq!(
+            (r.num_inference_steps, r.guidance_scale, r.scheduler),
+            (50, 7.0, v1::Scheduler::Ddim as i32)
+        );
+        assert_eq!(r.conditioning, Some(kd20_conditioning_of_rows().cond));
+        assert_eq!(
+            r.negative_conditioning,
+            Some(kd20_conditioning_of_rows().uncond)
+        );
+        assert_eq!((r.height, r.width, r.seeds), (64, 128, vec![4, 5, 6]));
+        assert_eq!(r.preview_every, 5);
+        assert!(r.timesteps.is_empty() && r.hint_image.is_empty() && r.hint.is_none());
+        assert!(r.latents.is_none() && r.image_latents.is_none() && r.mask.is_none());
+        assert!(r.masked_tokens.is_none());
+        // A named sampler goes as named.
+        for s in [v1::Scheduler::Plms, v1::Scheduler::Ddpm] {
+            let plan = kd20_plan(
+                Some(v1::DecoderParams {
+                    scheduler: s as i32,
+                    num_inference_steps: Some(30),
+                    ..Default::default()
+                }),
+                None,
+            );
+            let r = denoise_request(&plan, family, kd20_conditioning_of_rows(), Init::default());
+            assert_eq!((r.scheduler, r.num_inference_steps), (s as i32, 30));
+        }
+        // Image-to-image: the movq latents and the strength.
+        let task = v1::generate_request::Task::ImageToImage(v1::ImageToImage {
+            image: vec![1],
+            strength: Some(0.5),
+            hint: Vec::new(),
+        });
+        let plan = kd20_plan(None, Some(task));
+        let init = Init {
+            latents: Some(rows(3, 5)),
+            strength: 0.5,
+            mask: None,
+        };
+        let r = denoise_request(&plan, family, kd20_conditioning_of_rows(), init);
+        assert_eq!((r.image_latents, r.strength), (Some(rows(3, 5)), 0.5));
+    }
+
+    #[test]
+    fn only_kandinsky_2_0_sends_seeds_to_encode_images_with_a_copy_per_image() {
+        let plan = kd20_plan(None, None);
+        let mask = [9u8, 9];
+        let kd20 = v1::ModelFamily::Kandinsky20;
+        let r = encode_images_request(&plan, kd20, &[1, 2], Repaint::None);
+        assert_eq!(r.images, vec![vec![1, 2]; 3]);
+        assert_eq!((r.seeds, r.masks.len()), (vec![4, 5, 6], 0));
+        assert_eq!((r.width, r.height, r.outpaint), (128, 64, None));
+        let r = encode_images_request(&plan, kd20, &[1, 2], Repaint::Mask(&mask));
+        assert_eq!((r.images.len(), r.masks), (3, vec![mask.to_vec(); 3]));
+        assert_eq!(r.seeds, vec![4, 5, 6]);
+        let margins = v1::OutpaintMargins {
+            left: 64,
+            ..Default::default()
+        };
+        let r = encode_images_request(&plan, kd20, &[1, 2], Repaint::Outpaint(margins));
+        assert_eq!((r.images.len(), r.masks.len()), (3, 0));
+        assert_eq!((r.outpaint, r.seeds), (Some(margins), vec![4, 5, 6]));
+        // The other families' movq encodes the image once and gets no seed.
+        for family in [
+            v1::ModelFamily::Kandinsky22,
+            v1::ModelFamily::Kandinsky21,
+            v1::ModelFamily::Amused,
+        ] {
+            let r = encode_images_request(&plan, family, &[1, 2], Repaint::Mask(&mask));
+            assert_eq!(r.images, vec![vec![1, 2]]);
+            assert_eq!(r.masks, vec![mask.to_vec()]);
+            assert!(r.seeds.is_empty(), "{family:?}");
+        }
     }
 }

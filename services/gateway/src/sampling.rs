@@ -1,7 +1,10 @@
 //! The sampling parameters of a request: what the client set, and the quality presets that fill
-//! what it left unset for the model that serves it (a teacher or a few-step distilled student).
-//! The presets are documented in `gateway.proto` (`Quality`); this module is their one place.
+//! what it left unset for the model that serves it (a teacher, a few-step distilled student, an
+//! aMUSEd model, a Kandinsky 2.0 model). The presets are documented in `gateway.proto`
+//! (`Quality`); this module is their one place, and the one place of which `decoder.scheduler`
+//! values each family takes.
 
+use crate::models::{is_unclip, needs_prior};
 use kd_proto::v1;
 use kd_runtime::ServiceError;
 
@@ -22,6 +25,13 @@ pub const AMUSED_DEFAULT_STEPS: u32 = 12;
 /// aMUSEd's decoder steps of QUALITY_DRAFT and QUALITY_BEST (BALANCED: the denoiser's default).
 pub const AMUSED_DRAFT_STEPS: u32 = 8;
 pub const AMUSED_BEST_STEPS: u32 = 24;
+/// Kandinsky 2.0's guidance when unset (the official `generate_*` default).
+pub const KD20_GUIDANCE: f32 = 7.0;
+/// Kandinsky 2.0's decoder steps of QUALITY_DRAFT, QUALITY_BALANCED (the model's
+/// `default_steps`) and QUALITY_BEST (the official default).
+pub const KD20_DRAFT_STEPS: u32 = 25;
+pub const KD20_BALANCED_STEPS: u32 = 50;
+pub const KD20_BEST_STEPS: u32 = 100;
 /// Largest `decoder.masked_tokens.temperature_start` / `temperature_end`.
 pub const MAX_TEMPERATURE: f32 = 100.0;
 /// Largest `decoder.masked_tokens.aesthetic_score`.
@@ -31,7 +41,8 @@ pub const MAX_AESTHETIC_SCORE: f32 = 10.0;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecoderProfile {
     /// The model's family: aMUSEd samples masked tokens (its own presets, no prior, no
-    /// scheduler choice); Kandinsky 2.1 and 2.2 run a diffusion UNet.
+    /// scheduler choice); Kandinsky 2.1 and 2.2 run a diffusion UNet after a prior; Kandinsky
+    /// 2.0 a diffusion UNet on its text encoders' outputs, sampled by the official samplers.
     pub family: v1::ModelFamily,
     /// A few-step distilled student.
     pub distilled: bool,
@@ -58,22 +69,24 @@ impl DecoderProfile {
     }
 
     /// The profile the denoiser reports (`family`, `distilled`, `default_steps`,
-    /// `default_timesteps`).
+    /// `default_timesteps`). A Kandinsky 2.0 model's default schedule is the gateway's
+    /// QUALITY_BALANCED preset, [`KD20_BALANCED_STEPS`] (the gateway always sends its steps).
     pub fn of(info: &v1::ModelInfo) -> Self {
         let family = info.family();
         let unreported_steps = match family {
             v1::ModelFamily::Amused => AMUSED_DEFAULT_STEPS,
             _ => Self::teacher().default_steps,
         };
+        let (default_steps, default_timesteps) = match family {
+            v1::ModelFamily::Kandinsky20 => (KD20_BALANCED_STEPS, Vec::new()),
+            _ if info.default_steps == 0 => (unreported_steps, info.default_timesteps.clone()),
+            _ => (info.default_steps, info.default_timesteps.clone()),
+        };
         Self {
             family,
             distilled: info.distilled,
-            default_steps: if info.default_steps == 0 {
-                unreported_steps
-            } else {
-                info.default_steps
-            },
-            default_timesteps: info.default_timesteps.clone(),
+            default_steps,
+            default_timesteps,
             // A denoiser that reports no kind predates the field: a text-to-image UNet.
             kind: match info.decoder_kind() {
                 v1::DecoderKind::Unspecified => v1::DecoderKind::TextToImage,
@@ -205,9 +218,51 @@ pub fn check_crop(
     Ok(())
 }
 
-/// The enum names a client may send for `decoder.scheduler`.
-const SCHEDULERS: &str = "SCHEDULER_UNSPECIFIED (checkpoint default), SCHEDULER_DDPM, \
-                          SCHEDULER_DDIM, SCHEDULER_DPM_SOLVER_PP, SCHEDULER_LCM, SCHEDULER_TCD";
+/// The `decoder.scheduler` values an unCLIP Kandinsky (2.1, 2.2) takes.
+const UNCLIP_SCHEDULERS: &str = "SCHEDULER_UNSPECIFIED (checkpoint default), SCHEDULER_DDPM, \
+                                 SCHEDULER_DDIM, SCHEDULER_DPM_SOLVER_PP, SCHEDULER_LCM, \
+                                 SCHEDULER_TCD";
+
+/// The `decoder.scheduler` values a family takes, and why it refuses the others.
+struct SchedulerChoice {
+    allowed: &'static [v1::Scheduler],
+    /// `allowed` as errors list it.
+    names: &'static str,
+    /// Why the family refuses the others (after "{family} models ").
+    why: &'static str,
+}
+
+/// The one place of which family takes which `decoder.scheduler`.
+fn scheduler_choice(family: v1::ModelFamily) -> SchedulerChoice {
+    use v1::Scheduler as S;
+    match family {
+        v1::ModelFamily::Amused => SchedulerChoice {
+            allowed: &[S::Unspecified],
+            names: "SCHEDULER_UNSPECIFIED",
+            why: "sample masked tokens on their own schedule",
+        },
+        v1::ModelFamily::Kandinsky20 => SchedulerChoice {
+            allowed: &[S::Unspecified, S::Ddpm, S::Ddim, S::Plms],
+            names: "SCHEDULER_UNSPECIFIED (= SCHEDULER_DDIM, the official default), \
+                    SCHEDULER_DDPM (the official p_sampler), SCHEDULER_DDIM, SCHEDULER_PLMS",
+            why: "sample with the official p, DDIM and PLMS samplers only",
+        },
+        v1::ModelFamily::Kandinsky21
+        | v1::ModelFamily::Kandinsky22
+        | v1::ModelFamily::Unspecified => SchedulerChoice {
+            allowed: &[
+                S::Unspecified,
+                S::Ddpm,
+                S::Ddim,
+                S::DpmSolverPp,
+                S::Lcm,
+                S::Tcd,
+            ],
+            names: UNCLIP_SCHEDULERS,
+            why: "have no PLMS sampler (it is Kandinsky 2.0's)",
+        },
+    }
+}
 
 impl Requested {
     /// Reads and range-checks the sampling fields of `req`.
@@ -217,7 +272,10 @@ impl Requested {
         let scheduler = v1::Scheduler::try_from(decoder.scheduler).map_err(|_| {
             bad(
                 "decoder.scheduler",
-                format!("{}; allowed: {SCHEDULERS}", decoder.scheduler),
+                format!(
+                    "{}; allowed: {UNCLIP_SCHEDULERS}, SCHEDULER_PLMS (Kandinsky 2.0 only)",
+                    decoder.scheduler
+                ),
             )
         })?;
         let quality = v1::Quality::try_from(req.quality).map_err(|_| {
@@ -266,46 +324,49 @@ impl Requested {
         })
     }
 
-    /// Refuses the fields the model's family lacks, naming the field and the family: for
-    /// aMUSEd `prior.*`, `decoder.scheduler` and `decoder.timesteps`; for Kandinsky
-    /// `decoder.masked_tokens`.
+    /// Refuses the fields the model's family lacks, naming the field, the family and the
+    /// allowed values: `decoder.masked_tokens` but for aMUSEd; `prior.*` for the families
+    /// without a prior (aMUSEd, Kandinsky 2.0); a `decoder.scheduler` the family does not take
+    /// (aMUSEd: any; Kandinsky 2.0: DPM-Solver++, LCM, TCD; Kandinsky 2.1 / 2.2: PLMS);
+    /// `decoder.timesteps` but for Kandinsky 2.1 / 2.2.
     pub fn check_family(&self, profile: &DecoderProfile) -> Result<(), ServiceError> {
         let family = family_label(profile.family);
-        if !profile.masked_tokens() {
-            return match self.masked_tokens {
-                Some(_) => Err(bad(
-                    "decoder.masked_tokens",
-                    format!(
-                        "set for a {family} model, which samples no masked tokens; allowed: \
-                         unset (aMUSEd models only)"
-                    ),
-                )),
-                None => Ok(()),
-            };
-        }
-        let no_prior = |field: &str, v: String| {
-            bad(
-                field,
-                format!("{v}; {family} models have no prior; allowed: unset"),
-            )
-        };
-        if let Some(n) = self.prior_steps {
-            return Err(no_prior("prior.num_inference_steps", n.to_string()));
-        }
-        if let Some(g) = self.prior_guidance {
-            return Err(no_prior("prior.guidance_scale", g.to_string()));
-        }
-        if self.scheduler != v1::Scheduler::Unspecified {
+        if self.masked_tokens.is_some() && !profile.masked_tokens() {
             return Err(bad(
-                "decoder.scheduler",
+                "decoder.masked_tokens",
                 format!(
-                    "{}; {family} models sample masked tokens on their own schedule; allowed: \
-                     SCHEDULER_UNSPECIFIED",
-                    self.scheduler.as_str_name()
+                    "set for a {family} model, which samples no masked tokens; allowed: unset \
+                     (aMUSEd models only)"
                 ),
             ));
         }
-        if !self.decoder_timesteps.is_empty() {
+        if !needs_prior(profile.family) {
+            let no_prior = |field: &str, v: String| {
+                bad(
+                    field,
+                    format!("{v}; {family} models have no prior; allowed: unset"),
+                )
+            };
+            if let Some(n) = self.prior_steps {
+                return Err(no_prior("prior.num_inference_steps", n.to_string()));
+            }
+            if let Some(g) = self.prior_guidance {
+                return Err(no_prior("prior.guidance_scale", g.to_string()));
+            }
+        }
+        let schedulers = scheduler_choice(profile.family);
+        if !schedulers.allowed.contains(&self.scheduler) {
+            return Err(bad(
+                "decoder.scheduler",
+                format!(
+                    "{}; {family} models {}; allowed: {}",
+                    self.scheduler.as_str_name(),
+                    schedulers.why,
+                    schedulers.names
+                ),
+            ));
+        }
+        if !self.decoder_timesteps.is_empty() && !is_unclip(profile.family) {
             return Err(bad(
                 "decoder.timesteps",
                 format!(
@@ -322,6 +383,9 @@ impl Requested {
     pub fn resolve(&self, profile: &DecoderProfile) -> Result<Sampling, ServiceError> {
         if profile.masked_tokens() {
             return Ok(self.resolve_masked_tokens(profile));
+        }
+        if profile.family == v1::ModelFamily::Kandinsky20 {
+            return Ok(self.resolve_kd20(profile));
         }
         use v1::Quality::*;
         let draft = self.quality == Draft;
@@ -394,6 +458,32 @@ impl Requested {
             decoder_timesteps: Vec::new(),
             decoder_guidance: self.decoder_guidance.unwrap_or(AMUSED_GUIDANCE),
             scheduler: v1::Scheduler::Unspecified,
+        }
+    }
+
+    /// Kandinsky 2.0's presets: decoder steps [`KD20_DRAFT_STEPS`] (DRAFT), the model's
+    /// default, [`KD20_BALANCED_STEPS`] (BALANCED), [`KD20_BEST_STEPS`] (BEST, the official
+    /// default); DDIM (the official default sampler) unless the request names one; guidance
+    /// [`KD20_GUIDANCE`]; no prior. The fields 2.0 lacks are refused by
+    /// [`Requested::check_family`].
+    fn resolve_kd20(&self, profile: &DecoderProfile) -> Sampling {
+        use v1::Quality::*;
+        let decoder_steps = self.decoder_steps.unwrap_or(match self.quality {
+            Draft => KD20_DRAFT_STEPS,
+            Best => KD20_BEST_STEPS,
+            Unspecified | Balanced => profile.default_steps,
+        });
+        let scheduler = match self.scheduler {
+            v1::Scheduler::Unspecified => v1::Scheduler::Ddim,
+            s => s,
+        };
+        Sampling {
+            prior_steps: 0,
+            prior_guidance: 0.0,
+            decoder_steps,
+            decoder_timesteps: Vec::new(),
+            decoder_guidance: self.decoder_guidance.unwrap_or(KD20_GUIDANCE),
+            scheduler,
         }
     }
 }
@@ -771,6 +861,203 @@ mod tests {
         assert_eq!(
             check_crop(Some(&crop), 128, 32).unwrap_err().to_string(),
             "invalid `decoder.masked_tokens.crop_top`: 64; allowed: 0..=32 (the image height)"
+        );
+    }
+
+    fn kd20() -> DecoderProfile {
+        DecoderProfile::of(&v1::ModelInfo {
+            family: v1::ModelFamily::Kandinsky20 as i32,
+            // What its denoiser reports (the official 100) is not the BALANCED preset.
+            default_steps: 100,
+            decoder_kind: v1::DecoderKind::TextToImage as i32,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn kandinsky_2_0_presets_are_25_50_100_ddim_steps_and_guidance_seven() {
+        let k = kd20();
+        assert_eq!(
+            (k.default_steps, k.masked_tokens()),
+            (KD20_BALANCED_STEPS, false)
+        );
+        let run = |d: v1::DecoderParams, q| req(d, q).resolve(&k).unwrap();
+        for (quality, steps) in [
+            (v1::Quality::Draft, 25),
+            (v1::Quality::Unspecified, 50),
+            (v1::Quality::Balanced, 50),
+            (v1::Quality::Best, 100),
+        ] {
+            let s = run(Default::default(), quality);
+            assert_eq!(
+                (
+                    s.decoder_steps,
+                    s.scheduler,
+                    s.decoder_guidance,
+                    s.decoder_timesteps.len(),
+                    s.prior_steps
+                ),
+                (steps, v1::Scheduler::Ddim, KD20_GUIDANCE, 0, 0),
+                "{quality:?}"
+            );
+        }
+        // A named sampler and explicit fields win over the preset.
+        for scheduler in [
+            v1::Scheduler::Ddpm,
+            v1::Scheduler::Plms,
+            v1::Scheduler::Ddim,
+        ] {
+            let s = run(
+                v1::DecoderParams {
+                    scheduler: scheduler as i32,
+                    num_inference_steps: Some(7),
+                    guidance_scale: Some(1.0),
+                    ..Default::default()
+                },
+                v1::Quality::Draft,
+            );
+            assert_eq!(
+                (s.decoder_steps, s.scheduler, s.decoder_guidance),
+                (7, scheduler, 1.0)
+            );
+        }
+    }
+
+    #[test]
+    fn options_kandinsky_2_0_lacks_are_refused_naming_field_family_and_allowed_values() {
+        let k = kd20();
+        let decoder = |d: v1::DecoderParams| v1::GenerateRequest {
+            decoder: Some(d),
+            ..Default::default()
+        };
+        let scheduler = |s: v1::Scheduler| {
+            decoder(v1::DecoderParams {
+                scheduler: s as i32,
+                ..Default::default()
+            })
+        };
+        let kd20_schedulers = "allowed: SCHEDULER_UNSPECIFIED (= SCHEDULER_DDIM, the official \
+                               default), SCHEDULER_DDPM (the official p_sampler), \
+                               SCHEDULER_DDIM, SCHEDULER_PLMS";
+        let cases = [
+            (
+                v1::GenerateRequest {
+                    prior: Some(v1::PriorParams {
+                        num_inference_steps: Some(10),
+                        guidance_scale: None,
+                    }),
+                    ..Default::default()
+                },
+                "invalid `prior.num_inference_steps`: 10; Kandinsky 2.0 models have no prior; \
+                 allowed: unset"
+                    .to_string(),
+            ),
+            (
+                v1::GenerateRequest {
+                    prior: Some(v1::PriorParams {
+                        num_inference_steps: None,
+                        guidance_scale: Some(4.0),
+                    }),
+                    ..Default::default()
+                },
+                "invalid `prior.guidance_scale`: 4; Kandinsky 2.0 models have no prior; allowed: \
+                 unset"
+                    .to_string(),
+            ),
+            (
+                decoder(v1::DecoderParams {
+                    timesteps: vec![999, 499],
+                    ..Default::default()
+                }),
+                "invalid `decoder.timesteps`: 2 timesteps; Kandinsky 2.0 models take no \
+                 explicit schedule; allowed: none (set decoder.num_inference_steps)"
+                    .to_string(),
+            ),
+            (
+                decoder(v1::DecoderParams {
+                    masked_tokens: Some(Default::default()),
+                    ..Default::default()
+                }),
+                "invalid `decoder.masked_tokens`: set for a Kandinsky 2.0 model, which samples \
+                 no masked tokens; allowed: unset (aMUSEd models only)"
+                    .to_string(),
+            ),
+        ];
+        for (r, want) in cases {
+            assert_eq!(refusal(r, &k), want);
+        }
+        for s in [
+            v1::Scheduler::Lcm,
+            v1::Scheduler::Tcd,
+            v1::Scheduler::DpmSolverPp,
+        ] {
+            assert_eq!(
+                refusal(scheduler(s), &k),
+                format!(
+                    "invalid `decoder.scheduler`: {}; Kandinsky 2.0 models sample with the \
+                     official p, DDIM and PLMS samplers only; {kd20_schedulers}",
+                    s.as_str_name()
+                )
+            );
+        }
+        for s in [
+            v1::Scheduler::Unspecified,
+            v1::Scheduler::Ddpm,
+            v1::Scheduler::Ddim,
+            v1::Scheduler::Plms,
+        ] {
+            Requested::of(&scheduler(s))
+                .unwrap()
+                .check_family(&k)
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn plms_is_kandinsky_2_0_only() {
+        let plms = Requested::of(&v1::GenerateRequest {
+            decoder: Some(v1::DecoderParams {
+                scheduler: v1::Scheduler::Plms as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        for (family, label) in [
+            (v1::ModelFamily::Kandinsky22, "Kandinsky 2.2"),
+            (v1::ModelFamily::Kandinsky21, "Kandinsky 2.1"),
+        ] {
+            let p = DecoderProfile {
+                family,
+                ..DecoderProfile::teacher()
+            };
+            assert_eq!(
+                plms.check_family(&p).unwrap_err().to_string(),
+                format!(
+                    "invalid `decoder.scheduler`: SCHEDULER_PLMS; {label} models have no PLMS \
+                     sampler (it is Kandinsky 2.0's); allowed: {UNCLIP_SCHEDULERS}"
+                )
+            );
+        }
+        let e = plms.check_family(&amused()).unwrap_err().to_string();
+        assert!(
+            e.starts_with("invalid `decoder.scheduler`: SCHEDULER_PLMS; aMUSEd"),
+            "{e}"
+        );
+        plms.check_family(&kd20()).unwrap();
+        // An unknown value lists every scheduler, PLMS marked as 2.0's.
+        let e = Requested::of(&v1::GenerateRequest {
+            decoder: Some(v1::DecoderParams {
+                scheduler: 42,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("SCHEDULER_TCD, SCHEDULER_PLMS (Kandinsky 2.0 only)"),
+            "{e}"
         );
     }
 }

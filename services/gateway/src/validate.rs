@@ -2,6 +2,7 @@
 //! [`Plan`] with defaults applied and one seed per image. Errors name the field and the allowed
 //! values (INVALID_ARGUMENT).
 
+use crate::models::is_unclip;
 use crate::sampling::{check_crop, family_label, DecoderProfile, Requested, Sampling};
 use kd_proto::v1::{self, fusion_item, generate_request::Task as ProtoTask};
 use kd_runtime::model_info::MODEL_NAMES;
@@ -83,7 +84,8 @@ pub struct Plan {
     pub model: Option<String>,
     pub task: Task,
     pub prompt: String,
-    /// `None` = no negative prompt (the zero-image negative embedding is used).
+    /// `None` = no negative prompt (the zero-image negative embedding is used; aMUSEd and
+    /// Kandinsky 2.0 are guided by the empty prompt instead).
     pub negative_prompt: Option<String>,
     pub width: u32,
     pub height: u32,
@@ -144,6 +146,9 @@ fn check_image(field: &str, bytes: &[u8], limits: &Limits) -> Result<(), Service
     Ok(())
 }
 
+/// A side of the output: a multiple of 64 for every family. Kandinsky 2.0 relies on it: its
+/// latents are `ceil(side / 64) · 8` and the official pipeline crops the decoded image to the
+/// side, so a multiple of 64 needs no crop (its denoiser and movq may assume it).
 fn side(field: &str, v: Option<u32>, limits: &Limits) -> Result<u32, ServiceError> {
     let v = v.unwrap_or(DEFAULT_SIDE);
     if v < 64 || v > limits.max_side || !v.is_multiple_of(64) {
@@ -494,10 +499,10 @@ impl Task {
 impl Plan {
     /// Refuses, before any stage runs, the options the family of the model that serves the
     /// plan lacks, naming the field and the family (see [`Requested::check_family`]; aMUSEd
-    /// takes no ControlNet hint either).
+    /// and Kandinsky 2.0 take no ControlNet hint either).
     pub fn check_family(&self, profile: &DecoderProfile) -> Result<(), ServiceError> {
         self.requested.check_family(profile)?;
-        if profile.masked_tokens() && self.task.has_hint() {
+        if !is_unclip(profile.family) && self.task.has_hint() {
             return Err(bad(
                 self.task.hint_field(),
                 format!(

@@ -60,7 +60,8 @@ pub struct GenerateArgs {
     /// Decoder guidance scale.
     #[arg(long)]
     pub guidance: Option<f32>,
-    /// Decoder scheduler: default, ddpm, ddim, dpmpp, lcm, tcd.
+    /// Decoder scheduler: default, ddpm, ddim, dpmpp, lcm, tcd, plms (Kandinsky 2.0 only; for
+    /// 2.0, ddpm is the official p_sampler).
     #[arg(long, default_value = "default")]
     pub scheduler: String,
     /// An explicit decoder schedule instead of --steps, e.g. 999,749,499,249 (lcm/tcd only).
@@ -133,7 +134,8 @@ fn scheduler(s: &str) -> anyhow::Result<v1::Scheduler> {
         "dpmpp" => v1::Scheduler::DpmSolverPp,
         "lcm" => v1::Scheduler::Lcm,
         "tcd" => v1::Scheduler::Tcd,
-        _ => anyhow::bail!("--scheduler {s}: allowed default, ddpm, ddim, dpmpp, lcm, tcd"),
+        "plms" => v1::Scheduler::Plms,
+        _ => anyhow::bail!("--scheduler {s}: allowed default, ddpm, ddim, dpmpp, lcm, tcd, plms"),
     })
 }
 

@@ -6,7 +6,7 @@
 CARGO ?= cargo
 PYTHON_REF ?= tools/reference/.venv/bin/python
 
-.PHONY: setup build test test-python lint fmt fixtures bench bench-fewstep bench-amused bench-batching demo chart-check fuzz soak cuda clean
+.PHONY: setup build test test-python lint fmt fixtures bench bench-fewstep bench-amused bench-kd20 bench-batching demo chart-check fuzz soak cuda clean
 
 ## setup: install what a fresh machine lacks (idempotent; needs root for apt-get)
 setup:
@@ -80,6 +80,10 @@ bench-fewstep:
 ## bench-amused: an aMUSEd image (12 token steps) against a Kandinsky 2.2 image (25+50), services
 bench-amused:
 	$(CARGO) bench -p kd-e2e --bench amused_latency
+
+## bench-kd20: a Kandinsky 2.0 image (50 and 100 DDIM steps) against a Kandinsky 2.2 image (25+50), services
+bench-kd20:
+	$(CARGO) bench -p kd-e2e --bench kd20_latency
 
 ## bench-batching: step-level batching in the denoiser on against off, 8 and 16 concurrent clients
 bench-batching:

@@ -16,7 +16,7 @@ use kd_models::schedulers::guided::SamplerKind;
 use kd_proto::v1;
 use kd_testkit::parity::rel_l2;
 use kd_testkit::{fixtures_dir, unwire, wire};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::Code;
 
@@ -64,7 +64,7 @@ fn request(prompts: &[&str], seeds: Vec<u64>, scheduler: v1::Scheduler) -> v1::D
 
 /// The in-process latents of `task` for `prompts`, the negative broadcast to every row.
 fn in_process(
-    dir: &PathBuf,
+    dir: &Path,
     prompts: &[&str],
     task: &Kd20Task,
     params: &Kd20Sampling,
@@ -251,7 +251,8 @@ async fn what_the_family_lacks_is_refused_by_field() {
         );
     };
     let zeros = |shape: &[usize]| wire(&Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap());
-    let cases: Vec<(Box<dyn Fn(&mut v1::DenoiseRequest)>, &str, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut v1::DenoiseRequest)>;
+    let cases: Vec<(Edit, &str, &str)> = vec![
         (
             Box::new(|r| r.scheduler = v1::Scheduler::Lcm as i32),
             "scheduler",

@@ -20,8 +20,10 @@ pub const COMPONENTS: [&str; 2] = ["tokenizer", "text_encoder"];
 /// A Kandinsky 2.0 folder's text encoder sub-folders (whose files make up its revision).
 pub const KD20_COMPONENTS: [&str; 2] = ["text_encoder1", "text_encoder2"];
 
-/// The prompt encoders of a folder's family.
+/// The prompt encoders of a folder's family. (One per process, held for its lifetime: the
+/// variants' size difference costs nothing.)
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Encoders {
     /// Kandinsky 2.1 / 2.2 / aMUSEd: tokenizer + CLIP text tower (the prior's conditioning, or
     /// aMUSEd's), and for 2.1 the XLM-R tokenizer + MultilingualCLIP (the decoder's).

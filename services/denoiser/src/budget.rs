@@ -6,7 +6,7 @@ use crate::request::Plan;
 use kd_models::decoder::DecoderMode;
 use kd_runtime::budget::{self, Cost};
 use kd_runtime::ServiceError;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The calibrated cost of one denoising step of two UNet rows, per latent pixel, and the
 /// stage's `--admission-safety`.
@@ -43,4 +43,19 @@ impl StepCost {
         );
         budget::check(self.estimate(plan, scale_factor), self.1, deadline, work)
     }
+}
+
+/// The cost of one step per unit (latent pixel, token) from timing it at 64² and at 128²
+/// pixels: `units(side)` units per step at `side`, `step_at(side)` one timed step. Each size is
+/// the fastest of three runs: a busy machine only adds time, and a single slow run at 64² could
+/// hide the per-unit cost in the difference (no refusal by size).
+pub fn calibrate(
+    units: impl Fn(usize) -> f64,
+    step_at: impl Fn(usize) -> Result<Duration, ServiceError>,
+) -> Result<Cost, ServiceError> {
+    let fastest = |side: usize| -> Result<(f64, Duration), ServiceError> {
+        let t = step_at(side)?.min(step_at(side)?).min(step_at(side)?);
+        Ok((units(side), t))
+    };
+    Ok(Cost::fit(fastest(64)?, fastest(128)?))
 }

@@ -87,11 +87,8 @@ impl GuidedModel {
             cost: (Cost::default(), args.admission_safety),
         };
         m.step_at(MIN_SIDE as usize)?;
-        let fastest = |side: usize| -> Result<_, ServiceError> {
-            let t = m.step_at(side)?.min(m.step_at(side)?).min(m.step_at(side)?);
-            Ok((latent_pixels(side, side), t))
-        };
-        let cost = Cost::fit(fastest(64)?, fastest(128)?);
+        let cost =
+            crate::budget::calibrate(|side| latent_pixels(side, side), |side| m.step_at(side))?;
         m.cost.0 = cost;
         tracing::info!(
             model_dir = %args.model_dir.display(),

@@ -280,18 +280,11 @@ impl DecoderModel {
         self.step_at(64).map(drop)
     }
 
-    /// Times one CFG step (two UNet rows) at 64² and at 128² pixels: the cost per latent pixel.
-    /// Each size is the fastest of three runs: a busy machine only adds time, and a single slow
-    /// run at 64² could hide the per-pixel cost in the difference (no refusal by size).
+    /// Times one CFG step (two UNet rows) at 64² and at 128² pixels: the cost per latent pixel
+    /// ([`crate::budget::calibrate`]).
     pub fn calibrate(&self) -> Result<Cost, ServiceError> {
         let lp = |side: usize| latent_side(side, self.movq_scale_factor).pow(2) as f64;
-        let fastest = |side: usize| -> Result<std::time::Duration, ServiceError> {
-            Ok(self
-                .step_at(side)?
-                .min(self.step_at(side)?)
-                .min(self.step_at(side)?))
-        };
-        Ok(Cost::fit((lp(64), fastest(64)?), (lp(128), fastest(128)?)))
+        crate::budget::calibrate(lp, |side| self.step_at(side))
     }
 
     /// One denoising step at `side`² pixels, CFG on, in this UNet's mode: how long it took.

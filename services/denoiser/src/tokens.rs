@@ -75,12 +75,8 @@ impl TokenModel {
             cost: (Cost::default(), args.admission_safety),
         };
         m.step_at(MIN_SIDE as usize)?;
-        let fastest = |side: usize| -> Result<_, ServiceError> {
-            let t = m.step_at(side)?.min(m.step_at(side)?).min(m.step_at(side)?);
-            let tokens = (side / m.generator.scale_factor()).pow(2) as f64;
-            Ok((tokens, t))
-        };
-        let cost = Cost::fit(fastest(64)?, fastest(128)?);
+        let tokens = |side: usize| (side / m.generator.scale_factor()).pow(2) as f64;
+        let cost = crate::budget::calibrate(tokens, |side| m.step_at(side))?;
         m.cost.0 = cost;
         tracing::info!(
             model_dir = %args.model_dir.display(),

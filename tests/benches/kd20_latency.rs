@@ -65,8 +65,14 @@ async fn main() {
             for (k, times) in times.iter_mut().enumerate() {
                 let t = Instant::now();
                 match k {
-                    0 => c22.generate(request(size, seed, v1::Quality::Balanced)).await,
-                    1 => c20.generate(request(size, seed, v1::Quality::Balanced)).await,
+                    0 => {
+                        c22.generate(request(size, seed, v1::Quality::Balanced))
+                            .await
+                    }
+                    1 => {
+                        c20.generate(request(size, seed, v1::Quality::Balanced))
+                            .await
+                    }
                     _ => c20.generate(request(size, seed, v1::Quality::Best)).await,
                 }
                 .unwrap();
@@ -78,7 +84,10 @@ async fn main() {
         let med: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
         println!("{size}x{size}, {runs} runs, median seconds through the services:");
         for (label, m) in labels.iter().zip(&med) {
-            println!("  {label:<28} {m:8.3} s   this/kandinsky-2-2 {:6.2}x", m / med[0]);
+            println!(
+                "  {label:<28} {m:8.3} s   this/kandinsky-2-2 {:6.2}x",
+                m / med[0]
+            );
         }
         if i == 0 {
             line.push_str(&format!(

@@ -170,9 +170,14 @@ fn fixture_symlinks_point_at_tracked_files() {
         let is_file = std::fs::symlink_metadata(root.join(&resolved))
             .map(|m| m.file_type().is_file())
             .unwrap_or(false);
-        if !tracked_set.contains(resolved.as_path()) || !is_file {
+        // A link to a folder (a shared component folder) must hold tracked files.
+        let is_dir = std::fs::symlink_metadata(root.join(&resolved))
+            .map(|m| m.file_type().is_dir())
+            .unwrap_or(false);
+        let tracked_dir = is_dir && tracked.iter().any(|t| t.starts_with(&resolved));
+        if !(tracked_dir || tracked_set.contains(resolved.as_path()) && is_file) {
             bad.push(format!(
-                "  {} -> {} (not a tracked regular file)",
+                "  {} -> {} (not a tracked regular file nor a folder of tracked files)",
                 path.display(),
                 target.display()
             ));
@@ -180,7 +185,7 @@ fn fixture_symlinks_point_at_tracked_files() {
     }
     assert!(
         bad.is_empty(),
-        "fixture symlinks must be relative links to tracked regular files:\n{}",
+        "fixture symlinks must be relative links to tracked regular files or folders:\n{}",
         bad.join("\n")
     );
 }

@@ -170,19 +170,16 @@ fn refuse_if(set: bool, field: &str, what: &str) -> Result<(), ServiceError> {
 
 /// The wire field of a model error's field.
 fn on_wire(e: ModelError) -> ServiceError {
-    match e {
-        ModelError::InvalidInput { field, message } => {
-            let wire = match field {
-                "num_steps" | "timestep_respacing" => "num_inference_steps",
-                "init_step" => "strength",
-                "keep_mask" | "img_mask" => "mask",
-                "latents" | "init_latents" => "image_latents",
-                f => f,
-            };
-            invalid(wire, message)
+    crate::wire::on_wire(e, |field| {
+        match field {
+            "num_steps" | "timestep_respacing" => "num_inference_steps",
+            "init_step" => "strength",
+            "keep_mask" | "img_mask" => "mask",
+            "latents" | "init_latents" => "image_latents",
+            f => f,
         }
-        other => other.into(),
-    }
+        .to_string()
+    })
 }
 
 /// The official sampler a request's scheduler names.

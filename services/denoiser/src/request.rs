@@ -6,6 +6,7 @@
 //! `conditioning.image_embeds`). Errors name the field and the allowed values.
 
 use crate::model::{DecoderModel, Schedule};
+use crate::wire::invalid;
 use candle_core::{DType, Tensor};
 use kd_models::decoder::{
     latent_side, prepare_inpaint_mask, DecoderInputs, DecoderMode, DecoderText,
@@ -56,10 +57,6 @@ pub struct Limits {
     pub tensors: TensorLimits,
 }
 
-fn invalid(field: &str, message: impl Into<String>) -> ServiceError {
-    ServiceError::invalid(field, message)
-}
-
 /// The wire path of a [`DecoderInputs`] field: the conditioning tensors live in
 /// `conditioning` / `negative_conditioning`, the rest at the top level.
 fn wire_field(field: &str) -> String {
@@ -73,10 +70,7 @@ fn wire_field(field: &str) -> String {
 
 /// A model error as the service reports it, with the field's wire path.
 fn on_wire(e: ModelError) -> ServiceError {
-    match e {
-        ModelError::InvalidInput { field, message } => invalid(&wire_field(field), message),
-        other => other.into(),
-    }
+    crate::wire::on_wire(e, wire_field)
 }
 
 /// "1" for one row, "1 or B" otherwise.

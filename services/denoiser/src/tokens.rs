@@ -149,20 +149,17 @@ fn refuse_if(set: bool, field: &str, what: &str) -> Result<(), ServiceError> {
 
 /// The wire field of a model error's field.
 fn on_wire(e: ModelError) -> ServiceError {
-    match e {
-        ModelError::InvalidInput { field, message } => {
-            let wire = match field {
-                "tokens" => "image_latents",
-                "negative_prompt" => "negative_conditioning",
-                "temperature" => "masked_tokens.temperature_start",
-                "aesthetic_score" => "masked_tokens.aesthetic_score",
-                "crop_coord" => "masked_tokens.crop_top",
-                f => f,
-            };
-            invalid(wire, message)
+    crate::wire::on_wire(e, |field| {
+        match field {
+            "tokens" => "image_latents",
+            "negative_prompt" => "negative_conditioning",
+            "temperature" => "masked_tokens.temperature_start",
+            "aesthetic_score" => "masked_tokens.aesthetic_score",
+            "crop_coord" => "masked_tokens.crop_top",
+            f => f,
         }
-        other => other.into(),
-    }
+        .to_string()
+    })
 }
 
 /// `{name}.text_embeds` (R, D) and `{name}.text_hidden_states` (R, L, E) of the model's widths.

@@ -3,12 +3,22 @@
 
 use crate::request::{Limits, MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE};
 use candle_core::{DType, Device, Tensor};
+use kd_models::ModelError;
 use kd_proto::{from_wire, v1};
 use kd_runtime::ServiceError;
 
 /// INVALID_ARGUMENT naming `field`.
 pub fn invalid(field: &str, message: impl Into<String>) -> ServiceError {
     ServiceError::invalid(field, message)
+}
+
+/// A model error as the service reports it: an invalid input names its wire field (`wire` maps
+/// the model's field name to it), anything else is reported as it is.
+pub fn on_wire(e: ModelError, wire: impl FnOnce(&'static str) -> String) -> ServiceError {
+    match e {
+        ModelError::InvalidInput { field, message } => invalid(&wire(field), message),
+        other => other.into(),
+    }
 }
 
 /// Refuses a field that is set but means nothing to the loaded `model` (e.g. "an aMUSEd

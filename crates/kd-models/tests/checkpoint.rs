@@ -471,3 +471,99 @@ fn fp16_variant_is_preferred_only_when_asked() {
         safetensors::Dtype::F16
     );
 }
+
+/// Safetensors files are read a tensor at a time (positioned reads, no map): every stored dtype
+/// and shape loads bit-equal to candle's whole-file reader, and converts like it.
+#[test]
+fn safetensors_tensors_read_one_at_a_time_equal_the_whole_file_reader() {
+    use candle_core::Tensor;
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("model.safetensors");
+    let dev = Device::Cpu;
+    let base = |n: usize| {
+        Tensor::arange(0u32, n as u32, &dev)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .affine(0.37, -3.1)
+            .unwrap()
+            .sin()
+            .unwrap()
+    };
+    let mut all = std::collections::HashMap::new();
+    all.insert("a.f32".to_string(), base(7 * 5 * 3).reshape((7, 5, 3)).unwrap());
+    all.insert("b.f16".to_string(), base(13).to_dtype(DType::F16).unwrap());
+    all.insert(
+        "c.bf16".to_string(),
+        base(4 * 9).reshape((4, 9)).unwrap().to_dtype(DType::BF16).unwrap(),
+    );
+    all.insert("d.scalar".to_string(), Tensor::new(2.5f32, &dev).unwrap());
+    candle_core::safetensors::save(&all, &file).unwrap();
+
+    let whole = candle_core::safetensors::load(&file, &dev).unwrap();
+    let w = Weights::open_files(vec![file.clone()]).unwrap();
+    assert_eq!(w.keys(), vec!["a.f32", "b.f16", "c.bf16", "d.scalar"]);
+    for (key, expected) in &whole {
+        let (shape, _) = w.info(key).unwrap();
+        assert_eq!(shape, expected.dims(), "{key}");
+        for dtype in [expected.dtype(), DType::F32, DType::F16] {
+            let got = w.load(key, &shape, dtype, &dev).unwrap();
+            let want = expected.to_dtype(dtype).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            let got = got.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+            let want = want.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+            assert_eq!(
+                got.to_vec1::<f64>().unwrap(),
+                want.to_vec1::<f64>().unwrap(),
+                "{key} as {dtype:?}"
+            );
+        }
+    }
+}
+
+/// A safetensors header that lies about the file is refused at open, naming the file.
+#[test]
+fn safetensors_headers_that_do_not_fit_the_file_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("model.safetensors");
+    let header = |json: &str, data: usize| {
+        let mut b = (json.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(json.as_bytes());
+        b.extend(std::iter::repeat_n(0u8, data));
+        b
+    };
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (vec![1, 2, 3], "header length"),
+        (u64::MAX.to_le_bytes().to_vec(), "header of"),
+        ((1000u64).to_le_bytes().to_vec(), "header of 1000 bytes in a file of 8"),
+        (header("{not json", 0), "header"),
+        (
+            // 4 f32 = 16 bytes described, 8 present.
+            header(r#"{"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, 8),
+            "describes 16 bytes",
+        ),
+        (
+            // The size does not match the shape.
+            header(r#"{"x":{"dtype":"F32","shape":[4],"data_offsets":[0,12]}}"#, 12),
+            "header",
+        ),
+        (
+            // An element count that overflows.
+            header(
+                r#"{"x":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,16]}}"#,
+                16,
+            ),
+            "header",
+        ),
+    ];
+    for (bytes, needle) in cases {
+        std::fs::write(&file, &bytes).unwrap();
+        let err = Weights::open_files(vec![file.clone()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.safetensors") && err.contains(needle),
+            "{needle}: {err}"
+        );
+    }
+}

@@ -13,6 +13,7 @@
 //! anything (see the `pickle` module: an allow-list of pickle globals, everything else refused).
 
 mod pickle;
+mod stfile;
 mod weights;
 
 pub use pickle::{PickleTensorInfo, PickleWeights, ALLOWED_GLOBALS};

@@ -8,8 +8,8 @@
 //! Safetensors always wins when a folder has both.
 
 use super::pickle::PickleWeights;
+use super::stfile::SafetensorsFile;
 use crate::error::{ModelError, Result};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -28,8 +28,8 @@ const PICKLE_EXTENSIONS: [&str; 4] = ["bin", "pt", "pth", "ckpt"];
 
 /// One weight file.
 enum Source {
-    /// Memory-mapped safetensors.
-    Safetensors(MmapedSafetensors),
+    /// A safetensors file, read one tensor at a time (see `checkpoint::stfile`).
+    Safetensors(SafetensorsFile),
     /// A `torch.save` archive, read on demand.
     Pickle(PickleWeights),
 }
@@ -40,7 +40,7 @@ fn is_pickle(path: &Path) -> bool {
         .is_some_and(|e| PICKLE_EXTENSIONS.contains(&e))
 }
 
-/// The weight files of one component: memory-mapped safetensors, or PyTorch pickles.
+/// The weight files of one component: safetensors files, or PyTorch pickles.
 pub struct Weights {
     files: Vec<(PathBuf, Source)>,
     /// Tensor name → index into `files`.
@@ -69,7 +69,7 @@ pub enum Variant {
 }
 
 impl Weights {
-    /// Finds and maps the weight files in `dir`: `<base>[.fp16].safetensors` or a sharded
+    /// Finds and opens the weight files in `dir`: `<base>[.fp16].safetensors` or a sharded
     /// `<base>[.fp16].safetensors.index.json` whose `weight_map` names the shards; failing every
     /// safetensors name, the PyTorch pickles `diffusion_pytorch_model[.fp16].bin` /
     /// `pytorch_model[.fp16].bin` or a sharded `<base>[.fp16].bin.index.json` (the variant
@@ -126,7 +126,7 @@ impl Weights {
         })
     }
 
-    /// Maps the shards listed by a `*.safetensors.index.json` (or reads those of a
+    /// Opens the shards listed by a `*.safetensors.index.json` (or reads those of a
     /// `*.bin.index.json`: shards named `.bin`/`.pt`/`.pth`/`.ckpt` are PyTorch pickles).
     pub fn open_index(index: &Path) -> Result<Self> {
         #[derive(serde::Deserialize)]
@@ -161,7 +161,7 @@ impl Weights {
         Ok(weights)
     }
 
-    /// Maps the given safetensors files (validating each header); files named `.bin`, `.pt`,
+    /// Opens the given safetensors files (validating each header); files named `.bin`, `.pt`,
     /// `.pth` or `.ckpt` are read as PyTorch pickles ([`PickleWeights::open`] with no key).
     pub fn open_files(paths: Vec<PathBuf>) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
@@ -175,14 +175,8 @@ impl Weights {
                 files.push((path, Source::Pickle(pw)));
                 continue;
             }
-            // SAFETY: the checkpoint files are mapped read-only and treated as immutable for the
-            // life of the process, as a deployment mounts them (read-only volume).
-            let st =
-                unsafe { MmapedSafetensors::new(&path) }.map_err(|e| ModelError::Checkpoint {
-                    path: path.clone(),
-                    message: format!("cannot read safetensors file: {e}"),
-                })?;
-            for (name, _) in st.tensors() {
+            let st = SafetensorsFile::open(&path)?;
+            for name in st.names() {
                 index.insert(name, files.len());
             }
             files.push((path, Source::Safetensors(st)));
@@ -206,10 +200,7 @@ impl Weights {
     pub fn info(&self, key: &str) -> Option<(Vec<usize>, safetensors::Dtype)> {
         let &i = self.index.get(key)?;
         match &self.files[i].1 {
-            Source::Safetensors(st) => {
-                let view = st.get(key).ok()?;
-                Some((view.shape().to_vec(), view.dtype()))
-            }
+            Source::Safetensors(st) => st.info(key).map(|i| (i.shape.clone(), i.dtype)),
             Source::Pickle(pw) => pw.info(key).map(|i| (i.shape, i.stored)),
         }
     }
@@ -246,9 +237,9 @@ impl Weights {
         };
         match source {
             Source::Safetensors(st) => {
-                let view = st.get(key).map_err(ModelError::from)?;
-                if view.shape() != expected {
-                    return Err(shape_mismatch(view.shape()));
+                let shape = st.info(key).map(|i| i.shape.as_slice()).unwrap_or_default();
+                if shape != expected {
+                    return Err(shape_mismatch(shape));
                 }
                 Ok(st.load(key, device)?.to_dtype(dtype)?)
             }

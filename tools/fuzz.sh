@@ -7,6 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_EACH=${FUZZ_SECONDS:-60}
+# The instrumented build lives outside the clone, so a fresh clone on the same machine reuses it.
+TARGET_DIR=${KD_FUZZ_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kandinsky-serve/fuzz-target}
 TARGETS=(wire_tensor generate_request image_decode tokenize pickle_weights spm_model)
 
 rustup run nightly rustc --version >/dev/null 2>&1 \
@@ -15,14 +17,14 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --version 0.13.2
 fi
 cd fuzz
-cargo +nightly fuzz build -O
+cargo +nightly fuzz build -O --target-dir "$TARGET_DIR"
 summary=()
 for t in "${TARGETS[@]}"; do
   corpus="../.cache/fuzz/corpus/$t"
   mkdir -p "$corpus"
   log="../.cache/fuzz/$t.log"
   echo "== fuzz $t (${SECONDS_EACH} s)"
-  if ! cargo +nightly fuzz run -O "$t" "$corpus" "seeds/$t" -- \
+  if ! cargo +nightly fuzz run -O --target-dir "$TARGET_DIR" "$t" "$corpus" "seeds/$t" -- \
       -max_total_time="$SECONDS_EACH" -rss_limit_mb=4096 -timeout=20 -print_final_stats=1 \
       >"$log" 2>&1; then
     tail -n 60 "$log"

@@ -6,7 +6,7 @@
 CARGO ?= cargo
 PYTHON_REF ?= tools/reference/.venv/bin/python
 
-.PHONY: setup build test test-python lint fmt fixtures bench bench-fewstep bench-amused bench-kd20 bench-batching demo chart-check fuzz soak cuda clean
+.PHONY: setup build test test-python lint fmt fixtures bench bench-fewstep bench-amused bench-kd20 bench-batching bench-cpu demo chart-check fuzz soak cuda clean
 
 ## setup: install what a fresh machine lacks (idempotent; needs root for apt-get)
 setup:
@@ -84,6 +84,11 @@ bench-amused:
 ## bench-kd20: a Kandinsky 2.0 image (50 and 100 DDIM steps) against a Kandinsky 2.2 image (25+50), services
 bench-kd20:
 	$(CARGO) bench -p kd-e2e --bench kd20_latency
+
+## bench-cpu: UNet, MoVQ, prior, CLIP towers and load time against PyTorch on the same weights, cores
+## and inputs (full-size random weights, made once in ~/.cache/kandinsky-serve/bench-cpu)
+bench-cpu:
+	bash tools/bench-cpu.sh
 
 ## bench-batching: step-level batching in the denoiser on against off, 8 and 16 concurrent clients
 bench-batching:

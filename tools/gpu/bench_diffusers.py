@@ -39,6 +39,9 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     ap.add_argument("--parts", default="modules,pipeline,batch")
+    ap.add_argument("--modules", default="text_encoder,prior,unet,movq",
+                    help="stages the `modules` part loads (prior = prior transformer + CLIP vision; "
+                         "image_encoder is an alias of prior)")
     ap.add_argument("--size", type=int, default=None, help="pipeline image side (default: manifest size_a)")
     ap.add_argument("--prior-steps", type=int, default=25)
     ap.add_argument("--steps", type=int, default=50)
@@ -60,6 +63,7 @@ def main() -> int:
     cuda = dev.type == "cuda"
     manifest = read_json(a.refs / "manifest.json")
     parts = set(a.parts.split(","))
+    stages = {"prior" if m == "image_encoder" else m for m in a.modules.split(",")}
     size = a.size or manifest["size_a"]
     common = {"impl": "diffusers", "dtype": a.dtype, "device": a.device}
 
@@ -101,75 +105,83 @@ def main() -> int:
 
         with torch.no_grad():
             # CLIP text tower.
-            t = time.time()
-            te = CLIPTextModelWithProjection.from_pretrained(str(a.prior_dir / "text_encoder"), torch_dtype=dt).to(dev).eval()
-            emit(kind="load", stage="text_encoder", seconds=time.time() - t, **common)
-            ids = refs("text_encoder")["in.input_ids"].to(dev)
-            reset_peak()
-            te(ids)
-            peak("text_encoder", "CLIP text, batch 2")
-            for w in workloads("text_encoder"):
-                timed(w, lambda: te(ids))
-            del te
-            free()
+            if "text_encoder" in stages:
+                t = time.time()
+                te = CLIPTextModelWithProjection.from_pretrained(str(a.prior_dir / "text_encoder"), torch_dtype=dt).to(dev).eval()
+                emit(kind="load", stage="text_encoder", seconds=time.time() - t, **common)
+                ids = refs("text_encoder")["in.input_ids"].to(dev)
+                reset_peak()
+                te(ids)
+                peak("text_encoder", "CLIP text, batch 2")
+                for w in workloads("text_encoder"):
+                    timed(w, lambda: te(ids))
+                del te
+                free()
 
             # Prior stage: prior transformer + vision tower (the zero-image embedding).
-            t = time.time()
-            prior = PriorTransformer.from_pretrained(str(a.prior_dir / "prior"), torch_dtype=dt).to(dev).eval()
-            ie = CLIPVisionModelWithProjection.from_pretrained(str(a.prior_dir / "image_encoder"), torch_dtype=dt).to(dev).eval()
-            emit(kind="load", stage="prior", seconds=time.time() - t, **common)
-            r = refs("prior")
-            hs, proj, ehs = (r[f"in.{k}"].to(dev, dt) for k in ("hidden_states", "proj_embedding", "encoder_hidden_states"))
-            mask = r["in.attention_mask"].to(dev).bool()
-            ts = manifest["modules"]["prior"].get("timestep", 500)
-            s = ie.config.image_size
-            reset_peak()
-            ie(torch.zeros((1, 3, s, s), device=dev, dtype=dt))
-            prior(hs, timestep=ts, proj_embedding=proj, encoder_hidden_states=ehs, attention_mask=mask)
-            peak("prior", "zero-image embedding + prior step, batch 2")
-            for w in workloads("prior"):
-                timed(w, lambda: prior(hs, timestep=ts, proj_embedding=proj, encoder_hidden_states=ehs,
-                                       attention_mask=mask))
-            del prior, ie
-            free()
+            if "prior" in stages:
+                t = time.time()
+                prior = PriorTransformer.from_pretrained(str(a.prior_dir / "prior"), torch_dtype=dt).to(dev).eval()
+                ie = CLIPVisionModelWithProjection.from_pretrained(str(a.prior_dir / "image_encoder"), torch_dtype=dt).to(dev).eval()
+                emit(kind="load", stage="prior", seconds=time.time() - t, **common)
+                r = refs("prior")
+                hs, proj, ehs = (r[f"in.{k}"].to(dev, dt) for k in ("hidden_states", "proj_embedding", "encoder_hidden_states"))
+                mask = r["in.attention_mask"].to(dev).bool()
+                ts = manifest["modules"]["prior"].get("timestep", 500)
+                s = ie.config.image_size
+                reset_peak()
+                ie(torch.zeros((1, 3, s, s), device=dev, dtype=dt))
+                prior(hs, timestep=ts, proj_embedding=proj, encoder_hidden_states=ehs, attention_mask=mask)
+                peak("prior", "zero-image embedding + prior step, batch 2")
+                if workloads("image_encoder"):
+                    px = refs("image_encoder")["in.pixel_values"].to(dev, dt)
+                    for w in workloads("image_encoder"):
+                        timed(w, lambda: ie(px))
+                for w in workloads("prior"):
+                    timed(w, lambda: prior(hs, timestep=ts, proj_embedding=proj, encoder_hidden_states=ehs,
+                                           attention_mask=mask))
+                del prior, ie
+                free()
 
             # Decoder UNet.
-            t = time.time()
-            unet = UNet2DConditionModel.from_pretrained(str(a.decoder_dir / "unet"), torch_dtype=dt).to(dev).eval()
-            emit(kind="load", stage="denoiser", seconds=time.time() - t, **common)
-            procs = sorted({type(p).__name__ for p in unet.attn_processors.values()})
-            emit(kind="info", what="unet attention processors", value=",".join(procs), **common)
-            ts = manifest["modules"]["unet"].get("timestep", 500)
-            for w in workloads("unet"):
-                spec = manifest["timing"][w]
-                b, l = spec["batch"], spec["latent"]
-                x = torch.randn((b, unet.config.in_channels, l, l), device=dev, dtype=dt)
-                e = torch.randn((b, unet.config.encoder_hid_dim), device=dev, dtype=dt)
-                fn = lambda: unet(x, ts, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": e})  # noqa: E731
-                if spec.get("image") == manifest["size_a"]:
-                    reset_peak()
-                    fn()
-                    peak("denoiser", f"UNet step {spec['image']}² batch {b}")
-                timed(w, fn)
-            del unet
-            free()
+            if "unet" in stages:
+                t = time.time()
+                unet = UNet2DConditionModel.from_pretrained(str(a.decoder_dir / "unet"), torch_dtype=dt).to(dev).eval()
+                emit(kind="load", stage="denoiser", seconds=time.time() - t, **common)
+                procs = sorted({type(p).__name__ for p in unet.attn_processors.values()})
+                emit(kind="info", what="unet attention processors", value=",".join(procs), **common)
+                ts = manifest["modules"]["unet"].get("timestep", 500)
+                for w in workloads("unet"):
+                    spec = manifest["timing"][w]
+                    b, l = spec["batch"], spec["latent"]
+                    x = torch.randn((b, unet.config.in_channels, l, l), device=dev, dtype=dt)
+                    e = torch.randn((b, unet.config.encoder_hid_dim), device=dev, dtype=dt)
+                    fn = lambda: unet(x, ts, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": e})  # noqa: E731
+                    if spec.get("image") == manifest["size_a"]:
+                        reset_peak()
+                        fn()
+                        peak("denoiser", f"UNet step {spec['image']}² batch {b}")
+                    timed(w, fn)
+                del unet
+                free()
 
             # MoVQ decoder.
-            t = time.time()
-            movq = VQModel.from_pretrained(str(a.decoder_dir / "movq"), torch_dtype=dt).to(dev).eval()
-            emit(kind="load", stage="movq", seconds=time.time() - t, **common)
-            for w in workloads("movq"):
-                spec = manifest["timing"][w]
-                z = torch.randn((spec["batch"], movq.config.latent_channels, spec["latent"], spec["latent"]),
-                                device=dev, dtype=dt)
-                fn = lambda: movq.decode(z, force_not_quantize=True)  # noqa: E731
-                if spec.get("image") == manifest["size_a"]:
-                    reset_peak()
-                    fn()
-                    peak("movq", f"decode {spec['image']}²")
-                timed(w, fn)
-            del movq
-            free()
+            if "movq" in stages:
+                t = time.time()
+                movq = VQModel.from_pretrained(str(a.decoder_dir / "movq"), torch_dtype=dt).to(dev).eval()
+                emit(kind="load", stage="movq", seconds=time.time() - t, **common)
+                for w in workloads("movq"):
+                    spec = manifest["timing"][w]
+                    z = torch.randn((spec["batch"], movq.config.latent_channels, spec["latent"], spec["latent"]),
+                                    device=dev, dtype=dt)
+                    fn = lambda: movq.decode(z, force_not_quantize=True)  # noqa: E731
+                    if spec.get("image") == manifest["size_a"]:
+                        reset_peak()
+                        fn()
+                        peak("movq", f"decode {spec['image']}²")
+                    timed(w, fn)
+                del movq
+                free()
 
     if parts & {"pipeline", "batch"}:
         from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline

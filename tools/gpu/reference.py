@@ -11,6 +11,7 @@ files and the timing workloads (shapes) that `kd-gpucheck modules` and `bench_di
   unet_a  UNet step, batch 2 (CFG), image size A    unet_b  the same at size B
   movq_a  MoVQ decode of one image of size A        prior_step  prior forward, batch 2 (CFG)
   text_encoder  CLIP text tower, batch 2
+  (with --cpu-workloads also movq_b, a MoVQ decode at size B, and image_encoder, CLIP vision)
 
 Inputs are drawn on the CPU from a seeded generator (the same on any device); the references are
 computed on --device in fp32 with TF32 off, one module loaded at a time, from the (fp16) weight
@@ -44,6 +45,9 @@ def main() -> int:
     ap.add_argument("--size-b", type=int, default=768)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timestep", type=int, default=500)
+    ap.add_argument("--cpu-workloads", action="store_true",
+                    help="also time a MoVQ decode at size B (movq_b) and the CLIP vision tower "
+                         "(image_encoder), as `make bench-cpu` reports them")
     a = ap.parse_args()
 
     import torch
@@ -163,6 +167,11 @@ def main() -> int:
         },
         "seconds": round(time.time() - t_all, 1),
     }
+    if a.cpu_workloads:
+        manifest["timing"]["movq_b"] = {"module": "movq", "batch": 1, "latent": lb, "image": B,
+                                        "label": f"MoVQ decode {B}²"}
+        manifest["timing"]["image_encoder"] = {"module": "image_encoder", "batch": 1,
+                                               "label": "CLIP vision encode (1 image)"}
     (a.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"references in {a.out} ({manifest['seconds']} s)")
     return 0

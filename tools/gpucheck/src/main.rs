@@ -348,6 +348,12 @@ impl Ctx<'_> {
             let px = self.float_input(&refs, "pixel_values")?;
             let emb = ip.encode_pixels(&px)?;
             self.parity("image_encoder", load_s, &refs, &[("image_embeds", &emb)])?;
+            for (name, spec) in self.workloads("image_encoder") {
+                self.timed(&name, &spec, || {
+                    ip.encode_pixels(&px)?;
+                    Ok(())
+                })?;
+            }
         }
         if prior {
             let refs = self.refs("prior")?;

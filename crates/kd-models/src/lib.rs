@@ -5,6 +5,7 @@ pub mod amused;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+pub mod conv;
 pub mod decoder;
 pub mod error;
 pub mod image;

@@ -43,7 +43,8 @@ use crate::interrupt::{self, Stop};
 use crate::movq::{check_image, check_latents, Decoder, Encoder, MovqOptions};
 use crate::noise::NoiseSource;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+use crate::conv::{conv2d, Conv2d};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use std::path::Path;
 
 /// The posterior draws of a served request (`EncodeImages` with seeds): one RNG per image, each

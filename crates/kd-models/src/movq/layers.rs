@@ -7,7 +7,8 @@
 
 use crate::interrupt::{self, check, in_pieces, Stop};
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use crate::conv::{conv2d, Conv2d};
+use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
 
 /// GroupNorm epsilon used everywhere inside the MoVQ.
 pub const MOVQ_EPS: f64 = 1e-6;

@@ -28,7 +28,8 @@ use crate::config::VqModelConfig;
 use crate::error::{ModelError, Result};
 use crate::interrupt::{self, Stop};
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Conv2d, VarBuilder};
+use crate::conv::Conv2d;
+use candle_nn::VarBuilder;
 
 /// Run-time settings of the MoVQ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

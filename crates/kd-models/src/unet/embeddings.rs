@@ -6,7 +6,8 @@
 //! hidden states) and `TextImageTimeEmbedding` (`LN(text_proj(text)) + image_proj(image)`).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, layer_norm, linear, Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use crate::conv::{conv2d, Conv2d};
+use candle_nn::{layer_norm, linear, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
 /// `ImageProjection`: `LN(reshape(Linear(image_embeds), (B, tokens, dim)))`.
 #[derive(Debug, Clone)]

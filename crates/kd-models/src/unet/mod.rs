@@ -21,7 +21,8 @@ use crate::error::{ModelError, Result};
 use crate::interrupt::{self, Stop};
 use blocks::{AttnSpec, BlockCommon, DownBlock, MidBlock, UpBlock};
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use crate::conv::{conv2d, Conv2d};
+use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 use embeddings::{
     ImageProjection, ImageTimeEmbedding, TextImageProjection, TextImageTimeEmbedding,

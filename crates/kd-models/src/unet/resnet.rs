@@ -8,7 +8,8 @@
 //! ```
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use crate::conv::{conv2d, Conv2d};
+use candle_nn::{group_norm, linear, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
 /// Optional resampling inside a resnet block (the UNet's up/down-samplers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,9 +3,9 @@
 //! `Downsample` / `Upsample` with convolutions, and `text_encoders.AttentionPooling`.
 
 use candle_core::{DType, Module, Result, Tensor, D};
+use crate::conv::{conv2d, Conv2d};
 use candle_nn::{
-    conv1d, conv2d, group_norm, linear, Conv1d, Conv1dConfig, Conv2d, Conv2dConfig, GroupNorm,
-    Linear, VarBuilder,
+    conv1d, group_norm, linear, Conv1d, Conv1dConfig, Conv2dConfig, GroupNorm, Linear, VarBuilder,
 };
 
 const GN_EPS: f64 = 1e-5;

@@ -28,9 +28,9 @@ use crate::error::{ModelError, Result};
 use crate::interrupt::{check, Stop};
 use blocks::{AttentionBlock, AttentionPooling, ConvResample, ResBlock, Updown};
 use candle_core::{DType, Device, Module, Tensor};
+use crate::conv::{conv2d, Conv2d};
 use candle_nn::{
-    conv2d, group_norm, layer_norm, linear, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear,
-    VarBuilder,
+    group_norm, layer_norm, linear, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder,
 };
 use std::path::Path;
 

@@ -1,0 +1,271 @@
+//! CPU kernels the models call where candle's own are slow.
+//!
+//! [`conv3x3`]: a 3×3, stride-1, dilation-1, ungrouped convolution of an f32 NCHW tensor, as a
+//! candle [`CustomOp3`] (input, weight, bias). candle's CPU conv2d copies the input to NHWC,
+//! re-flattens the weight on every call and builds its im2col tiles and scatters its output one
+//! scalar at a time; for the MoVQ decoder that bookkeeping took more time than the GEMM itself.
+//! Here the weight `[C_out, C_in, 3, 3]` is already the GEMM's left matrix `[C_out, 9·C_in]`
+//! (row order c, kh, kw), the im2col of a band of output rows is built from whole shifted input
+//! rows (memcpy-sized copies), and the GEMM writes straight into the NCHW output, starting from
+//! the bias, so there is no output copy and no bias pass. Bands run in parallel on candle's rayon
+//! pool, each GEMM single-threaded; with fewer bands than threads the GEMM is parallel instead.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Output pixels per im2col band (rounded to whole rows): large enough for the GEMM to run at
+/// full speed, small enough that a band's columns (9·C_in·pixels floats) stay a few MB.
+const BAND_PIXELS: usize = 1024;
+
+/// True when [`conv3x3`] handles this convolution: CPU, f32, a 3×3 kernel, stride 1, dilation
+/// 1, one group. Everything else should go through candle's `conv2d`.
+pub fn conv3x3_supported(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> bool {
+    matches!(x.device(), Device::Cpu)
+        && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && stride == 1
+        && dilation == 1
+        && groups == 1
+        && x.rank() == 4
+        && weight.rank() == 4
+        && weight.dims()[2..] == [3, 3]
+}
+
+/// `conv2d(x, weight, padding, stride 1) + bias`: x `(B, C_in, H, W)`, weight
+/// `(C_out, C_in, 3, 3)`, bias `(C_out,)`; any strides (non-contiguous operands are copied).
+pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: usize) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    let bias = bias.contiguous()?;
+    x.apply_op3_no_bwd(&weight, &bias, &Conv3x3 { padding })
+}
+
+struct Conv3x3 {
+    padding: usize,
+}
+
+/// A raw output pointer shared by the bands, which write disjoint elements.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: every band writes only its own output columns (see `cpu_fwd`).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl CustomOp3 for Conv3x3 {
+    fn name(&self) -> &'static str {
+        "kd-conv3x3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(bias)) = (s1, s2, s3) else {
+            candle_core::bail!("kd-conv3x3: f32 input, weight and bias only")
+        };
+        if !(l1.is_contiguous() && l2.is_contiguous() && l3.is_contiguous()) {
+            candle_core::bail!("kd-conv3x3: contiguous operands only")
+        }
+        let (b, cin, h, wd) = l1.shape().dims4()?;
+        let (cout, wcin, kh, kw) = l2.shape().dims4()?;
+        if (wcin, kh, kw) != (cin, 3, 3) || l3.shape().dims() != [cout] {
+            candle_core::bail!(
+                "kd-conv3x3: weight {:?} / bias {:?} do not fit input {:?}",
+                l2.shape(),
+                l3.shape(),
+                l1.shape()
+            )
+        }
+        let p = self.padding;
+        let (oh, ow) = match ((h + 2 * p).checked_sub(2), (wd + 2 * p).checked_sub(2)) {
+            (Some(oh), Some(ow)) if oh > 0 && ow > 0 => (oh, ow),
+            _ => candle_core::bail!("kd-conv3x3: input {h}×{wd} too small for padding {p}"),
+        };
+        let x = &x[l1.start_offset()..];
+        let w = &w[l2.start_offset()..l2.start_offset() + cout * cin * 9];
+        let bias = &bias[l3.start_offset()..l3.start_offset() + cout];
+        let k = cin * 9;
+        let plane = oh * ow;
+
+        // The output starts as the bias; the GEMM accumulates into it.
+        let mut out = vec![0f32; b * cout * plane];
+        for (i, chunk) in out.chunks_mut(plane).enumerate() {
+            chunk.fill(bias[i % cout]);
+        }
+
+        let rows = (BAND_PIXELS / ow).clamp(1, oh);
+        let bands_per_image = oh.div_ceil(rows);
+        let tasks = b * bands_per_image;
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let (outer_parallel, gemm_par) = if tasks >= threads {
+            (true, gemm::Parallelism::None)
+        } else {
+            (false, gemm::Parallelism::Rayon(threads))
+        };
+        let dst = Out(out.as_mut_ptr());
+        let band = |task: usize, cols: &mut Vec<f32>| {
+            let (bi, band) = (task / bands_per_image, task % bands_per_image);
+            let y0 = band * rows;
+            let r = rows.min(oh - y0);
+            let n = r * ow;
+            cols.clear();
+            cols.resize(k * n, 0.0);
+            let img = &x[bi * cin * h * wd..(bi + 1) * cin * h * wd];
+            im2col_band(img, cols, cin, h, wd, p, y0, r, ow);
+            let dst = dst;
+            // SAFETY: `out` holds b·C_out·oh·ow floats; this band writes rows c of image `bi`,
+            // columns y0·ow .. y0·ow + n of each, which no other band writes. `w` is
+            // C_out × 9·C_in row-major, `cols` 9·C_in × n row-major.
+            unsafe {
+                gemm::gemm(
+                    cout,
+                    n,
+                    k,
+                    dst.0.add(bi * cout * plane + y0 * ow),
+                    1,
+                    plane as isize,
+                    true,
+                    w.as_ptr(),
+                    1,
+                    k as isize,
+                    cols.as_ptr(),
+                    1,
+                    n as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm_par,
+                );
+            }
+        };
+        if outer_parallel {
+            (0..tasks)
+                .into_par_iter()
+                .for_each_init(Vec::new, |cols, t| band(t, cols));
+        } else {
+            let mut cols = Vec::new();
+            (0..tasks).for_each(|t| band(t, &mut cols));
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))))
+    }
+}
+
+/// The im2col of output rows `y0 .. y0 + r` of one image: `cols[(c·9 + kh·3 + kw), j]` is the
+/// input pixel under tap (kh, kw) of output pixel j (zero in the padding).
+#[allow(clippy::too_many_arguments)]
+fn im2col_band(
+    img: &[f32],
+    cols: &mut [f32],
+    cin: usize,
+    h: usize,
+    w: usize,
+    p: usize,
+    y0: usize,
+    r: usize,
+    ow: usize,
+) {
+    let n = r * ow;
+    for c in 0..cin {
+        let chan = &img[c * h * w..(c + 1) * h * w];
+        for kh in 0..3 {
+            for kw in 0..3 {
+                let row = &mut cols[((c * 9) + kh * 3 + kw) * n..][..n];
+                // Output x reads input x + kw − p; the valid x are those with 0 ≤ x + kw − p < w.
+                let x_lo = p.saturating_sub(kw);
+                let x_hi = (w + p).saturating_sub(kw).min(ow);
+                for yy in 0..r {
+                    let iy = (y0 + yy + kh) as isize - p as isize;
+                    let dst = &mut row[yy * ow..(yy + 1) * ow];
+                    if iy < 0 || iy >= h as isize || x_lo >= x_hi {
+                        continue; // stays zero
+                    }
+                    let src = &chan[iy as usize * w..(iy as usize + 1) * w];
+                    let sx = x_lo + kw - p;
+                    dst[x_lo..x_hi].copy_from_slice(&src[sx..sx + (x_hi - x_lo)]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
+        let n = b.sqr().unwrap().sum_all().unwrap();
+        (d.to_scalar::<f32>().unwrap() / n.to_scalar::<f32>().unwrap()).sqrt()
+    }
+
+    /// Odd shapes against candle's conv2d: channels that fill no SIMD block, widths and heights
+    /// that leave partial bands, padding 0 and 1 (and 2), batch > 1, strided input.
+    #[test]
+    fn equals_candles_conv2d_on_odd_shapes() {
+        let dev = Device::Cpu;
+        let cases = [
+            // (b, cin, cout, h, w, padding)
+            (1, 1, 1, 1, 1, 1),
+            (1, 3, 5, 7, 9, 1),
+            (2, 5, 3, 13, 11, 1),
+            (3, 4, 7, 8, 8, 0),
+            (1, 17, 33, 37, 29, 1),
+            (2, 8, 16, 70, 50, 1),
+            (1, 6, 2, 5, 4, 2),
+            (1, 2, 3, 3, 3, 0),
+        ];
+        for (b, cin, cout, h, w, p) in cases {
+            let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap();
+            let k = Tensor::randn(0f32, 0.3, (cout, cin, 3, 3), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
+            let want = x
+                .conv2d(&k, p, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
+                .unwrap();
+            let got = conv3x3(&x, &k, &bias, p).unwrap();
+            assert_eq!(got.dims(), want.dims(), "{b} {cin} {cout} {h} {w} {p}");
+            let e = rel(&got, &want);
+            assert!(e <= 1e-5, "{b} {cin} {cout} {h} {w} pad {p}: rel L2 {e:e}");
+        }
+        // A transposed (non-contiguous) input.
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 10, 12), &dev).unwrap();
+        let xt = x.transpose(2, 3).unwrap();
+        let k = Tensor::randn(0f32, 0.3, (4, 3, 3, 3), &dev).unwrap();
+        let zero = Tensor::zeros(4, DType::F32, &dev).unwrap();
+        let want = xt.contiguous().unwrap().conv2d(&k, 1, 1, 1, 1).unwrap();
+        assert!(rel(&conv3x3(&xt, &k, &zero, 1).unwrap(), &want) <= 1e-5);
+    }
+
+    #[test]
+    fn refuses_what_it_does_not_compute() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 2, 4, 4), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((3, 2, 3, 3), DType::F32, &dev).unwrap();
+        assert!(conv3x3_supported(&x, &k, 1, 1, 1));
+        assert!(!conv3x3_supported(&x, &k, 2, 1, 1));
+        assert!(!conv3x3_supported(&x, &k, 1, 2, 1));
+        assert!(!conv3x3_supported(&x.to_dtype(DType::F16).unwrap(), &k, 1, 1, 1));
+        let k1 = Tensor::zeros((3, 2, 1, 1), DType::F32, &dev).unwrap();
+        assert!(!conv3x3_supported(&x, &k1, 1, 1, 1));
+        // Wrong channel count and too small an input are errors, not panics.
+        let bias = Tensor::zeros(3, DType::F32, &dev).unwrap();
+        let k_bad = Tensor::zeros((3, 5, 3, 3), DType::F32, &dev).unwrap();
+        assert!(conv3x3(&x, &k_bad, &bias, 1).is_err());
+        let tiny = Tensor::zeros((1, 2, 1, 1), DType::F32, &dev).unwrap();
+        assert!(conv3x3(&tiny, &k, &bias, 0).is_err());
+    }
+}

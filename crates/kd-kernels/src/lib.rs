@@ -258,7 +258,13 @@ mod tests {
         assert!(conv3x3_supported(&x, &k, 1, 1, 1));
         assert!(!conv3x3_supported(&x, &k, 2, 1, 1));
         assert!(!conv3x3_supported(&x, &k, 1, 2, 1));
-        assert!(!conv3x3_supported(&x.to_dtype(DType::F16).unwrap(), &k, 1, 1, 1));
+        assert!(!conv3x3_supported(
+            &x.to_dtype(DType::F16).unwrap(),
+            &k,
+            1,
+            1,
+            1
+        ));
         let k1 = Tensor::zeros((3, 2, 1, 1), DType::F32, &dev).unwrap();
         assert!(!conv3x3_supported(&x, &k1, 1, 1, 1));
         // Wrong channel count and too small an input are errors, not panics.

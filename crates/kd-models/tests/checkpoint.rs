@@ -491,11 +491,18 @@ fn safetensors_tensors_read_one_at_a_time_equal_the_whole_file_reader() {
             .unwrap()
     };
     let mut all = std::collections::HashMap::new();
-    all.insert("a.f32".to_string(), base(7 * 5 * 3).reshape((7, 5, 3)).unwrap());
+    all.insert(
+        "a.f32".to_string(),
+        base(7 * 5 * 3).reshape((7, 5, 3)).unwrap(),
+    );
     all.insert("b.f16".to_string(), base(13).to_dtype(DType::F16).unwrap());
     all.insert(
         "c.bf16".to_string(),
-        base(4 * 9).reshape((4, 9)).unwrap().to_dtype(DType::BF16).unwrap(),
+        base(4 * 9)
+            .reshape((4, 9))
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap(),
     );
     all.insert("d.scalar".to_string(), Tensor::new(2.5f32, &dev).unwrap());
     candle_core::safetensors::save(&all, &file).unwrap();
@@ -535,16 +542,25 @@ fn safetensors_headers_that_do_not_fit_the_file_are_refused() {
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (vec![1, 2, 3], "header length"),
         (u64::MAX.to_le_bytes().to_vec(), "header of"),
-        ((1000u64).to_le_bytes().to_vec(), "header of 1000 bytes in a file of 8"),
+        (
+            (1000u64).to_le_bytes().to_vec(),
+            "header of 1000 bytes in a file of 8",
+        ),
         (header("{not json", 0), "header"),
         (
             // 4 f32 = 16 bytes described, 8 present.
-            header(r#"{"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, 8),
+            header(
+                r#"{"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+                8,
+            ),
             "describes 16 bytes",
         ),
         (
             // The size does not match the shape.
-            header(r#"{"x":{"dtype":"F32","shape":[4],"data_offsets":[0,12]}}"#, 12),
+            header(
+                r#"{"x":{"dtype":"F32","shape":[4],"data_offsets":[0,12]}}"#,
+                12,
+            ),
             "header",
         ),
         (

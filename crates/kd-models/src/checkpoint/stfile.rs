@@ -8,7 +8,9 @@
 
 use crate::error::{ModelError, Result};
 use candle_core::safetensors::Load;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 use safetensors::tensor::{Metadata, TensorInfo, TensorView};
 use std::fs::File;
 use std::io::Read;
@@ -51,14 +53,11 @@ impl SafetensorsFile {
                 "cannot read safetensors file: header of {n} bytes (at most {MAX_HEADER})"
             )));
         }
-        let data_start = n
-            .checked_add(8)
-            .filter(|&s| s <= file_len)
-            .ok_or_else(|| {
-                bad(format!(
-                    "cannot read safetensors file: header of {n} bytes in a file of {file_len}"
-                ))
-            })?;
+        let data_start = n.checked_add(8).filter(|&s| s <= file_len).ok_or_else(|| {
+            bad(format!(
+                "cannot read safetensors file: header of {n} bytes in a file of {file_len}"
+            ))
+        })?;
         let mut header = vec![0u8; n as usize];
         file.read_exact(&mut header)
             .map_err(|e| bad(format!("cannot read safetensors file: header: {e}")))?;
@@ -92,12 +91,43 @@ impl SafetensorsFile {
         self.metadata.info(name)
     }
 
-    /// Reads `name` from disk as stored, onto `device` (through one host buffer).
-    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
-        let info = self.info(name).ok_or_else(|| ModelError::Checkpoint {
+    /// Reads `name` from disk as `dtype` onto `device`. fp16/bf16 files loaded as f32 on the
+    /// CPU convert with the half crate's slice conversion (F16C where the CPU has it), not one
+    /// element at a time through candle's `to_dtype`: that conversion was most of a load.
+    pub fn load_as(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let info = self.info(name).ok_or_else(|| self.missing(name))?;
+        let stored = info.dtype;
+        if dtype == DType::F32
+            && device.is_cpu()
+            && matches!(stored, safetensors::Dtype::F16 | safetensors::Dtype::BF16)
+        {
+            let bytes = self.read(name)?;
+            let bits = bytes
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]));
+            let mut out = vec![0f32; bytes.len() / 2];
+            if stored == safetensors::Dtype::F16 {
+                let src: Vec<f16> = bits.map(f16::from_bits).collect();
+                src.as_slice().convert_to_f32_slice(&mut out);
+            } else {
+                let src: Vec<bf16> = bits.map(bf16::from_bits).collect();
+                src.as_slice().convert_to_f32_slice(&mut out);
+            }
+            return Ok(Tensor::from_vec(out, info.shape.as_slice(), device)?);
+        }
+        Ok(self.load(name, device)?.to_dtype(dtype)?)
+    }
+
+    fn missing(&self, name: &str) -> ModelError {
+        ModelError::Checkpoint {
             path: self.path.clone(),
             message: format!("no tensor `{name}`"),
-        })?;
+        }
+    }
+
+    /// The stored bytes of `name`.
+    fn read(&self, name: &str) -> Result<Vec<u8>> {
+        let info = self.info(name).ok_or_else(|| self.missing(name))?;
         let (start, end) = info.data_offsets;
         let mut bytes = vec![0u8; end - start];
         self.file
@@ -106,6 +136,13 @@ impl SafetensorsFile {
                 path: self.path.clone(),
                 source,
             })?;
+        Ok(bytes)
+    }
+
+    /// Reads `name` from disk as stored, onto `device` (through one host buffer).
+    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let info = self.info(name).ok_or_else(|| self.missing(name))?;
+        let bytes = self.read(name)?;
         let view = TensorView::new(info.dtype, info.shape.clone(), &bytes).map_err(|e| {
             ModelError::Checkpoint {
                 path: self.path.clone(),

@@ -241,7 +241,7 @@ impl Weights {
                 if shape != expected {
                     return Err(shape_mismatch(shape));
                 }
-                Ok(st.load(key, device)?.to_dtype(dtype)?)
+                st.load_as(key, dtype, device)
             }
             Source::Pickle(pw) => {
                 let shape = pw.info(key).map(|i| i.shape).unwrap_or_default();
@@ -263,7 +263,7 @@ impl Weights {
             });
         };
         match &self.files[i].1 {
-            Source::Safetensors(st) => Ok(st.load(key, device)?.to_dtype(dtype)?),
+            Source::Safetensors(st) => st.load_as(key, dtype, device),
             Source::Pickle(pw) => Ok(pw.load(key, device)?.to_dtype(dtype)?),
         }
     }

@@ -38,12 +38,12 @@ pub use config::{DdConfig, KlConfig, KlParams};
 
 use crate::checkpoint::Weights;
 use crate::config::VqModelConfig;
+use crate::conv::{conv2d, Conv2d};
 use crate::error::{ModelError, Result};
 use crate::interrupt::{self, Stop};
 use crate::movq::{check_image, check_latents, Decoder, Encoder, MovqOptions};
 use crate::noise::NoiseSource;
 use candle_core::{DType, Device, Module, Tensor};
-use crate::conv::{conv2d, Conv2d};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use std::path::Path;
 

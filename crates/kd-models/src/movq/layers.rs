@@ -5,9 +5,9 @@
 //! (`ResnetBlock2D`, `ResnetBlockCondNorm2D`), `models/downsampling.py`, `models/upsampling.py`.
 //! SpatialNorm is from MoVQ (<https://arxiv.org/abs/2209.09002>).
 
+use crate::conv::{conv2d, Conv2d};
 use crate::interrupt::{self, check, in_pieces, Stop};
 use candle_core::{Module, Result, Tensor, D};
-use crate::conv::{conv2d, Conv2d};
 use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
 
 /// GroupNorm epsilon used everywhere inside the MoVQ.

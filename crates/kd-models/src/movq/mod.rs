@@ -25,10 +25,10 @@ pub use layers::{Conv3x3, ResnetBlock, SpatialNorm};
 
 use crate::checkpoint::{ComponentDir, Variant};
 use crate::config::VqModelConfig;
+use crate::conv::Conv2d;
 use crate::error::{ModelError, Result};
 use crate::interrupt::{self, Stop};
 use candle_core::{DType, Device, Module, Tensor, D};
-use crate::conv::Conv2d;
 use candle_nn::VarBuilder;
 
 /// Run-time settings of the MoVQ.

@@ -5,8 +5,8 @@
 //! and those of the Kandinsky 2.1 UNet: `TextImageProjection` (10 image tokens ⧺ projected text
 //! hidden states) and `TextImageTimeEmbedding` (`LN(text_proj(text)) + image_proj(image)`).
 
-use candle_core::{Module, Result, Tensor};
 use crate::conv::{conv2d, Conv2d};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{layer_norm, linear, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
 /// `ImageProjection`: `LN(reshape(Linear(image_embeds), (B, tokens, dim)))`.

@@ -17,11 +17,11 @@ pub mod embeddings;
 pub mod resnet;
 
 use crate::config::UNet2DConditionConfig;
+use crate::conv::{conv2d, Conv2d};
 use crate::error::{ModelError, Result};
 use crate::interrupt::{self, Stop};
 use blocks::{AttnSpec, BlockCommon, DownBlock, MidBlock, UpBlock};
 use candle_core::{DType, Module, Tensor};
-use crate::conv::{conv2d, Conv2d};
 use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 use embeddings::{

@@ -7,8 +7,8 @@
 //! out = shortcut(x) + conv2(SiLU(h))
 //! ```
 
-use candle_core::{Module, Result, Tensor};
 use crate::conv::{conv2d, Conv2d};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{group_norm, linear, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
 /// Optional resampling inside a resnet block (the UNet's up/down-samplers).

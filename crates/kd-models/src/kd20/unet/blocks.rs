@@ -2,8 +2,8 @@
 //! `ResBlock` (scale-shift norm, resblock up/down), `AttentionBlock` with `encoder_kv`,
 //! `Downsample` / `Upsample` with convolutions, and `text_encoders.AttentionPooling`.
 
-use candle_core::{DType, Module, Result, Tensor, D};
 use crate::conv::{conv2d, Conv2d};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{
     conv1d, group_norm, linear, Conv1d, Conv1dConfig, Conv2dConfig, GroupNorm, Linear, VarBuilder,
 };

@@ -24,11 +24,11 @@ pub mod config;
 pub use config::Kd20UnetConfig;
 
 use crate::checkpoint::Weights;
+use crate::conv::{conv2d, Conv2d};
 use crate::error::{ModelError, Result};
 use crate::interrupt::{check, Stop};
 use blocks::{AttentionBlock, AttentionPooling, ConvResample, ResBlock, Updown};
 use candle_core::{DType, Device, Module, Tensor};
-use crate::conv::{conv2d, Conv2d};
 use candle_nn::{
     group_norm, layer_norm, linear, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder,
 };

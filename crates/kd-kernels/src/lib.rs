@@ -57,6 +57,13 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+impl Out {
+    /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 impl CustomOp3 for Conv3x3 {
     fn name(&self) -> &'static str {
         "kd-conv3x3"
@@ -123,7 +130,6 @@ impl CustomOp3 for Conv3x3 {
             cols.resize(k * n, 0.0);
             let img = &x[bi * cin * h * wd..(bi + 1) * cin * h * wd];
             im2col_band(img, cols, cin, h, wd, p, y0, r, ow);
-            let dst = dst;
             // SAFETY: `out` holds b·C_out·oh·ow floats; this band writes rows c of image `bi`,
             // columns y0·ow .. y0·ow + n of each, which no other band writes. `w` is
             // C_out × 9·C_in row-major, `cols` 9·C_in × n row-major.
@@ -132,7 +138,7 @@ impl CustomOp3 for Conv3x3 {
                     cout,
                     n,
                     k,
-                    dst.0.add(bi * cout * plane + y0 * ow),
+                    dst.ptr().add(bi * cout * plane + y0 * ow),
                     1,
                     plane as isize,
                     true,

@@ -19,6 +19,9 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
+from report import load_lines  # noqa: E402
+
 # workload key in the manifest -> (row label, stage process, short name of the last line)
 WORKLOADS = [
     ("unet_a", "UNet forward 2×4×64×64 (one CFG step at 512²)", "unet", "unet64"),
@@ -36,20 +39,6 @@ STAGES = {
     "prior": ("load prior + CLIP vision (fp16 files → f32)", ["image_encoder", "prior"], "prior"),
     "text_encoder": ("load CLIP text (fp16 files → f32)", ["text_encoder"], "text_encoder"),
 }
-
-
-def lines(path: Path):
-    if not path.is_file():
-        return []
-    out = []
-    for raw in path.read_text().splitlines():
-        raw = raw.strip()
-        if raw.startswith("{"):
-            try:
-                out.append(json.loads(raw))
-            except json.JSONDecodeError:
-                pass
-    return out
 
 
 def rss_mib(path: Path):
@@ -80,7 +69,7 @@ def main() -> int:
         times, loads, rss, parity = {}, [], [], {}
         for r in rounds:
             rss.append(rss_mib(a.dir / f"{impl}-{stage}-{r}.rss"))
-            for x in lines(a.dir / f"{impl}-{stage}-{r}.jsonl"):
+            for x in load_lines(a.dir / f"{impl}-{stage}-{r}.jsonl"):
                 if x.get("kind") == "time":
                     times.setdefault(x["workload"], []).append(x["median_s"])
                 elif x.get("kind") == "parity":

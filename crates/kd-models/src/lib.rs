@@ -15,11 +15,14 @@ pub mod kl;
 pub mod mclip;
 pub mod movq;
 pub mod noise;
+pub mod norm;
 pub mod pipeline;
 pub mod prior;
 pub mod schedulers;
 pub mod unet;
 pub mod uvit;
+
+pub use kd_kernels::retain_freed_memory;
 
 pub use checkpoint::{CheckpointDir, ComponentDir, ModelFamily, Variant, Weights};
 pub use error::{ModelError, Result};

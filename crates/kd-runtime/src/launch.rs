@@ -339,7 +339,8 @@ impl<M: StageModel> Launch<M> {
     }
 }
 
-/// The whole `main` of a service binary: parse the flags, install logging and tracing, trigger
+/// The whole `main` of a service binary: parse the flags, set the heap policy for CPU tensors
+/// (`kd_models::retain_freed_memory`, model stages), install logging and tracing, trigger
 /// shutdown on SIGTERM/Ctrl-C, bind, and `run` until shutdown.
 pub fn main<C, F, Fut>(binary: &'static str, common: impl Fn(&C) -> &CommonArgs, run: F)
 where
@@ -348,6 +349,8 @@ where
     Fut: Future<Output = Result<(), LaunchError>>,
 {
     let config = C::parse();
+    #[cfg(feature = "models")]
+    kd_models::retain_freed_memory();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

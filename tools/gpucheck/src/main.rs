@@ -607,6 +607,8 @@ fn pipeline(a: PipelineArgs) -> Result<bool> {
 }
 
 fn main() -> std::process::ExitCode {
+    // The heap policy of the stage binaries, so that timings and peak RSS are theirs.
+    kd_models::retain_freed_memory();
     let r = match Cli::parse().command {
         Command::Modules(a) => modules(a),
         Command::Pipeline(a) => pipeline(a),

@@ -7,8 +7,9 @@ use super::layers::{conv3x3, Conv3x3, Downsample, ResnetBlock, MOVQ_EPS};
 use super::MovqOptions;
 use crate::config::VqModelConfig;
 use crate::interrupt::{self, check, Stop};
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, GroupNorm, VarBuilder};
+use crate::norm::{group_norm, GroupNorm};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
 
 /// A down block: resnets (each followed by an attention for `AttnDownEncoderBlock2D`) and an
 /// optional downsampler.
@@ -201,7 +202,7 @@ impl Encoder {
     pub fn forward(&self, x: &Tensor, stop: Stop) -> Result<Tensor> {
         let x = self.down(x, self.down_blocks.len(), stop)?;
         let x = self.mid_block.forward(&x, None, stop)?;
-        let x = candle_nn::ops::silu(&self.conv_norm_out.forward(&x)?)?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward_stop(&x, stop)
     }
 }

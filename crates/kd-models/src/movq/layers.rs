@@ -7,8 +7,9 @@
 
 use crate::conv::{conv2d, Conv2d};
 use crate::interrupt::{self, check, in_pieces, Stop};
+use crate::norm::{group_norm, GroupNorm};
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 /// GroupNorm epsilon used everywhere inside the MoVQ.
 pub const MOVQ_EPS: f64 = 1e-6;
@@ -154,6 +155,14 @@ impl Norm {
             },
         }
     }
+
+    /// `silu(self.forward(x, zq))` (the GroupNorm and SiLU in one pass on the CPU).
+    pub fn forward_silu(&self, x: &Tensor, zq: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            Self::Group(n) => n.forward_silu(x),
+            Self::Spatial(_) => candle_nn::ops::silu(&self.forward(x, zq)?),
+        }
+    }
 }
 
 /// `ResnetBlock2D` without time embedding (encoder) or `ResnetBlockCondNorm2D` with
@@ -198,10 +207,10 @@ impl ResnetBlock {
 
     /// [`Self::forward`] asking `stop` between its norms and convolution bands.
     pub fn forward_stop(&self, x: &Tensor, zq: Option<&Tensor>, stop: Stop) -> Result<Tensor> {
-        let h = candle_nn::ops::silu(&self.norm1.forward(x, zq)?)?;
+        let h = self.norm1.forward_silu(x, zq)?;
         check(stop, "a MoVQ resnet norm")?;
         let h = self.conv1.forward_stop(&h, stop)?;
-        let h = candle_nn::ops::silu(&self.norm2.forward(&h, zq)?)?;
+        let h = self.norm2.forward_silu(&h, zq)?;
         check(stop, "a MoVQ resnet norm")?;
         let h = self.conv2.forward_stop(&h, stop)?;
         match &self.conv_shortcut {

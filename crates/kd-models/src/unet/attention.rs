@@ -12,7 +12,8 @@ use candle_core::{DType, Module, Result, Tensor};
 /// memory grows linearly with the image area, and a stop check runs between chunks. Sizes up
 /// to 32×32 latents per attention level are one chunk (the arithmetic of one whole softmax).
 pub const QUERY_CHUNK: usize = 1024;
-use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
+use crate::norm::{group_norm, GroupNorm};
+use candle_nn::{linear, Linear, VarBuilder};
 
 /// Shape parameters of one added-KV attention block.
 #[derive(Debug, Clone, Copy)]
@@ -90,6 +91,9 @@ impl AttnAddedKv {
         )?;
         let (k, v) = (self.split_heads(&k)?, self.split_heads(&v)?);
         let kt = k.t()?;
+        // Scaling the queries costs HW·C multiplies, scaling the scores HW·(HW + 77)·heads; with
+        // the usual head widths (a power of 4) the scale is a power of two and both are exact.
+        let q = (q * self.scale)?;
         let n = h * w;
         // (B, heads, HW, d)
         let a = in_pieces(
@@ -104,7 +108,7 @@ impl AttnAddedKv {
                 } else {
                     q.narrow(2, start, len)?.contiguous()?
                 };
-                let scores = (q.matmul(&kt)? * self.scale)?;
+                let scores = q.matmul(&kt)?;
                 let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
                     .to_dtype(x.dtype())?;
                 probs.matmul(&v)

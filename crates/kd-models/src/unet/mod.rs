@@ -20,9 +20,10 @@ use crate::config::UNet2DConditionConfig;
 use crate::conv::{conv2d, Conv2d};
 use crate::error::{ModelError, Result};
 use crate::interrupt::{self, Stop};
+use crate::norm::{group_norm, GroupNorm};
 use blocks::{AttnSpec, BlockCommon, DownBlock, MidBlock, UpBlock};
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 use embeddings::{
     ImageProjection, ImageTimeEmbedding, TextImageProjection, TextImageTimeEmbedding,
@@ -590,7 +591,7 @@ impl UNet2DConditionModel {
             h = block.forward(&h, &emb, &context, &mut skips, stop)?;
             trace(&format!("up_blocks.{i}"), &h);
         }
-        let h = candle_nn::ops::silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         Ok(self.conv_out.forward(&h)?)
     }
 }

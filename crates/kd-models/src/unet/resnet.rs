@@ -8,8 +8,9 @@
 //! ```
 
 use crate::conv::{conv2d, Conv2d};
+use crate::norm::{group_norm, GroupNorm};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, linear, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{linear, Conv2dConfig, Linear, VarBuilder};
 
 /// Optional resampling inside a resnet block (the UNet's up/down-samplers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,7 +110,7 @@ impl ResnetBlock2D {
 
     /// `x` (B, C_in, H, W), `temb` (B, T) → (B, C_out, H', W').
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = candle_nn::ops::silu(&self.norm1.forward(x)?)?;
+        let h = self.norm1.forward_silu(x)?;
         let (x, h) = (self.resample(x)?, self.resample(&h)?);
         let h = self.conv1.forward(&h)?;
         let e = self

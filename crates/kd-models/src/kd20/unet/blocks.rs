@@ -3,10 +3,9 @@
 //! `Downsample` / `Upsample` with convolutions, and `text_encoders.AttentionPooling`.
 
 use crate::conv::{conv2d, Conv2d};
+use crate::norm::{group_norm, GroupNorm};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{
-    conv1d, group_norm, linear, Conv1d, Conv1dConfig, Conv2dConfig, GroupNorm, Linear, VarBuilder,
-};
+use candle_nn::{conv1d, linear, Conv1d, Conv1dConfig, Conv2dConfig, Linear, VarBuilder};
 
 const GN_EPS: f64 = 1e-5;
 
@@ -93,7 +92,7 @@ impl ResBlock {
     }
 
     pub fn forward(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
-        let h = candle_nn::ops::silu(&self.in_norm.forward(x)?)?;
+        let h = self.in_norm.forward_silu(x)?;
         let (h, x) = (resample(&h, self.updown)?, resample(x, self.updown)?);
         let h = self.in_conv.forward(&h)?;
         let e = self
@@ -112,7 +111,7 @@ impl ResBlock {
                 .broadcast_add(&shift)?;
             candle_nn::ops::silu(&h)?
         } else {
-            candle_nn::ops::silu(&self.out_norm.forward(&h.broadcast_add(&e)?)?)?
+            self.out_norm.forward_silu(&h.broadcast_add(&e)?)?
         };
         let h = self.out_conv.forward(&h)?;
         let x = match &self.skip {

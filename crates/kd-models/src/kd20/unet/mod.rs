@@ -27,11 +27,10 @@ use crate::checkpoint::Weights;
 use crate::conv::{conv2d, Conv2d};
 use crate::error::{ModelError, Result};
 use crate::interrupt::{check, Stop};
+use crate::norm::{group_norm, GroupNorm};
 use blocks::{AttentionBlock, AttentionPooling, ConvResample, ResBlock, Updown};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{
-    group_norm, layer_norm, linear, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder,
-};
+use candle_nn::{layer_norm, linear, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 use std::path::Path;
 
 /// The text inputs of one forward pass (`Kandinsky2.encode_text` outputs).
@@ -581,7 +580,7 @@ impl Text2ImUNet {
             h = Tensor::cat(&[&h, &skip], 1)?;
             h = run_block(block, &h, &emb, &xf_out, stop)?;
         }
-        let h = candle_nn::ops::silu(&self.out_norm.forward(&h)?)?;
+        let h = self.out_norm.forward_silu(&h)?;
         let out = self.out_conv.forward(&h)?.to_dtype(DType::F32)?;
         Ok((out, trace))
     }

@@ -23,6 +23,49 @@ mod winograd;
 
 pub use norm::{group_norm, group_norm_supported};
 
+/// A vector of `n` floats written by `fill(offset, window)` over consecutive windows, without
+/// zeroing the memory first. Buffers of 4 MiB and more are marked for transparent huge pages
+/// first (where the kernel grants them on request), so writing them faults in 2 MiB pages rather
+/// than 4 KiB ones: loading a checkpoint into f32 was mostly page faults.
+pub fn fresh_f32(n: usize, mut fill: impl FnMut(usize, &mut [f32])) -> Vec<f32> {
+    const WINDOW: usize = 1 << 12;
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    if n >= 1 << 20 {
+        huge_page_hint(v.as_mut_ptr().cast(), n * 4);
+    }
+    let mut tmp = [0f32; WINDOW];
+    for (i, dst) in v.spare_capacity_mut()[..n].chunks_mut(WINDOW).enumerate() {
+        let t = &mut tmp[..dst.len()];
+        fill(i * WINDOW, t);
+        for (d, &x) in dst.iter_mut().zip(t.iter()) {
+            d.write(x);
+        }
+    }
+    // SAFETY: the loop above wrote all n elements.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// `madvise(MADV_HUGEPAGE)` on the whole 2 MiB pages inside `len` bytes at `ptr` (Linux; a hint,
+/// failures ignored).
+fn huge_page_hint(ptr: *mut u8, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (ptr as usize).next_multiple_of(HUGE);
+        let end = (ptr as usize + len) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: the range lies inside an allocation this process owns; MADV_HUGEPAGE only
+            // changes how its pages are backed.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (ptr, len);
+}
+
 /// Keeps freed memory in the process heap instead of handing it back to the kernel, for processes
 /// that run models on the CPU (every stage binary calls it first thing).
 ///
@@ -333,7 +376,10 @@ mod tests {
                 force_path(None);
                 assert_eq!(got.dims(), want.dims(), "{b} {cin} {cout} {h} {w} {p}");
                 let e = rel(&got, &want);
-                assert!(e <= 1e-5, "{b} {cin} {cout} {h} {w} pad {p} {path:?}: rel L2 {e:e}");
+                assert!(
+                    e <= 1e-5,
+                    "{b} {cin} {cout} {h} {w} pad {p} {path:?}: rel L2 {e:e}"
+                );
             }
         }
         // A transposed (non-contiguous) input.

@@ -9,7 +9,7 @@
 use crate::error::{ModelError, Result};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
-use half::slice::HalfFloatSliceExt;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use half::{bf16, f16};
 use safetensors::tensor::{Metadata, TensorInfo, TensorView};
 use std::fs::File;
@@ -27,6 +27,10 @@ pub struct SafetensorsFile {
     metadata: Metadata,
     /// Absolute offset of the data section (8 + header length).
     data_start: u64,
+    /// The stored bits of the half-precision tensor being converted, reused from tensor to
+    /// tensor (a fresh buffer per tensor faulted in and zeroed as many pages as the weights
+    /// themselves); freed with the file.
+    scratch: std::sync::Mutex<Vec<u16>>,
 }
 
 impl SafetensorsFile {
@@ -78,6 +82,7 @@ impl SafetensorsFile {
             file,
             metadata,
             data_start,
+            scratch: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -101,18 +106,29 @@ impl SafetensorsFile {
             && device.is_cpu()
             && matches!(stored, safetensors::Dtype::F16 | safetensors::Dtype::BF16)
         {
-            let bytes = self.read(info)?;
-            let bits = bytes
-                .chunks_exact(2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]]));
-            let mut out = vec![0f32; bytes.len() / 2];
-            if stored == safetensors::Dtype::F16 {
-                let src: Vec<f16> = bits.map(f16::from_bits).collect();
-                src.as_slice().convert_to_f32_slice(&mut out);
-            } else {
-                let src: Vec<bf16> = bits.map(bf16::from_bits).collect();
-                src.as_slice().convert_to_f32_slice(&mut out);
+            let (start, end) = info.data_offsets;
+            let n = (end - start) / 2;
+            let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+            if scratch.len() < n {
+                scratch.resize(n, 0);
             }
+            let bits = &mut scratch[..n];
+            // SAFETY: any byte pattern is a valid u16; the byte view covers exactly `bits`.
+            let bytes =
+                unsafe { std::slice::from_raw_parts_mut(bits.as_mut_ptr().cast::<u8>(), n * 2) };
+            self.read_into(info, bytes)?;
+            #[cfg(target_endian = "big")]
+            for b in bits.iter_mut() {
+                *b = u16::from_le(*b);
+            }
+            let out = kd_kernels::fresh_f32(n, |offset, dst| {
+                let src = &bits[offset..offset + dst.len()];
+                if stored == safetensors::Dtype::F16 {
+                    src.reinterpret_cast::<f16>().convert_to_f32_slice(dst);
+                } else {
+                    src.reinterpret_cast::<bf16>().convert_to_f32_slice(dst);
+                }
+            });
             return Ok(Tensor::from_vec(out, info.shape.as_slice(), device)?);
         }
         Ok(self.load(name, device)?.to_dtype(dtype)?)
@@ -129,13 +145,18 @@ impl SafetensorsFile {
     fn read(&self, info: &TensorInfo) -> Result<Vec<u8>> {
         let (start, end) = info.data_offsets;
         let mut bytes = vec![0u8; end - start];
+        self.read_into(info, &mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Reads the stored bytes of the tensor `info` describes into `bytes` (exactly its size).
+    fn read_into(&self, info: &TensorInfo, bytes: &mut [u8]) -> Result<()> {
         self.file
-            .read_exact_at(&mut bytes, self.data_start + start as u64)
+            .read_exact_at(bytes, self.data_start + info.data_offsets.0 as u64)
             .map_err(|source| ModelError::Io {
                 path: self.path.clone(),
                 source,
-            })?;
-        Ok(bytes)
+            })
     }
 
     /// Reads `name` from disk as stored, onto `device` (through one host buffer).

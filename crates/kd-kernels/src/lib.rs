@@ -1,7 +1,8 @@
 //! CPU kernels the models call where candle's own are slow, and the heap policy of the processes
 //! that run them ([`retain_freed_memory`]).
 //!
-//! [`group_norm`]: GroupNorm, optionally fused with SiLU, in one parallel pass.
+//! [`group_norm`]: GroupNorm, optionally fused with SiLU, in one parallel pass; [`spatial_norm`]:
+//! the MoVQ's SpatialNorm (GroupNorm, then the latents' per-pixel scale and shift), the same way.
 //!
 //! [`conv3x3`]: a 3×3, stride-1, dilation-1, ungrouped convolution of an f32 NCHW tensor, as a
 //! candle [`CustomOp3`] (input, weight, bias). candle's CPU conv2d copies the input to NHWC,
@@ -17,11 +18,12 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 mod norm;
 mod winograd;
 
-pub use norm::{group_norm, group_norm_supported};
+pub use norm::{group_norm, group_norm_supported, spatial_norm, spatial_norm_supported};
 
 /// A vector of `n` floats written by `fill(offset, window)` over consecutive windows, without
 /// zeroing the memory first. Buffers of 4 MiB and more are marked for transparent huge pages
@@ -42,6 +44,19 @@ pub fn fresh_f32(n: usize, mut fill: impl FnMut(usize, &mut [f32])) -> Vec<f32> 
         }
     }
     // SAFETY: the loop above wrote all n elements.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// A vector of `n` floats filled by `write`, without zeroing it first (the zeroing was a tenth
+/// of a norm or convolution kernel's time at the MoVQ's full resolution).
+///
+/// # Safety
+/// `write` must initialise every one of the `n` elements it is given.
+pub(crate) unsafe fn filled_f32(n: usize, write: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    write(&mut v.spare_capacity_mut()[..n]);
+    // SAFETY: the caller's contract: all n elements are initialised.
     unsafe { v.set_len(n) };
     v
 }
@@ -214,7 +229,7 @@ impl CustomOp3 for Conv3x3 {
         let bias = &bias[l3.start_offset()..l3.start_offset() + cout];
         let k = cin * 9;
         let plane = oh * ow;
-        let mut out = vec![0f32; b * cout * plane];
+        let n_out = b * cout * plane;
 
         let dims = winograd::Dims {
             b,
@@ -227,14 +242,21 @@ impl CustomOp3 for Conv3x3 {
             ow,
         };
         if use_winograd(&dims) {
-            winograd::conv(x, w, bias, &mut out, dims);
+            // SAFETY: the Winograd path writes every output element (each tile's 4×4 block,
+            // cropped at the edges; tested against a NaN-filled buffer).
+            let out = unsafe { filled_f32(n_out, |o| winograd::conv(x, w, bias, o, dims)) };
             return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
         }
 
         // The output starts as the bias; the GEMM accumulates into it.
-        for (i, chunk) in out.chunks_mut(plane).enumerate() {
-            chunk.fill(bias[i % cout]);
-        }
+        // SAFETY: the planes of `plane` elements cover all b·C_out·plane elements.
+        let mut out = unsafe {
+            filled_f32(n_out, |o| {
+                for (i, chunk) in o.chunks_mut(plane).enumerate() {
+                    chunk.fill(MaybeUninit::new(bias[i % cout]));
+                }
+            })
+        };
 
         let rows = (BAND_PIXELS / ow).clamp(1, oh);
         let bands_per_image = oh.div_ceil(rows);

@@ -18,6 +18,7 @@
 //! L2 error is a few 1e-7 (measured in the tests on up to 1152 channels).
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Bᵀ of F(4, 3): the input transform.
 const BT: [[f32; 6]; 6] = [
@@ -143,7 +144,7 @@ impl Dims {
 
 /// `out = conv3x3(x, w, padding) + bias`: x `[b][cin][h][w]`, w `[cout][cin][3][3]`, out
 /// `[b][cout][oh][ow]` (every element written).
-pub(crate) fn conv(x: &[f32], w: &[f32], bias: &[f32], out: &mut [f32], d: Dims) {
+pub(crate) fn conv(x: &[f32], w: &[f32], bias: &[f32], out: &mut [MaybeUninit<f32>], d: Dims) {
     let co_block = (U_BLOCK_FLOATS / (36 * d.cin)).max(MIN_CO_BLOCK);
     conv_chunked(x, w, bias, out, d, CHUNK_FLOATS, co_block)
 }
@@ -154,7 +155,7 @@ fn conv_chunked(
     x: &[f32],
     w: &[f32],
     bias: &[f32],
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     d: Dims,
     chunk_floats: usize,
     co_block: usize,
@@ -167,7 +168,7 @@ fn conv_chunked(
     let mut u = take(cb * 36 * d.cin);
     let mut v = take(36 * d.cin * chunk_rows * ntx);
     let mut m = take(36 * d.cout * chunk_rows * ntx);
-    let dst = Shared(out.as_mut_ptr());
+    let dst = Shared(out.as_mut_ptr().cast::<f32>());
     for r0 in (0..rows_total).step_by(chunk_rows) {
         let rows = chunk_rows.min(rows_total - r0);
         let tc = rows * ntx;
@@ -485,8 +486,10 @@ mod tests {
             let bias = fill(cout, 3);
             let want = direct(&x, &k, &bias, d);
             for (chunk, co_block) in [(CHUNK_FLOATS, usize::MAX), (1, 1), (CHUNK_FLOATS, 7)] {
-                let mut got = vec![f32::NAN; want.len()];
-                conv_chunked(&x, &k, &bias, &mut got, d, chunk, co_block);
+                let mut out = vec![MaybeUninit::new(f32::NAN); want.len()];
+                conv_chunked(&x, &k, &bias, &mut out, d, chunk, co_block);
+                // SAFETY: initialised (NaN) before the call; a missed element stays NaN.
+                let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
                 let num: f64 = got
                     .iter()
                     .zip(&want)
@@ -523,8 +526,10 @@ mod tests {
             .collect();
         let bias = fill(d.cout, 6);
         let want = direct(&x, &k, &bias, d);
-        let mut got = vec![0f32; want.len()];
-        conv(&x, &k, &bias, &mut got, d);
+        let mut out = vec![MaybeUninit::new(f32::NAN); want.len()];
+        conv(&x, &k, &bias, &mut out, d);
+        // SAFETY: initialised (NaN) before the call.
+        let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
         let num: f64 = got
             .iter()
             .zip(&want)

@@ -31,6 +31,15 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
 }
 
 impl GroupNorm {
+    /// γ and β stacked `(2, C)`, the groups and ε: what the fused SpatialNorm kernel takes.
+    pub(crate) fn fused_params(&self) -> Result<(Tensor, usize, f64)> {
+        Ok((
+            Tensor::stack(&[&self.weight, &self.bias], 0)?,
+            self.groups,
+            self.eps,
+        ))
+    }
+
     /// `silu(self.forward(x))`, in one pass on the CPU.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         if kd_kernels::group_norm_supported(x, &self.weight) {

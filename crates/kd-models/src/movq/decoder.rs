@@ -157,7 +157,7 @@ impl Decoder {
     /// norms; `None` for group norms), asking `stop` between layers.
     pub fn forward(&self, x: &Tensor, zq: Option<&Tensor>, stop: Stop) -> Result<Tensor> {
         let x = self.partial(x, zq, self.up_blocks.len(), stop)?;
-        let x = candle_nn::ops::silu(&self.conv_norm_out.forward(&x, zq)?)?;
+        let x = self.conv_norm_out.forward_silu(&x, zq)?;
         check(stop, "the MoVQ decoder's output norm")?;
         self.conv_out.forward_stop(&x, stop)
     }

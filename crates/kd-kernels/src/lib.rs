@@ -110,8 +110,8 @@ const BAND_PIXELS: usize = 256;
 
 /// Winograd pays when the GEMMs are large next to the transforms: enough channels on both sides
 /// and enough tiles to amortise the per-call weight transform (measured with the `conv_shapes`
-/// example: at 8 tiles a 1536-channel convolution is 4× slower in Winograd, at 32 tiles 1.4×
-/// faster).
+/// example on CFG batches of 2: at 4 tiles per image, an 8×8 map, a 1536-channel convolution is
+/// 2–4× slower in Winograd; at 16 per image, 16×16, a 1152-channel one is 1.4× faster).
 fn use_winograd(d: &winograd::Dims) -> bool {
     match FORCE.load(std::sync::atomic::Ordering::Relaxed) {
         1 => return true,
@@ -120,7 +120,7 @@ fn use_winograd(d: &winograd::Dims) -> bool {
     }
     d.cin >= WINOGRAD_MIN_CHANNELS
         && d.cout >= WINOGRAD_MIN_CHANNELS
-        && d.tile_count() >= WINOGRAD_MIN_TILES
+        && d.tiles_per_image() >= WINOGRAD_MIN_TILES
 }
 
 /// 0: by shape; 1: always Winograd; 2: never (see [`force_path`]).
@@ -139,8 +139,9 @@ pub fn force_path(winograd: Option<bool>) {
 
 /// See [`use_winograd`].
 const WINOGRAD_MIN_CHANNELS: usize = 16;
-/// See [`use_winograd`].
-const WINOGRAD_MIN_TILES: usize = 32;
+/// See [`use_winograd`]. Counted per image, not per call, so that an image takes the same path,
+/// and gets the same result, alone and in a batch (step-level batching relies on it).
+const WINOGRAD_MIN_TILES: usize = 16;
 
 /// True when [`conv3x3`] handles this convolution: CPU, f32, a 3×3 kernel, stride 1, dilation
 /// 1, one group. Everything else should go through candle's `conv2d`.

@@ -67,8 +67,13 @@ async fn concurrent_requests_share_unet_calls_and_end_as_they_end_alone() {
     }
     let calls = metric_at(batched.metrics, "kd_batch_size_count", &[]).await - calls_before;
     eprintln!("batched vs alone: worst latents rel L2 {worst:e}; {calls} UNet calls for {steps} request steps");
+    // Measured: 3.0e-5 with im2col convolutions, 1.14e-4 with the CPU Winograd kernel. Each
+    // convolution is batch-invariant (kd-kernels tests it bitwise); the rows differ slightly at
+    // the ops that are not (candle's batched matmuls), and a Winograd convolution's rounding
+    // (a few 1e-7, about 4× a direct one's) then differs between the two runs, which this
+    // random-weight UNet amplifies over the steps. Images stay within ±2 (the other tests).
     assert!(
-        worst <= 1e-4,
+        worst <= 2e-4,
         "a batched request differs from itself alone: {worst:e}"
     );
     assert!(

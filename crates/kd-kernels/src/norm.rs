@@ -6,7 +6,7 @@
 //! `a_c = γ_c / √(var + ε)`, and SiLU in the same write when asked. [`spatial_norm`] adds the
 //! MoVQ's per-pixel scale and shift to the same write.
 
-use crate::filled_f32;
+use crate::{f32_operands, filled_f32, silu};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -54,12 +54,7 @@ impl CustomOp3 for GroupNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(bt)) = (s1, s2, s3) else {
-            candle_core::bail!("kd-group-norm: f32 input, weight and bias only")
-        };
-        if !(l1.is_contiguous() && l2.is_contiguous() && l3.is_contiguous()) {
-            candle_core::bail!("kd-group-norm: contiguous operands only")
-        }
+        let [x, g, bt] = f32_operands("kd-group-norm", [(s1, l1), (s2, l2), (s3, l3)])?;
         let dims = l1.shape().dims();
         if dims.len() < 3 {
             candle_core::bail!("kd-group-norm: input rank {} (want ≥ 3)", dims.len())
@@ -74,9 +69,6 @@ impl CustomOp3 for GroupNormOp {
             )
         }
         let spatial: usize = dims[2..].iter().product();
-        let x = &x[l1.start_offset()..l1.start_offset() + b * c * spatial];
-        let g = &g[l2.start_offset()..l2.start_offset() + c];
-        let bt = &bt[l3.start_offset()..l3.start_offset() + c];
         let per_group = c / groups;
         let len = per_group * spatial;
         if len == 0 {
@@ -94,8 +86,7 @@ impl CustomOp3 for GroupNormOp {
                         let s = bt[c0 + k];
                         if self.silu {
                             for (y, &v) in oc.iter_mut().zip(xc) {
-                                let t = (v - m) * a + s;
-                                y.write(t / (1.0 + (-t).exp()));
+                                y.write(silu((v - m) * a + s));
                             }
                         } else {
                             for (y, &v) in oc.iter_mut().zip(xc) {
@@ -192,12 +183,7 @@ impl CustomOp3 for SpatialNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(gb), CpuStorage::F32(yb)) = (s1, s2, s3) else {
-            candle_core::bail!("kd-spatial-norm: f32 operands only")
-        };
-        if !(l1.is_contiguous() && l2.is_contiguous() && l3.is_contiguous()) {
-            candle_core::bail!("kd-spatial-norm: contiguous operands only")
-        }
+        let [x, gb, yb] = f32_operands("kd-spatial-norm", [(s1, l1), (s2, l2), (s3, l3)])?;
         let (b, c, h, w) = l1.shape().dims4()?;
         let (yb_b, yb_c, zh, zw) = l3.shape().dims4()?;
         let groups = self.groups;
@@ -220,9 +206,6 @@ impl CustomOp3 for SpatialNormOp {
         let (sh, sw) = (h / zh, w / zw);
         let plane = h * w;
         let zplane = zh * zw;
-        let x = &x[l1.start_offset()..l1.start_offset() + b * c * plane];
-        let gb = &gb[l2.start_offset()..l2.start_offset() + 2 * c];
-        let yb = &yb[l3.start_offset()..l3.start_offset() + b * 2 * c * zplane];
         let per_group = c / groups;
         let len = per_group * plane;
         if len == 0 {
@@ -250,7 +233,7 @@ impl CustomOp3 for SpatialNormOp {
                                 let (yv, bv) = (yr[zx], br[zx]);
                                 for (o, &v) in ob.iter_mut().zip(xb) {
                                     let t = ((v - m) * a + beta) * yv + bv;
-                                    o.write(if self.silu { t / (1.0 + (-t).exp()) } else { t });
+                                    o.write(if self.silu { silu(t) } else { t });
                                 }
                             }
                         }

@@ -19,6 +19,7 @@
 //! The interpolation points are 0, ±1, ±2 and ∞; against a direct f32 convolution the relative
 //! L2 error is a few 1e-7 (measured in the tests on up to 1152 channels).
 
+use crate::Shared;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -104,20 +105,6 @@ fn give(v: Vec<f32>) {
     });
 }
 
-/// A raw pointer shared by parallel tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: every user writes only elements no other task writes (see each call site).
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// The shape of one convolution call.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Dims {
@@ -195,7 +182,7 @@ fn conv_chunked(
     let mut v = take(36 * d.cin * chunk_rows * ntx);
     let mut m = take(36 * d.cout * chunk_rows * ntx);
     let dst = Shared(out.as_mut_ptr().cast::<f32>());
-    for &(r0, rows) in &chunks {
+    for (chunk, &(r0, rows)) in chunks.iter().enumerate() {
         let tc = rows * ntx;
         // (first column, columns) of each image's part of the chunk.
         let mut segments = Vec::new();
@@ -209,10 +196,13 @@ fn conv_chunked(
         for co0 in (0..d.cout).step_by(cb) {
             let nb = cb.min(d.cout - co0);
             let ub = &mut u[..nb * 36 * d.cin];
-            transform_weight(&w[co0 * d.cin * 9..(co0 + nb) * d.cin * 9], d.cin, ub);
+            // With one block for all output channels, its transform serves every chunk.
+            if cb < d.cout || chunk == 0 {
+                transform_weight(&w[co0 * d.cin * 9..(co0 + nb) * d.cin * 9], d.cin, ub);
+            }
             let vp = Shared(v.as_mut_ptr());
             let mp = Shared(m.as_mut_ptr());
-            let up = ub.as_ptr() as usize;
+            let up = Shared(ub.as_mut_ptr());
             let segments = &segments;
             (0..36).into_par_iter().for_each(|xi| {
                 for &(col, n) in segments {
@@ -229,7 +219,7 @@ fn conv_chunked(
                             1,
                             tc as isize,
                             false,
-                            (up as *const f32).add(xi * d.cin),
+                            up.ptr().add(xi * d.cin),
                             1,
                             (36 * d.cin) as isize,
                             vp.ptr().add(xi * d.cin * tc + col),
@@ -502,8 +492,9 @@ mod tests {
     }
 
     /// Every tile position (edges cropped, padding 0, 1 and 2, batch > 1, sizes that are not
-    /// multiples of 4), the chunked path (one tile row per chunk) and output-channel blocks (of 1
-    /// and of 7, leaving a partial block) against the f64 direct convolution.
+    /// multiples of 4), the chunked path (one tile row per chunk, with one weight transform for
+    /// all chunks or one per block) and output-channel blocks (of 1 and of 7, leaving a partial
+    /// block) against the f64 direct convolution.
     #[test]
     fn equals_the_direct_convolution() {
         let cases = [
@@ -532,7 +523,12 @@ mod tests {
             let k: Vec<f32> = fill(cout * cin * 9, 2).iter().map(|v| v * 0.3).collect();
             let bias = fill(cout, 3);
             let want = direct(&x, &k, &bias, d);
-            for (chunk, co_block) in [(CHUNK_FLOATS, usize::MAX), (1, 1), (CHUNK_FLOATS, 7)] {
+            for (chunk, co_block) in [
+                (CHUNK_FLOATS, usize::MAX),
+                (1, usize::MAX),
+                (1, 1),
+                (CHUNK_FLOATS, 7),
+            ] {
                 let mut out = vec![MaybeUninit::new(f32::NAN); want.len()];
                 conv_chunked(&x, &k, &bias, &mut out, d, chunk, co_block);
                 let e = rel_to(&out, &want);

@@ -31,13 +31,22 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
 }
 
 impl GroupNorm {
-    /// γ and β stacked `(2, C)`, the groups and ε: what the fused SpatialNorm kernel takes.
-    pub(crate) fn fused_params(&self) -> Result<(Tensor, usize, f64)> {
-        Ok((
-            Tensor::stack(&[&self.weight, &self.bias], 0)?,
-            self.groups,
-            self.eps,
-        ))
+    /// MoVQ's SpatialNorm (then SiLU when `silu`) in one pass on the CPU: this norm of `f`, times
+    /// `y` and plus `shift` nearest-upsampled to `f`'s size. `None` where the fused kernel does
+    /// not apply (another device or dtype, a size ratio that is not whole).
+    pub(crate) fn fused_spatial(
+        &self,
+        f: &Tensor,
+        y: &Tensor,
+        shift: &Tensor,
+        silu: bool,
+    ) -> Result<Option<Tensor>> {
+        if !kd_kernels::spatial_norm_supported(f, y) {
+            return Ok(None);
+        }
+        let gamma_beta = Tensor::stack(&[&self.weight, &self.bias], 0)?;
+        let y_shift = Tensor::cat(&[y, shift], 1)?;
+        kd_kernels::spatial_norm(f, &gamma_beta, &y_shift, self.groups, self.eps, silu).map(Some)
     }
 
     /// `silu(self.forward(x))`, in one pass on the CPU.

@@ -74,22 +74,18 @@ pub struct SpatialNorm {
     norm_layer: GroupNorm,
     conv_y: Conv2d,
     conv_b: Conv2d,
-    /// The norm's γ and β stacked, its groups and ε, for `kd_kernels::spatial_norm`.
-    fused: (Tensor, usize, f64),
 }
 
 impl SpatialNorm {
     /// Loads `norm_layer`, `conv_y` and `conv_b` for `f_channels` features and `zq_channels` latents.
     pub fn new(f_channels: usize, zq_channels: usize, vb: VarBuilder) -> Result<Self> {
-        let norm_layer = group_norm(
-            SPATIAL_NORM_GROUPS,
-            f_channels,
-            MOVQ_EPS,
-            vb.pp("norm_layer"),
-        )?;
         Ok(Self {
-            fused: norm_layer.fused_params()?,
-            norm_layer,
+            norm_layer: group_norm(
+                SPATIAL_NORM_GROUPS,
+                f_channels,
+                MOVQ_EPS,
+                vb.pp("norm_layer"),
+            )?,
             conv_y: conv1x1(zq_channels, f_channels, vb.pp("conv_y"))?,
             conv_b: conv1x1(zq_channels, f_channels, vb.pp("conv_b"))?,
         })
@@ -104,24 +100,15 @@ impl SpatialNorm {
         self.forward_act(f, zq, false)
     }
 
-    /// `silu(self.forward(f, zq))`.
-    pub fn forward_silu(&self, f: &Tensor, zq: &Tensor) -> Result<Tensor> {
-        self.forward_act(f, zq, true)
-    }
-
     /// [`Self::forward`], then SiLU when `silu`. On the CPU in f32 with a whole size ratio the
     /// norm, the scale and shift and the SiLU are one pass (`kd_kernels::spatial_norm`).
     fn forward_act(&self, f: &Tensor, zq: &Tensor, silu: bool) -> Result<Tensor> {
-        let (b, c, h, w) = f.dims4()?;
-        let (_, _, zh, zw) = zq.dims4()?;
         let y = self.conv_y.forward(zq)?;
         let bias = self.conv_b.forward(zq)?;
-        if kd_kernels::spatial_norm_supported(f, &y) {
-            let (gamma_beta, groups, eps) = &self.fused;
-            let y_b = Tensor::cat(&[&y, &bias], 1)?;
-            return kd_kernels::spatial_norm(f, gamma_beta, &y_b, *groups, *eps, silu);
+        if let Some(out) = self.norm_layer.fused_spatial(f, &y, &bias, silu)? {
+            return Ok(out);
         }
-        let out = self.spatial(f, y, bias, (b, c, h, w), (zh, zw))?;
+        let out = self.spatial(f, y, bias)?;
         if silu {
             candle_nn::ops::silu(&out)
         } else {
@@ -129,15 +116,10 @@ impl SpatialNorm {
         }
     }
 
-    /// The unfused SpatialNorm from the 1×1 convolutions' outputs.
-    fn spatial(
-        &self,
-        f: &Tensor,
-        y: Tensor,
-        bias: Tensor,
-        (b, c, h, w): (usize, usize, usize, usize),
-        (zh, zw): (usize, usize),
-    ) -> Result<Tensor> {
+    /// The unfused SpatialNorm from the 1×1 convolutions' outputs (at the latents' size).
+    fn spatial(&self, f: &Tensor, y: Tensor, bias: Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = f.dims4()?;
+        let (_, _, zh, zw) = y.dims4()?;
         let norm_f = self.norm_layer.forward(f)?;
         if (zh, zw) == (h, w) {
             return norm_f.mul(&y)?.add(&bias);
@@ -184,21 +166,21 @@ impl Norm {
 
     /// Applies the norm; `zq` is required for the spatial variant.
     pub fn forward(&self, x: &Tensor, zq: Option<&Tensor>) -> Result<Tensor> {
-        match self {
-            Self::Group(n) => n.forward(x),
-            Self::Spatial(n) => match zq {
-                Some(zq) => n.forward(x, zq),
-                None => candle_core::bail!("SpatialNorm needs the latents (zq)"),
-            },
-        }
+        self.apply(x, zq, false)
     }
 
-    /// `silu(self.forward(x, zq))` (the GroupNorm and SiLU in one pass on the CPU).
+    /// `silu(self.forward(x, zq))` (the norm and SiLU in one pass on the CPU).
     pub fn forward_silu(&self, x: &Tensor, zq: Option<&Tensor>) -> Result<Tensor> {
+        self.apply(x, zq, true)
+    }
+
+    /// The norm, then SiLU when `silu`.
+    fn apply(&self, x: &Tensor, zq: Option<&Tensor>, silu: bool) -> Result<Tensor> {
         match self {
-            Self::Group(n) => n.forward_silu(x),
+            Self::Group(n) if silu => n.forward_silu(x),
+            Self::Group(n) => n.forward(x),
             Self::Spatial(n) => match zq {
-                Some(zq) => n.forward_silu(x, zq),
+                Some(zq) => n.forward_act(x, zq, silu),
                 None => candle_core::bail!("SpatialNorm needs the latents (zq)"),
             },
         }

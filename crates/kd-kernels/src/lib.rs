@@ -1,6 +1,9 @@
 //! CPU kernels the models call where candle's own are slow, and the heap policy of the processes
 //! that run them ([`retain_freed_memory`]).
 //!
+//! [`linear`]: a dense layer with its bias and activation fused; [`attention`]: multi-head
+//! attention straight from a fused q/k/v projection (the transformer towers).
+//!
 //! [`group_norm`]: GroupNorm, optionally fused with SiLU, in one parallel pass; [`spatial_norm`]:
 //! the MoVQ's SpatialNorm (GroupNorm, then the latents' per-pixel scale and shift), the same way.
 //!
@@ -20,31 +23,78 @@ use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, T
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+mod dense;
 mod norm;
 mod winograd;
 
+pub use dense::{attention, attention_supported, linear, linear_supported, Activation};
 pub use norm::{group_norm, group_norm_supported, spatial_norm, spatial_norm_supported};
 
-/// A vector of `n` floats written by `fill(offset, window)` over consecutive windows, without
-/// zeroing the memory first. Buffers of 4 MiB and more are marked for transparent huge pages
-/// first (where the kernel grants them on request), so writing them faults in 2 MiB pages rather
-/// than 4 KiB ones: loading a checkpoint into f32 was mostly page faults.
-pub fn fresh_f32(n: usize, mut fill: impl FnMut(usize, &mut [f32])) -> Vec<f32> {
-    const WINDOW: usize = 1 << 12;
+/// Floats per task of [`fresh_f32`]'s parallel fill (written through a stack window of 4096).
+const FILL_TASK: usize = 1 << 16;
+const FILL_WINDOW: usize = 1 << 12;
+
+/// A vector of `n` floats written by `fill(offset, window)` over consecutive windows, in
+/// parallel on candle's rayon pool, without zeroing the memory first. Buffers of 4 MiB and more
+/// are marked for transparent huge pages first (where the kernel grants them on request), so
+/// writing them faults in 2 MiB pages rather than 4 KiB ones: loading a checkpoint into f32 was
+/// mostly page faults, and the faults (the kernel zeroing each page) run on the writing thread.
+pub fn fresh_f32(n: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let write = |out: &mut [MaybeUninit<f32>]| {
         if n >= 1 << 20 {
             huge_page_hint(out.as_mut_ptr().cast(), n * 4);
         }
-        let mut tmp = [0f32; WINDOW];
-        for (i, dst) in out.chunks_mut(WINDOW).enumerate() {
-            let t = &mut tmp[..dst.len()];
-            fill(i * WINDOW, t);
-            for (d, &x) in dst.iter_mut().zip(t.iter()) {
-                d.write(x);
-            }
-        }
+        out.par_chunks_mut(FILL_TASK)
+            .enumerate()
+            .for_each(|(t, task)| {
+                let mut tmp = [0f32; FILL_WINDOW];
+                for (i, dst) in task.chunks_mut(FILL_WINDOW).enumerate() {
+                    let t_ = &mut tmp[..dst.len()];
+                    fill(t * FILL_TASK + i * FILL_WINDOW, t_);
+                    for (d, &x) in dst.iter_mut().zip(t_.iter()) {
+                        d.write(x);
+                    }
+                }
+            });
     };
     // SAFETY: the windows cover all n elements and each is written from `tmp`.
+    unsafe { filled_f32(n, write) }
+}
+
+/// Columns of the source per task of [`fresh_f32_transposed`]: one 64-byte line of half floats.
+const TRANSPOSE_BLOCK: usize = 32;
+
+/// The transpose `(cols, rows)` of a `(rows, cols)` matrix whose rows `read(row, col0, window)`
+/// writes as floats (`window` = the row's columns `col0 ..`), built in parallel like
+/// [`fresh_f32`]. A dense layer's weight `(out, in)` loaded this way is the `(in, out)` right-hand
+/// matrix its GEMM reads fastest (measured 1.3–1.6× on the CLIP and prior shapes).
+pub fn fresh_f32_transposed(
+    rows: usize,
+    cols: usize,
+    read: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let n = rows * cols;
+    let write = |out: &mut [MaybeUninit<f32>]| {
+        if n >= 1 << 20 {
+            huge_page_hint(out.as_mut_ptr().cast(), n * 4);
+        }
+        // Task t writes output rows (source columns) t·B .. t·B + B: one contiguous run.
+        out.par_chunks_mut((TRANSPOSE_BLOCK * rows).max(1))
+            .enumerate()
+            .for_each(|(t, task)| {
+                let c0 = t * TRANSPOSE_BLOCK;
+                let w = task.len() / rows.max(1);
+                let mut tmp = [0f32; TRANSPOSE_BLOCK];
+                for r in 0..rows {
+                    read(r, c0, &mut tmp[..w]);
+                    for (j, &x) in tmp[..w].iter().enumerate() {
+                        task[j * rows + r].write(x);
+                    }
+                }
+            });
+    };
+    // SAFETY: task t covers output rows t·B .. t·B + w, and writes each of their `rows`
+    // elements (j·rows + r for every j < w, r < rows).
     unsafe { filled_f32(n, write) }
 }
 
@@ -190,13 +240,13 @@ impl Shared {
     }
 }
 
-/// The three operands of a kernel (`name`, for the errors) as f32 slices, each exactly its
-/// layout's elements: another dtype or a strided layout is an error.
-pub(crate) fn f32_operands<'a>(
+/// The operands of a kernel (`name`, for the errors) as f32 slices, each exactly its layout's
+/// elements: another dtype or a strided layout is an error.
+pub(crate) fn f32_operands<'a, const N: usize>(
     name: &str,
-    operands: [(&'a CpuStorage, &'a Layout); 3],
-) -> Result<[&'a [f32]; 3]> {
-    let mut out: [&[f32]; 3] = [&[]; 3];
+    operands: [(&'a CpuStorage, &'a Layout); N],
+) -> Result<[&'a [f32]; N]> {
+    let mut out: [&[f32]; N] = [&[]; N];
     for (slot, (storage, layout)) in out.iter_mut().zip(operands) {
         let CpuStorage::F32(v) = storage else {
             candle_core::bail!("{name}: f32 operands only")
@@ -377,15 +427,17 @@ fn im2col_band(
     }
 }
 
+/// Relative L2 error of `a` against `b`, for the kernels' tests.
+#[cfg(test)]
+pub(crate) fn rel(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
+    let n = b.sqr().unwrap().sum_all().unwrap();
+    (d.to_scalar::<f32>().unwrap() / n.to_scalar::<f32>().unwrap()).sqrt()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
-        let n = b.sqr().unwrap().sum_all().unwrap();
-        (d.to_scalar::<f32>().unwrap() / n.to_scalar::<f32>().unwrap()).sqrt()
-    }
 
     /// Odd shapes against candle's conv2d, through Winograd and im2col: channels that fill no SIMD
     /// block, widths and heights that leave partial bands and tiles, padding 0 and 1 (and 2),
@@ -459,5 +511,39 @@ mod tests {
         assert!(conv3x3(&x, &k_bad, &bias, 1).is_err());
         let tiny = Tensor::zeros((1, 2, 1, 1), DType::F32, &dev).unwrap();
         assert!(conv3x3(&tiny, &k, &bias, 0).is_err());
+    }
+}
+
+#[cfg(test)]
+mod fill_tests {
+    use super::*;
+
+    /// Every element written, in the right place, for shapes that leave partial blocks and tasks.
+    #[test]
+    fn fresh_fills_and_transposes_every_element() {
+        let n = 3 * FILL_TASK + 17;
+        let v = fresh_f32(n, |o, w| {
+            for (i, x) in w.iter_mut().enumerate() {
+                *x = (o + i) as f32;
+            }
+        });
+        assert!(v.iter().enumerate().all(|(i, &x)| x == i as f32));
+        for (rows, cols) in [(1, 1), (3, 70), (65, 33), (5, 32), (0, 4)] {
+            let t = fresh_f32_transposed(rows, cols, |r, c0, w| {
+                for (j, x) in w.iter_mut().enumerate() {
+                    *x = (r * cols + c0 + j) as f32;
+                }
+            });
+            assert_eq!(t.len(), rows * cols);
+            for c in 0..cols {
+                for r in 0..rows {
+                    assert_eq!(
+                        t[c * rows + r],
+                        (r * cols + c) as f32,
+                        "{rows}×{cols} at {r},{c}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -250,12 +250,7 @@ impl CustomOp3 for SpatialNormOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
-        let n = b.sqr().unwrap().sum_all().unwrap();
-        (d.to_scalar::<f32>().unwrap() / n.to_scalar::<f32>().unwrap()).sqrt()
-    }
+    use crate::rel;
 
     /// Against candle's GroupNorm (and SiLU) on odd shapes: one group, one channel per group,
     /// rank 3 and 4, batch > 1, an offset mean (the two-pass variance matters there), a

@@ -7,6 +7,7 @@ pub mod clip;
 pub mod config;
 pub mod conv;
 pub mod decoder;
+pub mod dense;
 pub mod error;
 pub mod image;
 pub mod interrupt;

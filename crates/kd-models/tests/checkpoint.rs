@@ -528,6 +528,63 @@ fn safetensors_tensors_read_one_at_a_time_equal_the_whole_file_reader() {
     }
 }
 
+/// A matrix read through its transposed key (`<key>@T`, as dense layers load their weights) is
+/// the stored matrix transposed, bit for bit, from fp16, bf16 and f32 files and as f32 or f16;
+/// a stored shape that does not fit, or a tensor that is not a matrix, is refused naming the key.
+#[test]
+fn transposed_keys_read_the_transpose_of_the_stored_matrix() {
+    use candle_core::Tensor;
+    use candle_nn::var_builder::SimpleBackend;
+    use kd_models::checkpoint::TRANSPOSED;
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("model.safetensors");
+    let dev = Device::Cpu;
+    // 70 columns: two whole 32-column blocks of the transposing conversion and a partial one.
+    let m = Tensor::arange(0u32, 37 * 70, &dev)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .affine(0.011, -7.0)
+        .unwrap()
+        .reshape((37, 70))
+        .unwrap();
+    let mut all = std::collections::HashMap::new();
+    all.insert("m.f16".to_string(), m.to_dtype(DType::F16).unwrap());
+    all.insert("m.bf16".to_string(), m.to_dtype(DType::BF16).unwrap());
+    all.insert("m.f32".to_string(), m.clone());
+    all.insert("v".to_string(), m.flatten_all().unwrap());
+    candle_core::safetensors::save(&all, &file).unwrap();
+    let w = Weights::open_files(vec![file]).unwrap();
+    for key in ["m.f16", "m.bf16", "m.f32"] {
+        let t_key = format!("{key}{TRANSPOSED}");
+        assert!(w.contains_tensor(&t_key), "{t_key}");
+        for dtype in [DType::F32, DType::F16] {
+            let got = w.load(&t_key, &[70, 37], dtype, &dev).unwrap();
+            assert_eq!(got.dims(), [70, 37]);
+            assert!(got.is_contiguous());
+            let want = w.load(key, &[37, 70], dtype, &dev).unwrap().t().unwrap();
+            let flat = |t: &Tensor| {
+                t.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            };
+            assert_eq!(flat(&got), flat(&want), "{t_key} as {dtype:?}");
+        }
+        let err = w
+            .load(&t_key, &[37, 70], DType::F32, &dev)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key) && err.contains("70"), "{err}");
+    }
+    assert!(!w.contains_tensor(&format!("v{TRANSPOSED}")));
+    assert!(w
+        .load(&format!("v{TRANSPOSED}"), &[2590], DType::F32, &dev)
+        .is_err());
+}
+
 /// A safetensors header that lies about the file is refused at open, naming the file.
 #[test]
 fn safetensors_headers_that_do_not_fit_the_file_are_refused() {

@@ -17,7 +17,7 @@ mod stfile;
 mod weights;
 
 pub use pickle::{PickleTensorInfo, PickleWeights, ALLOWED_GLOBALS};
-pub use weights::{Variant, Weights};
+pub use weights::{Variant, Weights, TRANSPOSED};
 
 use crate::config::{
     read_json, ClipImageProcessorConfig, ClipTextConfig, ClipVisionConfig, PriorTransformerConfig,

@@ -97,41 +97,83 @@ impl SafetensorsFile {
     }
 
     /// Reads `name` from disk as `dtype` onto `device`. fp16/bf16 files loaded as f32 on the
-    /// CPU convert with the half crate's slice conversion (F16C where the CPU has it), not one
-    /// element at a time through candle's `to_dtype`: that conversion was most of a load.
+    /// CPU convert with the half crate's slice conversion (F16C where the CPU has it), in
+    /// parallel, not one element at a time through candle's `to_dtype`: that conversion was most
+    /// of a load.
     pub fn load_as(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         let info = self.info(name).ok_or_else(|| self.missing(name))?;
-        let stored = info.dtype;
-        if dtype == DType::F32
-            && device.is_cpu()
-            && matches!(stored, safetensors::Dtype::F16 | safetensors::Dtype::BF16)
-        {
-            let (start, end) = info.data_offsets;
-            let n = (end - start) / 2;
-            let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-            if scratch.len() < n {
-                scratch.resize(n, 0);
-            }
-            let bits = &mut scratch[..n];
-            // SAFETY: any byte pattern is a valid u16; the byte view covers exactly `bits`.
-            let bytes =
-                unsafe { std::slice::from_raw_parts_mut(bits.as_mut_ptr().cast::<u8>(), n * 2) };
-            self.read_into(info, bytes)?;
-            #[cfg(target_endian = "big")]
-            for b in bits.iter_mut() {
-                *b = u16::from_le(*b);
-            }
-            let out = kd_kernels::fresh_f32(n, |offset, dst| {
-                let src = &bits[offset..offset + dst.len()];
-                if stored == safetensors::Dtype::F16 {
-                    src.reinterpret_cast::<f16>().convert_to_f32_slice(dst);
-                } else {
-                    src.reinterpret_cast::<bf16>().convert_to_f32_slice(dst);
-                }
-            });
-            return Ok(Tensor::from_vec(out, info.shape.as_slice(), device)?);
+        if let Some(t) = self.half_to_f32(info, dtype, device, |bits, convert| {
+            kd_kernels::fresh_f32(bits.len(), |offset, dst| {
+                convert(&bits[offset..offset + dst.len()], dst)
+            })
+        })? {
+            return Ok(Tensor::from_vec(t, info.shape.as_slice(), device)?);
         }
         Ok(self.load(name, device)?.to_dtype(dtype)?)
+    }
+
+    /// Reads the 2-D tensor `name` `(rows, cols)` as its transpose `(cols, rows)`, contiguous:
+    /// for fp16/bf16 files loaded as f32 on the CPU the conversion writes the transpose
+    /// directly (no second pass).
+    pub fn load_transposed_as(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let info = self.info(name).ok_or_else(|| self.missing(name))?;
+        let &[rows, cols] = info.shape.as_slice() else {
+            return Err(ModelError::Checkpoint {
+                path: self.path.clone(),
+                message: format!("`{name}` is not a matrix (shape {:?})", info.shape),
+            });
+        };
+        if let Some(t) = self.half_to_f32(info, dtype, device, |bits, convert| {
+            kd_kernels::fresh_f32_transposed(rows, cols, |r, c0, dst| {
+                let at = r * cols + c0;
+                convert(&bits[at..at + dst.len()], dst)
+            })
+        })? {
+            return Ok(Tensor::from_vec(t, (cols, rows), device)?);
+        }
+        Ok(self.load_as(name, dtype, device)?.t()?.contiguous()?)
+    }
+
+    /// For a half-precision tensor loaded as f32 on the CPU: its stored bits (read into the
+    /// reused scratch buffer) and their slice conversion, handed to `build`; `None` otherwise.
+    fn half_to_f32(
+        &self,
+        info: &TensorInfo,
+        dtype: DType,
+        device: &Device,
+        build: impl FnOnce(&[u16], &(dyn Fn(&[u16], &mut [f32]) + Sync)) -> Vec<f32>,
+    ) -> Result<Option<Vec<f32>>> {
+        let stored = info.dtype;
+        if !(dtype == DType::F32
+            && device.is_cpu()
+            && matches!(stored, safetensors::Dtype::F16 | safetensors::Dtype::BF16))
+        {
+            return Ok(None);
+        }
+        let (start, end) = info.data_offsets;
+        let n = (end - start) / 2;
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if scratch.len() < n {
+            scratch.resize(n, 0);
+        }
+        let bits = &mut scratch[..n];
+        // SAFETY: any byte pattern is a valid u16; the byte view covers exactly `bits`.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(bits.as_mut_ptr().cast::<u8>(), n * 2) };
+        self.read_into(info, bytes)?;
+        #[cfg(target_endian = "big")]
+        for b in bits.iter_mut() {
+            *b = u16::from_le(*b);
+        }
+        let f16_bits =
+            |src: &[u16], dst: &mut [f32]| src.reinterpret_cast::<f16>().convert_to_f32_slice(dst);
+        let bf16_bits =
+            |src: &[u16], dst: &mut [f32]| src.reinterpret_cast::<bf16>().convert_to_f32_slice(dst);
+        Ok(Some(if stored == safetensors::Dtype::F16 {
+            build(bits, &f16_bits)
+        } else {
+            build(bits, &bf16_bits)
+        }))
     }
 
     fn missing(&self, name: &str) -> ModelError {

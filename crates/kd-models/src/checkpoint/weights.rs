@@ -16,6 +16,10 @@ use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// The suffix of a virtual key: `<key>` + `TRANSPOSED` is the transpose of the stored matrix
+/// `<key>`, contiguous (read that way in one pass; `crate::dense` loads its weights so).
+pub const TRANSPOSED: &str = "@T";
+
 /// Weight file base names used by diffusers (`diffusion_pytorch_model`) and transformers (`model`).
 const BASE_NAMES: [&str; 2] = ["diffusion_pytorch_model", "model"];
 
@@ -214,6 +218,7 @@ impl Weights {
     }
 
     /// Loads `key` as `dtype` on `device`, checking its stored shape against `expected` first.
+    /// A key ending in [`TRANSPOSED`] names the transpose of the stored matrix before it.
     pub fn load(
         &self,
         key: &str,
@@ -221,6 +226,15 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        let (key, transposed) = match key.strip_suffix(TRANSPOSED) {
+            Some(base) => (base, true),
+            None => (key, false),
+        };
+        let stored_shape: Vec<usize> = match (transposed, expected) {
+            (true, &[k, n]) => vec![n, k],
+            _ => expected.to_vec(),
+        };
+        let expected = stored_shape.as_slice();
         let Some(&i) = self.index.get(key) else {
             return Err(ModelError::MissingTensor {
                 files: self.files_display(),
@@ -238,17 +252,22 @@ impl Weights {
         match source {
             Source::Safetensors(st) => {
                 let shape = st.info(key).map(|i| i.shape.as_slice()).unwrap_or_default();
-                if shape != expected {
+                if shape != expected || (transposed && shape.len() != 2) {
                     return Err(shape_mismatch(shape));
                 }
-                st.load_as(key, dtype, device)
+                if transposed {
+                    st.load_transposed_as(key, dtype, device)
+                } else {
+                    st.load_as(key, dtype, device)
+                }
             }
             Source::Pickle(pw) => {
                 let shape = pw.info(key).map(|i| i.shape).unwrap_or_default();
-                if shape != expected {
+                if shape != expected || (transposed && shape.len() != 2) {
                     return Err(shape_mismatch(&shape));
                 }
-                Ok(pw.load(key, device)?.to_dtype(dtype)?)
+                let t = pw.load(key, device)?.to_dtype(dtype)?;
+                Ok(if transposed { t.t()?.contiguous()? } else { t })
             }
         }
     }
@@ -294,6 +313,9 @@ impl SimpleBackend for Weights {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        match name.strip_suffix(TRANSPOSED) {
+            Some(base) => self.info(base).is_some_and(|(shape, _)| shape.len() == 2),
+            None => self.index.contains_key(name),
+        }
     }
 }

@@ -3,39 +3,25 @@
 //!
 //! Written here rather than reused from candle-transformers because its `clip::text_model`
 //! activation enum only knows `quick_gelu` and its `stable_diffusion::clip` causal mask only
-//! broadcasts for batch 1 (spec §8). Softmax runs in f32.
+//! broadcasts for batch 1 (spec §8). Dense layers and attention are `crate::dense`'s (fused
+//! kernels on the CPU); softmax runs in f32.
 
+use crate::dense::{self, dense, Dense};
 use crate::error::{ModelError, Result};
-use candle_core::{DType, Module, Tensor};
-use candle_nn::{layer_norm, linear, LayerNorm, LayerNormConfig, Linear, VarBuilder};
+use candle_core::{Module, Tensor};
+use candle_nn::{layer_norm, LayerNorm, LayerNormConfig, VarBuilder};
 
-/// The MLP activation named by `hidden_act`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// Exact (erf) GELU, `"gelu"`.
-    Gelu,
-    /// `x · σ(1.702 x)`, `"quick_gelu"`.
-    QuickGelu,
-}
+pub use crate::dense::Activation;
 
-impl Activation {
-    /// Parses a transformers `hidden_act` value.
-    pub fn from_name(name: &str) -> Result<Self> {
-        match name {
-            "gelu" => Ok(Self::Gelu),
-            "quick_gelu" => Ok(Self::QuickGelu),
-            other => Err(ModelError::invalid(
-                "hidden_act",
-                format!("{other:?} is not supported (supported: gelu, quick_gelu)"),
-            )),
-        }
-    }
-
-    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Gelu => x.gelu_erf(),
-            Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
-        }
+/// The MLP activation named by a transformers `hidden_act` value.
+pub fn activation_from_name(name: &str) -> Result<Activation> {
+    match name {
+        "gelu" => Ok(Activation::Gelu),
+        "quick_gelu" => Ok(Activation::QuickGelu),
+        other => Err(ModelError::invalid(
+            "hidden_act",
+            format!("{other:?} is not supported (supported: gelu, quick_gelu)"),
+        )),
     }
 }
 
@@ -70,10 +56,10 @@ pub(crate) fn ln(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<L
 
 #[derive(Debug, Clone)]
 struct SelfAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: Dense,
+    k_proj: Dense,
+    v_proj: Dense,
+    out_proj: Dense,
     num_heads: usize,
     head_dim: usize,
 }
@@ -82,10 +68,10 @@ impl SelfAttention {
     fn new(cfg: &EncoderConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            q_proj: linear(h, h, vb.pp("q_proj"))?,
-            k_proj: linear(h, h, vb.pp("k_proj"))?,
-            v_proj: linear(h, h, vb.pp("v_proj"))?,
-            out_proj: linear(h, h, vb.pp("out_proj"))?,
+            q_proj: dense(h, h, vb.pp("q_proj"))?,
+            k_proj: dense(h, h, vb.pp("k_proj"))?,
+            v_proj: dense(h, h, vb.pp("v_proj"))?,
+            out_proj: dense(h, h, vb.pp("out_proj"))?,
             num_heads: cfg.num_heads,
             head_dim: h / cfg.num_heads,
         })
@@ -93,23 +79,15 @@ impl SelfAttention {
 
     /// `mask`: additive f32 bias broadcastable to (B, heads, L, L).
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let (b, l, c) = x.dims3()?;
-        let heads = |t: Tensor| {
-            t.reshape((b, l, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let proj = |layer: &Dense| layer.forward_act(x, Activation::Identity);
         let scale = (self.head_dim as f64).powf(-0.5);
-        let q = heads((self.q_proj.forward(x)? * scale)?)?;
-        let k = heads(self.k_proj.forward(x)?)?;
-        let v = heads(self.v_proj.forward(x)?)?;
-        let mut scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(m)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, c))?;
-        self.out_proj.forward(&out)
+        let (q, k, v) = (
+            proj(&self.q_proj)?,
+            proj(&self.k_proj)?,
+            proj(&self.v_proj)?,
+        );
+        let out = dense::attention(&q, &k, &v, mask, self.num_heads, scale)?;
+        self.out_proj.forward_act(&out, Activation::Identity)
     }
 }
 
@@ -117,8 +95,8 @@ impl SelfAttention {
 struct EncoderLayer {
     self_attn: SelfAttention,
     layer_norm1: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
     layer_norm2: LayerNorm,
     activation: Activation,
 }
@@ -129,8 +107,8 @@ impl EncoderLayer {
         Ok(Self {
             self_attn: SelfAttention::new(cfg, vb.pp("self_attn"))?,
             layer_norm1: ln(h, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
-            fc1: linear(h, i, vb.pp("mlp.fc1"))?,
-            fc2: linear(i, h, vb.pp("mlp.fc2"))?,
+            fc1: dense(h, i, vb.pp("mlp.fc1"))?,
+            fc2: dense(i, h, vb.pp("mlp.fc2"))?,
             layer_norm2: ln(h, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
             activation: cfg.activation,
         })
@@ -141,9 +119,10 @@ impl EncoderLayer {
             .self_attn
             .forward(&self.layer_norm1.forward(x)?, mask)?;
         let x = (x + h)?;
-        let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
-        let h = self.fc2.forward(&self.activation.apply(&h)?)?;
-        x + h
+        let h = self
+            .fc1
+            .forward_act(&self.layer_norm2.forward(&x)?, self.activation)?;
+        x + self.fc2.forward_act(&h, Activation::Identity)?
     }
 }
 

@@ -6,7 +6,7 @@
 //! with the legacy `eos_token_id == 2` (the real checkpoint) the pooled row is `argmax(input_ids)`,
 //! i.e. the **first** `<|endoftext|>`; otherwise the first position holding `eos_token_id`.
 
-use super::encoder::{causal_mask, ln, Activation, ClipEncoder, EncoderConfig};
+use super::encoder::{activation_from_name, causal_mask, ln, ClipEncoder, EncoderConfig};
 use crate::config::ClipTextConfig;
 use crate::error::{ModelError, Result};
 use candle_core::{DType, IndexOp, Module, Tensor};
@@ -46,7 +46,7 @@ impl ClipTextModelWithProjection {
             num_heads: cfg.num_attention_heads,
             num_layers: cfg.num_hidden_layers,
             layer_norm_eps: cfg.layer_norm_eps,
-            activation: Activation::from_name(&cfg.hidden_act)?,
+            activation: activation_from_name(&cfg.hidden_act)?,
         };
         let tm = vb.pp("text_model");
         let h = cfg.hidden_size;

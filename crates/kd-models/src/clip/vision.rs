@@ -5,7 +5,7 @@
 //! Patch conv (no bias) → `[CLS; patches]` + positions → `pre_layrnorm` (sic) → encoder (no mask)
 //! → `post_layernorm` on CLS → `visual_projection` (no bias).
 
-use super::encoder::{ln, Activation, ClipEncoder, EncoderConfig};
+use super::encoder::{activation_from_name, ln, ClipEncoder, EncoderConfig};
 use crate::config::ClipVisionConfig;
 use crate::error::{ModelError, Result};
 use candle_core::{IndexOp, Module, Tensor};
@@ -47,7 +47,7 @@ impl ClipVisionModelWithProjection {
             num_heads: cfg.num_attention_heads,
             num_layers: cfg.num_hidden_layers,
             layer_norm_eps: cfg.layer_norm_eps,
-            activation: Activation::from_name(&cfg.hidden_act)?,
+            activation: activation_from_name(&cfg.hidden_act)?,
         };
         let vm = vb.pp("vision_model");
         let h = cfg.hidden_size;

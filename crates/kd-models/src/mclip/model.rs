@@ -17,6 +17,7 @@
 
 use super::config::MClipConfig;
 use crate::clip::encoder::ln;
+use crate::dense::{self, dense, Activation, Dense};
 use crate::error::{ModelError, Result};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{embedding, linear, Embedding, LayerNorm, Linear, VarBuilder};
@@ -70,13 +71,13 @@ impl Embeddings {
 
 #[derive(Debug, Clone)]
 struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    attn_out: Linear,
+    query: Dense,
+    key: Dense,
+    value: Dense,
+    attn_out: Dense,
     attn_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
+    intermediate: Dense,
+    output: Dense,
     output_norm: LayerNorm,
     num_heads: usize,
     head_dim: usize,
@@ -87,13 +88,13 @@ impl Layer {
         let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
         let att = vb.pp("attention");
         Ok(Self {
-            query: linear(h, h, att.pp("self.query"))?,
-            key: linear(h, h, att.pp("self.key"))?,
-            value: linear(h, h, att.pp("self.value"))?,
-            attn_out: linear(h, h, att.pp("output.dense"))?,
+            query: dense(h, h, att.pp("self.query"))?,
+            key: dense(h, h, att.pp("self.key"))?,
+            value: dense(h, h, att.pp("self.value"))?,
+            attn_out: dense(h, h, att.pp("output.dense"))?,
             attn_norm: ln(h, eps, att.pp("output.LayerNorm"))?,
-            intermediate: linear(h, i, vb.pp("intermediate.dense"))?,
-            output: linear(i, h, vb.pp("output.dense"))?,
+            intermediate: dense(h, i, vb.pp("intermediate.dense"))?,
+            output: dense(i, h, vb.pp("output.dense"))?,
             output_norm: ln(h, eps, vb.pp("output.LayerNorm"))?,
             num_heads: cfg.num_attention_heads,
             head_dim: h / cfg.num_attention_heads,
@@ -102,24 +103,17 @@ impl Layer {
 
     /// `bias`: additive f32 key mask (B, 1, 1, L).
     fn forward(&self, x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, l, c) = x.dims3()?;
-        let heads = |t: Tensor| {
-            t.reshape((b, l, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let (b, l, _) = x.dims3()?;
+        let proj = |layer: &Dense| layer.forward_act(x, Activation::Identity);
+        let (q, k, v) = (proj(&self.query)?, proj(&self.key)?, proj(&self.value)?);
         let scale = (self.head_dim as f64).powf(-0.5);
-        let q = heads(self.query.forward(x)?)?;
-        let k = heads(self.key.forward(x)?)?;
-        let v = heads(self.value.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?.broadcast_add(bias)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, c))?;
-        let x = self
-            .attn_norm
-            .forward(&(self.attn_out.forward(&ctx)? + x)?)?;
-        let h = self.intermediate.forward(&x)?.gelu_erf()?;
-        self.output_norm.forward(&(self.output.forward(&h)? + x)?)
+        let bias = bias.broadcast_as((b, 1, l, l))?;
+        let ctx = dense::attention(&q, &k, &v, Some(&bias), self.num_heads, scale)?;
+        let attn = self.attn_out.forward_act(&ctx, Activation::Identity)?;
+        let x = self.attn_norm.forward(&(attn + x)?)?;
+        let h = self.intermediate.forward_act(&x, Activation::Gelu)?;
+        let out = self.output.forward_act(&h, Activation::Identity)?;
+        self.output_norm.forward(&(out + x)?)
     }
 }
 

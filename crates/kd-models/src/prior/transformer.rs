@@ -9,6 +9,7 @@
 //! tokens) **plus** a causal −10000 upper triangle; without one attention is unmasked (as diffusers).
 
 use crate::config::PriorTransformerConfig;
+use crate::dense::{self, dense, Activation, Dense};
 use crate::error::{ModelError, Result};
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{layer_norm, linear, LayerNorm, LayerNormConfig, Linear, VarBuilder};
@@ -27,10 +28,10 @@ fn ln(size: usize, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
 /// Self-attention of a `BasicTransformerBlock` (`attn1`: to_q/k/v and to_out.0, all with bias).
 #[derive(Debug, Clone)]
 struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: Dense,
+    to_k: Dense,
+    to_v: Dense,
+    to_out: Dense,
     heads: usize,
     head_dim: usize,
 }
@@ -39,10 +40,10 @@ impl Attention {
     fn new(dim: usize, heads: usize, head_dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
-            to_q: linear(dim, inner, vb.pp("to_q"))?,
-            to_k: linear(dim, inner, vb.pp("to_k"))?,
-            to_v: linear(dim, inner, vb.pp("to_v"))?,
-            to_out: linear(inner, dim, vb.pp("to_out.0"))?,
+            to_q: dense(dim, inner, vb.pp("to_q"))?,
+            to_k: dense(dim, inner, vb.pp("to_k"))?,
+            to_v: dense(dim, inner, vb.pp("to_v"))?,
+            to_out: dense(inner, dim, vb.pp("to_out.0"))?,
             heads,
             head_dim,
         })
@@ -50,26 +51,11 @@ impl Attention {
 
     /// `bias`: additive f32 (B, 1, L, L).
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let (b, l, _) = x.dims3()?;
-        let split = |t: Tensor| {
-            t.reshape((b, l, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.to_q.forward(x)?)?;
-        let k = split(self.to_k.forward(x)?)?;
-        let v = split(self.to_v.forward(x)?)?;
+        let proj = |layer: &Dense| layer.forward_act(x, Activation::Identity);
+        let (q, k, v) = (proj(&self.to_q)?, proj(&self.to_k)?, proj(&self.to_v)?);
         let scale = (self.head_dim as f64).powf(-0.5);
-        let mut scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
-        if let Some(m) = bias {
-            scores = scores.broadcast_add(m)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, l, self.heads * self.head_dim))?;
-        self.to_out.forward(&out)
+        let out = dense::attention(&q, &k, &v, bias, self.heads, scale)?;
+        self.to_out.forward_act(&out, Activation::Identity)
     }
 }
 
@@ -79,8 +65,8 @@ struct Block {
     norm1: LayerNorm,
     attn1: Attention,
     norm3: LayerNorm,
-    ff_in: Linear,
-    ff_out: Linear,
+    ff_in: Dense,
+    ff_out: Dense,
 }
 
 impl Block {
@@ -89,15 +75,17 @@ impl Block {
             norm1: ln(dim, vb.pp("norm1"))?,
             attn1: Attention::new(dim, heads, head_dim, vb.pp("attn1"))?,
             norm3: ln(dim, vb.pp("norm3"))?,
-            ff_in: linear(dim, 4 * dim, vb.pp("ff.net.0.proj"))?,
-            ff_out: linear(4 * dim, dim, vb.pp("ff.net.2"))?,
+            ff_in: dense(dim, 4 * dim, vb.pp("ff.net.0.proj"))?,
+            ff_out: dense(4 * dim, dim, vb.pp("ff.net.2"))?,
         })
     }
 
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let x = (x + self.attn1.forward(&self.norm1.forward(x)?, bias)?)?;
-        let h = self.ff_in.forward(&self.norm3.forward(&x)?)?.gelu_erf()?;
-        x + self.ff_out.forward(&h)?
+        let h = self
+            .ff_in
+            .forward_act(&self.norm3.forward(&x)?, Activation::Gelu)?;
+        x + self.ff_out.forward_act(&h, Activation::Identity)?
     }
 }
 

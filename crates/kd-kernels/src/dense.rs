@@ -10,7 +10,7 @@
 //! head), each with single-threaded GEMMs on strided views of the projections, its scores in a
 //! scratch row block, and writes its head's columns of the `(B, L, heads·D)` output directly.
 
-use crate::{f32_operands, filled_f32, Shared};
+use crate::{f32_operands, filled_f32, matmul, Shared, Strided};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -112,25 +112,14 @@ impl CustomOp3 for Linear {
             // SAFETY: dst is m×n row-major, x m×k row-major and Wᵀ k×n row-major, all within
             // their slices.
             unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
+                matmul(
+                    (m, n, k),
                     out.as_mut_ptr(),
-                    1,
-                    n as isize,
+                    n,
                     true,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    w.as_ptr(),
-                    1,
-                    n as isize,
+                    Strided::rows(x.as_ptr(), k),
+                    Strided::rows(w.as_ptr(), n),
                     1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::Rayon(threads),
                 );
             }
@@ -253,25 +242,18 @@ impl CustomOp3 for Attention {
             // SAFETY: the q and k views are l×d with row stride C inside their slices; scores
             // is l×l row-major.
             unsafe {
-                gemm::gemm(
-                    l,
-                    l,
-                    d,
+                matmul(
+                    (l, l, d),
                     scores.as_mut_ptr(),
-                    1,
-                    l as isize,
+                    l,
                     false,
-                    q.as_ptr().add(base),
-                    1,
-                    c as isize,
-                    k.as_ptr().add(base),
-                    c as isize,
-                    1,
-                    0.0,
+                    Strided::rows(q.as_ptr().add(base), c),
+                    Strided {
+                        ptr: k.as_ptr().add(base),
+                        rs: 1,
+                        cs: c,
+                    },
                     self.scale,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }
@@ -298,25 +280,14 @@ impl CustomOp3 for Attention {
             // SAFETY: this task writes columns hi·d .. (hi+1)·d of image bi's l rows of the
             // output, which no other task writes; v's view is l×d with row stride C.
             unsafe {
-                gemm::gemm(
-                    l,
-                    d,
-                    l,
+                matmul(
+                    (l, d, l),
                     dst.ptr().add(base),
-                    1,
-                    c as isize,
+                    c,
                     false,
-                    scores.as_ptr(),
-                    1,
-                    l as isize,
-                    v.as_ptr().add(base),
-                    1,
-                    c as isize,
-                    0.0,
+                    Strided::rows(scores.as_ptr(), l),
+                    Strided::rows(v.as_ptr().add(base), c),
                     1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }

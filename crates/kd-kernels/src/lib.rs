@@ -264,6 +264,64 @@ pub(crate) fn f32_operands<'a, const N: usize>(
     Ok(out)
 }
 
+/// A matrix operand of [`matmul`]: element (i, j) at `ptr + i·rs + j·cs` (in floats).
+#[derive(Clone, Copy)]
+pub(crate) struct Strided {
+    pub(crate) ptr: *const f32,
+    pub(crate) rs: usize,
+    pub(crate) cs: usize,
+}
+
+impl Strided {
+    /// Row-major rows `rs` floats apart.
+    pub(crate) fn rows(ptr: *const f32, rs: usize) -> Self {
+        Self { ptr, rs, cs: 1 }
+    }
+}
+
+/// `dst = scale·lhs·rhs`, or `dst += scale·lhs·rhs` when `accumulate`: dst `m×n` row-major with
+/// rows `dst_rs` floats apart, lhs `m×k`, rhs `k×n` (the `gemm` crate's kernels).
+///
+/// # Safety
+/// Every element the three views address lies inside a live allocation, and no other thread
+/// reads or writes dst's elements during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Strided,
+    rhs: Strided,
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.ptr,
+            rhs.cs as isize,
+            rhs.rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
 /// SiLU, `t·σ(t)`, as the fused kernels write it.
 #[inline]
 pub(crate) fn silu(t: f32) -> f32 {
@@ -354,25 +412,14 @@ impl CustomOp3 for Conv3x3 {
             // columns y0·ow .. y0·ow + n of each, which no other band writes. `w` is
             // C_out × 9·C_in row-major, `cols` 9·C_in × n row-major.
             unsafe {
-                gemm::gemm(
-                    cout,
-                    n,
-                    k,
+                matmul(
+                    (cout, n, k),
                     dst.ptr().add(bi * cout * plane + y0 * ow),
-                    1,
-                    plane as isize,
+                    plane,
                     true,
-                    w.as_ptr(),
-                    1,
-                    k as isize,
-                    cols.as_ptr(),
-                    1,
-                    n as isize,
+                    Strided::rows(w.as_ptr(), k),
+                    Strided::rows(cols.as_ptr(), n),
                     1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
                     gemm_par,
                 );
             }

@@ -19,7 +19,7 @@
 //! The interpolation points are 0, ±1, ±2 and ∞; against a direct f32 convolution the relative
 //! L2 error is a few 1e-7 (measured in the tests on up to 1152 channels).
 
-use crate::Shared;
+use crate::{matmul, Shared, Strided};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -211,25 +211,14 @@ fn conv_chunked(
                     // col .. col + n lie inside them; each ξ writes only rows co0 .. co0 + nb of
                     // its own M[ξ].
                     unsafe {
-                        gemm::gemm(
-                            nb,
-                            n,
-                            d.cin,
+                        matmul(
+                            (nb, n, d.cin),
                             mp.ptr().add((xi * d.cout + co0) * tc + col),
-                            1,
-                            tc as isize,
+                            tc,
                             false,
-                            up.ptr().add(xi * d.cin),
-                            1,
-                            (36 * d.cin) as isize,
-                            vp.ptr().add(xi * d.cin * tc + col),
-                            1,
-                            tc as isize,
-                            0.0,
+                            Strided::rows(up.ptr().add(xi * d.cin), 36 * d.cin),
+                            Strided::rows(vp.ptr().add(xi * d.cin * tc + col), tc),
                             1.0,
-                            false,
-                            false,
-                            false,
                             gemm::Parallelism::None,
                         );
                     }

@@ -20,25 +20,66 @@ use std::mem::MaybeUninit;
 pub enum Activation {
     /// None: `x·Wᵀ + b`.
     Identity,
-    /// Exact (erf) GELU, as candle's `gelu_erf` computes it.
+    /// Exact (erf) GELU, `x·(1 + erf(x/√2))/2`, with erf as a rational function ([`erf`]).
     Gelu,
     /// `x · σ(1.702 x)`.
     QuickGelu,
 }
 
 impl Activation {
-    #[inline]
-    fn apply(self, v: f32) -> f32 {
+    /// Applies the activation to every element of `values` (one loop per activation, so the
+    /// compiler vectorises the GELU's polynomials).
+    fn apply(self, values: &mut [f32]) {
         match self {
-            Self::Identity => v,
+            Self::Identity => {}
             Self::Gelu => {
-                (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0)
-                    * 0.5
-                    * v
+                for v in values {
+                    *v *= 0.5 * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+                }
             }
-            Self::QuickGelu => v / (1.0 + (-1.702 * v).exp()),
+            Self::QuickGelu => {
+                for v in values {
+                    *v /= 1.0 + (-1.702 * *v).exp();
+                }
+            }
         }
     }
+}
+
+/// The error function as the ratio of an odd degree-13 and an even degree-8 polynomial in x on
+/// [−4, 4] (±1 beyond, where f32 rounds erf to ±1): no branches and no `exp`, so a loop of it
+/// vectorises. Largest absolute error against the exact erf 4.5e-7 in f32 arithmetic (tested
+/// below 5e-7; the ratio itself is within 6.5e-8 in exact arithmetic); libm's scalar
+/// `erff` took a tenth of the transformer towers' time.
+#[inline(always)]
+pub(crate) fn erf(x: f32) -> f32 {
+    const ALPHA: [f32; 7] = [
+        -1.609_603_3e-2,
+        -2.954_599_8e-3,
+        -7.349_906_3e-4,
+        -5.692_506_4e-5,
+        -2.101_024e-6,
+        2.770_681_4e-8,
+        -2.726_142_3e-10,
+    ];
+    const BETA: [f32; 5] = [
+        -1.426_473_9e-2,
+        -7.373_329e-3,
+        -1.682_827e-3,
+        -2.133_740_6e-4,
+        -1.456_607_2e-5,
+    ];
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = ALPHA[6];
+    for &a in ALPHA[..6].iter().rev() {
+        p = p * x2 + a;
+    }
+    let mut q = BETA[4];
+    for &b in BETA[..4].iter().rev() {
+        q = q * x2 + b;
+    }
+    x * p / q
 }
 
 /// Whether [`linear`] computes `x` through `weight` here (f32 on the CPU).
@@ -126,11 +167,7 @@ impl CustomOp3 for Linear {
         }
         if self.act != Activation::Identity {
             let act = self.act;
-            out.par_chunks_mut(ACT_CHUNK).for_each(|c| {
-                for v in c {
-                    *v = act.apply(*v);
-                }
-            });
+            out.par_chunks_mut(ACT_CHUNK).for_each(|c| act.apply(c));
         }
         Ok((CpuStorage::F32(out), Shape::from(out_dims)))
     }
@@ -340,6 +377,20 @@ mod tests {
                 assert!(e <= 1e-6, "{dims:?}×{n} {act:?}: rel L2 {e}");
             }
         }
+    }
+
+    /// The rational erf against the f64 erf of libm, over the whole range and past the clamp.
+    #[test]
+    fn erf_is_within_5e7_of_the_exact_function() {
+        let mut worst = 0f64;
+        for i in -600_000..=600_000 {
+            let x = i as f32 * 1e-5;
+            let exact = candle_core::cpu::erf::erf_f64(x as f64);
+            worst = worst.max((erf(x) as f64 - exact).abs());
+        }
+        assert!(worst < 5e-7, "largest error {worst:e}");
+        assert!((erf(f32::INFINITY) - 1.0).abs() < 5e-7);
+        assert!((erf(-30.0) + 1.0).abs() < 5e-7);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 # make bench-cpu: this project's CPU kernels against PyTorch (diffusers / transformers) on the same
 # weights, inputs, thread count and machine, in one run, side by side.
 #
-#   tools/bench-cpu.sh   (env: BENCH_MODEL=full|small, BENCH_ROUNDS=3, BENCH_THREADS=2,
+#   tools/bench-cpu.sh   (env: BENCH_MODEL=full|small, BENCH_ROUNDS=4, BENCH_THREADS=2,
 #                         KD_BENCH_CACHE=~/.cache/kandinsky-serve/bench-cpu, OUT=target/bench-cpu)
 #
 # Once per model size (cached outside git): a random-weight Kandinsky 2.2 checkpoint with the real
@@ -12,14 +12,16 @@
 #
 # Then BENCH_ROUNDS rounds; in each, every stage runs once in ours (`kd-gpucheck modules`, f32)
 # and once in PyTorch (tools/gpu/bench_diffusers.py, fp32), each in a process of its own under
-# /usr/bin/time (peak RSS), alternating which goes first. A process loads its stage from the
+# /usr/bin/time (peak RSS), alternating which goes first (an even number of rounds, so each side
+# goes first as often: the first process after another stage's pays for the memory that stage
+# left behind, which moved load times 2×). A process loads its stage from the
 # fp16 files (timed), checks parity (ours only), and times each workload once after a warm-up.
 # The table (tools/bench_cpu_table.py) takes medians over the rounds; its last line is
 # `unet64 ratio=<ours/PyTorch> movq512 ratio=<...> ...` for scripts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${BENCH_MODEL:-full}
-ROUNDS=${BENCH_ROUNDS:-3}
+ROUNDS=${BENCH_ROUNDS:-4}
 THREADS=${BENCH_THREADS:-2}
 CACHE=${KD_BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kandinsky-serve/bench-cpu}
 OUT=${OUT:-target/bench-cpu}

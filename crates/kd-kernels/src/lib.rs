@@ -35,15 +35,14 @@ const FILL_TASK: usize = 1 << 16;
 const FILL_WINDOW: usize = 1 << 12;
 
 /// A vector of `n` floats written by `fill(offset, window)` over consecutive windows, in
-/// parallel on candle's rayon pool, without zeroing the memory first. Buffers of 4 MiB and more
-/// are marked for transparent huge pages first (where the kernel grants them on request), so
-/// writing them faults in 2 MiB pages rather than 4 KiB ones: loading a checkpoint into f32 was
-/// mostly page faults, and the faults (the kernel zeroing each page) run on the writing thread.
+/// parallel on candle's rayon pool, without zeroing the memory first (the page faults of a fresh
+/// buffer run on the writing threads, so they are spread too). Plain pages: asking for
+/// transparent huge pages (`MADV_HUGEPAGE`) made checkpoint loads 1.7–2× slower once memory was
+/// fragmented by other processes (measured alternating with and without, full-size CLIP text
+/// tower 3.1–5.1 s vs 1.7–1.8 s, UNet 3.1–3.7 s vs 2.0 s): each 2 MiB fault then compacts
+/// memory and zeroes the whole page at once.
 pub fn fresh_f32(n: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let write = |out: &mut [MaybeUninit<f32>]| {
-        if n >= 1 << 20 {
-            huge_page_hint(out.as_mut_ptr().cast(), n * 4);
-        }
         out.par_chunks_mut(FILL_TASK)
             .enumerate()
             .for_each(|(t, task)| {
@@ -61,40 +60,48 @@ pub fn fresh_f32(n: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> 
     unsafe { filled_f32(n, write) }
 }
 
-/// Columns of the source per task of [`fresh_f32_transposed`]: one 64-byte line of half floats.
-const TRANSPOSE_BLOCK: usize = 32;
+/// Source rows per task of [`fresh_f32_transposed`]: 16 floats, one 64-byte line of each
+/// output row.
+const TRANSPOSE_ROWS: usize = 16;
 
 /// The transpose `(cols, rows)` of a `(rows, cols)` matrix whose rows `read(row, col0, window)`
 /// writes as floats (`window` = the row's columns `col0 ..`), built in parallel like
-/// [`fresh_f32`]. A dense layer's weight `(out, in)` loaded this way is the `(in, out)` right-hand
-/// matrix its GEMM reads fastest (measured 1.3–1.6× on the CLIP and prior shapes).
+/// [`fresh_f32`]: each task converts 16 whole source rows (long slices convert fastest) and
+/// writes them as 16-float runs of every output row. A dense layer's weight `(out, in)` loaded
+/// this way is the `(in, out)` right-hand matrix its GEMM reads fastest (measured 1.3–1.6× on the
+/// CLIP and prior shapes).
 pub fn fresh_f32_transposed(
     rows: usize,
     cols: usize,
     read: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let n = rows * cols;
+    if n == 0 {
+        return Vec::new();
+    }
     let write = |out: &mut [MaybeUninit<f32>]| {
-        if n >= 1 << 20 {
-            huge_page_hint(out.as_mut_ptr().cast(), n * 4);
-        }
-        // Task t writes output rows (source columns) t·B .. t·B + B: one contiguous run.
-        out.par_chunks_mut((TRANSPOSE_BLOCK * rows).max(1))
-            .enumerate()
-            .for_each(|(t, task)| {
-                let c0 = t * TRANSPOSE_BLOCK;
-                let w = task.len() / rows.max(1);
-                let mut tmp = [0f32; TRANSPOSE_BLOCK];
-                for r in 0..rows {
-                    read(r, c0, &mut tmp[..w]);
-                    for (j, &x) in tmp[..w].iter().enumerate() {
-                        task[j * rows + r].write(x);
+        let dst = Shared(out.as_mut_ptr().cast::<f32>());
+        (0..rows.div_ceil(TRANSPOSE_ROWS))
+            .into_par_iter()
+            .for_each_init(Vec::new, |tmp: &mut Vec<f32>, t| {
+                let r0 = t * TRANSPOSE_ROWS;
+                let h = TRANSPOSE_ROWS.min(rows - r0);
+                tmp.resize(h * cols, 0.0);
+                for (i, row) in tmp.chunks_mut(cols).enumerate() {
+                    read(r0 + i, 0, row);
+                }
+                for c in 0..cols {
+                    // SAFETY: output row c, elements r0 .. r0 + h: inside the n-element buffer
+                    // and written by this task only.
+                    let o = unsafe { dst.ptr().add(c * rows + r0) };
+                    for i in 0..h {
+                        unsafe { o.add(i).write(tmp[i * cols + c]) };
                     }
                 }
             });
     };
-    // SAFETY: task t covers output rows t·B .. t·B + w, and writes each of their `rows`
-    // elements (j·rows + r for every j < w, r < rows).
+    // SAFETY: the tasks cover source rows 0 .. rows, and each writes its rows' element of every
+    // output row: all n elements.
     unsafe { filled_f32(n, write) }
 }
 
@@ -109,26 +116,6 @@ pub(crate) unsafe fn filled_f32(n: usize, write: impl FnOnce(&mut [MaybeUninit<f
     // SAFETY: the caller's contract: all n elements are initialised.
     unsafe { v.set_len(n) };
     v
-}
-
-/// `madvise(MADV_HUGEPAGE)` on the whole 2 MiB pages inside `len` bytes at `ptr` (Linux; a hint,
-/// failures ignored).
-fn huge_page_hint(ptr: *mut u8, len: usize) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = (ptr as usize).next_multiple_of(HUGE);
-        let end = (ptr as usize + len) / HUGE * HUGE;
-        if end > start {
-            // SAFETY: the range lies inside an allocation this process owns; MADV_HUGEPAGE only
-            // changes how its pages are backed.
-            unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (ptr, len);
 }
 
 /// Keeps freed memory in the process heap instead of handing it back to the kernel, for processes

@@ -5,7 +5,8 @@
 use candle_core::{DType, Device, Tensor};
 use kd_models::config::SchedulerConfig;
 use kd_models::decoder::{
-    run_decoder, step_runs, DecoderInputs, DecoderMode, DecoderRun, DecoderText,
+    prepare_inpaint_mask, run_decoder, step_runs, DecoderInputs, DecoderMode, DecoderRun,
+    DecoderText,
 };
 use kd_models::noise::{NoiseSource, SeededNoise};
 use kd_models::schedulers::{self, Scheduler};
@@ -14,7 +15,11 @@ use kd_models::{interrupt, CheckpointDir, Variant};
 use kd_testkit::parity::{fixtures_dir, get, load_reference, rel_l2};
 
 fn unet_and_config() -> (UNet2DConditionModel, serde_json::Value) {
-    let dir = CheckpointDir::open(fixtures_dir().join("tiny/kandinsky-2-2-decoder")).unwrap();
+    unet_and_config_of("tiny/kandinsky-2-2-decoder")
+}
+
+fn unet_and_config_of(checkpoint: &str) -> (UNet2DConditionModel, serde_json::Value) {
+    let dir = CheckpointDir::open(fixtures_dir().join(checkpoint)).unwrap();
     let unet = dir.component("unet").unwrap();
     let vb = unet
         .weights(Variant::Default)
@@ -113,29 +118,26 @@ fn alone(unet: &UNet2DConditionModel, json: &serde_json::Value, r: &Request) -> 
     .unwrap()
 }
 
-#[test]
-fn requests_stepped_together_end_where_each_ends_alone() {
-    let (unet, json) = unet_and_config();
-    let reqs = requests();
-    let want: Vec<Tensor> = reqs.iter().map(|r| alone(&unet, &json, r)).collect();
-
+/// Steps `reqs` through shared UNet calls, request k joining before call `joins[k]` (at a step
+/// boundary) and leaving when it finishes; the rows of every call and each request's latents.
+fn step_together(
+    unet: &UNet2DConditionModel,
+    json: &serde_json::Value,
+    reqs: &[Request],
+    joins: &[usize],
+) -> (Vec<usize>, Vec<Tensor>) {
     let mut scheds: Vec<Box<dyn Scheduler>> =
-        reqs.iter().map(|r| scheduler(&json, r.class)).collect();
+        reqs.iter().map(|r| scheduler(json, r.class)).collect();
     let mut noises: Vec<SeededNoise> = reqs.iter().map(|r| SeededNoise::new(&[r.seed])).collect();
-    // Requests 0 and 1 start together; 2 and 3 join after two steps (mid-loop, at a step
-    // boundary); 1 leaves first (3 steps), the others as they finish.
     let mut runs: Vec<Option<DecoderRun>> = (0..reqs.len()).map(|_| None).collect();
     let mut calls = 0;
     let mut rows_per_call = Vec::new();
     loop {
-        if calls == 0 || calls == 2 {
-            let joining: &[usize] = if calls == 0 { &[0, 1] } else { &[2, 3] };
-            for &k in joining {
-                runs[k] = Some(
-                    DecoderRun::start(&unet, scheds[k].as_mut(), &reqs[k].inputs, &mut noises[k])
-                        .unwrap(),
-                );
-            }
+        for (k, _) in joins.iter().enumerate().filter(|(_, &j)| j == calls) {
+            runs[k] = Some(
+                DecoderRun::start(unet, scheds[k].as_mut(), &reqs[k].inputs, &mut noises[k])
+                    .unwrap(),
+            );
         }
         let mut batch: Vec<(&mut DecoderRun, &mut dyn Scheduler, &mut dyn NoiseSource)> =
             Vec::new();
@@ -148,30 +150,107 @@ fn requests_stepped_together_end_where_each_ends_alone() {
                 batch.push((run, s.as_mut(), n));
             }
         }
-        if batch.is_empty() {
+        if batch.is_empty() && joins.iter().all(|&j| j < calls) {
             break;
         }
         rows_per_call.push(batch.iter().map(|(r, _, _)| r.rows()).sum::<usize>());
-        step_runs(&unet, &mut batch, &interrupt::never).unwrap();
+        step_runs(unet, &mut batch, &interrupt::never).unwrap();
         calls += 1;
     }
-    // 2 rows (CFG) + 1 (no CFG), then all four (2 + 1 + 2 + 2), then the leavers gone.
-    assert_eq!(&rows_per_call[..3], &[3, 3, 7]);
-    assert!(rows_per_call.windows(2).skip(2).all(|w| w[1] <= w[0]));
+    let latents = runs
+        .into_iter()
+        .map(|run| run.unwrap().finish().unwrap())
+        .collect();
+    (rows_per_call, latents)
+}
+
+/// The largest relative L2 gap between each request's batched latents and its latents alone.
+fn worst_gap(got: &[Tensor], want: &[Tensor], reqs: &[Request]) -> f64 {
     let mut worst: f64 = 0.0;
-    for (k, run) in runs.into_iter().enumerate() {
-        let got = run.unwrap().finish().unwrap();
-        let err = rel_l2(&got, &want[k]).unwrap();
+    for (k, (got, want)) in got.iter().zip(want).enumerate() {
+        let err = rel_l2(got, want).unwrap();
         eprintln!(
             "request {k} ({}): batched vs alone rel L2 {err:e}",
             reqs[k].class
         );
         worst = worst.max(err);
     }
-    eprintln!("worst batched vs alone: {worst:e} over {calls} UNet calls");
+    worst
+}
+
+#[test]
+fn requests_stepped_together_end_where_each_ends_alone() {
+    let (unet, json) = unet_and_config();
+    let reqs = requests();
+    let want: Vec<Tensor> = reqs.iter().map(|r| alone(&unet, &json, r)).collect();
+    // Requests 0 and 1 start together; 2 and 3 join after two steps (mid-loop, at a step
+    // boundary); 1 leaves first (3 steps), the others as they finish.
+    let (rows_per_call, got) = step_together(&unet, &json, &reqs, &[0, 0, 2, 2]);
+    // 2 rows (CFG) + 1 (no CFG), then all four (2 + 1 + 2 + 2), then the leavers gone.
+    assert_eq!(&rows_per_call[..3], &[3, 3, 7]);
+    assert!(rows_per_call.windows(2).skip(2).all(|w| w[1] <= w[0]));
+    let worst = worst_gap(&got, &want, &reqs);
+    eprintln!(
+        "worst batched vs alone: {worst:e} over {} UNet calls",
+        rows_per_call.len()
+    );
     assert!(
         worst <= 1e-4,
         "a batched request differs from itself alone: {worst:e}"
+    );
+}
+
+/// Inpaint rows share calls on the inpainting UNet the same way: each with its own init
+/// latents' mask (the fixture's, its complement, keep-nothing), scheduler, steps and guidance
+/// (one without CFG), one joining mid-loop.
+#[test]
+fn inpaint_requests_stepped_together_end_where_each_ends_alone() {
+    let (unet, json) = unet_and_config_of("tiny/kandinsky-2-2-decoder-inpaint");
+    let inp =
+        load_reference(fixtures_dir().join("tiny/reference/decoder/pipeline_inputs.safetensors"))
+            .unwrap();
+    let mask = {
+        let u8mask = get(&inp, "inpaint_mask_u8").to_dtype(DType::F32).unwrap();
+        prepare_inpaint_mask(&(u8mask / 255.0).unwrap(), 32, 32).unwrap()
+    };
+    let masks = [
+        mask.clone(),
+        (1.0 - &mask).unwrap(),
+        mask.zeros_like().unwrap(),
+    ];
+    let image_latents = get(&inp, "inpaint_image_latents");
+    let plan = [
+        (5usize, 4.0, "DDPMScheduler"),
+        (3, 1.0, "DDIMScheduler"),
+        (4, 7.5, "DPMSolverMultistepScheduler"),
+    ];
+    let reqs: Vec<Request> = masks
+        .into_iter()
+        .zip(plan)
+        .enumerate()
+        .map(|(k, (mask, (steps, guidance, class)))| {
+            let mut inputs = requests().swap_remove(0).inputs;
+            inputs.num_inference_steps = steps;
+            inputs.guidance_scale = guidance;
+            inputs.mode = DecoderMode::Inpaint {
+                image_latents: image_latents.clone(),
+                mask,
+            };
+            Request {
+                inputs,
+                class,
+                seed: 21 + k as u64,
+            }
+        })
+        .collect();
+    let want: Vec<Tensor> = reqs.iter().map(|r| alone(&unet, &json, r)).collect();
+    let (rows_per_call, got) = step_together(&unet, &json, &reqs, &[0, 0, 1]);
+    assert_eq!(&rows_per_call[..2], &[3, 5]);
+    let worst = worst_gap(&got, &want, &reqs);
+    eprintln!("worst inpaint batched vs alone: {worst:e}");
+    assert!(
+        worst <= 1e-4,
+        "a batched inpaint request differs from itself alone: {worst:e}"
     );
 }
 

@@ -254,6 +254,68 @@ fn inpaint_requests_stepped_together_end_where_each_ends_alone() {
     );
 }
 
+/// ControlNet rows share calls on the ControlNet UNet: text2img with the depth hint and with a
+/// fainter one (without CFG), and hinted img2img joining mid-loop, each with its own scheduler.
+#[test]
+fn controlnet_requests_stepped_together_end_where_each_ends_alone() {
+    let checkpoint = "tiny/kandinsky-2-2-controlnet-depth";
+    let (unet, json) = unet_and_config_of(checkpoint);
+    let sf = CheckpointDir::open(fixtures_dir().join(checkpoint))
+        .unwrap()
+        .component("movq")
+        .unwrap()
+        .vq_config()
+        .unwrap()
+        .scale_factor();
+    let dir = fixtures_dir().join("tiny/reference/decoder");
+    let inp = load_reference(dir.join("pipeline_inputs.safetensors")).unwrap();
+    let case =
+        load_reference(dir.join("pipeline_controlnet_img2img_ddpm_4_s05.safetensors")).unwrap();
+    let hint = get(&inp, "controlnet_hint");
+    let modes = [
+        DecoderMode::Controlnet { hint: hint.clone() },
+        DecoderMode::Controlnet {
+            hint: (hint * 0.5).unwrap(),
+        },
+        DecoderMode::Img2Img {
+            image_latents: get(&case, "image_latents").clone(),
+            strength: 0.5,
+            hint: Some(hint.clone()),
+        },
+    ];
+    let plan = [
+        (4usize, 4.0, "DDPMScheduler"),
+        (3, 1.0, "DDIMScheduler"),
+        (6, 4.0, "DPMSolverMultistepScheduler"),
+    ];
+    let reqs: Vec<Request> = modes
+        .into_iter()
+        .zip(plan)
+        .enumerate()
+        .map(|(k, (mode, (steps, guidance, class)))| {
+            let mut inputs = requests().swap_remove(0).inputs;
+            inputs.movq_scale_factor = sf;
+            inputs.num_inference_steps = steps;
+            inputs.guidance_scale = guidance;
+            inputs.mode = mode;
+            Request {
+                inputs,
+                class,
+                seed: 31 + k as u64,
+            }
+        })
+        .collect();
+    let want: Vec<Tensor> = reqs.iter().map(|r| alone(&unet, &json, r)).collect();
+    let (rows_per_call, got) = step_together(&unet, &json, &reqs, &[0, 0, 1]);
+    assert_eq!(&rows_per_call[..2], &[3, 5]);
+    let worst = worst_gap(&got, &want, &reqs);
+    eprintln!("worst ControlNet batched vs alone: {worst:e}");
+    assert!(
+        worst <= 1e-4,
+        "a batched ControlNet request differs from itself alone: {worst:e}"
+    );
+}
+
 #[test]
 fn a_finished_run_takes_no_row() {
     let (unet, json) = unet_and_config();

@@ -68,7 +68,7 @@ const TRANSPOSE_ROWS: usize = 16;
 /// writes as floats (`window` = the row's columns `col0 ..`), built in parallel like
 /// [`fresh_f32`]: each task converts 16 whole source rows (long slices convert fastest) and
 /// writes them as 16-float runs of every output row. A dense layer's weight `(out, in)` loaded
-/// this way is the `(in, out)` right-hand matrix its GEMM reads fastest (measured 1.3–1.6× on the
+/// this way is the `(in, out)` right-hand matrix its GEMM reads fastest (measured 1.2–1.6× on the
 /// CLIP and prior shapes).
 pub fn fresh_f32_transposed(
     rows: usize,

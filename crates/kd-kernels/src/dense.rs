@@ -10,7 +10,7 @@
 //! head), each with single-threaded GEMMs on strided views of the projections, its scores in a
 //! scratch row block, and writes its head's columns of the `(B, L, heads·D)` output directly.
 
-use crate::{f32_operands, filled_f32, matmul, Shared, Strided};
+use crate::{apply_contiguous, f32_operands, filled_f32, matmul, Shared, Strided};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -95,10 +95,7 @@ pub fn linear_supported(x: &Tensor, weight: &Tensor) -> bool {
 /// `Linear`'s `(N, K)` weight transposed, the layout the GEMM reads fastest), bias `(N,)`; the
 /// output is `(…, N)`. Non-contiguous operands are copied first.
 pub fn linear(x: &Tensor, weight_t: &Tensor, bias: &Tensor, act: Activation) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    let weight = weight_t.contiguous()?;
-    let bias = bias.contiguous()?;
-    x.apply_op3_no_bwd(&weight, &bias, &Linear { act })
+    apply_contiguous([x, weight_t, bias], &Linear { act })
 }
 
 struct Linear {
@@ -215,15 +212,8 @@ pub fn attention(
         }
         None => None,
     };
-    q.contiguous()?.apply_op3_no_bwd(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        &Attention {
-            heads,
-            scale: scale as f32,
-            mask,
-        },
-    )
+    let scale = scale as f32;
+    apply_contiguous([q, k, v], &Attention { heads, scale, mask })
 }
 
 struct Attention {
@@ -274,7 +264,7 @@ impl CustomOp3 for Attention {
             let (bi, hi) = (t / h, t % h);
             // Head hi's columns of image bi's rows (row stride C) in q, k, v and the output.
             let base = bi * l * c + hi * d;
-            scores.clear();
+            // Overwritten whole by the first GEMM (it does not read its output).
             scores.resize(l * l, 0.0);
             // SAFETY: the q and k views are l×d with row stride C inside their slices; scores
             // is l×l row-major.

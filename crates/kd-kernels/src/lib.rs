@@ -2,7 +2,7 @@
 //! that run them ([`retain_freed_memory`]).
 //!
 //! [`linear`]: a dense layer with its bias and activation fused; [`attention`]: multi-head
-//! attention straight from a fused q/k/v projection (the transformer towers).
+//! attention read in place from the q, k and v projections (the transformer towers).
 //!
 //! [`group_norm`]: GroupNorm, optionally fused with SiLU, in one parallel pass; [`spatial_norm`]:
 //! the MoVQ's SpatialNorm (GroupNorm, then the latents' per-pixel scale and shift), the same way.
@@ -64,8 +64,8 @@ pub fn fresh_f32(n: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> 
 /// output row.
 const TRANSPOSE_ROWS: usize = 16;
 
-/// The transpose `(cols, rows)` of a `(rows, cols)` matrix whose rows `read(row, col0, window)`
-/// writes as floats (`window` = the row's columns `col0 ..`), built in parallel like
+/// The transpose `(cols, rows)` of a `(rows, cols)` matrix whose rows `read(row, window)` writes
+/// as floats (`window` holds the whole row), built in parallel like
 /// [`fresh_f32`]: each task converts 16 whole source rows (long slices convert fastest) and
 /// writes them as 16-float runs of every output row. A dense layer's weight `(out, in)` loaded
 /// this way is the `(in, out)` right-hand matrix its GEMM reads fastest (measured 1.2–1.6× on the
@@ -73,7 +73,7 @@ const TRANSPOSE_ROWS: usize = 16;
 pub fn fresh_f32_transposed(
     rows: usize,
     cols: usize,
-    read: impl Fn(usize, usize, &mut [f32]) + Sync,
+    read: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let n = rows * cols;
     if n == 0 {
@@ -88,7 +88,7 @@ pub fn fresh_f32_transposed(
                 let h = TRANSPOSE_ROWS.min(rows - r0);
                 tmp.resize(h * cols, 0.0);
                 for (i, row) in tmp.chunks_mut(cols).enumerate() {
-                    read(r0 + i, 0, row);
+                    read(r0 + i, row);
                 }
                 for c in 0..cols {
                     // SAFETY: output row c, elements r0 .. r0 + h: inside the n-element buffer
@@ -203,10 +203,15 @@ pub fn conv3x3_supported(
 /// `conv2d(x, weight, padding, stride 1) + bias`: x `(B, C_in, H, W)`, weight
 /// `(C_out, C_in, 3, 3)`, bias `(C_out,)`; any strides (non-contiguous operands are copied).
 pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: usize) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    let weight = weight.contiguous()?;
-    let bias = bias.contiguous()?;
-    x.apply_op3_no_bwd(&weight, &bias, &Conv3x3 { padding })
+    apply_contiguous([x, weight, bias], &Conv3x3 { padding })
+}
+
+/// Runs a kernel on its three operands, copying any that is not contiguous first (the kernels
+/// read plain slices; [`f32_operands`] refuses strided layouts).
+pub(crate) fn apply_contiguous(operands: [&Tensor; 3], op: &impl CustomOp3) -> Result<Tensor> {
+    let [a, b, c] = operands;
+    a.contiguous()?
+        .apply_op3_no_bwd(&b.contiguous()?, &c.contiguous()?, op)
 }
 
 struct Conv3x3 {
@@ -563,9 +568,10 @@ mod fill_tests {
         });
         assert!(v.iter().enumerate().all(|(i, &x)| x == i as f32));
         for (rows, cols) in [(1, 1), (3, 70), (65, 33), (5, 32), (0, 4)] {
-            let t = fresh_f32_transposed(rows, cols, |r, c0, w| {
+            let t = fresh_f32_transposed(rows, cols, |r, w| {
+                assert_eq!(w.len(), cols);
                 for (j, x) in w.iter_mut().enumerate() {
-                    *x = (r * cols + c0 + j) as f32;
+                    *x = (r * cols + j) as f32;
                 }
             });
             assert_eq!(t.len(), rows * cols);

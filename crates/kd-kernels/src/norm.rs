@@ -6,7 +6,7 @@
 //! `a_c = γ_c / √(var + ε)`, and SiLU in the same write when asked. [`spatial_norm`] adds the
 //! MoVQ's per-pixel scale and shift to the same write.
 
-use crate::{f32_operands, filled_f32, silu};
+use crate::{apply_contiguous, f32_operands, filled_f32, silu};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -28,10 +28,7 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    let weight = weight.contiguous()?;
-    let bias = bias.contiguous()?;
-    x.apply_op3_no_bwd(&weight, &bias, &GroupNormOp { groups, eps, silu })
+    apply_contiguous([x, weight, bias], &GroupNormOp { groups, eps, silu })
 }
 
 struct GroupNormOp {
@@ -59,9 +56,13 @@ impl CustomOp3 for GroupNormOp {
         if dims.len() < 3 {
             candle_core::bail!("kd-group-norm: input rank {} (want ≥ 3)", dims.len())
         }
-        let (b, c) = (dims[0], dims[1]);
+        let c = dims[1];
         let groups = self.groups;
-        if groups == 0 || c % groups != 0 || l2.shape().dims() != [c] || l3.shape().dims() != [c] {
+        if groups == 0
+            || !c.is_multiple_of(groups)
+            || l2.shape().dims() != [c]
+            || l3.shape().dims() != [c]
+        {
             candle_core::bail!(
                 "kd-group-norm: {c} channels, {groups} groups, weight {:?}, bias {:?}",
                 l2.shape(),
@@ -69,38 +70,60 @@ impl CustomOp3 for GroupNormOp {
             )
         }
         let spatial: usize = dims[2..].iter().product();
-        let per_group = c / groups;
-        let len = per_group * spatial;
-        if len == 0 {
-            return Ok((CpuStorage::F32(Vec::new()), l1.shape().clone()));
-        }
-        let write = |out: &mut [MaybeUninit<f32>]| {
-            out.par_chunks_mut(len)
-                .zip(x.par_chunks(len))
-                .enumerate()
-                .for_each(|(task, (o, xs))| {
-                    let c0 = (task % groups) * per_group;
-                    let (m, rstd) = stats(xs, self.eps);
-                    for (k, (oc, xc)) in o.chunks_mut(spatial).zip(xs.chunks(spatial)).enumerate() {
-                        let a = (g[c0 + k] as f64 * rstd) as f32;
-                        let s = bt[c0 + k];
-                        if self.silu {
-                            for (y, &v) in oc.iter_mut().zip(xc) {
-                                y.write(silu((v - m) * a + s));
-                            }
-                        } else {
-                            for (y, &v) in oc.iter_mut().zip(xc) {
-                                y.write((v - m) * a + s);
-                            }
-                        }
+        let write =
+            |_img, ch: usize, m: f32, rstd: f64, oc: &mut [MaybeUninit<f32>], xc: &[f32]| {
+                let a = (g[ch] as f64 * rstd) as f32;
+                let s = bt[ch];
+                if self.silu {
+                    for (y, &v) in oc.iter_mut().zip(xc) {
+                        y.write(silu((v - m) * a + s));
                     }
-                });
-        };
-        // SAFETY: the chunks of `len` (which divides b·c·spatial) cover the output, and each
-        // chunk's channel × spatial loop writes every element of it.
-        let out = unsafe { filled_f32(b * c * spatial, write) };
+                } else {
+                    for (y, &v) in oc.iter_mut().zip(xc) {
+                        y.write((v - m) * a + s);
+                    }
+                }
+            };
+        // SAFETY: `write` writes every element of the channel it is given.
+        let out = unsafe { per_group(x, groups, c / groups, spatial, self.eps, write) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
+}
+
+/// A GroupNorm-shaped kernel's output: `x` is `(B, groups·per_group, plane)`; each (image,
+/// group) is one parallel task that computes the group's mean and 1/√(var + ε) ([`stats`]), then
+/// calls `channel(image, channel, mean, rstd, out, x)` for each of its channels' `plane`
+/// elements. Empty input, empty output.
+///
+/// # Safety
+/// `channel` must initialise every element of the `out` it is given.
+unsafe fn per_group(
+    x: &[f32],
+    groups: usize,
+    per_group: usize,
+    plane: usize,
+    eps: f64,
+    channel: impl Fn(usize, usize, f32, f64, &mut [MaybeUninit<f32>], &[f32]) + Sync,
+) -> Vec<f32> {
+    let len = per_group * plane;
+    if len == 0 {
+        return Vec::new();
+    }
+    let write = |out: &mut [MaybeUninit<f32>]| {
+        out.par_chunks_mut(len)
+            .zip(x.par_chunks(len))
+            .enumerate()
+            .for_each(|(task, (o, xs))| {
+                let (img, c0) = (task / groups, (task % groups) * per_group);
+                let (m, rstd) = stats(xs, eps);
+                for (k, (oc, xc)) in o.chunks_mut(plane).zip(xs.chunks(plane)).enumerate() {
+                    channel(img, c0 + k, m, rstd, oc, xc);
+                }
+            });
+    };
+    // SAFETY: the chunks of `len` (which divides x.len()) cover the output and `channel`, by the
+    // caller's contract, writes every element of each channel.
+    unsafe { filled_f32(x.len(), write) }
 }
 
 /// The mean (rounded to f32, as it is subtracted in f32) and 1/√(var + ε) of one group, in one
@@ -157,10 +180,7 @@ pub fn spatial_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    let gamma_beta = gamma_beta.contiguous()?;
-    let y_b = y_b.contiguous()?;
-    x.apply_op3_no_bwd(&gamma_beta, &y_b, &SpatialNormOp { groups, eps, silu })
+    apply_contiguous([x, gamma_beta, y_b], &SpatialNormOp { groups, eps, silu })
 }
 
 struct SpatialNormOp {
@@ -204,45 +224,27 @@ impl CustomOp3 for SpatialNormOp {
             )
         }
         let (sh, sw) = (h / zh, w / zw);
-        let plane = h * w;
         let zplane = zh * zw;
-        let per_group = c / groups;
-        let len = per_group * plane;
-        if len == 0 {
-            return Ok((CpuStorage::F32(Vec::new()), l1.shape().clone()));
-        }
-        let write = |out: &mut [MaybeUninit<f32>]| {
-            out.par_chunks_mut(len)
-                .zip(x.par_chunks(len))
-                .enumerate()
-                .for_each(|(task, (o, xs))| {
-                    let (img, c0) = (task / groups, (task % groups) * per_group);
-                    let (m, rstd) = stats(xs, self.eps);
-                    for (k, (oc, xc)) in o.chunks_mut(plane).zip(xs.chunks(plane)).enumerate() {
-                        let ch = c0 + k;
-                        let a = (gb[ch] as f64 * rstd) as f32;
-                        let beta = gb[c + ch];
-                        let yp = &yb[(img * 2 * c + ch) * zplane..][..zplane];
-                        let bp = &yb[(img * 2 * c + c + ch) * zplane..][..zplane];
-                        for (row, (orow, xrow)) in oc.chunks_mut(w).zip(xc.chunks(w)).enumerate() {
-                            let zr = row / sh;
-                            let (yr, br) = (&yp[zr * zw..][..zw], &bp[zr * zw..][..zw]);
-                            for (zx, (ob, xb)) in
-                                orow.chunks_mut(sw).zip(xrow.chunks(sw)).enumerate()
-                            {
-                                let (yv, bv) = (yr[zx], br[zx]);
-                                for (o, &v) in ob.iter_mut().zip(xb) {
-                                    let t = ((v - m) * a + beta) * yv + bv;
-                                    o.write(if self.silu { silu(t) } else { t });
-                                }
-                            }
-                        }
+        let write = |img, ch, m: f32, rstd: f64, oc: &mut [MaybeUninit<f32>], xc: &[f32]| {
+            let a = (gb[ch] as f64 * rstd) as f32;
+            let beta = gb[c + ch];
+            let yp = &yb[(img * 2 * c + ch) * zplane..][..zplane];
+            let bp = &yb[(img * 2 * c + c + ch) * zplane..][..zplane];
+            for (row, (orow, xrow)) in oc.chunks_mut(w).zip(xc.chunks(w)).enumerate() {
+                let zr = row / sh;
+                let (yr, br) = (&yp[zr * zw..][..zw], &bp[zr * zw..][..zw]);
+                for (zx, (ob, xb)) in orow.chunks_mut(sw).zip(xrow.chunks(sw)).enumerate() {
+                    let (yv, bv) = (yr[zx], br[zx]);
+                    for (o, &v) in ob.iter_mut().zip(xb) {
+                        let t = ((v - m) * a + beta) * yv + bv;
+                        o.write(if self.silu { silu(t) } else { t });
                     }
-                });
+                }
+            }
         };
-        // SAFETY: the chunks of `len` (which divides b·c·h·w) cover the output; each chunk's
-        // channel × row × column loops write every element of it (w = sw·zw columns per row).
-        let out = unsafe { filled_f32(b * c * plane, write) };
+        // SAFETY: `write`'s row × column loops write every element of the channel it is given
+        // (w = sw·zw columns per row).
+        let out = unsafe { per_group(x, groups, c / groups, h * w, self.eps, write) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

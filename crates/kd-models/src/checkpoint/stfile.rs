@@ -124,9 +124,8 @@ impl SafetensorsFile {
             });
         };
         if let Some(t) = self.half_to_f32(info, dtype, device, |bits, convert| {
-            kd_kernels::fresh_f32_transposed(rows, cols, |r, c0, dst| {
-                let at = r * cols + c0;
-                convert(&bits[at..at + dst.len()], dst)
+            kd_kernels::fresh_f32_transposed(rows, cols, |r, dst| {
+                convert(&bits[r * cols..(r + 1) * cols], dst)
             })
         })? {
             return Ok(Tensor::from_vec(t, (cols, rows), device)?);

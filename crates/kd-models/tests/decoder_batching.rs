@@ -51,9 +51,7 @@ fn requests() -> Vec<Request> {
             .randn(&[1, d], &Device::Cpu)
             .unwrap()
     };
-    let inp =
-        load_reference(fixtures_dir().join("tiny/reference/decoder/pipeline_inputs.safetensors"))
-            .unwrap();
+    let inp = pipeline_inputs();
     let d = 32;
     let base = |seed: u64, steps: usize, guidance: f64, mode: DecoderMode| DecoderInputs {
         image_embeds: g(seed, d),
@@ -200,65 +198,16 @@ fn requests_stepped_together_end_where_each_ends_alone() {
     );
 }
 
-/// Inpaint rows share calls on the inpainting UNet the same way: each with its own init
-/// latents' mask (the fixture's, its complement, keep-nothing), scheduler, steps and guidance
-/// (one without CFG), one joining mid-loop.
-#[test]
-fn inpaint_requests_stepped_together_end_where_each_ends_alone() {
-    let (unet, json) = unet_and_config_of("tiny/kandinsky-2-2-decoder-inpaint");
-    let inp =
-        load_reference(fixtures_dir().join("tiny/reference/decoder/pipeline_inputs.safetensors"))
-            .unwrap();
-    let mask = {
-        let u8mask = get(&inp, "inpaint_mask_u8").to_dtype(DType::F32).unwrap();
-        prepare_inpaint_mask(&(u8mask / 255.0).unwrap(), 32, 32).unwrap()
-    };
-    let masks = [
-        mask.clone(),
-        (1.0 - &mask).unwrap(),
-        mask.zeros_like().unwrap(),
-    ];
-    let image_latents = get(&inp, "inpaint_image_latents");
-    let plan = [
-        (5usize, 4.0, "DDPMScheduler"),
-        (3, 1.0, "DDIMScheduler"),
-        (4, 7.5, "DPMSolverMultistepScheduler"),
-    ];
-    let reqs: Vec<Request> = masks
-        .into_iter()
-        .zip(plan)
-        .enumerate()
-        .map(|(k, (mask, (steps, guidance, class)))| {
-            let mut inputs = requests().swap_remove(0).inputs;
-            inputs.num_inference_steps = steps;
-            inputs.guidance_scale = guidance;
-            inputs.mode = DecoderMode::Inpaint {
-                image_latents: image_latents.clone(),
-                mask,
-            };
-            Request {
-                inputs,
-                class,
-                seed: 21 + k as u64,
-            }
-        })
-        .collect();
-    let want: Vec<Tensor> = reqs.iter().map(|r| alone(&unet, &json, r)).collect();
-    let (rows_per_call, got) = step_together(&unet, &json, &reqs, &[0, 0, 1]);
-    assert_eq!(&rows_per_call[..2], &[3, 5]);
-    let worst = worst_gap(&got, &want, &reqs);
-    eprintln!("worst inpaint batched vs alone: {worst:e}");
-    assert!(
-        worst <= 1e-4,
-        "a batched inpaint request differs from itself alone: {worst:e}"
-    );
-}
-
-/// ControlNet rows share calls on the ControlNet UNet: text2img with the depth hint and with a
-/// fainter one (without CFG), and hinted img2img joining mid-loop, each with its own scheduler.
-#[test]
-fn controlnet_requests_stepped_together_end_where_each_ends_alone() {
-    let checkpoint = "tiny/kandinsky-2-2-controlnet-depth";
+/// Three requests on `checkpoint`'s UNet and MoVQ grid, one per mode, each with its
+/// (steps, guidance, scheduler) and seed `seed0 + k`; the first two start together (rows 3: one
+/// with CFG, one without), the third joins after one step (rows 5); each must end within 1e-4
+/// relative L2 of itself alone.
+fn assert_mid_loop_batch_ends_as_alone(
+    checkpoint: &str,
+    modes: [DecoderMode; 3],
+    plan: [(usize, f64, &'static str); 3],
+    seed0: u64,
+) {
     let (unet, json) = unet_and_config_of(checkpoint);
     let sf = CheckpointDir::open(fixtures_dir().join(checkpoint))
         .unwrap()
@@ -267,27 +216,6 @@ fn controlnet_requests_stepped_together_end_where_each_ends_alone() {
         .vq_config()
         .unwrap()
         .scale_factor();
-    let dir = fixtures_dir().join("tiny/reference/decoder");
-    let inp = load_reference(dir.join("pipeline_inputs.safetensors")).unwrap();
-    let case =
-        load_reference(dir.join("pipeline_controlnet_img2img_ddpm_4_s05.safetensors")).unwrap();
-    let hint = get(&inp, "controlnet_hint");
-    let modes = [
-        DecoderMode::Controlnet { hint: hint.clone() },
-        DecoderMode::Controlnet {
-            hint: (hint * 0.5).unwrap(),
-        },
-        DecoderMode::Img2Img {
-            image_latents: get(&case, "image_latents").clone(),
-            strength: 0.5,
-            hint: Some(hint.clone()),
-        },
-    ];
-    let plan = [
-        (4usize, 4.0, "DDPMScheduler"),
-        (3, 1.0, "DDIMScheduler"),
-        (6, 4.0, "DPMSolverMultistepScheduler"),
-    ];
     let reqs: Vec<Request> = modes
         .into_iter()
         .zip(plan)
@@ -301,7 +229,7 @@ fn controlnet_requests_stepped_together_end_where_each_ends_alone() {
             Request {
                 inputs,
                 class,
-                seed: 31 + k as u64,
+                seed: seed0 + k as u64,
             }
         })
         .collect();
@@ -309,10 +237,79 @@ fn controlnet_requests_stepped_together_end_where_each_ends_alone() {
     let (rows_per_call, got) = step_together(&unet, &json, &reqs, &[0, 0, 1]);
     assert_eq!(&rows_per_call[..2], &[3, 5]);
     let worst = worst_gap(&got, &want, &reqs);
-    eprintln!("worst ControlNet batched vs alone: {worst:e}");
+    eprintln!("worst batched vs alone on {checkpoint}: {worst:e}");
     assert!(
         worst <= 1e-4,
-        "a batched ControlNet request differs from itself alone: {worst:e}"
+        "a batched request on {checkpoint} differs from itself alone: {worst:e}"
+    );
+}
+
+fn pipeline_inputs() -> std::collections::HashMap<String, Tensor> {
+    load_reference(fixtures_dir().join("tiny/reference/decoder/pipeline_inputs.safetensors"))
+        .unwrap()
+}
+
+/// Inpaint rows share calls on the inpainting UNet the same way: each with its own init
+/// latents' mask (the fixture's, its complement, keep-nothing), scheduler, steps and guidance
+/// (one without CFG), one joining mid-loop.
+#[test]
+fn inpaint_requests_stepped_together_end_where_each_ends_alone() {
+    let inp = pipeline_inputs();
+    let mask = {
+        let u8mask = get(&inp, "inpaint_mask_u8").to_dtype(DType::F32).unwrap();
+        prepare_inpaint_mask(&(u8mask / 255.0).unwrap(), 32, 32).unwrap()
+    };
+    let image_latents = get(&inp, "inpaint_image_latents");
+    let inpaint = |mask: Tensor| DecoderMode::Inpaint {
+        image_latents: image_latents.clone(),
+        mask,
+    };
+    assert_mid_loop_batch_ends_as_alone(
+        "tiny/kandinsky-2-2-decoder-inpaint",
+        [
+            inpaint(mask.clone()),
+            inpaint((1.0 - &mask).unwrap()),
+            inpaint(mask.zeros_like().unwrap()),
+        ],
+        [
+            (5, 4.0, "DDPMScheduler"),
+            (3, 1.0, "DDIMScheduler"),
+            (4, 7.5, "DPMSolverMultistepScheduler"),
+        ],
+        21,
+    );
+}
+
+/// ControlNet rows share calls on the ControlNet UNet: text2img with the depth hint and with a
+/// fainter one (without CFG), and hinted img2img joining mid-loop, each with its own scheduler.
+#[test]
+fn controlnet_requests_stepped_together_end_where_each_ends_alone() {
+    let inp = pipeline_inputs();
+    let case = load_reference(
+        fixtures_dir()
+            .join("tiny/reference/decoder/pipeline_controlnet_img2img_ddpm_4_s05.safetensors"),
+    )
+    .unwrap();
+    let hint = get(&inp, "controlnet_hint");
+    assert_mid_loop_batch_ends_as_alone(
+        "tiny/kandinsky-2-2-controlnet-depth",
+        [
+            DecoderMode::Controlnet { hint: hint.clone() },
+            DecoderMode::Controlnet {
+                hint: (hint * 0.5).unwrap(),
+            },
+            DecoderMode::Img2Img {
+                image_latents: get(&case, "image_latents").clone(),
+                strength: 0.5,
+                hint: Some(hint.clone()),
+            },
+        ],
+        [
+            (4, 4.0, "DDPMScheduler"),
+            (3, 1.0, "DDIMScheduler"),
+            (6, 4.0, "DPMSolverMultistepScheduler"),
+        ],
+        31,
     );
 }
 

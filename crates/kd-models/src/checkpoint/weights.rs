@@ -249,23 +249,14 @@ impl Weights {
             expected: expected.to_vec(),
             actual: actual.to_vec(),
         };
+        let shape = self.info(key).map(|(shape, _)| shape).unwrap_or_default();
+        if shape != expected || (transposed && shape.len() != 2) {
+            return Err(shape_mismatch(&shape));
+        }
         match source {
-            Source::Safetensors(st) => {
-                let shape = st.info(key).map(|i| i.shape.as_slice()).unwrap_or_default();
-                if shape != expected || (transposed && shape.len() != 2) {
-                    return Err(shape_mismatch(shape));
-                }
-                if transposed {
-                    st.load_transposed_as(key, dtype, device)
-                } else {
-                    st.load_as(key, dtype, device)
-                }
-            }
+            Source::Safetensors(st) if transposed => st.load_transposed_as(key, dtype, device),
+            Source::Safetensors(st) => st.load_as(key, dtype, device),
             Source::Pickle(pw) => {
-                let shape = pw.info(key).map(|i| i.shape).unwrap_or_default();
-                if shape != expected || (transposed && shape.len() != 2) {
-                    return Err(shape_mismatch(&shape));
-                }
                 let t = pw.load(key, device)?.to_dtype(dtype)?;
                 Ok(if transposed { t.t()?.contiguous()? } else { t })
             }

@@ -38,8 +38,12 @@ pub enum WireTensorError {
     Candle(String),
     #[error("tensor of shape {shape:?} has no rows (a row helper needs rank >= 1)")]
     NoRows { shape: Vec<i64> },
-    #[error("row {row} asked of a tensor with {rows} rows")]
-    RowOutOfRange { row: usize, rows: usize },
+    #[error("rows {start}..{end} asked of a tensor with {rows} rows")]
+    RowsOutOfRange {
+        start: usize,
+        end: usize,
+        rows: usize,
+    },
     #[error("no tensors to concatenate")]
     NothingToConcat,
     #[error(
@@ -260,13 +264,23 @@ fn with_rows(
 
 /// Row `row` of a (B, ...) wire tensor, as a (1, ...) tensor sharing `t`'s bytes.
 pub fn select_row(t: &v1::Tensor, row: usize) -> Result<v1::Tensor, WireTensorError> {
+    select_rows(t, row, 1)
+}
+
+/// Rows `start..start + n` of a (B, ...) wire tensor, as an (n, ...) tensor sharing `t`'s bytes
+/// (one request's share of a batch computed for several).
+pub fn select_rows(t: &v1::Tensor, start: usize, n: usize) -> Result<v1::Tensor, WireTensorError> {
     let (rows, row_bytes) = rows_of(t)?;
-    if row >= rows {
-        return Err(WireTensorError::RowOutOfRange { row, rows });
-    }
-    // row < rows, so (row + 1) · row_bytes <= data.len().
-    let start = row * row_bytes;
-    with_rows(t, 1, t.data.slice(start..start + row_bytes))
+    let end = start.checked_add(n).filter(|&e| e <= rows);
+    let Some(end) = end else {
+        return Err(WireTensorError::RowsOutOfRange {
+            start,
+            end: start.saturating_add(n),
+            rows,
+        });
+    };
+    // end <= rows, so end · row_bytes <= data.len().
+    with_rows(t, n, t.data.slice(start * row_bytes..end * row_bytes))
 }
 
 /// Repeats every row of a (B, ...) wire tensor `n` times, row-major like torch's
@@ -342,7 +356,16 @@ pub fn text_embeddings_row(
     c: &v1::TextEmbeddings,
     row: usize,
 ) -> Result<v1::TextEmbeddings, WireTensorError> {
-    map_text_embeddings(c, |t| select_row(t, row))
+    text_embeddings_rows(c, row, 1)
+}
+
+/// Rows `start..start + n` of every tensor of a text conditioning (see [`select_rows`]).
+pub fn text_embeddings_rows(
+    c: &v1::TextEmbeddings,
+    start: usize,
+    n: usize,
+) -> Result<v1::TextEmbeddings, WireTensorError> {
+    map_text_embeddings(c, |t| select_rows(t, start, n))
 }
 
 /// Every row of every tensor of a text conditioning repeated `n` times (see [`repeat_rows`]).
@@ -521,6 +544,12 @@ mod tests {
         let joined = concat_rows(&[select_row(&t, 2).unwrap(), t.clone()]).unwrap();
         assert_eq!(joined.shape, vec![4, 2]);
         assert_eq!(values(&joined), vec![5., 6., 1., 2., 3., 4., 5., 6.]);
+        let mid = select_rows(&joined, 1, 2).unwrap();
+        assert_eq!(
+            (mid.shape.clone(), values(&mid)),
+            (vec![2, 2], vec![1., 2., 3., 4.])
+        );
+        assert_eq!(select_rows(&joined, 4, 0).unwrap().shape, vec![0, 2]);
     }
 
     #[test]
@@ -528,7 +557,19 @@ mod tests {
         let t = rows(&[1., 2., 3., 4.], vec![2, 2]);
         assert_eq!(
             select_row(&t, 2).unwrap_err(),
-            WireTensorError::RowOutOfRange { row: 2, rows: 2 }
+            WireTensorError::RowsOutOfRange {
+                start: 2,
+                end: 3,
+                rows: 2
+            }
+        );
+        assert_eq!(
+            select_rows(&t, 1, usize::MAX).unwrap_err(),
+            WireTensorError::RowsOutOfRange {
+                start: 1,
+                end: usize::MAX,
+                rows: 2
+            }
         );
         let scalar = rows(&[1.], vec![]);
         assert!(matches!(

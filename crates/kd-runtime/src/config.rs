@@ -86,6 +86,35 @@ pub struct StageArgs {
     pub admission_safety: f64,
 }
 
+/// `--max-batch-rows` / `--batch-wait-ms` of the stages that micro-batch concurrent calls (the
+/// text encoder's prompts, the MoVQ's decodes; see [`crate::microbatch`]).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct MicroBatchArgs {
+    /// Micro-batching: most rows (prompts, images) one model call takes from concurrent calls
+    /// of one class (same latent size); 0 = off, every call computes alone.
+    #[arg(long, env = "KD_MAX_BATCH_ROWS", default_value_t = 8)]
+    pub max_batch_rows: usize,
+    /// With micro-batching: how long a call arriving at an idle stage waits for companions.
+    #[arg(long, env = "KD_BATCH_WAIT_MS", default_value_t = 2)]
+    pub batch_wait_ms: u64,
+}
+
+impl MicroBatchArgs {
+    /// The batching policy, `None` when off.
+    pub fn policy(&self) -> Option<crate::microbatch::Policy> {
+        (self.max_batch_rows > 0).then(|| crate::microbatch::Policy {
+            max_rows: self.max_batch_rows,
+            wait: Duration::from_millis(self.batch_wait_ms),
+        })
+    }
+
+    /// Calls admitted at once: with batching, enough one-row calls to fill a model call (they
+    /// wait in the loop's queue); off, `concurrency`.
+    pub fn admitted(&self, concurrency: usize) -> usize {
+        concurrency.max(self.max_batch_rows).max(1)
+    }
+}
+
 /// `--max-pixels` of the stages that compute images (denoiser, movq).
 #[cfg(feature = "models")]
 #[derive(Debug, Clone, Copy, clap::Args)]

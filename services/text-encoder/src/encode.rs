@@ -11,9 +11,12 @@ use crate::MAX_PROMPT_CHARS;
 use candle_core::{DType, Device, Tensor};
 use kd_models::clip::TokenizedBatch;
 use kd_models::kd20::Kd20TextEncoders;
+use kd_proto::tensor::{select_rows, text_embeddings_rows};
 use kd_proto::{to_wire, v1};
 use kd_runtime::cache::CacheKey;
+use kd_runtime::microbatch::{shared_failure, Item};
 use kd_runtime::ServiceError;
+use std::sync::Arc;
 
 /// Checks the prompt list: 1..=`max_batch` prompts of at most [`MAX_PROMPT_CHARS`] characters.
 pub fn validate(prompts: &[String], max_batch: usize) -> Result<(), ServiceError> {
@@ -113,6 +116,70 @@ fn compute_kd20(
         }),
         input_ids: Some(wire(&tokens.tokens1.input_ids.to_dtype(DType::I64)?)?),
         model: Some(model.info.clone()),
+    })
+}
+
+/// One Encode call waiting to share a text-tower call: the model and its prompts.
+pub type Job = (Arc<TextModel>, Vec<String>);
+
+/// Encodes the prompts of several concurrent calls in one tokenizer and tower pass (every
+/// encoder pads each prompt to the same 77 tokens and attends within its own row) and hands
+/// each call its own rows.
+pub fn compute_batch(
+    items: Vec<Item<Job>>,
+    stop: &dyn Fn() -> bool,
+) -> Vec<Result<v1::EncodeTextResponse, ServiceError>> {
+    let Some(first) = items.first() else {
+        return Vec::new();
+    };
+    let model = first.job.0.clone();
+    let outcome = if stop() {
+        Err(ServiceError::Internal(
+            "every call of the batch stopped".into(),
+        ))
+    } else if let [one] = items.as_slice() {
+        return vec![compute(&model, &one.job.1)];
+    } else {
+        let prompts: Vec<String> = items.iter().flat_map(|i| i.job.1.clone()).collect();
+        compute(&model, &prompts)
+    };
+    let when = "while the prompts were encoded";
+    let mut start = 0;
+    items
+        .iter()
+        .map(|item| {
+            let n = item.job.1.len();
+            let rows = outcome
+                .as_ref()
+                .map_err(|e| shared_failure(&item.cancel, e, when))
+                .and_then(|all| response_rows(all, start, n));
+            start += n;
+            rows
+        })
+        .collect()
+}
+
+/// Rows `start..start + n` of every tensor of an Encode response.
+fn response_rows(
+    r: &v1::EncodeTextResponse,
+    start: usize,
+    n: usize,
+) -> Result<v1::EncodeTextResponse, ServiceError> {
+    let text = |c: &Option<v1::TextEmbeddings>| {
+        c.as_ref()
+            .map(|c| text_embeddings_rows(c, start, n))
+            .transpose()
+    };
+    Ok(v1::EncodeTextResponse {
+        prior_conditioning: text(&r.prior_conditioning)?,
+        decoder_conditioning: text(&r.decoder_conditioning)?,
+        decoder_conditioning_2: text(&r.decoder_conditioning_2)?,
+        input_ids: r
+            .input_ids
+            .as_ref()
+            .map(|t| select_rows(t, start, n))
+            .transpose()?,
+        model: r.model.clone(),
     })
 }
 

@@ -13,7 +13,7 @@ pub mod model;
 pub mod service;
 
 use kd_runtime::cache::EmbeddingCache;
-use kd_runtime::config::{CommonArgs, StageArgs};
+use kd_runtime::config::{CommonArgs, MicroBatchArgs, StageArgs};
 use kd_runtime::{blocking, Launch, LaunchError, Listeners, Shutdown, Stage};
 use std::sync::Arc;
 
@@ -48,6 +48,9 @@ pub struct Config {
     /// Most prompts in one Encode call; larger requests get INVALID_ARGUMENT.
     #[arg(long, env = "KD_MAX_BATCH", default_value_t = 64)]
     pub max_batch: usize,
+    /// Micro-batching of concurrent calls (prompts per tower call).
+    #[command(flatten)]
+    pub batching: MicroBatchArgs,
 }
 
 /// Serves on `listeners` until `shutdown`.
@@ -56,9 +59,15 @@ pub async fn run_with_listeners(
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<(), LaunchError> {
-    let stage = Stage::new(STAGE, 1, config.common.max_queue);
+    let batching = config.batching;
+    let stage = Stage::new(STAGE, batching.admitted(1), config.common.max_queue);
     let cache = EmbeddingCache::for_stage(&config.stage, stage.metrics.clone())?;
-    let service = TextEncoderService::new(stage.clone(), Arc::new(cache), config.max_batch);
+    let service = TextEncoderService::new(
+        stage.clone(),
+        Arc::new(cache),
+        config.max_batch,
+        batching.policy(),
+    );
     let (args, decoder_dir) = (config.stage.clone(), config.decoder_model_dir.clone());
     let load = blocking(move || TextModel::load_and_warm(&args, decoder_dir.as_deref()));
     Launch::stage(stage, &config.common)

@@ -10,6 +10,7 @@ use kd_models::image::{encode_image, postprocess, postprocess_nhwc01, rgb_images
 use kd_models::kd20::pipeline::process_images;
 use kd_models::movq::VqModel;
 use kd_proto::v1;
+use kd_runtime::microbatch::shared_failure;
 use kd_runtime::{Cancel, ServiceError};
 
 /// Largest latent side accepted (2048 px at the real MoVQ's scale factor 8).
@@ -160,22 +161,69 @@ pub(crate) fn check(
     Ok(checked)
 }
 
-/// Runs one checked decode request; `cancel` stops it between the autoencoder's layers.
-pub(crate) fn decode(
+impl Checked {
+    /// Which decodes may share a decoder call: same latent shape past the batch and dtype.
+    pub(crate) fn class(&self) -> String {
+        format!("{:?} {:?}", &self.latents.dims()[1..], self.latents.dtype())
+    }
+
+    /// Images asked for.
+    pub(crate) fn rows(&self) -> usize {
+        self.latents.dims().first().copied().unwrap_or(0)
+    }
+}
+
+/// Runs checked decode requests of one class in one decoder call; each gets its own images, in
+/// its own format. `stop` (every request of the call wants to stop) stops the decoder between
+/// its layers.
+pub(crate) fn decode_batch(
     m: &Movq,
-    req: Checked,
-    cancel: &Cancel,
-) -> Result<v1::DecodeLatentsResponse, ServiceError> {
-    let format = req.format;
-    let stop = || cancel.should_stop();
-    let (images, nhwc01) = match &m.ae {
+    reqs: Vec<(Checked, Cancel)>,
+    stop: &dyn Fn() -> bool,
+) -> Vec<Result<v1::DecodeLatentsResponse, ServiceError>> {
+    let latents: Vec<&Tensor> = reqs.iter().map(|(r, _)| &r.latents).collect();
+    let decoded = match latents.as_slice() {
+        [one] => decode_pixels(m, one, stop),
+        all => Tensor::cat(all, 0)
+            .map_err(ServiceError::from)
+            .and_then(|z| decode_pixels(m, &z, stop)),
+    };
+    let mut start = 0;
+    reqs.into_iter()
+        .map(|(req, cancel)| {
+            let n = req.rows();
+            let reply = match &decoded {
+                Ok((images, nhwc01)) => images
+                    .get(start..start + n)
+                    .ok_or_else(|| {
+                        ServiceError::Internal(format!(
+                            "the decoder returned {} images for {} asked",
+                            images.len(),
+                            start + n
+                        ))
+                    })
+                    .and_then(|own| respond(m, &req, own, &nhwc01.narrow(0, start, n)?)),
+                Err(e) => Err(shared_failure(&cancel, e, "in the decoder")),
+            };
+            start += n;
+            reply
+        })
+        .collect()
+}
+
+/// The decoder's images of latents (or token maps) `z`, and the same as (B, H, W, 3) f32
+/// pixels in [0, 1].
+fn decode_pixels(
+    m: &Movq,
+    z: &Tensor,
+    stop: &dyn Fn() -> bool,
+) -> Result<(Vec<RgbImage>, Tensor), ServiceError> {
+    Ok(match &m.ae {
         Autoencoder::VqGan(vq) => {
-            cancel.check_at("before the VQ-GAN decoder")?;
             // aMUSEd: `vqvae.decode(ids, force_not_quantize=True, shape=…).sample.clip(0, 1)`,
             // as `AmusedPipeline::decode`.
             let x01 = vq
-                .decode_indices(&req.latents, &stop)
-                .map_err(|e| cancel.model_error(e))?
+                .decode_indices(z, &stop)?
                 .to_dtype(DType::F32)?
                 .clamp(0f32, 1f32)?;
             let nhwc = x01
@@ -185,24 +233,26 @@ pub(crate) fn decode(
             (rgb_images(&nhwc)?, nhwc)
         }
         Autoencoder::Movq(vq) => {
-            let z = req.latents.to_dtype(vq.dtype())?;
-            cancel.check_at("before the MoVQ decoder")?;
-            let pixels = vq
-                .decode_interruptible(&z, &stop)
-                .map_err(|e| cancel.model_error(e))?
-                .to_dtype(DType::F32)?;
+            let z = z.to_dtype(vq.dtype())?;
+            let pixels = vq.decode_interruptible(&z, &stop)?.to_dtype(DType::F32)?;
             (postprocess(&pixels)?, postprocess_nhwc01(&pixels)?)
         }
         Autoencoder::Kl(kl) => {
-            cancel.check_at("before the KL decoder")?;
             // Kandinsky 2.0: `image_encoder.decode(latents / scale)`, then `process_images`.
-            let x = kl
-                .decode_interruptible(&req.latents, &stop)
-                .map_err(|e| cancel.model_error(e))?
-                .to_device(&Device::Cpu)?;
+            let x = kl.decode_interruptible(z, &stop)?.to_device(&Device::Cpu)?;
             official_images(&process_images(&x)?)?
         }
-    };
+    })
+}
+
+/// One request's response: its images encoded in its format, and its pixels when asked.
+fn respond(
+    m: &Movq,
+    req: &Checked,
+    images: &[RgbImage],
+    nhwc01: &Tensor,
+) -> Result<v1::DecodeLatentsResponse, ServiceError> {
+    let format = req.format;
     let images = images
         .iter()
         .map(|img| {
@@ -219,7 +269,7 @@ pub(crate) fn decode(
         })
         .collect::<Result<Vec<_>, ServiceError>>()?;
     let pixels = if req.return_pixels {
-        Some(kd_proto::to_wire(&nhwc01)?)
+        Some(kd_proto::to_wire(nhwc01)?)
     } else {
         None
     };

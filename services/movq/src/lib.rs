@@ -14,7 +14,7 @@ mod encode;
 pub mod model;
 pub mod service;
 
-use kd_runtime::config::{CommonArgs, PixelArgs, StageArgs};
+use kd_runtime::config::{CommonArgs, MicroBatchArgs, PixelArgs, StageArgs};
 use kd_runtime::{blocking, Launch, LaunchError, Listeners, Shutdown, Stage};
 
 pub use model::Movq;
@@ -40,11 +40,14 @@ pub struct Config {
     /// Most images per call.
     #[arg(long, env = "KD_MAX_BATCH", default_value_t = 16)]
     pub max_batch: usize,
-    /// Calls computing at once (the rest queue).
+    /// With micro-batching off: calls computing at once (the rest queue).
     #[arg(long, env = "KD_MAX_CONCURRENCY", default_value_t = 1)]
     pub max_concurrency: usize,
     #[command(flatten)]
     pub pixels: PixelArgs,
+    /// Micro-batching of concurrent decodes (images per decoder call).
+    #[command(flatten)]
+    pub batching: MicroBatchArgs,
 }
 
 /// Serves on `listeners` until `shutdown`.
@@ -53,8 +56,10 @@ pub async fn run_with_listeners(
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<(), LaunchError> {
-    let stage = Stage::new(STAGE, config.max_concurrency, config.common.max_queue);
-    let service = MovqService::new(stage.clone());
+    let batching = config.batching;
+    let concurrency = batching.admitted(config.max_concurrency);
+    let stage = Stage::new(STAGE, concurrency, config.common.max_queue);
+    let service = MovqService::new(stage.clone(), batching.policy());
     let launch = Launch::stage(stage, &config.common).serve(service);
     let load = blocking(move || Movq::load_and_warm(&config));
     launch.run(listeners, shutdown, load).await

@@ -472,3 +472,84 @@ async fn images_over_max_pixels_are_refused_by_name() {
     );
     srv.shutdown().await.unwrap();
 }
+
+/// Micro-batching: three concurrent decodes of one latent size (1, 1 and 2 images, their own
+/// formats) fill one decoder call of 4 images; each gets its own images, equal to the same call
+/// on a MoVQ stage with batching off, and the metrics show one call for three requests. A decode
+/// of another size is a class of its own.
+#[tokio::test]
+async fn concurrent_decodes_share_one_decoder_call_and_each_gets_its_own_images() {
+    let refs =
+        load_reference(fixtures_dir().join("deep/reference/decoder/movq.safetensors")).unwrap();
+    let a = get(&refs, "latents");
+    let b = a.flip(&[3]).unwrap().affine(-0.7, 0.1).unwrap();
+    let both = Tensor::cat(&[a, &b], 0).unwrap();
+    let req = |z: &Tensor, format: v1::ImageFormat| v1::DecodeLatentsRequest {
+        latents: Some(wire(z)),
+        return_pixels: true,
+        format: format as i32,
+        ..Default::default()
+    };
+    let reqs = [
+        req(a, v1::ImageFormat::Png),
+        req(&b, v1::ImageFormat::Jpeg),
+        req(&both, v1::ImageFormat::Png),
+    ];
+    let model = "deep/kandinsky-2-2-decoder";
+    let (alone_srv, mut alone) = start_with(model, &["--max-batch-rows", "0"]).await;
+    let mut want = Vec::new();
+    for r in &reqs {
+        want.push(alone.decode_latents(r.clone()).await.unwrap().into_inner());
+    }
+    alone_srv.shutdown().await.unwrap();
+
+    let flags = ["--max-batch-rows", "4", "--batch-wait-ms", "5000"];
+    let (srv, c) = start_with(model, &flags).await;
+    let (mut c1, mut c2, mut c3) = (c.clone(), c.clone(), c.clone());
+    let (r1, r2, r3) = tokio::join!(
+        c1.decode_latents(reqs[0].clone()),
+        c2.decode_latents(reqs[1].clone()),
+        c3.decode_latents(reqs[2].clone()),
+    );
+    let got: Vec<_> = [r1, r2, r3]
+        .into_iter()
+        .map(|r| r.unwrap().into_inner())
+        .collect();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.images.len(), w.images.len(), "call {i}: images");
+        // The decoder's convolutions and norms work per image: batched rows are bit-identical.
+        assert_eq!(g.pixels, w.pixels, "call {i}: pixels");
+        assert_eq!(g.images, w.images, "call {i}: encoded images");
+    }
+    // The 2-image call's rows are the two 1-image calls' pixels.
+    let pixels = |r: &v1::DecodeLatentsResponse| unwire(r.pixels.as_ref().unwrap());
+    for (row, one) in [(0, &got[0]), (1, &got[1])] {
+        let pair_row = pixels(&got[2]).narrow(0, row, 1).unwrap();
+        assert_close("a row of the pair", &pair_row, &pixels(one), 0.0);
+    }
+    assert_eq!(got[2].images[0], got[0].images[0]);
+
+    // Another latent size is another class, recorded under its own label; its pixels are
+    // diffusers'.
+    let mut c4 = c.clone();
+    let ns = req(get(&refs, "ns_latents"), v1::ImageFormat::Png);
+    let r = c4.decode_latents(ns).await.unwrap().into_inner();
+    assert_close(
+        "ns pixels",
+        &pixels(&r),
+        get(&refs, "ns_decoded_nhwc01"),
+        1e-4,
+    );
+
+    let text = scrape(srv.metrics).await;
+    let m = |name: &str| kd_testkit::metric(&text, name, &[]);
+    assert_eq!(m("kd_batch_requests_count"), Some(2.0), "{text}");
+    assert_eq!(m("kd_batch_requests_sum"), Some(4.0), "{text}");
+    assert_eq!(m("kd_batch_size_sum"), Some(5.0), "{text}");
+    let classes = text
+        .lines()
+        .filter(|l| l.starts_with("kd_batch_wait_seconds_count"))
+        .count();
+    assert_eq!(classes, 2, "{text}");
+    srv.shutdown().await.unwrap();
+}

@@ -109,6 +109,13 @@ impl<T> Clone for Sink<T> {
 }
 
 impl<T: Send + 'static> Sink<T> {
+    /// A sink of `capacity` events under `cancel`, and the receiving end: for a run driven
+    /// outside [`Stage::stream`] (a scheduling loop under test).
+    pub fn channel(capacity: usize, cancel: Cancel) -> (Self, mpsc::Receiver<Result<T, Status>>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (Self { tx, cancel }, rx)
+    }
+
     /// Sends one event; fails when the caller went away.
     pub async fn send(&self, event: T) -> Result<(), ServiceError> {
         self.tx.send(Ok(event)).await.map_err(|_| {

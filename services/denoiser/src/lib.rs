@@ -41,7 +41,8 @@ pub struct Config {
     pub common: CommonArgs,
     #[command(flatten)]
     pub stage: StageArgs,
-    /// Denoising loops running at once (the rest wait in the admission queue).
+    /// Denoising loops running at once (the rest wait): with step-level batching, the loops
+    /// of families that do not batch (aMUSEd, Kandinsky 2.0).
     #[arg(long, env = "KD_MAX_CONCURRENCY", default_value_t = 1)]
     pub max_concurrency: usize,
     /// Most rows (images) per Denoise request.
@@ -54,7 +55,7 @@ pub struct Config {
     /// Step-level batching across requests: UNet rows per call (a CFG image is two rows).
     /// Running requests of one size share every UNet call, joining and leaving at step
     /// boundaries; 0 = every request runs its own loop (`--max-concurrency` at once).
-    #[arg(long, env = "KD_MAX_BATCH_ROWS", default_value_t = 0)]
+    #[arg(long, env = "KD_MAX_BATCH_ROWS", default_value_t = 8)]
     pub max_batch_rows: usize,
     /// With batching: how long a request arriving at an idle denoiser waits for companions.
     #[arg(long, env = "KD_BATCH_WAIT_MS", default_value_t = 5)]
@@ -97,12 +98,16 @@ pub struct Denoiser {
     /// starts with the first request (it needs the loaded model).
     batching: Option<(usize, std::time::Duration)>,
     batcher: Arc<std::sync::OnceLock<batcher::Batcher>>,
+    /// Loops of their own (aMUSEd, Kandinsky 2.0) running at once: with batching the admission
+    /// lets in enough requests to fill a UNet call, and these loops share no call.
+    own_loops: Arc<tokio::sync::Semaphore>,
 }
 
 impl Denoiser {
     /// The service over `stage`, accepting at most `max_batch` rows and `pixels` per request.
     pub fn new(stage: Stage<Loaded>, max_batch: usize, pixels: PixelArgs) -> DenoiserServer<Self> {
-        DenoiserServer::new(Self::service(stage, max_batch, pixels, None))
+        let own_loops = tokio::sync::Semaphore::MAX_PERMITS;
+        DenoiserServer::new(Self::service(stage, max_batch, pixels, None, own_loops))
     }
 
     fn service(
@@ -110,6 +115,7 @@ impl Denoiser {
         max_batch: usize,
         pixels: PixelArgs,
         batching: Option<(usize, std::time::Duration)>,
+        own_loops: usize,
     ) -> Self {
         Self {
             stage,
@@ -120,20 +126,23 @@ impl Denoiser {
             },
             batching,
             batcher: Default::default(),
+            own_loops: Arc::new(tokio::sync::Semaphore::new(own_loops.max(1))),
         }
     }
 
     /// The service with step-level batching: `rows` UNet rows per call, a new request at an
-    /// idle denoiser waiting `wait` for companions (decoder UNets only: an aMUSEd request runs
-    /// its own loop).
+    /// idle denoiser waiting `wait` for companions (decoder UNets only: an aMUSEd or Kandinsky
+    /// 2.0 request runs its own loop, `own_loops` at once).
     pub fn batched(
         stage: Stage<Loaded>,
         max_batch: usize,
         pixels: PixelArgs,
         rows: usize,
         wait: std::time::Duration,
+        own_loops: usize,
     ) -> DenoiserServer<Self> {
-        DenoiserServer::new(Self::service(stage, max_batch, pixels, Some((rows, wait))))
+        let batching = Some((rows, wait));
+        DenoiserServer::new(Self::service(stage, max_batch, pixels, batching, own_loops))
     }
 }
 
@@ -162,8 +171,15 @@ impl v1::denoiser_server::Denoiser for Denoiser {
         };
         let metrics = self.stage.metrics.clone();
         let (batching, batcher) = (self.batching, self.batcher.clone());
+        let own_loops = self.own_loops.clone();
         let run = move |m: Arc<Loaded>, checked: Checked, sink: Sink<DenoiseEvent>| async move {
             let worker = sink.clone();
+            let own_loop = || async {
+                own_loops
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| ServiceError::Unavailable("the denoiser is shutting down".into()))
+            };
             let (latents, info) = match (&*m, checked) {
                 (Loaded::Decoder(d), Checked::Decoder(plan)) => {
                     let span = tracing::info_span!(
@@ -194,6 +210,7 @@ impl v1::denoiser_server::Denoiser for Denoiser {
                 (Loaded::Tokens(t), Checked::Tokens(plan)) => {
                     let span = tokens::span(&plan);
                     let model = m.clone();
+                    let _slot = own_loop().await?;
                     let tokens = tracing::Instrument::instrument(
                         blocking(move || match &*model {
                             Loaded::Tokens(t) => tokens::generate(t, plan, &worker, &metrics),
@@ -207,6 +224,7 @@ impl v1::denoiser_server::Denoiser for Denoiser {
                 (Loaded::Guided(g), Checked::Guided(plan)) => {
                     let span = guided::span(&plan);
                     let model = m.clone();
+                    let _slot = own_loop().await?;
                     let latents = tracing::Instrument::instrument(
                         blocking(move || match &*model {
                             Loaded::Guided(g) => guided::generate(g, plan, &worker, &metrics),
@@ -261,6 +279,7 @@ pub async fn run_with_listeners(
             config.pixels,
             rows,
             std::time::Duration::from_millis(config.batch_wait_ms),
+            config.max_concurrency,
         ),
     };
     let launch = Launch::stage(stage, &config.common).serve(service);
@@ -274,10 +293,11 @@ pub async fn run_with_listeners(
             _ => None,
         };
         if let (Some(family), true) = (own_loop, config.max_batch_rows > 0) {
-            tracing::warn!(
+            tracing::info!(
                 max_batch_rows = config.max_batch_rows,
+                max_concurrency = config.max_concurrency,
                 "step-level batching is not implemented for {family} folders; each request runs \
-                 its own loop"
+                 its own loop, --max-concurrency at once"
             );
         }
         match dir.family() {

@@ -56,7 +56,9 @@ impl Metrics {
             ),
             step_seconds: histogram(
                 "kd_step_seconds",
-                "Time of one batched sampling step (one model call and the requests' updates).",
+                "Time of one batched model call: a denoiser sampling step (one UNet call and the \
+                 requests' updates), a text-encoder or movq micro-batch, a prior micro-batch's \
+                 sampling loop.",
                 step_buckets,
                 &["stage"],
             ),

@@ -1,9 +1,11 @@
-//! Micro-batching of concurrent calls (the text encoder's prompts, the MoVQ's decodes): one loop
-//! thread owns the stage's model calls and runs them one at a time; calls that arrive while one
-//! runs wait in a FIFO queue and the next model call takes, with the call at the head of the
-//! queue, every later call of the same class (e.g. the same latent size) whose rows still fit
-//! under the row limit. So a call waits for at most the calls that arrived before it, plus the
-//! `wait` an idle loop gives a first call's companions to arrive.
+//! Micro-batching of concurrent calls (the text encoder's prompts, the prior's samples, the
+//! MoVQ's decodes): one loop thread owns the stage's model calls and runs them one at a time;
+//! calls that arrive while one runs wait in a FIFO queue and the next model call takes, with the
+//! call at the head of the queue, every later call of the same class (e.g. the same latent size)
+//! whose rows still fit under the row limit. So a call waits for at most the calls that arrived
+//! before it, plus the `wait` an idle loop gives a first call's companions to arrive. Work that
+//! never shares a call ([`MicroBatcher::alone`]: an encode, an image embedding) runs in the same
+//! loop, in its turn, so the stage still computes one thing at a time.
 //!
 //! A call whose caller went away or whose deadline passed while it waited leaves without
 //! running; a model call is told to stop (its `stop` check) only when every call in it wants to
@@ -28,23 +30,6 @@ pub struct Policy {
     pub wait: Duration,
 }
 
-/// Which calls may share a model call: calls of one `Shared` class are computed together;
-/// `Alone` calls always run by themselves.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Class {
-    Shared(String),
-    Alone,
-}
-
-impl Class {
-    fn label(&self) -> &str {
-        match self {
-            Self::Shared(s) => s,
-            Self::Alone => "alone",
-        }
-    }
-}
-
 /// One call of a batch, as the batch function sees it.
 pub struct Item<J> {
     pub job: J,
@@ -58,11 +43,34 @@ pub struct Item<J> {
 pub type BatchFn<J, R> =
     Arc<dyn Fn(Vec<Item<J>>, &dyn Fn() -> bool) -> Vec<Result<R, ServiceError>> + Send + Sync>;
 
+/// Work that runs by itself; it answers its caller itself.
+type Task = Box<dyn FnOnce() + Send>;
+
+/// What waits in the queue.
+enum Work<J, R> {
+    Call {
+        item: Item<J>,
+        /// Calls of one class may share a model call.
+        class: String,
+        done: oneshot::Sender<Result<R, ServiceError>>,
+    },
+    Alone(Task),
+}
+
 struct Entry<J, R> {
-    item: Item<J>,
-    class: Class,
+    work: Work<J, R>,
+    cancel: Cancel,
     queued: Instant,
-    done: oneshot::Sender<Result<R, ServiceError>>,
+}
+
+impl<J, R> Entry<J, R> {
+    /// The class and rows of a call (`None` for work that runs alone).
+    fn call(&self) -> Option<(&str, usize)> {
+        match &self.work {
+            Work::Call { item, class, .. } => Some((class, item.rows)),
+            Work::Alone(_) => None,
+        }
+    }
 }
 
 /// The handle of a micro-batching loop (or, batching off, of the batch function alone).
@@ -80,6 +88,14 @@ impl<J, R> Clone for MicroBatcher<J, R> {
             metrics: self.metrics.clone(),
         }
     }
+}
+
+fn stopped() -> ServiceError {
+    ServiceError::Unavailable("the batching loop has stopped".into())
+}
+
+fn dropped() -> ServiceError {
+    ServiceError::Internal("the batching loop dropped a call".into())
 }
 
 impl<J: Send + 'static, R: Send + 'static> MicroBatcher<J, R> {
@@ -104,7 +120,7 @@ impl<J: Send + 'static, R: Send + 'static> MicroBatcher<J, R> {
     pub async fn submit(
         &self,
         job: J,
-        class: Class,
+        class: String,
         rows: usize,
         cancel: &Cancel,
     ) -> Result<R, ServiceError> {
@@ -126,19 +142,48 @@ impl<J: Send + 'static, R: Send + 'static> MicroBatcher<J, R> {
                 .await;
         };
         let (done, rx) = oneshot::channel();
+        let item = Item {
+            job,
+            rows,
+            cancel: cancel.clone(),
+        };
+        let work = Work::Call { item, class, done };
         tx.send(Entry {
-            item: Item {
-                job,
-                rows,
-                cancel: cancel.clone(),
-            },
-            class,
+            work,
+            cancel: cancel.clone(),
             queued: Instant::now(),
-            done,
         })
-        .map_err(|_| ServiceError::Unavailable("the batching loop has stopped".into()))?;
-        rx.await
-            .map_err(|_| ServiceError::Internal("the batching loop dropped a call".into()))?
+        .map_err(|_| stopped())?;
+        rx.await.map_err(|_| dropped())?
+    }
+
+    /// Runs `f` by itself in the loop, in its turn (batching off: on the blocking pool); it does
+    /// not run when `cancel` fires first.
+    pub async fn alone<T, F>(&self, cancel: &Cancel, f: F) -> Result<T, ServiceError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Cancel) -> Result<T, ServiceError> + Send + 'static,
+    {
+        let Some(tx) = &self.tx else {
+            return cancel.run_blocking(f).await;
+        };
+        let (done, rx) = oneshot::channel();
+        let c = cancel.clone();
+        let task: Task = Box::new(move || {
+            let result = c.check_at("while waiting for its turn").and_then(|()| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&c))).unwrap_or_else(
+                    |_| Err(ServiceError::Internal("the model call panicked".into())),
+                )
+            });
+            let _ = done.send(result);
+        });
+        tx.send(Entry {
+            work: Work::Alone(task),
+            cancel: cancel.clone(),
+            queued: Instant::now(),
+        })
+        .map_err(|_| stopped())?;
+        rx.await.map_err(|_| dropped())?
     }
 }
 
@@ -166,66 +211,96 @@ fn run_loop<J, R>(
             }
         }
         queue.extend(rx.try_iter());
-        let batch = take_batch(&mut queue, max_rows);
-        if !batch.is_empty() {
-            run_batch(batch, metrics, &run);
+        match take_batch(&mut queue, max_rows) {
+            Next::Alone(task) => task(),
+            Next::Batch(batch) if !batch.is_empty() => run_batch(batch, metrics, &run),
+            Next::Batch(_) => {}
         }
     }
 }
 
-/// Whether the head call's batch cannot take more rows.
+/// Whether the head's batch cannot take more rows.
 fn full<J, R>(queue: &VecDeque<Entry<J, R>>, max_rows: usize) -> bool {
     let Some(head) = queue.front() else {
         return false;
     };
-    if head.class == Class::Alone {
+    let Some((class, _)) = head.call() else {
         return true;
-    }
+    };
     let rows: usize = queue
         .iter()
-        .filter(|e| e.class == head.class)
-        .map(|e| e.item.rows)
+        .filter_map(Entry::call)
+        .filter(|(c, _)| *c == class)
+        .map(|(_, r)| r)
         .sum();
     rows >= max_rows
 }
 
-/// The next batch: the head call and every later one of its class whose rows fit, in arrival
-/// order. Calls that should stop leave the queue with their reason.
-fn take_batch<J, R>(queue: &mut VecDeque<Entry<J, R>>, max_rows: usize) -> Vec<Entry<J, R>> {
-    let mut batch: Vec<Entry<J, R>> = Vec::new();
-    let mut used = 0usize;
-    let mut rest = VecDeque::with_capacity(queue.len());
-    for e in queue.drain(..) {
-        if let Err(reason) = e.item.cancel.check_at("while waiting for a batch") {
-            let _ = e.done.send(Err(reason));
-            continue;
-        }
-        let joins = match batch.first() {
-            None => true,
-            Some(head) => {
-                head.class != Class::Alone
-                    && e.class == head.class
-                    && used.saturating_add(e.item.rows) <= max_rows
-            }
-        };
-        if joins {
-            used = used.saturating_add(e.item.rows);
-            batch.push(e);
-        } else {
-            rest.push_back(e);
-        }
-    }
-    *queue = rest;
-    batch
+/// Calls sharing one model call, each with its class, reply channel and arrival time.
+type Calls<J, R> = Vec<(
+    Item<J>,
+    String,
+    oneshot::Sender<Result<R, ServiceError>>,
+    Instant,
+)>;
+
+/// What runs next.
+enum Next<J, R> {
+    Alone(Task),
+    Batch(Calls<J, R>),
 }
 
-fn run_batch<J, R>(batch: Vec<Entry<J, R>>, metrics: &Metrics, run: &BatchFn<J, R>) {
+/// The next work: the head, and when it is a call every later call of its class whose rows fit,
+/// in arrival order. Calls that should stop leave the queue with their reason (work that runs
+/// alone checks for itself).
+fn take_batch<J, R>(queue: &mut VecDeque<Entry<J, R>>, max_rows: usize) -> Next<J, R> {
+    let mut batch: Calls<J, R> = Vec::new();
+    let mut used = 0usize;
+    let mut entries = std::mem::take(queue).into_iter();
+    while let Some(e) = entries.next() {
+        let (cancel, queued) = (e.cancel, e.queued);
+        match e.work {
+            Work::Alone(task) if batch.is_empty() => {
+                queue.extend(entries);
+                return Next::Alone(task);
+            }
+            Work::Alone(task) => queue.push_back(Entry {
+                work: Work::Alone(task),
+                cancel,
+                queued,
+            }),
+            Work::Call { item, class, done } => {
+                if let Err(reason) = cancel.check_at("while waiting for a batch") {
+                    let _ = done.send(Err(reason));
+                    continue;
+                }
+                let joins = batch.first().is_none_or(|(_, head, _, _)| {
+                    *head == class && used.saturating_add(item.rows) <= max_rows
+                });
+                if joins {
+                    used = used.saturating_add(item.rows);
+                    batch.push((item, class, done, queued));
+                } else {
+                    let work = Work::Call { item, class, done };
+                    queue.push_back(Entry {
+                        work,
+                        cancel,
+                        queued,
+                    });
+                }
+            }
+        }
+    }
+    Next::Batch(batch)
+}
+
+fn run_batch<J, R>(batch: Calls<J, R>, metrics: &Metrics, run: &BatchFn<J, R>) {
     let mut items = Vec::with_capacity(batch.len());
     let mut replies = Vec::with_capacity(batch.len());
-    for e in batch {
-        metrics.batch_wait(e.class.label(), e.queued.elapsed());
-        replies.push((e.done, e.item.cancel.clone()));
-        items.push(e.item);
+    for (item, class, done, queued) in batch {
+        metrics.batch_wait(&class, queued.elapsed());
+        replies.push(done);
+        items.push(item);
     }
     let rows: usize = items.iter().map(|i| i.rows).sum();
     let cancels: Vec<Cancel> = items.iter().map(|i| i.cancel.clone()).collect();
@@ -250,7 +325,7 @@ fn run_batch<J, R>(batch: Vec<Entry<J, R>>, metrics: &Metrics, run: &BatchFn<J, 
             replies.iter().map(|_| Err(e.clone())).collect()
         }
     };
-    for ((done, _cancel), result) in replies.into_iter().zip(results) {
+    for (done, result) in replies.into_iter().zip(results) {
         let _ = done.send(result);
     }
 }
@@ -272,34 +347,21 @@ mod tests {
     /// The jobs of every batch run, in order.
     type Log = Arc<Mutex<Vec<Vec<u32>>>>;
 
-    /// A batcher whose batch function records each batch's jobs and answers each job doubled;
-    /// job 0 holds its batch until the returned sender sends (so that calls queue up behind it),
-    /// job 666 panics.
-    fn recording(policy: Policy) -> (MicroBatcher<u32, u32>, Log, Metrics, mpsc::Sender<()>) {
+    /// A batcher whose batch function records each batch's jobs and answers each job doubled
+    /// (job 666 panics).
+    fn recording(policy: Policy) -> (MicroBatcher<u32, u32>, Log, Metrics) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
         let metrics = Metrics::new("test");
-        let (open, gate) = mpsc::channel::<()>();
-        let gate = Mutex::new(gate);
         let run: BatchFn<u32, u32> =
             Arc::new(move |items: Vec<Item<u32>>, _: &dyn Fn() -> bool| {
                 let jobs: Vec<u32> = items.iter().map(|i| i.job).collect();
                 assert!(!jobs.contains(&666), "a job the batch function cannot take");
-                if jobs.contains(&0) {
-                    gate.lock()
-                        .unwrap()
-                        .recv()
-                        .expect("the test opens the gate");
-                }
                 log.lock().unwrap().push(jobs);
                 items.iter().map(|i| Ok(i.job * 2)).collect()
             });
         let b = MicroBatcher::start("test-batcher", metrics.clone(), Some(policy), run);
-        (b, seen, metrics, open)
-    }
-
-    fn shared(c: &str) -> Class {
-        Class::Shared(c.into())
+        (b, seen, metrics)
     }
 
     #[tokio::test]
@@ -308,46 +370,66 @@ mod tests {
             max_rows: 4,
             wait: Duration::ZERO,
         };
-        let (b, seen, metrics, open) = recording(policy);
+        let (b, seen, metrics) = recording(policy);
         let (c, _guard) = Cancel::new(None);
-        let submit = |job, class, rows| {
+        // Work run alone holds the loop (until the gate opens) while the others queue.
+        let (open, gate) = mpsc::channel::<()>();
+        let (hold, log) = (b.clone(), seen.clone());
+        let holder = tokio::spawn(async move {
+            let (c, _guard) = Cancel::new(None);
+            hold.alone(&c, move |_| {
+                gate.recv().expect("the test opens the gate");
+                log.lock().unwrap().push(vec![0]);
+                Ok(0u32)
+            })
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // In this order: 1 (a, 2 rows), 2 (b, 1), 3 (a, 2), 4 (a, 1), 5 (alone), 6 (a, 3).
+        let mut calls = Vec::new();
+        for (job, class, rows) in [(1, "a", 2), (2, "b", 1), (3, "a", 2), (4, "a", 1)] {
             let (b, c) = (b.clone(), c.clone());
-            tokio::spawn(async move { b.submit(job, class, rows, &c).await })
-        };
-        // Job 0 holds the loop while the others queue, in this order: 1 (a, 2 rows), 2 (b, 1),
-        // 3 (a, 2), 4 (a, 1), 5 (alone, 1), 6 (a, 3).
-        let mut handles = vec![submit(0, Class::Alone, 1)];
-        let queued = [
-            (1, shared("a"), 2),
-            (2, shared("b"), 1),
-            (3, shared("a"), 2),
-            (4, shared("a"), 1),
-            (5, Class::Alone, 1),
-            (6, shared("a"), 3),
-        ];
-        for (job, class, rows) in queued {
-            handles.push(submit(job, class, rows));
+            let class = class.to_string();
+            calls.push(tokio::spawn(
+                async move { b.submit(job, class, rows, &c).await },
+            ));
             // Each task sends when first polled: let it run, in order.
             tokio::task::yield_now().await;
         }
+        let (b5, c5, log) = (b.clone(), c.clone(), seen.clone());
+        let fifth = tokio::spawn(async move {
+            b5.alone(&c5, move |_| {
+                log.lock().unwrap().push(vec![5]);
+                Ok(10u32)
+            })
+            .await
+        });
+        tokio::task::yield_now().await;
+        let (b6, c6) = (b.clone(), c.clone());
+        calls.push(tokio::spawn(async move {
+            b6.submit(6, "a".into(), 3, &c6).await
+        }));
         tokio::time::sleep(Duration::from_millis(20)).await;
         open.send(()).unwrap();
-        for (h, job) in handles.into_iter().zip(0u32..) {
+        assert_eq!(holder.await.unwrap().unwrap(), 0);
+        for (h, job) in calls.into_iter().zip([1, 2, 3, 4, 6]) {
             assert_eq!(h.await.unwrap().unwrap(), job * 2);
         }
-        // The head and its class in order while rows fit (1 + 3 = 4 rows, 4 would be the
-        // fifth); then 2 alone in its class; 4 and 6 (4 rows); 5 alone.
+        assert_eq!(fifth.await.unwrap().unwrap(), 10);
+        // The head and its class in order while rows fit (1 + 3 = 4 rows; 4 would be the fifth);
+        // then 2 alone in its class; 4 and 6 (4 rows), past the work queued between them; that
+        // work last.
         assert_eq!(
             *seen.lock().unwrap(),
             vec![vec![0], vec![1, 3], vec![2], vec![4, 6], vec![5]]
         );
         let text = metrics.render();
         assert!(
-            text.contains("kd_batch_requests_count{stage=\"test\"} 5"),
+            text.contains("kd_batch_requests_count{stage=\"test\"} 3"),
             "{text}"
         );
         assert!(
-            text.contains("kd_batch_size_sum{stage=\"test\"} 11"),
+            text.contains("kd_batch_size_sum{stage=\"test\"} 9"),
             "{text}"
         );
     }
@@ -358,15 +440,16 @@ mod tests {
             max_rows: 8,
             wait: Duration::from_millis(100),
         };
-        let (b, seen, _, _) = recording(policy);
+        let (b, seen, _) = recording(policy);
         let (gone, _g1) = Cancel::new(None);
         gone.cancel();
         let (live, _g2) = Cancel::new(None);
         let (expired, _g3) = Cancel::new(Some(Instant::now()));
+        let a = || "a".to_string();
         let (r1, r2, r3) = tokio::join!(
-            b.submit(1, shared("a"), 1, &gone),
-            b.submit(2, shared("a"), 1, &live),
-            b.submit(3, shared("a"), 1, &expired),
+            b.submit(1, a(), 1, &gone),
+            b.submit(2, a(), 1, &live),
+            b.submit(3, a(), 1, &expired),
         );
         assert!(
             matches!(r1.unwrap_err(), ServiceError::Cancelled(_)),
@@ -378,9 +461,16 @@ mod tests {
             "expired call"
         );
         assert_eq!(*seen.lock().unwrap(), vec![vec![2]]);
-        let err = b.submit(666, Class::Alone, 1, &live).await.unwrap_err();
+        let never = b.alone(&gone, |_| -> Result<u32, _> { panic!("must not run") });
+        assert!(matches!(
+            never.await.unwrap_err(),
+            ServiceError::Cancelled(_)
+        ));
+        let err = b.submit(666, a(), 1, &live).await.unwrap_err();
         assert!(err.to_string().contains("panicked"), "{err}");
-        // The loop goes on after the panic.
-        assert_eq!(b.submit(7, shared("a"), 1, &live).await.unwrap(), 14);
+        let err = b.alone(&live, |_| -> Result<u32, _> { panic!("a bug") });
+        assert!(err.await.unwrap_err().to_string().contains("panicked"));
+        // The loop goes on after the panics.
+        assert_eq!(b.submit(7, a(), 1, &live).await.unwrap(), 14);
     }
 }

@@ -8,7 +8,7 @@ use crate::model::TextModel;
 use kd_proto::v1;
 use kd_proto::v1::text_encoder_server::{TextEncoder, TextEncoderServer};
 use kd_runtime::cache::EmbeddingCache;
-use kd_runtime::microbatch::{Class, Policy};
+use kd_runtime::microbatch::Policy;
 use kd_runtime::{Call, Cancel, MicroBatcher, Stage};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -61,8 +61,8 @@ impl TextEncoder for TextEncoderService {
             let key = encode::cache_key(&m, &prompts);
             cache
                 .get_or_compute(&key, || {
-                    let (rows, class) = (prompts.len(), Class::Shared("prompts".into()));
-                    batcher.submit((m, prompts), class, rows, &cancel)
+                    let rows = prompts.len();
+                    batcher.submit((m, prompts), "prompts".into(), rows, &cancel)
                 })
                 .await
         };

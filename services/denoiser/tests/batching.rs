@@ -31,6 +31,7 @@ fn latents(t: &v1::Tensor) -> candle_core::Tensor {
 async fn concurrent_requests_share_unet_calls_and_end_as_they_end_alone() {
     let model = tiny();
     let alone_server = start_with(&model, &["--max-batch-rows", "0"]).await;
+    kd_testkit::wait_serving(&alone_server, SERVICE, Duration::from_secs(30)).await;
     let batched = start_with(
         &model,
         &["--max-batch-rows", "16", "--batch-wait-ms", "200"],
@@ -223,6 +224,7 @@ async fn waiting_requests_join_in_arrival_order() {
 async fn img2img_reports_the_steps_it_runs_as_alone() {
     let model = tiny();
     let alone = start_with(&model, &["--max-batch-rows", "0"]).await;
+    kd_testkit::wait_serving(&alone, SERVICE, Duration::from_secs(30)).await;
     let batched = start_with(&model, &["--max-batch-rows", "16"]).await;
     kd_testkit::wait_serving(&batched, SERVICE, Duration::from_secs(30)).await;
     // strength 0.5 of 6 steps: the last 3 run.

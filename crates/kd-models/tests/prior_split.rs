@@ -295,3 +295,72 @@ fn explicit_inputs_are_validated_with_named_fields() {
         [1, 32]
     );
 }
+
+/// Runs of several requests stepped together ([`ImagePrior::step_runs`]): their own step counts,
+/// guidance scales (with and without CFG), seeds and starts (noise, emb2emb); each ends within
+/// 1e-6 of the same request sampled alone, and a run that finished leaves the later calls.
+#[test]
+fn runs_stepped_together_end_as_each_alone() {
+    use kd_models::noise::NoiseSource;
+    let p = prior();
+    let cond = text().encode(&["horse", "a photo of a cat"]).unwrap();
+    let one = text().encode(&["Кот в сапогах"]).unwrap();
+    let uncond = text().encode(&[""]).unwrap();
+    let params = |steps, g| SampleParams {
+        num_inference_steps: steps,
+        guidance_scale: g,
+    };
+    let init = p.zero_image_embed().unwrap().affine(0.5, 0.2).unwrap();
+    // (conditioning, params, seeds, emb2emb strength)
+    let cases: [(&TextConditioning, SampleParams, Vec<u64>, Option<f64>); 3] = [
+        (&cond, params(5, 4.0), vec![1, 2], None),
+        (&one, params(3, 1.0), vec![3], None),
+        (&one, params(6, 7.5), vec![4], Some(0.5)),
+    ];
+    let start = |i: usize, noise: &mut dyn NoiseSource| {
+        let (c, params, _, strength) = &cases[i];
+        match strength {
+            None => p.start_sample(c, Some(&uncond), params, None, noise),
+            Some(s) => p.start_emb2emb(c, Some(&uncond), &init, *s, params, noise),
+        }
+        .unwrap()
+    };
+    let alone: Vec<Tensor> = (0..cases.len())
+        .map(|i| {
+            let (c, params, seeds, strength) = &cases[i];
+            let mut noise = SeededNoise::new(seeds);
+            match strength {
+                None => p.sample(c, Some(&uncond), params, None, &mut noise),
+                Some(s) => p.emb2emb(c, Some(&uncond), &init, *s, params, &mut noise),
+            }
+            .unwrap()
+        })
+        .collect();
+    let mut noises: Vec<SeededNoise> = cases.iter().map(|c| SeededNoise::new(&c.2)).collect();
+    let mut runs: Vec<_> = noises
+        .iter_mut()
+        .enumerate()
+        .map(|(i, n)| start(i, n))
+        .collect();
+    assert_eq!(
+        runs.iter()
+            .map(|r| (r.rows(), r.total_steps()))
+            .collect::<Vec<_>>(),
+        [(4, 5), (1, 3), (2, 3)]
+    );
+    let mut calls = 0;
+    while runs.iter().any(|r| !r.is_done()) {
+        let mut batch: Vec<_> = runs
+            .iter_mut()
+            .zip(noises.iter_mut())
+            .map(|(r, n)| (r, n as &mut dyn NoiseSource))
+            .collect();
+        p.step_runs(&mut batch).unwrap();
+        calls += 1;
+    }
+    assert_eq!(calls, 5, "one call per step of the longest run");
+    for (i, (run, want)) in runs.into_iter().zip(&alone).enumerate() {
+        let got = p.finish(run).unwrap();
+        check(&format!("run {i} stepped together"), &got, want, 1e-6);
+    }
+}

@@ -66,12 +66,38 @@ pub struct ImagePrior {
     zero_image_embed: OnceLock<Tensor>,
 }
 
-/// One denoising run's conditioning (CFG-batched) and start point.
-struct Denoise<'a> {
-    cond: &'a TextConditioning,
+/// One prior sampling run: its conditioning (CFG-batched `[uncond; cond]`), latents, schedule and
+/// guidance. Runs of several requests share transformer calls ([`ImagePrior::step_runs`]), each
+/// with its own timesteps, guidance and noise, ending as it ends alone.
+#[derive(Debug)]
+pub struct PriorRun {
+    cond: TextConditioning,
     latents: Tensor,
-    timesteps: &'a [usize],
+    timesteps: Vec<usize>,
+    done: usize,
     guidance: Option<f32>,
+}
+
+impl PriorRun {
+    /// Transformer rows per step: B, or 2B under CFG.
+    pub fn rows(&self) -> usize {
+        self.cond.text_embeds.dims().first().copied().unwrap_or(0)
+    }
+
+    /// Steps run so far.
+    pub fn steps_done(&self) -> usize {
+        self.done
+    }
+
+    /// Steps of its schedule.
+    pub fn total_steps(&self) -> usize {
+        self.timesteps.len()
+    }
+
+    /// Whether its last step ran.
+    pub fn is_done(&self) -> bool {
+        self.done >= self.timesteps.len()
+    }
 }
 
 fn check_guidance(g: f32) -> Result<()> {
@@ -300,34 +326,82 @@ impl ImagePrior {
         Ok(latents.to_dtype(DType::F32)?.to_device(&self.device)?)
     }
 
-    /// The denoising loop; returns the post-processed latents (B, D).
-    fn denoise(&self, s: Denoise<'_>, noise: &mut dyn NoiseSource) -> Result<Tensor> {
-        let mut latents = s.latents;
-        for (i, &t) in s.timesteps.iter().enumerate() {
-            let input = match s.guidance {
-                Some(_) => Tensor::cat(&[&latents, &latents], 0)?,
-                None => latents.clone(),
-            };
-            let pred = self.prior.forward(
-                &input,
-                &[t as f32],
-                &s.cond.text_embeds,
-                &s.cond.hidden_states,
-                Some(&s.cond.mask),
-            )?;
-            let pred = match s.guidance {
+    /// Runs `run` to its end alone; returns the post-processed latents (B, D).
+    fn run_alone(&self, mut run: PriorRun, noise: &mut dyn NoiseSource) -> Result<Tensor> {
+        while !run.is_done() {
+            self.step_runs(&mut [(&mut run, noise)])?;
+        }
+        self.finish(run)
+    }
+
+    /// The post-processed latents (B, D) of a finished run.
+    pub fn finish(&self, run: PriorRun) -> Result<Tensor> {
+        self.prior.post_process_latents(&run.latents)
+    }
+
+    /// One step of every unfinished run in ONE transformer call (each row with its run's
+    /// timestep), then each run's guidance and scheduler step with its own noise. A run's rows
+    /// are computed as alone: the transformer attends within a row.
+    pub fn step_runs(&self, runs: &mut [(&mut PriorRun, &mut dyn NoiseSource)]) -> Result<()> {
+        let active: Vec<usize> = (0..runs.len()).filter(|&i| !runs[i].0.is_done()).collect();
+        let mut inputs = Vec::with_capacity(active.len());
+        let mut ts = Vec::new();
+        for &i in &active {
+            let run = &runs[i].0;
+            let t = run.timesteps[run.done];
+            inputs.push(match run.guidance {
+                Some(_) => Tensor::cat(&[&run.latents, &run.latents], 0)?,
+                None => run.latents.clone(),
+            });
+            ts.extend(std::iter::repeat_n(t as f32, run.rows()));
+        }
+        let pred = match active.as_slice() {
+            [] => return Ok(()),
+            [one] => {
+                let c = &runs[*one].0.cond;
+                self.prior.forward(
+                    &inputs[0],
+                    &ts,
+                    &c.text_embeds,
+                    &c.hidden_states,
+                    Some(&c.mask),
+                )?
+            }
+            _ => {
+                let cat = |f: &dyn Fn(&PriorRun) -> &Tensor| -> Result<Tensor> {
+                    let parts: Vec<&Tensor> = active.iter().map(|&i| f(runs[i].0)).collect();
+                    Ok(Tensor::cat(&parts, 0)?)
+                };
+                let text = cat(&|r| &r.cond.text_embeds)?;
+                let hidden = cat(&|r| &r.cond.hidden_states)?;
+                let mask = cat(&|r| &r.cond.mask)?;
+                self.prior
+                    .forward(&Tensor::cat(&inputs, 0)?, &ts, &text, &hidden, Some(&mask))?
+            }
+        };
+        let mut offset = 0;
+        for &i in &active {
+            let (run, noise) = &mut runs[i];
+            let rows = run.rows();
+            let own = pred.narrow(0, offset, rows)?;
+            offset += rows;
+            let b = run.latents.dim(0)?;
+            let pred = match run.guidance {
                 Some(g) => {
-                    let b = latents.dim(0)?;
-                    let u = pred.narrow(0, 0, b)?;
-                    let c = pred.narrow(0, b, b)?;
+                    let u = own.narrow(0, 0, b)?;
+                    let c = own.narrow(0, b, b)?;
                     (&u + ((c - &u)? * g as f64)?)?
                 }
-                None => pred,
+                None => own,
             };
-            let prev = s.timesteps.get(i + 1).copied();
-            latents = self.scheduler.step(&pred, t, &latents, prev, noise)?;
+            let t = run.timesteps[run.done];
+            let prev = run.timesteps.get(run.done + 1).copied();
+            run.latents = self
+                .scheduler
+                .step(&pred, t, &run.latents, prev, &mut **noise)?;
+            run.done += 1;
         }
-        self.prior.post_process_latents(&latents)
+        Ok(())
     }
 
     /// Samples image embeddings (B, D) for B conditioning rows: starts from `latents` (B, D) or,
@@ -341,6 +415,20 @@ impl ImagePrior {
         latents: Option<&Tensor>,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
+        let run = self.start_sample(cond, uncond, params, latents, noise)?;
+        self.run_alone(run, noise)
+    }
+
+    /// [`Self::sample`]'s run, checked and at its start (the start noise drawn), to be stepped
+    /// with [`Self::step_runs`] and ended with [`Self::finish`].
+    pub fn start_sample(
+        &self,
+        cond: &TextConditioning,
+        uncond: Option<&TextConditioning>,
+        params: &SampleParams,
+        latents: Option<&Tensor>,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<PriorRun> {
         check_guidance(params.guidance_scale)?;
         let timesteps = self.scheduler.timesteps(params.num_inference_steps)?;
         let (rows, batch) = self.batch(cond, uncond, params.guidance_scale)?;
@@ -349,15 +437,13 @@ impl ImagePrior {
             None => noise.randn(&[rows, self.embedding_dim()], &self.device)?,
         };
         let g = params.guidance_scale;
-        self.denoise(
-            Denoise {
-                cond: &batch,
-                latents,
-                timesteps: &timesteps,
-                guidance: (g > 1.0).then_some(g),
-            },
-            noise,
-        )
+        Ok(PriorRun {
+            cond: batch,
+            latents,
+            timesteps,
+            done: 0,
+            guidance: (g > 1.0).then_some(g),
+        })
     }
 
     /// The timesteps Emb2Emb runs: the last `int(N·strength)` of the N-step schedule; strength
@@ -399,6 +485,21 @@ impl ImagePrior {
         params: &SampleParams,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
+        let run = self.start_emb2emb(cond, uncond, init_image_embeds, strength, params, noise)?;
+        self.run_alone(run, noise)
+    }
+
+    /// [`Self::emb2emb`]'s run at its start (the init embeddings noised), as
+    /// [`Self::start_sample`].
+    pub fn start_emb2emb(
+        &self,
+        cond: &TextConditioning,
+        uncond: Option<&TextConditioning>,
+        init_image_embeds: &Tensor,
+        strength: f64,
+        params: &SampleParams,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<PriorRun> {
         check_guidance(params.guidance_scale)?;
         let timesteps = self.emb2emb_timesteps(params.num_inference_steps, strength)?;
         let (rows, batch) = self.batch(cond, uncond, params.guidance_scale)?;
@@ -414,15 +515,13 @@ impl ImagePrior {
             .scheduler
             .add_noise(&init, &z, &vec![timesteps[0]; rows])?;
         let g = params.guidance_scale;
-        self.denoise(
-            Denoise {
-                cond: &batch,
-                latents,
-                timesteps: &timesteps,
-                guidance: (g > 1.0).then_some(g),
-            },
-            noise,
-        )
+        Ok(PriorRun {
+            cond: batch,
+            latents,
+            timesteps,
+            done: 0,
+            guidance: (g > 1.0).then_some(g),
+        })
     }
 
     /// Weighted fusion over explicit inputs (`interpolate` without its negative output): text

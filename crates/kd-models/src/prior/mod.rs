@@ -8,7 +8,7 @@ pub mod pipeline;
 pub mod transformer;
 pub mod unclip;
 
-pub use image_prior::{FusionInput, ImagePrior, SampleParams};
+pub use image_prior::{FusionInput, ImagePrior, PriorRun, SampleParams};
 pub use pipeline::{
     Emb2EmbImage, Emb2EmbRequest, FusionItem, FusionOptions, PriorOptions, PriorOutput,
     PriorRequest, PriorStack, TextConditioning,

@@ -18,7 +18,7 @@ pub mod wire;
 pub mod zero_embedding;
 
 use kd_runtime::cache::EmbeddingCache;
-use kd_runtime::config::{CommonArgs, StageArgs};
+use kd_runtime::config::{CommonArgs, MicroBatchArgs, StageArgs};
 use kd_runtime::{blocking, Launch, LaunchError, Listeners, Shutdown, Stage};
 use std::sync::Arc;
 
@@ -45,6 +45,9 @@ pub struct Config {
     /// Most rows (conditionings, images or fusion items) in one call; more get INVALID_ARGUMENT.
     #[arg(long, env = "KD_MAX_BATCH", default_value_t = 64)]
     pub max_batch: usize,
+    /// Micro-batching of concurrent Sample calls (transformer rows per call; a CFG row is two).
+    #[command(flatten)]
+    pub batching: MicroBatchArgs,
 }
 
 /// Serves on `listeners` until `shutdown`.
@@ -53,9 +56,15 @@ pub async fn run_with_listeners(
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<(), LaunchError> {
-    let stage = Stage::new(STAGE, 1, config.common.max_queue);
+    let batching = config.batching;
+    let stage = Stage::new(STAGE, batching.admitted(1), config.common.max_queue);
     let cache = EmbeddingCache::for_stage(&config.stage, stage.metrics.clone())?;
-    let service = PriorService::new(stage.clone(), Arc::new(cache), config.max_batch);
+    let service = PriorService::new(
+        stage.clone(),
+        Arc::new(cache),
+        config.max_batch,
+        batching.policy(),
+    );
     let args = config.stage.clone();
     Launch::stage(stage, &config.common)
         .serve(service)

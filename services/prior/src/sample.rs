@@ -1,16 +1,18 @@
 //! `Sample`: B text conditionings → B CLIP image embeddings, with classifier-free guidance,
 //! seeded per row; optionally from explicit initial latents, or Emb2Emb from init embeddings.
+//! Concurrent calls sample together ([`run_batch`]), each as it samples alone.
 
 use crate::model::PriorModel;
-use crate::noise::StopNoise;
 use crate::wire::{conditioning, optional_tensor, sample_params, to_wire_f32};
 use candle_core::Tensor;
 use kd_models::clip::TextConditioning;
-use kd_models::noise::SeededNoise;
-use kd_models::prior::SampleParams;
+use kd_models::noise::{NoiseSource, SeededNoise};
+use kd_models::prior::{PriorRun, SampleParams};
 use kd_proto::v1;
+use kd_runtime::microbatch::{shared_failure, Item};
 use kd_runtime::model_info::check_requested_dtype;
 use kd_runtime::{Cancel, Metrics, ServiceError};
+use std::sync::Arc;
 
 /// A checked request: every tensor decoded and matched against the loaded prior.
 pub struct Checked {
@@ -101,39 +103,109 @@ pub fn check(
     })
 }
 
-/// Samples a checked request (on the blocking pool); stops between steps when `cancel` fires.
-pub fn run(
-    m: &PriorModel,
-    c: Checked,
+/// A Sample call waiting to share the prior's transformer calls.
+pub type Job = (Arc<PriorModel>, Checked);
+
+impl Checked {
+    /// Transformer rows per step: one per conditioning row, two under CFG.
+    pub fn rows(&self) -> usize {
+        let cfg = if self.params.guidance_scale > 1.0 {
+            2
+        } else {
+            1
+        };
+        self.seeds.len() * cfg
+    }
+
+    /// The run at its start (its start noise drawn).
+    fn start(&self, m: &PriorModel, noise: &mut SeededNoise) -> kd_models::Result<PriorRun> {
+        let uncond = self.uncond.as_ref();
+        match &self.start {
+            Start::Init(init, strength) => {
+                m.prior
+                    .start_emb2emb(&self.cond, uncond, init, *strength, &self.params, noise)
+            }
+            Start::Noise(latents) => {
+                m.prior
+                    .start_sample(&self.cond, uncond, &self.params, latents.as_ref(), noise)
+            }
+        }
+    }
+}
+
+/// A request sampling in a batch.
+struct Sampling {
+    index: usize,
+    run: PriorRun,
+    noise: SeededNoise,
+    cancel: Cancel,
+}
+
+/// Samples several requests together: every step of the running requests is ONE transformer
+/// call ([`kd_models::prior::ImagePrior::step_runs`]), each request with its own schedule,
+/// guidance, seeds and start; a request leaves when its last step ran, or at the next step
+/// boundary once its caller went away or its deadline passed (the others go on unchanged).
+pub fn run_batch(
+    items: Vec<Item<Job>>,
     metrics: &Metrics,
-    cancel: &Cancel,
-) -> Result<v1::SampleResponse, ServiceError> {
-    let mut noise = StopNoise::new(SeededNoise::new(&c.seeds), cancel);
-    let uncond = c.uncond.as_ref();
-    let (embeds, steps) = match &c.start {
-        Start::Init(init, strength) => {
-            let steps = m
-                .prior
-                .emb2emb_timesteps(c.params.num_inference_steps, *strength)?
-                .len();
-            let e = m
-                .prior
-                .emb2emb(&c.cond, uncond, init, *strength, &c.params, &mut noise)
-                .map_err(|e| noise.explain(e))?;
-            (e, steps)
-        }
-        Start::Noise(latents) => {
-            let e = m
-                .prior
-                .sample(&c.cond, uncond, &c.params, latents.as_ref(), &mut noise)
-                .map_err(|e| noise.explain(e))?;
-            (e, c.params.num_inference_steps)
-        }
+) -> Vec<Result<v1::SampleResponse, ServiceError>> {
+    let Some(m) = items.first().map(|i| i.job.0.clone()) else {
+        return Vec::new();
     };
-    metrics.batch(c.seeds.len());
-    metrics.steps(steps as u64);
-    Ok(v1::SampleResponse {
-        image_embeds: Some(to_wire_f32(&embeds)?),
-        model: Some(m.info.clone()),
-    })
+    let mut results: Vec<Option<Result<v1::SampleResponse, ServiceError>>> =
+        items.iter().map(|_| None).collect();
+    let mut running = Vec::with_capacity(items.len());
+    for (index, item) in items.into_iter().enumerate() {
+        let mut noise = SeededNoise::new(&item.job.1.seeds);
+        match item.job.1.start(&m, &mut noise) {
+            Ok(run) => running.push(Sampling {
+                index,
+                run,
+                noise,
+                cancel: item.cancel,
+            }),
+            Err(e) => results[index] = Some(Err(e.into())),
+        }
+    }
+    while !running.is_empty() {
+        running.retain(|s| match s.cancel.check_at("during sampling") {
+            Ok(()) => true,
+            Err(reason) => {
+                results[s.index] = Some(Err(reason));
+                false
+            }
+        });
+        let mut batch: Vec<(&mut PriorRun, &mut dyn NoiseSource)> = running
+            .iter_mut()
+            .map(|s| (&mut s.run, &mut s.noise as &mut dyn NoiseSource))
+            .collect();
+        if batch.is_empty() {
+            break;
+        }
+        if let Err(e) = m.prior.step_runs(&mut batch) {
+            let e = ServiceError::from(e);
+            for s in running.drain(..) {
+                results[s.index] = Some(Err(shared_failure(&s.cancel, &e, "during sampling")));
+            }
+            break;
+        }
+        metrics.steps(running.len() as u64);
+        for s in std::mem::take(&mut running) {
+            if !s.run.is_done() {
+                running.push(s);
+                continue;
+            }
+            let embeds = m.prior.finish(s.run).map_err(ServiceError::from);
+            results[s.index] = Some(embeds.and_then(|e| {
+                Ok(v1::SampleResponse {
+                    image_embeds: Some(to_wire_f32(&e)?),
+                    model: Some(m.info.clone()),
+                })
+            }));
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(ServiceError::Internal("a sample got no result".into()))))
+        .collect()
 }

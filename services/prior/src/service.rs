@@ -1,12 +1,15 @@
 //! The `kandinsky.v1.Prior` gRPC service: each RPC is one [`Stage::unary`] call — checked
-//! before admission, computed on the blocking pool, stopped by its deadline or its caller.
+//! before admission, computed in the stage's [`MicroBatcher`] (concurrent Sample calls share
+//! every transformer call; the other RPCs run alone, in their turn), stopped by its deadline or
+//! its caller.
 
 use crate::model::PriorModel;
 use crate::{encode_images, interpolate, sample, zero_embedding};
 use kd_proto::v1;
 use kd_proto::v1::prior_server::{Prior, PriorServer};
 use kd_runtime::cache::{CacheKey, EmbeddingCache};
-use kd_runtime::{Call, Cancel, Stage};
+use kd_runtime::microbatch::Policy;
+use kd_runtime::{Call, Cancel, MicroBatcher, Stage};
 use prost::Message;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -17,20 +20,31 @@ pub struct PriorService {
     stage: Stage<PriorModel>,
     cache: Arc<EmbeddingCache>,
     max_batch: usize,
+    batcher: MicroBatcher<sample::Job, v1::SampleResponse>,
 }
 
 impl PriorService {
     /// A service over `stage`, accepting at most `max_batch` rows per call; samples are cached in
-    /// `cache` under keys holding every input, seeds, steps and guidance included.
+    /// `cache` under keys holding every input, seeds, steps and guidance included; concurrent
+    /// samples share transformer calls under `batching` (`None`: each alone).
     pub fn new(
         stage: Stage<PriorModel>,
         cache: Arc<EmbeddingCache>,
         max_batch: usize,
+        batching: Option<Policy>,
     ) -> PriorServer<Self> {
+        let metrics = stage.metrics.clone();
+        let batcher = MicroBatcher::start(
+            "prior-batcher",
+            stage.metrics.clone(),
+            batching,
+            Arc::new(move |items, _stop: &dyn Fn() -> bool| sample::run_batch(items, &metrics)),
+        );
         PriorServer::new(Self {
             stage,
             cache,
             max_batch,
+            batcher,
         })
     }
 }
@@ -45,15 +59,16 @@ impl Prior for PriorService {
     ) -> Result<Response<v1::SampleResponse>, Status> {
         let call = Call::of(&request);
         let req = request.into_inner();
-        let (cache, metrics) = (self.cache.clone(), self.stage.metrics.clone());
+        let (cache, batcher) = (self.cache.clone(), self.batcher.clone());
         let request_bytes = req.encode_to_vec();
         let deadline = call.deadline;
         let check = |m: &PriorModel| sample::check(m, &req, self.max_batch, deadline);
-        let run = |m: Arc<PriorModel>, checked, cancel: Cancel| async move {
+        let run = |m: Arc<PriorModel>, checked: sample::Checked, cancel: Cancel| async move {
             let key = CacheKey::new(&m.info.revision, "prior", &[&request_bytes]);
             cache
                 .get_or_compute(&key, || {
-                    cancel.run_blocking(move |c| sample::run(&m, checked, &metrics, c))
+                    let rows = checked.rows();
+                    batcher.submit((m, checked), "sample".into(), rows, &cancel)
                 })
                 .await
         };
@@ -67,10 +82,11 @@ impl Prior for PriorService {
         let call = Call::of(&request);
         let req = request.into_inner();
         let (max_batch, metrics) = (self.max_batch, self.stage.metrics.clone());
+        let batcher = self.batcher.clone();
         let check = move |m: &PriorModel| encode_images::check(m, req, max_batch);
         let run = |m: Arc<PriorModel>, checked, cancel: Cancel| async move {
-            cancel
-                .run_blocking(move |_| encode_images::run(&m, checked, &metrics))
+            batcher
+                .alone(&cancel, move |_| encode_images::run(&m, checked, &metrics))
                 .await
         };
         self.stage.unary("EmbedImages", call, check, run).await
@@ -80,9 +96,10 @@ impl Prior for PriorService {
         &self,
         request: Request<v1::ZeroImageEmbeddingRequest>,
     ) -> Result<Response<v1::ZeroImageEmbeddingResponse>, Status> {
+        let batcher = self.batcher.clone();
         let run = |m: Arc<PriorModel>, (), cancel: Cancel| async move {
-            cancel
-                .run_blocking(move |_| zero_embedding::compute(&m))
+            batcher
+                .alone(&cancel, move |_| zero_embedding::compute(&m))
                 .await
         };
         self.stage
@@ -96,11 +113,11 @@ impl Prior for PriorService {
     ) -> Result<Response<v1::InterpolateResponse>, Status> {
         let call = Call::of(&request);
         let req = request.into_inner();
-        let metrics = self.stage.metrics.clone();
+        let (metrics, batcher) = (self.stage.metrics.clone(), self.batcher.clone());
         let check = |m: &PriorModel| interpolate::check(m, &req, self.max_batch);
         let run = |m: Arc<PriorModel>, checked, cancel: Cancel| async move {
-            cancel
-                .run_blocking(move |c| interpolate::run(&m, checked, &metrics, c))
+            batcher
+                .alone(&cancel, move |c| interpolate::run(&m, checked, &metrics, c))
                 .await
         };
         self.stage.unary("Interpolate", call, check, run).await

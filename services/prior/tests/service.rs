@@ -590,18 +590,32 @@ async fn a_passed_deadline_stops_sampling_between_steps() {
         "cpu",
     ])
     .unwrap();
-    let model = kd_prior::PriorModel::load_and_warm(&config.stage).unwrap();
+    let model = std::sync::Arc::new(kd_prior::PriorModel::load_and_warm(&config.stage).unwrap());
     let (cond, uncond) = horse();
-    let req = sample_req(&cond, Some(&uncond), 1000, &[5]);
     let metrics = kd_runtime::Metrics::new("prior");
     let start = std::time::Instant::now();
     let (cancel, _guard) = kd_runtime::Cancel::new(Some(start + Duration::from_millis(200)));
-    let checked = kd_prior::sample::check(&model, &req, 64, None).unwrap();
-    let err = kd_prior::sample::run(&model, checked, &metrics, &cancel).unwrap_err();
+    let (no_deadline, _guard2) = kd_runtime::Cancel::new(None);
+    // Sampled together with a 3-step request that has no deadline: that one ends as alone.
+    let item = |steps, cancel: &kd_runtime::Cancel| {
+        let req = sample_req(&cond, Some(&uncond), steps, &[5]);
+        let checked = kd_prior::sample::check(&model, &req, 64, None).unwrap();
+        kd_runtime::microbatch::Item {
+            job: (model.clone(), checked),
+            rows: 2,
+            cancel: cancel.clone(),
+        }
+    };
+    let items = vec![item(1000, &cancel), item(3, &no_deadline)];
+    let mut results = kd_prior::sample::run_batch(items, &metrics).into_iter();
+    let err = results.next().unwrap().unwrap_err();
     assert!(
         matches!(err, kd_runtime::ServiceError::DeadlineExceeded(_)),
         "{err}"
     );
+    let short = results.next().unwrap().unwrap();
+    let alone = kd_prior::sample::run_batch(vec![item(3, &no_deadline)], &metrics);
+    assert_eq!(Some(short), alone.into_iter().next().unwrap().ok());
     assert!(
         start.elapsed() < Duration::from_secs(2),
         "{:?}",
@@ -645,5 +659,54 @@ async fn sampling_that_cannot_finish_before_the_deadline_is_refused_at_once() {
     let mut request = tonic::Request::new(sample_req(&cond, Some(&uncond), 20, &[5]));
     request.set_timeout(Duration::from_secs(30));
     client.sample(request).await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
+/// Micro-batching: three concurrent Sample calls (5 steps with CFG, 3 steps without, 4 steps at
+/// guidance 7.5; their own seeds) fill one batch of 5 transformer rows and share its steps; each
+/// ends with the embeddings it gets from a prior with batching off, and the metrics show one
+/// batch of three requests and 5 + 3 + 4 request-steps.
+#[tokio::test]
+async fn concurrent_samples_share_transformer_calls_and_end_as_alone() {
+    let (cond, uncond) = horse();
+    let cat = text().encode(&["a photo of a cat"]).unwrap();
+    let mut reqs = vec![
+        sample_req(&cond, Some(&uncond), 5, &[11]),
+        sample_req(&cat, None, 3, &[12]),
+        sample_req(&cat, Some(&uncond), 4, &[13]),
+    ];
+    reqs[1].guidance_scale = 1.0;
+    reqs[2].guidance_scale = 7.5;
+    let alone_server = common::start(&["--max-batch-rows", "0"]).await;
+    let mut alone = Vec::new();
+    for r in &reqs {
+        let resp = client(&alone_server).await.sample(r.clone()).await.unwrap();
+        alone.push(resp.into_inner().image_embeds.unwrap());
+    }
+    alone_server.shutdown().await.unwrap();
+
+    let server = common::start(&["--max-batch-rows", "5", "--batch-wait-ms", "5000"]).await;
+    let (mut c1, mut c2, mut c3) = (
+        client(&server).await,
+        client(&server).await,
+        client(&server).await,
+    );
+    let (r1, r2, r3) = tokio::join!(
+        c1.sample(reqs[0].clone()),
+        c2.sample(reqs[1].clone()),
+        c3.sample(reqs[2].clone()),
+    );
+    for (i, (r, want)) in [r1, r2, r3].into_iter().zip(&alone).enumerate() {
+        let got = r.unwrap().into_inner().image_embeds.unwrap();
+        let e = rel_l2(&unwire(&got), &unwire(want)).unwrap();
+        // Measured 0: the transformer's rows do not see each other.
+        assert!(e <= 1e-6, "call {i}: rel L2 {e:e}");
+    }
+    let text = scrape(server.metrics).await;
+    let m = |name: &str| kd_testkit::metric(&text, name, &[]);
+    assert_eq!(m("kd_batch_requests_count"), Some(1.0), "{text}");
+    assert_eq!(m("kd_batch_requests_sum"), Some(3.0), "{text}");
+    assert_eq!(m("kd_batch_size_sum"), Some(5.0), "{text}");
+    assert_eq!(m("kd_denoise_steps_total"), Some(12.0), "{text}");
     server.shutdown().await.unwrap();
 }

@@ -7,9 +7,13 @@
 //! never shares a call ([`MicroBatcher::alone`]: an encode, an image embedding) runs in the same
 //! loop, in its turn, so the stage still computes one thing at a time.
 //!
+//! A batch function that loops (the prior's sampling steps) may take in calls that arrive while
+//! it runs ([`BatchContext::join`]): only from the head of the queue, of its class, while their
+//! rows fit, so nothing overtakes a call of another class and no call starves.
+//!
 //! A call whose caller went away or whose deadline passed while it waited leaves without
-//! running; a model call is told to stop (its `stop` check) only when every call in it wants to
-//! stop. Each call holds its [`Cancel`] (and so its admission slot) until its batch ends. A batch
+//! running; a model call is told to stop ([`BatchContext::should_stop`]) only when every call in
+//! it wants to stop. Each call holds its [`Cancel`] (and so its admission slot) until its batch ends. A batch
 //! function that panics fails its own calls, not the loop.
 //!
 //! Without a policy (batching off) every call runs the same batch function alone, on the
@@ -38,10 +42,49 @@ pub struct Item<J> {
     pub cancel: Cancel,
 }
 
-/// A batch function: every call's result, in order, one per item. `stop` turns true when every
-/// call of the batch wants to stop.
-pub type BatchFn<J, R> =
-    Arc<dyn Fn(Vec<Item<J>>, &dyn Fn() -> bool) -> Vec<Result<R, ServiceError>> + Send + Sync>;
+/// What a batch function may ask of the loop while it runs.
+pub trait BatchContext<J> {
+    /// True when every call of the batch wants to stop.
+    fn should_stop(&self) -> bool;
+    /// Calls that arrived since the batch started and may join it now: from the head of the
+    /// queue, of the batch's class, in arrival order while their rows fit beside `rows_in_use`
+    /// (the first that does not fit, or of another class, ends the list). Their results follow
+    /// the batch's own items, in the order joined.
+    fn join(&mut self, rows_in_use: usize) -> Vec<Item<J>>;
+}
+
+/// A batch function: every call's result (the batch's items, then those joined), in order, one
+/// per call.
+pub type BatchFn<J, R> = Arc<
+    dyn Fn(Vec<Item<J>>, &mut dyn BatchContext<J>) -> Vec<Result<R, ServiceError>> + Send + Sync,
+>;
+
+/// A context for driving a batch function by hand: nothing joins, nothing asks it to stop (each
+/// item's own [`Cancel`] still does).
+pub struct NoJoins;
+
+impl<J> BatchContext<J> for NoJoins {
+    fn should_stop(&self) -> bool {
+        false
+    }
+
+    fn join(&mut self, _rows_in_use: usize) -> Vec<Item<J>> {
+        Vec::new()
+    }
+}
+
+/// The context of a call run alone (batching off): nothing joins.
+struct Single<'a>(&'a Cancel);
+
+impl<J> BatchContext<J> for Single<'_> {
+    fn should_stop(&self) -> bool {
+        self.0.should_stop()
+    }
+
+    fn join(&mut self, _rows_in_use: usize) -> Vec<Item<J>> {
+        Vec::new()
+    }
+}
 
 /// Work that runs by itself; it answers its caller itself.
 type Task = Box<dyn FnOnce() + Send>;
@@ -134,7 +177,7 @@ impl<J: Send + 'static, R: Send + 'static> MicroBatcher<J, R> {
                         rows,
                         cancel: c.clone(),
                     };
-                    let result = run(vec![item], &|| c.should_stop()).pop();
+                    let result = run(vec![item], &mut Single(c)).pop();
                     result.unwrap_or_else(|| {
                         Err(ServiceError::Internal("a call returned no result".into()))
                     })
@@ -213,7 +256,18 @@ fn run_loop<J, R>(
         queue.extend(rx.try_iter());
         match take_batch(&mut queue, max_rows) {
             Next::Alone(task) => task(),
-            Next::Batch(batch) if !batch.is_empty() => run_batch(batch, metrics, &run),
+            Next::Batch(batch) if !batch.is_empty() => {
+                let mut joins = Joins {
+                    queue: &mut queue,
+                    rx: &rx,
+                    metrics,
+                    max_rows,
+                    class: batch[0].1.clone(),
+                    replies: Vec::new(),
+                    cancels: Vec::new(),
+                };
+                run_batch(batch, &mut joins, &run);
+            }
             Next::Batch(_) => {}
         }
     }
@@ -294,21 +348,68 @@ fn take_batch<J, R>(queue: &mut VecDeque<Entry<J, R>>, max_rows: usize) -> Next<
     Next::Batch(batch)
 }
 
-fn run_batch<J, R>(batch: Calls<J, R>, metrics: &Metrics, run: &BatchFn<J, R>) {
+/// The loop's side of a running batch: its queue (for joins), the replies and cancellation
+/// tokens of every call in the batch.
+struct Joins<'a, J, R> {
+    queue: &'a mut VecDeque<Entry<J, R>>,
+    rx: &'a mpsc::Receiver<Entry<J, R>>,
+    metrics: &'a Metrics,
+    max_rows: usize,
+    class: String,
+    replies: Vec<oneshot::Sender<Result<R, ServiceError>>>,
+    cancels: Vec<Cancel>,
+}
+
+impl<J, R> BatchContext<J> for Joins<'_, J, R> {
+    fn should_stop(&self) -> bool {
+        self.cancels.iter().all(Cancel::should_stop)
+    }
+
+    fn join(&mut self, rows_in_use: usize) -> Vec<Item<J>> {
+        self.queue.extend(self.rx.try_iter());
+        let mut used = rows_in_use;
+        let mut joined = Vec::new();
+        while let Some(e) = self.queue.front() {
+            let fits = e
+                .call()
+                .is_some_and(|(c, r)| c == self.class && used.saturating_add(r) <= self.max_rows);
+            if !fits {
+                break;
+            }
+            let e = self.queue.pop_front().expect("front exists");
+            let Work::Call { item, class, done } = e.work else {
+                unreachable!("a call by the check above")
+            };
+            if let Err(reason) = e.cancel.check_at("while waiting for a batch") {
+                let _ = done.send(Err(reason));
+                continue;
+            }
+            used = used.saturating_add(item.rows);
+            self.metrics.batch_wait(&class, e.queued.elapsed());
+            self.replies.push(done);
+            self.cancels.push(item.cancel.clone());
+            joined.push(item);
+        }
+        joined
+    }
+}
+
+fn run_batch<J, R>(batch: Calls<J, R>, joins: &mut Joins<'_, J, R>, run: &BatchFn<J, R>) {
     let mut items = Vec::with_capacity(batch.len());
-    let mut replies = Vec::with_capacity(batch.len());
     for (item, class, done, queued) in batch {
-        metrics.batch_wait(&class, queued.elapsed());
-        replies.push(done);
+        joins.metrics.batch_wait(&class, queued.elapsed());
+        joins.replies.push(done);
+        joins.cancels.push(item.cancel.clone());
         items.push(item);
     }
-    let rows: usize = items.iter().map(|i| i.rows).sum();
-    let cancels: Vec<Cancel> = items.iter().map(|i| i.cancel.clone()).collect();
-    let stop = || cancels.iter().all(Cancel::should_stop);
-    metrics.batch(rows);
+    let (rows, calls): (usize, usize) = (items.iter().map(|i| i.rows).sum(), items.len());
+    joins.metrics.batch(rows);
     let started = Instant::now();
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(items, &stop)));
-    metrics.batched_step(replies.len(), started.elapsed());
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run(items, &mut *joins as &mut dyn BatchContext<J>)
+    }));
+    let replies = std::mem::take(&mut joins.replies);
+    joins.metrics.batched_step(calls, started.elapsed());
     let results = match outcome {
         Ok(results) if results.len() == replies.len() => results,
         Ok(results) => {
@@ -347,21 +448,85 @@ mod tests {
     /// The jobs of every batch run, in order.
     type Log = Arc<Mutex<Vec<Vec<u32>>>>;
 
-    /// A batcher whose batch function records each batch's jobs and answers each job doubled
-    /// (job 666 panics).
-    fn recording(policy: Policy) -> (MicroBatcher<u32, u32>, Log, Metrics) {
+    /// A batcher whose batch function records each batch's jobs and answers each job doubled;
+    /// a batch holding job 100 waits for the returned gate, then takes in what may join; job
+    /// 666 panics.
+    fn recording(policy: Policy) -> (MicroBatcher<u32, u32>, Log, Metrics, mpsc::Sender<()>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
         let metrics = Metrics::new("test");
-        let run: BatchFn<u32, u32> =
-            Arc::new(move |items: Vec<Item<u32>>, _: &dyn Fn() -> bool| {
+        let (open, gate) = mpsc::channel::<()>();
+        let gate = Mutex::new(gate);
+        let run: BatchFn<u32, u32> = Arc::new(
+            move |mut items: Vec<Item<u32>>, ctx: &mut dyn BatchContext<u32>| {
+                if items.iter().any(|i| i.job == 100) {
+                    gate.lock()
+                        .unwrap()
+                        .recv()
+                        .expect("the test opens the gate");
+                    let in_use = items.iter().map(|i| i.rows).sum();
+                    items.extend(ctx.join(in_use));
+                }
                 let jobs: Vec<u32> = items.iter().map(|i| i.job).collect();
                 assert!(!jobs.contains(&666), "a job the batch function cannot take");
                 log.lock().unwrap().push(jobs);
                 items.iter().map(|i| Ok(i.job * 2)).collect()
-            });
+            },
+        );
         let b = MicroBatcher::start("test-batcher", metrics.clone(), Some(policy), run);
-        (b, seen, metrics)
+        (b, seen, metrics, open)
+    }
+
+    /// Spawns `b.submit(job, class, rows)` and lets it reach the queue.
+    async fn queue(
+        b: &MicroBatcher<u32, u32>,
+        c: &Cancel,
+        job: u32,
+        class: &str,
+        rows: usize,
+    ) -> tokio::task::JoinHandle<Result<u32, ServiceError>> {
+        let (b, c, class) = (b.clone(), c.clone(), class.to_string());
+        let h = tokio::spawn(async move { b.submit(job, class, rows, &c).await });
+        // The task sends when first polled: let it run.
+        tokio::task::yield_now().await;
+        h
+    }
+
+    #[tokio::test]
+    async fn a_running_batch_takes_in_calls_from_the_head_of_the_queue_only() {
+        let policy = Policy {
+            max_rows: 4,
+            wait: Duration::ZERO,
+        };
+        let (b, seen, metrics, open) = recording(policy);
+        let (c, _guard) = Cancel::new(None);
+        let looping = queue(&b, &c, 100, "a", 1).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // While 100 runs: 1 (a, 2 rows) may join; 2 (b) ends the joins, so 3 (a) waits.
+        let calls = [
+            queue(&b, &c, 1, "a", 2).await,
+            queue(&b, &c, 2, "b", 1).await,
+            queue(&b, &c, 3, "a", 1).await,
+        ];
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        open.send(()).unwrap();
+        assert_eq!(looping.await.unwrap().unwrap(), 200);
+        for (h, job) in calls.into_iter().zip([1, 2, 3]) {
+            assert_eq!(h.await.unwrap().unwrap(), job * 2);
+        }
+        assert_eq!(*seen.lock().unwrap(), vec![vec![100, 1], vec![2], vec![3]]);
+        let text = metrics.render();
+        // Three batches; every call's wait recorded, the joined one's too.
+        assert!(
+            text.contains("kd_batch_requests_count{stage=\"test\"} 3"),
+            "{text}"
+        );
+        let waits: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("kd_batch_wait_seconds_count"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(waits, 4.0, "{text}");
     }
 
     #[tokio::test]
@@ -370,7 +535,7 @@ mod tests {
             max_rows: 4,
             wait: Duration::ZERO,
         };
-        let (b, seen, metrics) = recording(policy);
+        let (b, seen, metrics, _) = recording(policy);
         let (c, _guard) = Cancel::new(None);
         // Work run alone holds the loop (until the gate opens) while the others queue.
         let (open, gate) = mpsc::channel::<()>();
@@ -440,7 +605,7 @@ mod tests {
             max_rows: 8,
             wait: Duration::from_millis(100),
         };
-        let (b, seen, _) = recording(policy);
+        let (b, seen, _, _) = recording(policy);
         let (gone, _g1) = Cancel::new(None);
         gone.cancel();
         let (live, _g2) = Cancel::new(None);

@@ -6,7 +6,7 @@
 use crate::model::Movq;
 use crate::{decode, encode};
 use kd_proto::v1::{self, movq_server::MovqServer};
-use kd_runtime::microbatch::{Item, Policy};
+use kd_runtime::microbatch::{BatchContext, Item, Policy};
 use kd_runtime::{Call, Cancel, MicroBatcher, ServiceError, Stage};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -38,13 +38,13 @@ impl MovqService {
 /// Decodes of one class in one decoder call.
 fn run_batch(
     items: Vec<Item<Job>>,
-    stop: &dyn Fn() -> bool,
+    ctx: &mut dyn BatchContext<Job>,
 ) -> Vec<Result<v1::DecodeLatentsResponse, ServiceError>> {
     let Some(m) = items.first().map(|i| i.job.0.clone()) else {
         return Vec::new();
     };
     let decodes = items.into_iter().map(|i| (i.job.1, i.cancel)).collect();
-    decode::decode_batch(&m, decodes, stop)
+    decode::decode_batch(&m, decodes, &|| ctx.should_stop())
 }
 
 #[tonic::async_trait]

@@ -9,7 +9,7 @@ use kd_models::clip::TextConditioning;
 use kd_models::noise::{NoiseSource, SeededNoise};
 use kd_models::prior::{PriorRun, SampleParams};
 use kd_proto::v1;
-use kd_runtime::microbatch::{shared_failure, Item};
+use kd_runtime::microbatch::{shared_failure, BatchContext, Item};
 use kd_runtime::model_info::check_requested_dtype;
 use kd_runtime::{Cancel, Metrics, ServiceError};
 use std::sync::Arc;
@@ -143,31 +143,40 @@ struct Sampling {
 
 /// Samples several requests together: every step of the running requests is ONE transformer
 /// call ([`kd_models::prior::ImagePrior::step_runs`]), each request with its own schedule,
-/// guidance, seeds and start; a request leaves when its last step ran, or at the next step
-/// boundary once its caller went away or its deadline passed (the others go on unchanged).
+/// guidance, seeds and start. Calls that arrive meanwhile join at the next step boundary while
+/// their rows fit ([`BatchContext::join`]); a request leaves when its last step ran, or at the
+/// next step boundary once its caller went away or its deadline passed (the others go on
+/// unchanged).
 pub fn run_batch(
     items: Vec<Item<Job>>,
+    ctx: &mut dyn BatchContext<Job>,
     metrics: &Metrics,
 ) -> Vec<Result<v1::SampleResponse, ServiceError>> {
     let Some(m) = items.first().map(|i| i.job.0.clone()) else {
         return Vec::new();
     };
-    let mut results: Vec<Option<Result<v1::SampleResponse, ServiceError>>> =
-        items.iter().map(|_| None).collect();
-    let mut running = Vec::with_capacity(items.len());
-    for (index, item) in items.into_iter().enumerate() {
-        let mut noise = SeededNoise::new(&item.job.1.seeds);
-        match item.job.1.start(&m, &mut noise) {
-            Ok(run) => running.push(Sampling {
-                index,
-                run,
-                noise,
-                cancel: item.cancel,
-            }),
-            Err(e) => results[index] = Some(Err(e.into())),
+    let mut results: Vec<Option<Result<v1::SampleResponse, ServiceError>>> = Vec::new();
+    let mut running: Vec<Sampling> = Vec::new();
+    let admit = |items: Vec<Item<Job>>, results: &mut Vec<_>, running: &mut Vec<_>| {
+        for item in items {
+            let index = results.len();
+            let mut noise = SeededNoise::new(&item.job.1.seeds);
+            match item.job.1.start(&m, &mut noise) {
+                Ok(run) => {
+                    results.push(None);
+                    running.push(Sampling {
+                        index,
+                        run,
+                        noise,
+                        cancel: item.cancel,
+                    });
+                }
+                Err(e) => results.push(Some(Err(e.into()))),
+            }
         }
-    }
-    while !running.is_empty() {
+    };
+    admit(items, &mut results, &mut running);
+    loop {
         running.retain(|s| match s.cancel.check_at("during sampling") {
             Ok(()) => true,
             Err(reason) => {
@@ -175,13 +184,15 @@ pub fn run_batch(
                 false
             }
         });
+        let in_use = running.iter().map(|s| s.run.rows()).sum();
+        admit(ctx.join(in_use), &mut results, &mut running);
+        if running.is_empty() {
+            break;
+        }
         let mut batch: Vec<(&mut PriorRun, &mut dyn NoiseSource)> = running
             .iter_mut()
             .map(|s| (&mut s.run, &mut s.noise as &mut dyn NoiseSource))
             .collect();
-        if batch.is_empty() {
-            break;
-        }
         if let Err(e) = m.prior.step_runs(&mut batch) {
             let e = ServiceError::from(e);
             for s in running.drain(..) {

@@ -8,7 +8,7 @@ use crate::{encode_images, interpolate, sample, zero_embedding};
 use kd_proto::v1;
 use kd_proto::v1::prior_server::{Prior, PriorServer};
 use kd_runtime::cache::{CacheKey, EmbeddingCache};
-use kd_runtime::microbatch::Policy;
+use kd_runtime::microbatch::{BatchContext, Policy};
 use kd_runtime::{Call, Cancel, MicroBatcher, Stage};
 use prost::Message;
 use std::sync::Arc;
@@ -38,7 +38,9 @@ impl PriorService {
             "prior-batcher",
             stage.metrics.clone(),
             batching,
-            Arc::new(move |items, _stop: &dyn Fn() -> bool| sample::run_batch(items, &metrics)),
+            Arc::new(move |items, ctx: &mut dyn BatchContext<sample::Job>| {
+                sample::run_batch(items, ctx, &metrics)
+            }),
         );
         PriorServer::new(Self {
             stage,

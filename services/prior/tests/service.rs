@@ -13,6 +13,7 @@ use kd_models::prior::{FusionInput, SampleParams};
 use kd_proto::v1;
 use kd_proto::v1::interpolate_item::Item;
 use kd_proto::v1::prior_client::PriorClient;
+use kd_runtime::microbatch::NoJoins;
 use kd_testkit::parity::{assert_close, get, load_reference, rel_l2};
 use kd_testkit::{assert_health_lifecycle, scrape, unwire, wire};
 use std::time::Duration;
@@ -607,14 +608,14 @@ async fn a_passed_deadline_stops_sampling_between_steps() {
         }
     };
     let items = vec![item(1000, &cancel), item(3, &no_deadline)];
-    let mut results = kd_prior::sample::run_batch(items, &metrics).into_iter();
+    let mut results = kd_prior::sample::run_batch(items, &mut NoJoins, &metrics).into_iter();
     let err = results.next().unwrap().unwrap_err();
     assert!(
         matches!(err, kd_runtime::ServiceError::DeadlineExceeded(_)),
         "{err}"
     );
     let short = results.next().unwrap().unwrap();
-    let alone = kd_prior::sample::run_batch(vec![item(3, &no_deadline)], &metrics);
+    let alone = kd_prior::sample::run_batch(vec![item(3, &no_deadline)], &mut NoJoins, &metrics);
     assert_eq!(Some(short), alone.into_iter().next().unwrap().ok());
     assert!(
         start.elapsed() < Duration::from_secs(2),
@@ -708,5 +709,76 @@ async fn concurrent_samples_share_transformer_calls_and_end_as_alone() {
     assert_eq!(m("kd_batch_requests_sum"), Some(3.0), "{text}");
     assert_eq!(m("kd_batch_size_sum"), Some(5.0), "{text}");
     assert_eq!(m("kd_denoise_steps_total"), Some(12.0), "{text}");
+    server.shutdown().await.unwrap();
+}
+
+/// Step-level joins: a short request arriving while a long one samples joins its batch at the
+/// next step boundary (one batch, two requests), finishes while the long one still runs, with
+/// the embeddings it gets alone; the long one, cancelled, leaves at a step boundary and ends the
+/// batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_arriving_mid_loop_joins_and_leaves_when_done() {
+    let server = common::start(&["--admission-safety", "0"]).await;
+    let (cond, uncond) = horse();
+    let long = sample_req(&cond, Some(&uncond), 1000, &[21]);
+    let mut c1 = client(&server).await;
+    let long_call = tokio::spawn(async move { c1.sample(long).await });
+    let steps =
+        || async { kd_testkit::metric_at(server.metrics, "kd_denoise_steps_total", &[]).await };
+    let waited = std::time::Instant::now();
+    while steps().await == 0.0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "the long request never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let cat = text().encode(&["a photo of a cat"]).unwrap();
+    let mut short = sample_req(&cat, None, 3, &[22]);
+    short.guidance_scale = 1.0;
+    let got = client(&server)
+        .await
+        .sample(short)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!long_call.is_finished(), "the long request still samples");
+    let alone = library()
+        .sample(
+            &cat,
+            None,
+            &SampleParams {
+                num_inference_steps: 3,
+                guidance_scale: 1.0,
+            },
+            None,
+            &mut SeededNoise::new(&[22]),
+        )
+        .unwrap();
+    check(
+        "joined mid-loop",
+        &unwire(got.image_embeds.as_ref().unwrap()),
+        &alone,
+        1e-6,
+    );
+    long_call.abort();
+    let batches =
+        || async { kd_testkit::metric_at(server.metrics, "kd_batch_requests_count", &[]).await };
+    let waited = std::time::Instant::now();
+    while batches().await == 0.0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "the batch never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let text = scrape(server.metrics).await;
+    let m = |name: &str| kd_testkit::metric(&text, name, &[]);
+    assert_eq!(m("kd_batch_requests_count"), Some(1.0), "one batch: {text}");
+    assert_eq!(
+        m("kd_batch_wait_seconds_count"),
+        Some(2.0),
+        "two requests: {text}"
+    );
     server.shutdown().await.unwrap();
 }

@@ -14,7 +14,7 @@ use kd_models::kd20::Kd20TextEncoders;
 use kd_proto::tensor::{select_rows, text_embeddings_rows};
 use kd_proto::{to_wire, v1};
 use kd_runtime::cache::CacheKey;
-use kd_runtime::microbatch::{shared_failure, Item};
+use kd_runtime::microbatch::{shared_failure, BatchContext, Item};
 use kd_runtime::ServiceError;
 use std::sync::Arc;
 
@@ -127,13 +127,13 @@ pub type Job = (Arc<TextModel>, Vec<String>);
 /// each call its own rows.
 pub fn compute_batch(
     items: Vec<Item<Job>>,
-    stop: &dyn Fn() -> bool,
+    ctx: &mut dyn BatchContext<Job>,
 ) -> Vec<Result<v1::EncodeTextResponse, ServiceError>> {
     let Some(first) = items.first() else {
         return Vec::new();
     };
     let model = first.job.0.clone();
-    let outcome = if stop() {
+    let outcome = if ctx.should_stop() {
         Err(ServiceError::Internal(
             "every call of the batch stopped".into(),
         ))

@@ -6,7 +6,9 @@
 //!
 //! `cargo bench -p kd-e2e --bench batching` (or `make bench-batching`). Settings:
 //! `BATCH_CLIENTS` (default "8,16"), `BATCH_REQUESTS` (per client, default 2), `BATCH_STEPS`
-//! (default 10), `BATCH_SIZE` (pixels, default 256).
+//! (default 10), `BATCH_SIZE` (pixels, default 256), `BATCH_ROWS` (UNet rows per call with
+//! batching on, default 16), `BATCH_MODEL_DIR` (another decoder folder, e.g. the full-size
+//! random-weight one `make bench-cpu` makes; the default is the bundled deep fixture).
 
 use kd_e2e::decoder_dir;
 use kd_proto::v1::{self, denoiser_client::DenoiserClient};
@@ -27,14 +29,26 @@ fn embeds(seed: u64, dim: usize) -> v1::Tensor {
     wire(&candle_core::Tensor::from_vec(v, (1, dim), &candle_core::Device::Cpu).unwrap())
 }
 
-fn request(seed: u64, size: u32, steps: u32) -> v1::DenoiseRequest {
+/// The decoder folder, and its UNet's image-embedding width.
+fn model() -> (std::path::PathBuf, usize) {
+    let dir = std::env::var_os("BATCH_MODEL_DIR").map_or_else(decoder_dir, Into::into);
+    let config = std::fs::read_to_string(dir.join("unet/config.json"))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let config: serde_json::Value = serde_json::from_str(&config).expect("unet/config.json");
+    let dim = config["encoder_hid_dim"]
+        .as_u64()
+        .expect("unet/config.json: encoder_hid_dim") as usize;
+    (dir, dim)
+}
+
+fn request(seed: u64, size: u32, steps: u32, dim: usize) -> v1::DenoiseRequest {
     let cond = |t| v1::DecoderConditioning {
         image_embeds: Some(t),
         ..Default::default()
     };
     v1::DenoiseRequest {
-        conditioning: Some(cond(embeds(seed, 32))),
-        negative_conditioning: Some(cond(embeds(1000 + seed, 32))),
+        conditioning: Some(cond(embeds(seed, dim))),
+        negative_conditioning: Some(cond(embeds(1000 + seed, dim))),
         height: size,
         width: size,
         num_inference_steps: steps,
@@ -45,7 +59,7 @@ fn request(seed: u64, size: u32, steps: u32) -> v1::DenoiseRequest {
     }
 }
 
-async fn denoiser(batch_rows: usize) -> TestServer {
+async fn denoiser(dir: &std::path::Path, batch_rows: usize) -> TestServer {
     let rows = batch_rows.to_string();
     let extra = [
         "--max-batch-rows",
@@ -55,11 +69,8 @@ async fn denoiser(batch_rows: usize) -> TestServer {
         "--admission-safety",
         "0",
     ];
-    let config = <kd_denoiser::Config as clap::Parser>::parse_from(stage_args(
-        "kd-denoiser",
-        &decoder_dir(),
-        &extra,
-    ));
+    let config =
+        <kd_denoiser::Config as clap::Parser>::parse_from(stage_args("kd-denoiser", dir, &extra));
     let server = TestServer::spawn(|l, s| kd_denoiser::run_with_listeners(config, l, s)).await;
     wait_serving(&server, "kandinsky.v1.Denoiser", Duration::from_secs(120)).await;
     server
@@ -72,7 +83,12 @@ struct Run {
     rows_per_call: f64,
 }
 
-async fn run(server: &TestServer, clients: usize, per_client: usize, size: u32, steps: u32) -> Run {
+async fn run(
+    server: &TestServer,
+    clients: usize,
+    per_client: usize,
+    (size, steps, dim): (u32, u32, usize),
+) -> Run {
     let (sum0, count0) = (
         metric_at(server.metrics, "kd_batch_size_sum", &[]).await,
         metric_at(server.metrics, "kd_batch_size_count", &[]).await,
@@ -87,7 +103,7 @@ async fn run(server: &TestServer, clients: usize, per_client: usize, size: u32, 
                 let mut latencies = Vec::new();
                 for r in 0..per_client {
                     let t = Instant::now();
-                    let req = request((c * 100 + r) as u64, size, steps);
+                    let req = request((c * 100 + r) as u64, size, steps, dim);
                     let mut stream = client.denoise(req).await.unwrap().into_inner();
                     while stream.message().await.unwrap().is_some() {}
                     latencies.push(t.elapsed().as_secs_f64());
@@ -125,18 +141,22 @@ async fn main() {
     let per_client = env("BATCH_REQUESTS", 2);
     let steps = env("BATCH_STEPS", 10) as u32;
     let size = env("BATCH_SIZE", 256) as u32;
-    let on = denoiser(16).await;
-    let off = denoiser(0).await;
+    let rows = env("BATCH_ROWS", 16);
+    let (dir, dim) = model();
+    let on = denoiser(&dir, rows).await;
+    let off = denoiser(&dir, 0).await;
     println!(
-        "denoiser, deep fixture, {size}², {steps} DDPM steps, CFG, {per_client} requests per client"
+        "denoiser, {}, {size}², {steps} DDPM steps, CFG, {per_client} requests per client, \
+         batching on = --max-batch-rows {rows}",
+        dir.display()
     );
     println!("| clients | batching | requests/s | p50 s | p95 s | rows per UNet call |");
     println!("|---|---|---|---|---|---|");
     let mut last = Vec::new();
     for &n in &clients {
         // Off first, then on: each measured on a warm server.
-        let b = run(&off, n, per_client, size, steps).await;
-        let a = run(&on, n, per_client, size, steps).await;
+        let b = run(&off, n, per_client, (size, steps, dim)).await;
+        let a = run(&on, n, per_client, (size, steps, dim)).await;
         for (name, r) in [("off", &b), ("on", &a)] {
             println!(
                 "| {n} | {name} | {:.2} | {:.2} | {:.2} | {:.1} |",

@@ -79,6 +79,23 @@ pub struct PriorRun {
 }
 
 impl PriorRun {
+    /// A run at its first step; CFG is on iff `guidance_scale` > 1 (`cond` is then
+    /// `[uncond; cond]`).
+    fn new(
+        cond: TextConditioning,
+        latents: Tensor,
+        timesteps: Vec<usize>,
+        guidance_scale: f32,
+    ) -> Self {
+        Self {
+            cond,
+            latents,
+            timesteps,
+            done: 0,
+            guidance: (guidance_scale > 1.0).then_some(guidance_scale),
+        }
+    }
+
     /// Transformer rows per step: B, or 2B under CFG.
     pub fn rows(&self) -> usize {
         self.cond.text_embeds.dims().first().copied().unwrap_or(0)
@@ -436,14 +453,12 @@ impl ImagePrior {
             Some(l) => self.check_latents("latents", l, rows)?,
             None => noise.randn(&[rows, self.embedding_dim()], &self.device)?,
         };
-        let g = params.guidance_scale;
-        Ok(PriorRun {
-            cond: batch,
+        Ok(PriorRun::new(
+            batch,
             latents,
             timesteps,
-            done: 0,
-            guidance: (g > 1.0).then_some(g),
-        })
+            params.guidance_scale,
+        ))
     }
 
     /// The timesteps Emb2Emb runs: the last `int(N·strength)` of the N-step schedule; strength
@@ -514,14 +529,12 @@ impl ImagePrior {
         let latents = self
             .scheduler
             .add_noise(&init, &z, &vec![timesteps[0]; rows])?;
-        let g = params.guidance_scale;
-        Ok(PriorRun {
-            cond: batch,
+        Ok(PriorRun::new(
+            batch,
             latents,
             timesteps,
-            done: 0,
-            guidance: (g > 1.0).then_some(g),
-        })
+            params.guidance_scale,
+        ))
     }
 
     /// Weighted fusion over explicit inputs (`interpolate` without its negative output): text

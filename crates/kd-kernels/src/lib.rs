@@ -1,8 +1,9 @@
 //! CPU kernels the models call where candle's own are slow, and the heap policy of the processes
 //! that run them ([`retain_freed_memory`]).
 //!
-//! [`linear`]: a dense layer with its bias and activation fused; [`attention`]: multi-head
-//! attention read in place from the q, k and v projections (the transformer towers).
+//! [`linear`]: a dense layer with its bias and activation fused; [`PackedMatrix`]: the same from
+//! a weight packed once at load, in its stored precision (AVX-512; see `packed`); [`attention`]:
+//! multi-head attention read in place from the q, k and v projections (the transformer towers).
 //!
 //! [`group_norm`]: GroupNorm, optionally fused with SiLU, in one parallel pass; [`spatial_norm`]:
 //! the MoVQ's SpatialNorm (GroupNorm, then the latents' per-pixel scale and shift), the same way.
@@ -25,10 +26,12 @@ use std::mem::MaybeUninit;
 
 mod dense;
 mod norm;
+mod packed;
 mod winograd;
 
 pub use dense::{attention, attention_supported, linear, linear_supported, Activation};
 pub use norm::{group_norm, group_norm_supported, spatial_norm, spatial_norm_supported};
+pub use packed::{packed_dense_enabled, packed_supported, PackedMatrix, PackedPrecision};
 
 /// Floats per task of [`fresh_f32`]'s parallel fill (written through a stack window of 4096).
 const FILL_TASK: usize = 1 << 16;

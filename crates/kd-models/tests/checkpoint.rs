@@ -585,6 +585,92 @@ fn transposed_keys_read_the_transpose_of_the_stored_matrix() {
         .is_err());
 }
 
+/// A key read through `<key>@S` is the stored tensor in its stored dtype whatever dtype is asked;
+/// a dense layer loaded from fp16, bf16 and f32 files through a variable builder keeps its weight
+/// in that precision where the packed CPU kernel runs, and computes candle's `Linear` of the f32
+/// weights (rel L2 ≤ 1e-6); a stored shape that does not fit is refused naming the key.
+#[test]
+fn dense_layers_keep_their_stored_precision() {
+    use candle_core::{Module, Tensor};
+    use candle_nn::var_builder::SimpleBackend;
+    use kd_models::checkpoint::STORED;
+    use kd_models::dense::{dense, Activation};
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("model.safetensors");
+    let dev = Device::Cpu;
+    let w32 = Tensor::randn(0f32, 0.5, (70, 37), &dev).unwrap();
+    let bias = Tensor::randn(0f32, 0.5, 70, &dev).unwrap();
+    let mut all = std::collections::HashMap::new();
+    for (name, dtype) in [
+        ("f16", DType::F16),
+        ("bf16", DType::BF16),
+        ("f32", DType::F32),
+    ] {
+        all.insert(format!("{name}.weight"), w32.to_dtype(dtype).unwrap());
+        all.insert(format!("{name}.bias"), bias.clone());
+    }
+    candle_core::safetensors::save(&all, &file).unwrap();
+    let w = Weights::open_files(vec![file.clone()]).unwrap();
+    for (name, dtype) in [
+        ("f16", DType::F16),
+        ("bf16", DType::BF16),
+        ("f32", DType::F32),
+    ] {
+        let key = format!("{name}.weight{STORED}");
+        assert!(w.contains_tensor(&key));
+        let got = w.load(&key, &[70, 37], DType::F32, &dev).unwrap();
+        assert_eq!(got.dtype(), dtype, "{key}");
+        let err = w
+            .load(&key, &[37, 70], DType::F32, &dev)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("{name}.weight")) && err.contains("37"),
+            "{err}"
+        );
+    }
+    assert!(!w.contains_tensor(&format!("missing{STORED}")));
+    let vb = Weights::open_files(vec![file])
+        .unwrap()
+        .var_builder(DType::F32, &dev);
+    let x = Tensor::randn(0f32, 1.0, (3, 5, 37), &dev).unwrap();
+    for (name, dtype, precision) in [
+        ("f16", DType::F16, kd_kernels::PackedPrecision::F16),
+        ("bf16", DType::BF16, kd_kernels::PackedPrecision::BF16),
+        ("f32", DType::F32, kd_kernels::PackedPrecision::F32),
+    ] {
+        let layer = dense(37, 70, vb.pp(name)).unwrap();
+        let packed = kd_kernels::packed_dense_enabled();
+        assert_eq!(
+            layer.packed_precision(),
+            packed.then_some(precision),
+            "{name}"
+        );
+        let weight = w32.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+        let want = candle_nn::Linear::new(weight, Some(bias.clone()))
+            .forward(&x)
+            .unwrap();
+        let got = layer.forward_act(&x, Activation::Identity).unwrap();
+        let e = ((&got - &want)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            / want
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap())
+        .sqrt();
+        assert!(e <= 1e-6, "{name}: rel L2 {e:.2e}");
+    }
+}
+
 /// A safetensors header that lies about the file is refused at open, naming the file.
 #[test]
 fn safetensors_headers_that_do_not_fit_the_file_are_refused() {

@@ -17,7 +17,7 @@ mod stfile;
 mod weights;
 
 pub use pickle::{PickleTensorInfo, PickleWeights, ALLOWED_GLOBALS};
-pub use weights::{Variant, Weights, TRANSPOSED};
+pub use weights::{Variant, Weights, STORED, TRANSPOSED};
 
 use crate::config::{
     read_json, ClipImageProcessorConfig, ClipTextConfig, ClipVisionConfig, PriorTransformerConfig,

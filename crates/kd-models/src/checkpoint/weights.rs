@@ -20,6 +20,10 @@ use std::path::{Path, PathBuf};
 /// `<key>`, contiguous (read that way in one pass; `crate::dense` loads its weights so).
 pub const TRANSPOSED: &str = "@T";
 
+/// The suffix of a virtual key: `<key>` + `STORED` is the tensor `<key>` in the dtype it is
+/// stored in, whatever dtype is asked (`crate::dense` keeps fp16/bf16 weights so on the CPU).
+pub const STORED: &str = "@S";
+
 /// Weight file base names used by diffusers (`diffusion_pytorch_model`) and transformers (`model`).
 const BASE_NAMES: [&str; 2] = ["diffusion_pytorch_model", "model"];
 
@@ -218,7 +222,8 @@ impl Weights {
     }
 
     /// Loads `key` as `dtype` on `device`, checking its stored shape against `expected` first.
-    /// A key ending in [`TRANSPOSED`] names the transpose of the stored matrix before it.
+    /// A key ending in [`TRANSPOSED`] names the transpose of the stored matrix before it; one
+    /// ending in [`STORED`] the tensor before it in its stored dtype (`dtype` is then ignored).
     pub fn load(
         &self,
         key: &str,
@@ -226,9 +231,13 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let (key, transposed) = match key.strip_suffix(TRANSPOSED) {
+        let (key, stored) = match key.strip_suffix(STORED) {
             Some(base) => (base, true),
             None => (key, false),
+        };
+        let (key, transposed) = match key.strip_suffix(TRANSPOSED) {
+            Some(base) if !stored => (base, true),
+            _ => (key, false),
         };
         let stored_shape: Vec<usize> = match (transposed, expected) {
             (true, &[k, n]) => vec![n, k],
@@ -254,6 +263,8 @@ impl Weights {
             return Err(shape_mismatch(&shape));
         }
         match source {
+            Source::Safetensors(st) if stored => st.load(key, device),
+            Source::Pickle(pw) if stored => pw.load(key, device),
             Source::Safetensors(st) if transposed => st.load_transposed_as(key, dtype, device),
             Source::Safetensors(st) => st.load_as(key, dtype, device),
             Source::Pickle(pw) => {
@@ -304,6 +315,9 @@ impl SimpleBackend for Weights {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
+        if let Some(base) = name.strip_suffix(STORED) {
+            return self.index.contains_key(base);
+        }
         match name.strip_suffix(TRANSPOSED) {
             Some(base) => self.info(base).is_some_and(|(shape, _)| shape.len() == 2),
             None => self.index.contains_key(name),

@@ -142,11 +142,44 @@ impl SafetensorsFile {
         device: &Device,
         build: impl FnOnce(&[u16], &(dyn Fn(&[u16], &mut [f32]) + Sync)) -> Vec<f32>,
     ) -> Result<Option<Vec<f32>>> {
+        if !(dtype == DType::F32 && device.is_cpu()) {
+            return Ok(None);
+        }
+        let f16_bits =
+            |src: &[u16], dst: &mut [f32]| src.reinterpret_cast::<f16>().convert_to_f32_slice(dst);
+        let bf16_bits =
+            |src: &[u16], dst: &mut [f32]| src.reinterpret_cast::<bf16>().convert_to_f32_slice(dst);
+        self.with_half_bits(info, |bits, is_f16| {
+            Ok(if is_f16 {
+                build(bits, &f16_bits)
+            } else {
+                build(bits, &bf16_bits)
+            })
+        })
+    }
+
+    /// A half-precision tensor as stored, copied once from the scratch buffer into the tensor;
+    /// `None` for other dtypes.
+    fn half_as_stored(&self, info: &TensorInfo, device: &Device) -> Result<Option<Tensor>> {
+        self.with_half_bits(info, |bits, is_f16| {
+            let shape = info.shape.as_slice();
+            Ok(if is_f16 {
+                Tensor::from_slice(bits.reinterpret_cast::<f16>(), shape, device)?
+            } else {
+                Tensor::from_slice(bits.reinterpret_cast::<bf16>(), shape, device)?
+            })
+        })
+    }
+
+    /// For a half-precision tensor (fp16 or bf16): its stored bits, read into the reused
+    /// scratch buffer, handed to `use_bits` with whether they are fp16; `None` otherwise.
+    fn with_half_bits<R>(
+        &self,
+        info: &TensorInfo,
+        use_bits: impl FnOnce(&[u16], bool) -> Result<R>,
+    ) -> Result<Option<R>> {
         let stored = info.dtype;
-        if !(dtype == DType::F32
-            && device.is_cpu()
-            && matches!(stored, safetensors::Dtype::F16 | safetensors::Dtype::BF16))
-        {
+        if !matches!(stored, safetensors::Dtype::F16 | safetensors::Dtype::BF16) {
             return Ok(None);
         }
         let (start, end) = info.data_offsets;
@@ -164,15 +197,7 @@ impl SafetensorsFile {
         for b in bits.iter_mut() {
             *b = u16::from_le(*b);
         }
-        let f16_bits =
-            |src: &[u16], dst: &mut [f32]| src.reinterpret_cast::<f16>().convert_to_f32_slice(dst);
-        let bf16_bits =
-            |src: &[u16], dst: &mut [f32]| src.reinterpret_cast::<bf16>().convert_to_f32_slice(dst);
-        Ok(Some(if stored == safetensors::Dtype::F16 {
-            build(bits, &f16_bits)
-        } else {
-            build(bits, &bf16_bits)
-        }))
+        use_bits(bits, stored == safetensors::Dtype::F16).map(Some)
     }
 
     fn missing(&self, name: &str) -> ModelError {
@@ -200,9 +225,14 @@ impl SafetensorsFile {
             })
     }
 
-    /// Reads `name` from disk as stored, onto `device` (through one host buffer).
+    /// Reads `name` from disk as stored, onto `device` (through one host buffer; half-precision
+    /// tensors through the reused scratch buffer, so that loading a checkpoint's fp16 weights as
+    /// stored faults in no pages but the tensors').
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let info = self.info(name).ok_or_else(|| self.missing(name))?;
+        if let Some(t) = self.half_as_stored(info, device)? {
+            return Ok(t);
+        }
         let bytes = self.read(info)?;
         let view = TensorView::new(info.dtype, info.shape.clone(), &bytes).map_err(|e| {
             ModelError::Checkpoint {

@@ -21,19 +21,6 @@ use std::path::{Path, PathBuf};
 /// Bytes per parallel read of [`SafetensorsFile::load`]'s half-precision path.
 const READ_CHUNK: usize = 4 << 20;
 
-/// A destination pointer shared by the parallel reads (each writes its own chunk).
-#[derive(Clone, Copy)]
-struct SendPtr(*mut u8);
-// SAFETY: the reads write disjoint chunks of one buffer that outlives them.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn get(self) -> *mut u8 {
-        self.0
-    }
-}
-
 /// The largest header accepted (the `safetensors` crate's own limit).
 const MAX_HEADER: u64 = 100_000_000;
 
@@ -222,7 +209,8 @@ impl SafetensorsFile {
     unsafe fn read_raw(&self, info: &TensorInfo, dst: *mut u8) -> Result<()> {
         let (start, end) = info.data_offsets;
         let bytes = end - start;
-        let dst = SendPtr(dst);
+        // The address, shared by the parallel reads (each writes its own chunk).
+        let dst = dst as usize;
         let io = |source| ModelError::Io {
             path: self.path.clone(),
             source,
@@ -239,7 +227,7 @@ impl SafetensorsFile {
                     let r = unsafe {
                         libc::pread(
                             self.file.as_raw_fd(),
-                            dst.get().add(done).cast(),
+                            (dst as *mut u8).add(done).cast(),
                             to - done,
                             offset,
                         )

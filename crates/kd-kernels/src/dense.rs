@@ -10,7 +10,7 @@
 //! head), each with single-threaded GEMMs on strided views of the projections, its scores in a
 //! scratch row block, and writes its head's columns of the `(B, L, heads·D)` output directly.
 
-use crate::{apply_contiguous, f32_operands, filled_f32, matmul, Shared, Strided};
+use crate::{apply_contiguous, f32_operands, filled, matmul, Shared, Strided};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -138,7 +138,7 @@ impl CustomOp3 for Linear {
         // The output starts as the bias rows; the GEMM accumulates into it.
         // SAFETY: the m rows of n elements cover the whole output.
         let mut out = unsafe {
-            filled_f32(m * n, |o| {
+            filled(m * n, |o| {
                 for row in o.chunks_mut(n.max(1)) {
                     for (d, &b) in row.iter_mut().zip(bias) {
                         *d = MaybeUninit::new(b);

@@ -60,7 +60,7 @@ pub fn fresh_f32(n: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> 
             });
     };
     // SAFETY: the windows cover all n elements and each is written from `tmp`.
-    unsafe { filled_f32(n, write) }
+    unsafe { filled(n, write) }
 }
 
 /// Source rows per task of [`fresh_f32_transposed`]: 16 floats, one 64-byte line of each
@@ -105,16 +105,16 @@ pub fn fresh_f32_transposed(
     };
     // SAFETY: the tasks cover source rows 0 .. rows, and each writes its rows' element of every
     // output row: all n elements.
-    unsafe { filled_f32(n, write) }
+    unsafe { filled(n, write) }
 }
 
-/// A vector of `n` floats filled by `write`, without zeroing it first (the zeroing was a tenth
-/// of a norm or convolution kernel's time at the MoVQ's full resolution).
+/// A vector of `n` elements filled by `write`, without zeroing it first (the zeroing was a
+/// tenth of a norm or convolution kernel's time at the MoVQ's full resolution).
 ///
 /// # Safety
 /// `write` must initialise every one of the `n` elements it is given.
-pub(crate) unsafe fn filled_f32(n: usize, write: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
-    let mut v: Vec<f32> = Vec::with_capacity(n);
+pub(crate) unsafe fn filled<T>(n: usize, write: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(n);
     write(&mut v.spare_capacity_mut()[..n]);
     // SAFETY: the caller's contract: all n elements are initialised.
     unsafe { v.set_len(n) };
@@ -370,14 +370,14 @@ impl CustomOp3 for Conv3x3 {
         if use_winograd(&dims) {
             // SAFETY: the Winograd path writes every output element (each tile's 4×4 block,
             // cropped at the edges; tested against a NaN-filled buffer).
-            let out = unsafe { filled_f32(n_out, |o| winograd::conv(x, w, bias, o, dims)) };
+            let out = unsafe { filled(n_out, |o| winograd::conv(x, w, bias, o, dims)) };
             return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
         }
 
         // The output starts as the bias; the GEMM accumulates into it.
         // SAFETY: the planes of `plane` elements cover all b·C_out·plane elements.
         let mut out = unsafe {
-            filled_f32(n_out, |o| {
+            filled(n_out, |o| {
                 for (i, chunk) in o.chunks_mut(plane).enumerate() {
                     chunk.fill(MaybeUninit::new(bias[i % cout]));
                 }

@@ -6,7 +6,7 @@
 //! `a_c = γ_c / √(var + ε)`, and SiLU in the same write when asked. [`spatial_norm`] adds the
 //! MoVQ's per-pixel scale and shift to the same write.
 
-use crate::{apply_contiguous, f32_operands, filled_f32, silu};
+use crate::{apply_contiguous, f32_operands, filled, silu};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -123,7 +123,7 @@ unsafe fn per_group(
     };
     // SAFETY: the chunks of `len` (which divides x.len()) cover the output and `channel`, by the
     // caller's contract, writes every element of each channel.
-    unsafe { filled_f32(x.len(), write) }
+    unsafe { filled(x.len(), write) }
 }
 
 /// The mean (rounded to f32, as it is subtracted in f32) and 1/√(var + ε) of one group, in one

@@ -20,8 +20,9 @@
 //! 0.39 → 0.34–0.35 s against the `gemm` crate on f32 weights (fp16 panels).
 
 use crate::dense::Activation;
-use crate::{f32_operands, Shared};
+use crate::{f32_operands, filled, Shared};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -49,6 +50,26 @@ enum Panels {
     F32(Vec<f32>),
     /// f16 or bf16 bits.
     Half(Vec<u16>),
+}
+
+impl Panels {
+    /// The elements' bytes.
+    fn as_bytes(&self) -> &[u8] {
+        let (ptr, bytes) = match self {
+            Self::F32(v) => (v.as_ptr().cast::<u8>(), v.len() * 4),
+            Self::Half(v) => (v.as_ptr().cast::<u8>(), v.len() * 2),
+        };
+        // SAFETY: the vector's initialised elements, viewed as bytes.
+        unsafe { std::slice::from_raw_parts(ptr, bytes) }
+    }
+
+    /// Bytes per element.
+    fn elem_bytes(&self) -> usize {
+        match self {
+            Self::F32(_) => 4,
+            Self::Half(_) => 2,
+        }
+    }
 }
 
 /// A dense layer's weight `(out, in)` in panels of [`NR`] output columns (the last one padded
@@ -117,11 +138,11 @@ impl PackedMatrix {
                 PackedPrecision::F32,
             ),
             CpuStorage::F16(v) => (
-                Panels::Half(pack_half_panels(half_bits(&v[range]), n, k, len)),
+                Panels::Half(pack_half_panels(v[range].reinterpret_cast(), n, k, len)),
                 PackedPrecision::F16,
             ),
             CpuStorage::BF16(v) => (
-                Panels::Half(pack_half_panels(half_bits(&v[range]), n, k, len)),
+                Panels::Half(pack_half_panels(v[range].reinterpret_cast(), n, k, len)),
                 PackedPrecision::BF16,
             ),
             _ => candle_core::bail!(
@@ -149,10 +170,7 @@ impl PackedMatrix {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        match &self.panels {
-            Panels::F32(v) => v.len() * 4,
-            Panels::Half(v) => v.len() * 2,
-        }
+        self.panels.as_bytes().len()
     }
 
     /// `act(x·Wᵀ + b)` for x `(…, in)` f32 on the CPU and bias `(out,)` f32; the output is
@@ -161,13 +179,6 @@ impl PackedMatrix {
         x.contiguous()?
             .apply_op2_no_bwd(&bias.contiguous()?, &PackedLinear { w: self, act })
     }
-}
-
-/// Half floats (f16 or bf16) as their bits.
-fn half_bits<T: Copy>(v: &[T]) -> &[u16] {
-    assert_eq!(std::mem::size_of::<T>(), 2);
-    // SAFETY: T is a 2-byte plain value type (f16/bf16) with u16's alignment; same length.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u16>(), v.len()) }
 }
 
 /// Rows of the source transposed per step of [`pack_panels`]: a 64 × 64 tile.
@@ -182,32 +193,46 @@ fn pack_panels<T: Copy + Send + Sync>(
     len: usize,
     zero: T,
 ) -> Vec<T> {
-    let mut out: Vec<T> = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(k * NR)
-        .enumerate()
-        .for_each(|(p, panel)| {
-            let o0 = p * NR;
-            for i0 in (0..k).step_by(PACK_TILE) {
-                let i1 = (i0 + PACK_TILE).min(k);
-                for j in 0..NR {
-                    let o = o0 + j;
-                    if o < n {
-                        let row = &src[o * k..(o + 1) * k];
-                        for i in i0..i1 {
-                            panel[i * NR + j] = MaybeUninit::new(row[i]);
-                        }
-                    } else {
-                        for i in i0..i1 {
-                            panel[i * NR + j] = MaybeUninit::new(zero);
-                        }
+    let fill = |p: usize, panel: &mut [MaybeUninit<T>]| {
+        let o0 = p * NR;
+        for i0 in (0..k).step_by(PACK_TILE) {
+            let i1 = (i0 + PACK_TILE).min(k);
+            for j in 0..NR {
+                let o = o0 + j;
+                if o < n {
+                    let row = &src[o * k..(o + 1) * k];
+                    for i in i0..i1 {
+                        panel[i * NR + j] = MaybeUninit::new(row[i]);
+                    }
+                } else {
+                    for i in i0..i1 {
+                        panel[i * NR + j] = MaybeUninit::new(zero);
                     }
                 }
             }
-        });
-    // SAFETY: every panel writes all of its k × NR elements, and the panels cover `len`.
-    unsafe { out.set_len(len) };
-    out
+        }
+    };
+    // SAFETY: every panel writes all of its k × NR elements.
+    unsafe { panels_filled(len, k, fill) }
+}
+
+/// `len` elements of panels (`k × NR` each), panel `p` written by `fill(p, panel)`, in
+/// parallel.
+///
+/// # Safety
+/// `fill` must initialise every element of the panel it is given.
+unsafe fn panels_filled<T: Send>(
+    len: usize,
+    k: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    let write = |out: &mut [MaybeUninit<T>]| {
+        out.par_chunks_mut(k * NR)
+            .enumerate()
+            .for_each(|(p, panel)| fill(p, panel))
+    };
+    // SAFETY: the panels cover `len`, and the caller's `fill` writes each whole.
+    unsafe { filled(len, write) }
 }
 
 /// [`pack_panels`] for half-precision bits: whole 8 × 8 blocks transposed in SSE2 registers
@@ -218,40 +243,35 @@ fn pack_half_panels(src: &[u16], n: usize, k: usize, len: usize) -> Vec<u16> {
     return pack_panels(src, n, k, len, 0);
     #[cfg(target_arch = "x86_64")]
     {
-        let mut out: Vec<u16> = Vec::with_capacity(len);
-        out.spare_capacity_mut()[..len]
-            .par_chunks_mut(k * NR)
-            .enumerate()
-            .for_each(|(p, panel)| {
-                let o0 = p * NR;
-                let rows = n.saturating_sub(o0).min(NR);
-                let (full_j, full_i) = (rows / 8 * 8, k / 8 * 8);
-                for i0 in (0..full_i).step_by(8) {
-                    for j0 in (0..full_j).step_by(8) {
-                        // SAFETY: rows o0 + j0 .. + 8 (< n) of src, columns i0 .. + 8 (≤ k);
-                        // panel rows i0 .. + 8, columns j0 .. + 8 (< NR).
-                        unsafe {
-                            transpose8(
-                                src.as_ptr().add((o0 + j0) * k + i0),
-                                k,
-                                panel.as_mut_ptr().add(i0 * NR + j0).cast(),
-                                NR,
-                            )
-                        };
-                    }
+        let fill = |p: usize, panel: &mut [MaybeUninit<u16>]| {
+            let o0 = p * NR;
+            let rows = n.saturating_sub(o0).min(NR);
+            let (full_j, full_i) = (rows / 8 * 8, k / 8 * 8);
+            for i0 in (0..full_i).step_by(8) {
+                for j0 in (0..full_j).step_by(8) {
+                    // SAFETY: rows o0 + j0 .. + 8 (< n) of src, columns i0 .. + 8 (≤ k);
+                    // panel rows i0 .. + 8, columns j0 .. + 8 (< NR).
+                    unsafe {
+                        transpose8(
+                            src.as_ptr().add((o0 + j0) * k + i0),
+                            k,
+                            panel.as_mut_ptr().add(i0 * NR + j0).cast(),
+                            NR,
+                        )
+                    };
                 }
-                for i in 0..k {
-                    let from = if i < full_i { full_j } else { 0 };
-                    for j in from..NR {
-                        let v = if j < rows { src[(o0 + j) * k + i] } else { 0 };
-                        panel[i * NR + j] = MaybeUninit::new(v);
-                    }
+            }
+            for i in 0..k {
+                let from = if i < full_i { full_j } else { 0 };
+                for j in from..NR {
+                    let v = if j < rows { src[(o0 + j) * k + i] } else { 0 };
+                    panel[i * NR + j] = MaybeUninit::new(v);
                 }
-            });
+            }
+        };
         // SAFETY: every panel writes all of its k × NR elements (the 8 × 8 blocks, then every
-        // element outside them), and the panels cover `len`.
-        unsafe { out.set_len(len) };
-        out
+        // element outside them).
+        unsafe { panels_filled(len, k, fill) }
     }
 }
 
@@ -329,15 +349,15 @@ impl CustomOp2 for PackedLinear<'_> {
         let m = x.len() / k;
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("rank ≥ 1") = n;
-        let mut out: Vec<f32> = Vec::with_capacity(m * n);
-        if m > 0 {
-            // SAFETY: the tasks write every element of the m × n output (all rows of all
-            // panels), from x (m × k) and the panels (n columns × k rows).
-            unsafe {
-                self.run(x, bias, m, out.as_mut_ptr());
-                out.set_len(m * n);
-            }
-        }
+        // SAFETY: the tasks write every element of the m × n output (all rows of all panels),
+        // from x (m × k) and the panels (n columns × k rows).
+        let out = unsafe {
+            filled(m * n, |o| {
+                if m > 0 {
+                    self.run(x, bias, m, o.as_mut_ptr().cast());
+                }
+            })
+        };
         Ok((CpuStorage::F32(out), Shape::from(out_dims)))
     }
 }
@@ -349,7 +369,7 @@ impl PackedLinear<'_> {
     /// blocks of [`KC`] input rows, then takes the activation and is copied into its columns of
     /// the output. Accumulating in the output itself, whose rows are `out` floats apart, mapped
     /// every row of a tile to the same few cache sets when `out` is a power of two (the prior's
-    /// 2048 and 8192): the tiles left L2 between blocks and the layer ran a fifth slower.
+    /// 2048 and 8192): the prior's layers ran ~8% slower (tower test 0.54 → 0.50 s).
     ///
     /// # Safety
     /// `out` points at m × n floats, `x` holds m × k.
@@ -376,6 +396,7 @@ impl PackedLinear<'_> {
         // Each task writes only its own panels' columns of its own rows.
         let out = Shared(out);
         let act = self.act;
+        let (all, elem) = (self.w.panels.as_bytes(), self.w.panels.elem_bytes());
         tasks.into_par_iter().for_each(|(panels, rows)| {
             let mut wide = match self.w.panels {
                 Panels::F32(_) => Vec::new(),
@@ -403,23 +424,16 @@ impl PackedLinear<'_> {
                     // the next panel's first) follows this one in memory: its cache lines are
                     // requested a share per tile, so that reading it overlaps the arithmetic
                     // instead of stalling the next widening (a twelfth of a tower's time).
-                    let next = (p * k + k0 + kc) * NR;
-                    let next_bytes = match &self.w.panels {
-                        Panels::F32(v) => (v.len().min(next + KC * NR) - next.min(v.len())) * 4,
-                        Panels::Half(v) => (v.len().min(next + KC * NR) - next.min(v.len())) * 2,
-                    };
-                    let next_ptr: *const u8 = match &self.w.panels {
-                        Panels::F32(v) => v.as_ptr().wrapping_add(next).cast(),
-                        Panels::Half(v) => v.as_ptr().wrapping_add(next).cast(),
-                    };
+                    let next = (p * k + k0 + kc) * NR * elem;
+                    let next = &all[next.min(all.len())..(next + KC * NR * elem).min(all.len())];
                     let groups = acc.len().div_ceil(MR * NR);
-                    let share = next_bytes.div_ceil(groups).next_multiple_of(64);
+                    let share = next.len().div_ceil(groups).next_multiple_of(64);
                     for (g, c) in acc.chunks_mut(MR * NR).enumerate() {
                         let i = rows.start + g * MR;
-                        let from = (g * share).min(next_bytes);
-                        let to = ((g + 1) * share).min(next_bytes);
-                        // SAFETY: bytes from .. to of the next block lie inside the panels.
-                        unsafe { kernel::prefetch(next_ptr.wrapping_add(from), to - from) };
+                        let part =
+                            &next[(g * share).min(next.len())..((g + 1) * share).min(next.len())];
+                        // SAFETY: a prefetch of bytes inside the panels.
+                        unsafe { kernel::prefetch(part.as_ptr(), part.len()) };
                         // SAFETY: row group i / MR of the packed rows holds k × MR floats (row
                         // bands start at multiples of MR), of which k0 .. k0 + kc are read; c
                         // is mr × NR, the block kc × NR.
@@ -447,15 +461,13 @@ impl PackedLinear<'_> {
 
 /// The rows of x `(m, k)` in groups of [`MR`], each group `k × MR` (row r of the group at
 /// column r; rows past m zero): the microkernel then reads one sequential stream. Reading the
-/// rows in place, `k` floats apart, put all of a group's rows in the same L1 set whenever `k·4`
-/// was a multiple of 4 KiB (the prior's 2048 and 8192), and the tile slowed by a fifth.
+/// rows in place, `k` floats apart, puts all of a group's rows in the same L1 set whenever `k·4`
+/// is a multiple of 4 KiB (the prior's 2048 and 8192): measured ~5–8% slower on the prior's
+/// layers (tower test 0.43–0.44 → 0.46–0.48 s), level elsewhere.
 fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
     let groups = m.div_ceil(MR);
-    let mut out: Vec<f32> = Vec::with_capacity(groups * k * MR);
-    out.spare_capacity_mut()[..groups * k * MR]
-        .par_chunks_mut(k * MR)
-        .enumerate()
-        .for_each(|(g, dst)| {
+    let write = |out: &mut [MaybeUninit<f32>]| {
+        out.par_chunks_mut(k * MR).enumerate().for_each(|(g, dst)| {
             let rows = m.saturating_sub(g * MR).min(MR);
             if rows == MR {
                 // Whole groups: six sequential reads, one sequential write.
@@ -479,9 +491,9 @@ fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
                 }
             }
         });
+    };
     // SAFETY: every group writes all of its k × MR elements.
-    unsafe { out.set_len(groups * k * MR) };
-    out
+    unsafe { filled(groups * k * MR, write) }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -651,22 +651,7 @@ fn dense_layers_keep_their_stored_precision() {
             .forward(&x)
             .unwrap();
         let got = layer.forward_act(&x, Activation::Identity).unwrap();
-        let e = ((&got - &want)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            / want
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap())
-        .sqrt();
+        let e = kd_testkit::parity::rel_l2(&got, &want).unwrap();
         assert!(e <= 1e-6, "{name}: rel L2 {e:.2e}");
     }
 }

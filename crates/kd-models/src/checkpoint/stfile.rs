@@ -18,8 +18,18 @@ use std::io::Read;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-/// Bytes per parallel read of [`SafetensorsFile::load`]'s half-precision path.
+/// Bytes per `pread` of a tensor's parallel read (`SafetensorsFile::read_raw`).
 const READ_CHUNK: usize = 4 << 20;
+
+/// Stored (little-endian) 2-byte values in native order, in place (a no-op on little-endian
+/// hosts).
+fn le_to_native(bits: &mut [u16]) {
+    if cfg!(target_endian = "big") {
+        for b in bits.iter_mut() {
+            *b = u16::from_le(*b);
+        }
+    }
+}
 
 /// The largest header accepted (the `safetensors` crate's own limit).
 const MAX_HEADER: u64 = 100_000_000;
@@ -189,14 +199,8 @@ impl SafetensorsFile {
             self.read_raw(info, v.as_mut_ptr().cast())?;
             v.set_len(n);
         }
-        #[cfg(target_endian = "big")]
-        {
-            // SAFETY: T is a 2-byte value type; each element's bytes swapped to native order.
-            let bits = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u16>(), n) };
-            for b in bits.iter_mut() {
-                *b = u16::from_le(*b);
-            }
-        }
+        // SAFETY: T is a 2-byte value type, any bit pattern valid; same length.
+        le_to_native(unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u16>(), n) });
         Ok(v)
     }
 
@@ -269,10 +273,7 @@ impl SafetensorsFile {
         let bytes =
             unsafe { std::slice::from_raw_parts_mut(bits.as_mut_ptr().cast::<u8>(), n * 2) };
         self.read_into(info, bytes)?;
-        #[cfg(target_endian = "big")]
-        for b in bits.iter_mut() {
-            *b = u16::from_le(*b);
-        }
+        le_to_native(bits);
         use_bits(bits, stored == safetensors::Dtype::F16).map(Some)
     }
 
@@ -304,8 +305,7 @@ impl SafetensorsFile {
     }
 
     /// Reads `name` from disk as stored, onto `device` (through one host buffer; half-precision
-    /// tensors through the reused scratch buffer, so that loading a checkpoint's fp16 weights as
-    /// stored faults in no pages but the tensors').
+    /// tensors straight into the tensor's own buffer).
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let info = self.info(name).ok_or_else(|| self.missing(name))?;
         if let Some(t) = self.half_as_stored(info, device)? {
